@@ -1,0 +1,293 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * libresa: Rectified Sparse Attention (ReSA) for long-context decoding.
+ *
+ * Contract in one paragraph.  A host inference engine owns the model; libresa
+ * owns the paged KV cache and the attention.  Everything stateful lives in an
+ * opaque resa_ctx.  A context is NOT internally synchronized: one thread at a
+ * time may use it (it may move between threads); distinct contexts are fully
+ * independent and the library has no global mutable state.  Pointers passed
+ * in are borrowed for the duration of the call (CUDA backend: until the work
+ * enqueued on the context's stream has completed) and never retained.  On the
+ * CPU backend every call is synchronous; on the CUDA backend the step calls
+ * only enqueue work on the stream set with resa_ctx_set_stream().  Every call
+ * that can fail returns a resa_status (RESA_OK == 0); no call aborts, exits or
+ * prints, and a failed call leaves the context as it was.
+ *
+ * See docs/API.md for the reference, docs/integration.md for the step protocol
+ * and docs/ABI.md for the versioning policy.
+ */
+#ifndef RESA_H
+#define RESA_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ------------------------------------------------------------------------ */
+/* Visibility                                                                */
+/* ------------------------------------------------------------------------ */
+#if defined(_WIN32)
+#  if defined(RESA_BUILDING_LIBRARY)
+#    define RESA_API __declspec(dllexport)
+#  elif defined(RESA_STATIC)
+#    define RESA_API
+#  else
+#    define RESA_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__) && __GNUC__ >= 4
+#  define RESA_API __attribute__((visibility("default")))
+#else
+#  define RESA_API
+#endif
+
+#if defined(__GNUC__) && __GNUC__ >= 4
+#  define RESA_DEPRECATED(msg) __attribute__((deprecated(msg)))
+#  define RESA_NODISCARD __attribute__((warn_unused_result))
+#else
+#  define RESA_DEPRECATED(msg)
+#  define RESA_NODISCARD
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Version (this header is the single source of truth; meson reads it)      */
+/* ------------------------------------------------------------------------ */
+#define RESA_VERSION_MAJOR 0
+#define RESA_VERSION_MINOR 1
+#define RESA_VERSION_PATCH 0
+#define RESA_VERSION_NUMBER \
+    (RESA_VERSION_MAJOR * 10000 + RESA_VERSION_MINOR * 100 + RESA_VERSION_PATCH)
+#define RESA_VERSION_STRING "0.1.0"
+/* Equals the SONAME major: libresa.so.RESA_ABI_VERSION */
+#define RESA_ABI_VERSION 0
+#define RESA_AT_LEAST_VERSION(x, y, z) \
+    (RESA_VERSION_NUMBER >= ((x) * 10000 + (y) * 100 + (z)))
+
+RESA_API uint32_t resa_version_number(void);      /* RESA_VERSION_NUMBER of the loaded library */
+RESA_API const char *resa_version_string(void);   /* static storage */
+RESA_API uint32_t resa_abi_version(void);         /* RESA_ABI_VERSION of the loaded library */
+
+/* ------------------------------------------------------------------------ */
+/* Status codes: values are ABI, never renumbered or reused                  */
+/* ------------------------------------------------------------------------ */
+typedef enum resa_status {
+    RESA_OK                       = 0,
+    RESA_ERR_INVALID_ARGUMENT     = 1,  /* NULL, out of range, unknown flag bits, unknown sequence */
+    RESA_ERR_BAD_STATE            = 2,  /* call not allowed now (shape set after lock, no open step, ...) */
+    RESA_ERR_OUT_OF_MEMORY        = 3,  /* host allocation failed */
+    RESA_ERR_DEVICE_OUT_OF_MEMORY = 4,  /* device allocation failed */
+    RESA_ERR_CAPACITY             = 5,  /* KV pool, sequence slots or step size exhausted; nothing changed */
+    RESA_ERR_NOT_SUPPORTED        = 6,  /* backend not built, dtype/head_dim unsupported by the backend */
+    RESA_ERR_NO_DEVICE            = 7,  /* CUDA backend built, but no usable GPU or driver */
+    RESA_ERR_BACKEND              = 8,  /* CUDA/cuBLAS failure (also deferred async faults) */
+    RESA_ERR_VERSION_MISMATCH     = 9,  /* a backend module of another version was found */
+    RESA_ERR_INTERNAL             = 10  /* a libresa bug: please report it */
+} resa_status;
+
+RESA_API const char *resa_status_string(resa_status s); /* human text, static, never NULL */
+RESA_API const char *resa_status_name(resa_status s);   /* "RESA_ERR_CAPACITY", static, never NULL */
+
+/* ------------------------------------------------------------------------ */
+/* Opaque types and public enums                                             */
+/* ------------------------------------------------------------------------ */
+typedef struct resa_ctx resa_ctx;
+
+typedef enum resa_backend {
+    RESA_BACKEND_CPU  = 0,  /* portable C, always built; the reference */
+    RESA_BACKEND_CUDA = 1,  /* loaded at run time from libresa-cuda.so.RESA_ABI_VERSION */
+    RESA_BACKEND_AUTO = 2   /* CUDA when available, else CPU */
+} resa_backend;
+
+typedef enum resa_dtype {
+    RESA_DTYPE_F32  = 0,
+    RESA_DTYPE_F16  = 1,    /* IEEE binary16 */
+    RESA_DTYPE_BF16 = 2     /* bfloat16 */
+} resa_dtype;
+
+/* What one sequence does in a step (see resa_ctx_step_begin). */
+typedef enum resa_mode {
+    RESA_MODE_APPEND    = 0, /* n >= 1 new tokens (prompt/chunk): store K/V, dense causal attention */
+    RESA_MODE_DECODE    = 1, /* exactly 1 new token: store K/V, ReSA block-sparse attention */
+    RESA_MODE_RECTIFY   = 2, /* exactly the pending tokens: overwrite K/V, dense causal attention */
+    RESA_MODE_APPEND_KV = 3  /* n >= 1 new tokens: store K/V only, no attention, output untouched */
+} resa_mode;
+
+/*
+ * Parameters.  Each has a default and bounds (resa_param_bounds*); integer
+ * parameters use resa_ctx_set_param, real ones resa_ctx_set_param_f64, and
+ * the wrong setter is RESA_ERR_INVALID_ARGUMENT.
+ *
+ * "Shape" parameters (the 100 group, BLOCK_SIZE, the 300 group) size the
+ * KV pool.  They lock when the pool is allocated, at the first
+ * resa_seq_create(); setting one afterwards is RESA_ERR_BAD_STATE until
+ * resa_ctx_reset(ctx, RESA_RESET_SESSION).  The other parameters may change
+ * between steps.
+ */
+typedef enum resa_param {
+    /* model shape and capacity (lock) */
+    RESA_PARAM_NUM_LAYERS       = 100, /* default 1,     [1, 4096] */
+    RESA_PARAM_NUM_Q_HEADS      = 101, /* default 1,     [1, 1024]; multiple of NUM_KV_HEADS */
+    RESA_PARAM_NUM_KV_HEADS     = 102, /* default 1,     [1, 1024] */
+    RESA_PARAM_HEAD_DIM         = 103, /* default 128,   [1, 256] (CUDA: 64, 128, 256) */
+    RESA_PARAM_KV_DTYPE         = 104, /* default F32:   storage type of the cache (resa_dtype) */
+    RESA_PARAM_IO_DTYPE         = 105, /* default F32:   type of q, k, v and out (resa_dtype) */
+    RESA_PARAM_MAX_TOKENS       = 106, /* default 65536: pool size, tokens over all sequences */
+    RESA_PARAM_MAX_SEQUENCES    = 107, /* default 64,    [1, 65535] live sequences */
+    RESA_PARAM_MAX_SEQ_TOKENS   = 108, /* default 0 = MAX_TOKENS: longest sequence */
+    RESA_PARAM_MAX_STEP_TOKENS  = 109, /* default 8192:  tokens in one step, all sequences */
+    /* ReSA method */
+    RESA_PARAM_BLOCK_SIZE       = 200, /* default 16,    power of two in [1, 256] (locks) */
+    RESA_PARAM_SELECT_FRACTION  = 201, /* f64, default 0.1, [0, 1]: r, fraction of blocks attended */
+    RESA_PARAM_SELECT_MIN_BLOCKS = 202,/* default 16,    [0, 2^30]: n_min */
+    RESA_PARAM_LOCAL_BLOCKS     = 203, /* default 1,     [1, 2^30]: trailing blocks always attended */
+    RESA_PARAM_SINK_BLOCKS      = 204, /* default 0,     [0, 2^30]: leading blocks always attended */
+    RESA_PARAM_RECTIFY_INTERVAL = 205, /* default 32,    [0, 2^30]: f; 0 disables the "due" signal */
+    RESA_PARAM_SOFTMAX_SCALE    = 206, /* f64, default 0 = 1/sqrt(HEAD_DIM), [0, 1e6] */
+    /* execution (lock) */
+    RESA_PARAM_NUM_THREADS      = 300, /* CPU worker threads, default 0 = online CPUs, [0, 1024] */
+    RESA_PARAM_RECORD_SELECTION = 301, /* default 0; 1 keeps the last selection per sequence,
+                                          layer and KV head for resa_seq_selected_blocks() */
+    /* reserved for experimental parameters, as ZSTD_c_experimentalParam */
+    RESA_PARAM_EXPERIMENTAL_1   = 1000
+} resa_param;
+
+/* Host allocation hooks, per context (never process-global). */
+typedef struct resa_allocator {
+    void *(*alloc)(void *user, size_t size, size_t align); /* NULL on failure */
+    void (*free)(void *user, void *ptr);                  /* ptr may be NULL */
+    void *user;
+} resa_allocator;
+
+/* Flags for resa_ctx_reset. */
+#define RESA_RESET_SESSION 1u  /* release every sequence and the pool; unlock shape parameters */
+#define RESA_RESET_PARAMS  2u  /* every parameter back to its default (needs an unlocked context) */
+
+/* Compile-time limits, also as functions for FFI users. */
+#define RESA_DEFAULT_BLOCK_SIZE 16
+#define RESA_MAX_HEAD_DIM 256
+RESA_API uint32_t resa_block_size(void);     /* RESA_DEFAULT_BLOCK_SIZE */
+RESA_API uint32_t resa_max_head_dim(void);   /* RESA_MAX_HEAD_DIM */
+
+/* ------------------------------------------------------------------------ */
+/* Lifecycle                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* 1 if `backend` can be used on this machine now, else 0.  Thread-safe. */
+RESA_API int32_t resa_backend_available(resa_backend backend);
+
+/* Creates a context.  host_alloc may be NULL (malloc/free); when given, the
+ * struct is copied.  On failure *out is NULL.  CUDA on a machine without the
+ * module is RESA_ERR_NOT_SUPPORTED; without a GPU, RESA_ERR_NO_DEVICE. */
+RESA_API RESA_NODISCARD resa_status resa_ctx_create(resa_backend backend,
+                                                    const resa_allocator *host_alloc,
+                                                    resa_ctx **out);
+RESA_API void resa_ctx_destroy(resa_ctx *ctx);                 /* NULL is a no-op */
+RESA_API resa_status resa_ctx_reset(resa_ctx *ctx, uint32_t what); /* RESA_RESET_* bits */
+/* The backend a context runs on (AUTO resolved). */
+RESA_API resa_status resa_ctx_get_backend(const resa_ctx *ctx, resa_backend *backend);
+/* Text of the last failure on ctx, naming the bad argument; "" after success.
+ * Owned by ctx, valid until the next call on ctx.  NULL ctx gives a static text. */
+RESA_API const char *resa_ctx_last_error(const resa_ctx *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* Configuration                                                             */
+/* ------------------------------------------------------------------------ */
+RESA_API resa_status resa_ctx_set_param(resa_ctx *ctx, resa_param p, int64_t value);
+RESA_API resa_status resa_ctx_get_param(const resa_ctx *ctx, resa_param p, int64_t *value);
+RESA_API resa_status resa_ctx_set_param_f64(resa_ctx *ctx, resa_param p, double value);
+/* SOFTMAX_SCALE reads back the effective scale (1/sqrt(d) when set to 0). */
+RESA_API resa_status resa_ctx_get_param_f64(const resa_ctx *ctx, resa_param p, double *value);
+RESA_API resa_status resa_param_bounds(resa_param p, int64_t *lo, int64_t *hi);
+RESA_API resa_status resa_param_bounds_f64(resa_param p, double *lo, double *hi);
+
+/* CUDA: the cudaStream_t all work is enqueued on (NULL = legacy default
+ * stream).  CPU: only NULL is accepted (RESA_ERR_NOT_SUPPORTED otherwise). */
+RESA_API resa_status resa_ctx_set_stream(resa_ctx *ctx, void *stream);
+/* Waits for all work of ctx; reports deferred device faults. */
+RESA_API resa_status resa_ctx_synchronize(resa_ctx *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* Sequences                                                                 */
+/* ------------------------------------------------------------------------ */
+/* Sequence ids are non-negative int32 values chosen by the library; a
+ * released id is detected as unknown (RESA_ERR_INVALID_ARGUMENT). */
+
+/* New empty sequence.  The first call locks the shape parameters and
+ * allocates the pool.  No free slot: RESA_ERR_CAPACITY. */
+RESA_API resa_status resa_seq_create(resa_ctx *ctx, int32_t *seq);
+/* Returns the sequence's pages to the pool. */
+RESA_API resa_status resa_seq_release(resa_ctx *ctx, int32_t seq);
+/* New sequence with the same cache, length and pending count as parent.  Full
+ * pages are shared copy-on-write; the partial last page is copied. */
+RESA_API resa_status resa_seq_fork(resa_ctx *ctx, int32_t parent, int32_t *child);
+/* Tokens stored for seq. */
+RESA_API resa_status resa_seq_length(const resa_ctx *ctx, int32_t seq, int64_t *length);
+/* Tokens pending rectification: the last `pending` positions of seq, from the
+ * first token decoded with a true subset of blocks since the last
+ * rectification up to the end (0 when there is none). */
+RESA_API resa_status resa_seq_pending(const resa_ctx *ctx, int32_t seq, int64_t *pending);
+/* *due = 1 when RECTIFY_INTERVAL > 0 and pending >= RECTIFY_INTERVAL. */
+RESA_API resa_status resa_seq_rectify_due(const resa_ctx *ctx, int32_t seq, int32_t *due);
+/* Free pool capacity, in tokens (whole free pages times the block size). */
+RESA_API resa_status resa_ctx_free_tokens(const resa_ctx *ctx, int64_t *tokens);
+
+/* ------------------------------------------------------------------------ */
+/* The step protocol                                                         */
+/* ------------------------------------------------------------------------ */
+/*
+ * One step = one batch of distinct sequences, each with a resa_mode and a
+ * token count.  Then, for every layer 0 .. NUM_LAYERS-1 (any order, each at
+ * least once), resa_ctx_step_attend with that layer's q, k, v.  Then
+ * resa_ctx_step_end commits the new lengths.
+ *
+ * Rows are packed in batch order: entry i owns rows [t_i, t_i + n_i) where
+ * t_i = n_0 + ... + n_{i-1}; T is the sum of all n_i.  Layouts (IO_DTYPE,
+ * contiguous):  q and out [T][NUM_Q_HEADS][HEAD_DIM];  k and v
+ * [T][NUM_KV_HEADS][HEAD_DIM].  Query head h reads KV head h / (Hq / Hkv).
+ * K is post-RoPE.  Positions: APPEND/APPEND_KV/DECODE rows are the positions
+ * [len, len + n); RECTIFY rows are [len - pending, len) and n must equal the
+ * pending count.
+ *
+ * begin validates everything and reserves pages (including copy-on-write
+ * copies for rectification of shared pages): RESA_ERR_CAPACITY there changes
+ * nothing.  flags must be 0.
+ */
+RESA_API resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs,
+                                         const int32_t *seqs, const int32_t *modes,
+                                         const int32_t *n_tokens, uint32_t flags);
+/* Stores this layer's K/V of the step and writes its attention output.  out
+ * may be NULL only when every entry is RESA_MODE_APPEND_KV.  CUDA: enqueues
+ * only; no allocation and no host synchronization. */
+RESA_API resa_status resa_ctx_step_attend(resa_ctx *ctx, int32_t layer,
+                                          const void *q, const void *k, const void *v,
+                                          void *out, uint32_t flags);
+/* Commits the step: lengths grow, pending counts update.  Every layer must
+ * have been attended (else RESA_ERR_BAD_STATE and the step stays open). */
+RESA_API resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags);
+/* Abandons an open step: lengths and pending counts stay as before the step;
+ * the pages reserved for growth go back to the pool.  K/V already rewritten
+ * by a RECTIFY entry stay rewritten (those tokens are still pending). */
+RESA_API resa_status resa_ctx_step_cancel(resa_ctx *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* Introspection                                                             */
+/* ------------------------------------------------------------------------ */
+/* Block indices (ascending) chosen at seq's last RESA_MODE_DECODE for
+ * (layer, kv_head).  Needs RECORD_SELECTION = 1 (else RESA_ERR_BAD_STATE).
+ * Writes min(count, capacity) indices and the full count to *count (0 when
+ * the sequence never decoded).  CUDA: synchronizes the stream. */
+RESA_API resa_status resa_seq_selected_blocks(resa_ctx *ctx, int32_t seq, int32_t layer,
+                                              int32_t kv_head, int32_t *blocks,
+                                              int64_t capacity, int64_t *count);
+
+#ifdef RESA_EXPERIMENTAL_API
+/* Nothing experimental yet. */
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RESA_H */

@@ -1,0 +1,155 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Dense causal attention of one query tile (prompt chunks and
+ * rectification), and the online-softmax block update that the sparse decode
+ * shares.  CUDA twin: cuda/attention_dense.cu.
+ *
+ * A tile is up to RESA_CPU_TILE_ROWS rows: consecutive tokens of one entry
+ * times the g query heads of one KV head, so every K/V block is read once per
+ * tile and serves all of them (the GQA saving).
+ */
+#include <math.h>
+
+#include "../dtype.h"
+#include "cpu.h"
+
+static inline float dot(const float *a, const float *b, int32_t d)
+{
+    /* Eight partial sums: vectorizes without -ffast-math and keeps the
+     * summation order fixed (results do not depend on the thread count). */
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int32_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int32_t u = 0; u < 8; u++)
+            part[u] += a[i + u] * b[i + u];
+    float s = 0.0f;
+    for (; i < d; i++)
+        s += a[i] * b[i];
+    return s + ((part[0] + part[1]) + (part[2] + part[3])) +
+           ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+void resa_cpu_attend_block(const float *q, int32_t rows, int32_t d, const float *kt,
+                           const float *vt, int32_t n, const int32_t *limit, float *s, float *m,
+                           float *l, float *acc)
+{
+    for (int32_t r = 0; r < rows; r++) {
+        int32_t nv = limit ? limit[r] : n;
+        if (nv <= 0)
+            continue;
+        const float *qr = q + (size_t)r * d;
+        float *sr = s; /* one row at a time: the scores stay in L1 */
+        float mx = -INFINITY;
+        for (int32_t j = 0; j < nv; j++) {
+            sr[j] = dot(qr, kt + (size_t)j * d, d);
+            mx = sr[j] > mx ? sr[j] : mx;
+        }
+        float m_new = mx > m[r] ? mx : m[r];
+        float corr = expf(m[r] - m_new); /* 0 on the first block: m = -inf */
+        float *ar = acc + (size_t)r * d;
+        float sum = l[r] * corr;
+        for (int32_t i = 0; i < d; i++)
+            ar[i] *= corr;
+        for (int32_t j = 0; j < nv; j++) {
+            float p = expf(sr[j] - m_new);
+            sum += p;
+            const float *vj = vt + (size_t)j * d;
+            for (int32_t i = 0; i < d; i++)
+                ar[i] += p * vj[i];
+        }
+        l[r] = sum;
+        m[r] = m_new;
+    }
+}
+
+/* Points kt/vt at one block of the pool as fp32: directly for an fp32 pool,
+ * else through the worker's conversion buffers. */
+void resa_cpu_block_f32(const resa_cpu_job *job, int32_t page, int32_t head, int32_t n,
+                        resa_cpu_scratch *sc, const float **kt, const float **vt)
+{
+    const resa_layout *L = &job->ctx->lo;
+    size_t at = resa_kv_offset(L, job->layer, page, head);
+    if (L->kv_dtype == RESA_DTYPE_F32) {
+        *kt = (const float *)job->st->k + at;
+        *vt = (const float *)job->st->v + at;
+        return;
+    }
+    resa_load_f32(job->st->k, L->kv_dtype, at, n * L->d, sc->kt);
+    resa_load_f32(job->st->v, L->kv_dtype, at, n * L->d, sc->vt);
+    *kt = sc->kt;
+    *vt = sc->vt;
+}
+
+/* Rows (t, j) of tokens t0..t1-1 and group heads j, scaled by the softmax scale. */
+void resa_cpu_load_queries(const resa_cpu_job *job, const resa_step_entry *e, int32_t head,
+                           int32_t t0, int32_t t1, float *q)
+{
+    const resa_layout *L = &job->ctx->lo;
+    int32_t d = L->d, g = L->group;
+    float scale = job->step->scale;
+    for (int32_t t = t0; t < t1; t++)
+        for (int32_t j = 0; j < g; j++) {
+            float *qr = q + ((size_t)(t - t0) * g + j) * d;
+            size_t at = ((size_t)(e->row + t) * L->hq + (size_t)head * g + j) * d;
+            resa_load_f32(job->q, L->io_dtype, at, d, qr);
+            for (int32_t i = 0; i < d; i++)
+                qr[i] *= scale;
+        }
+}
+
+/* out = acc / l for rows (t, j), in the IO dtype. */
+void resa_cpu_store_output(const resa_cpu_job *job, const resa_step_entry *e, int32_t head,
+                           int32_t t0, int32_t t1, resa_cpu_scratch *sc)
+{
+    const resa_layout *L = &job->ctx->lo;
+    int32_t d = L->d, g = L->group;
+    for (int32_t r = 0; r < (t1 - t0) * g; r++) {
+        float *ar = sc->acc + (size_t)r * d;
+        float inv = sc->l[r] > 0 ? 1.0f / sc->l[r] : 0.0f;
+        for (int32_t i = 0; i < d; i++)
+            ar[i] *= inv;
+        int32_t t = t0 + r / g, j = r % g;
+        size_t at = ((size_t)(e->row + t) * L->hq + (size_t)head * g + j) * d;
+        resa_store_f32(job->out, L->io_dtype, at, d, ar);
+    }
+}
+
+void resa_cpu_reset_rows(resa_cpu_scratch *sc, int32_t rows, int32_t d)
+{
+    for (int32_t r = 0; r < rows; r++) {
+        sc->m[r] = -INFINITY;
+        sc->l[r] = 0.0f;
+    }
+    for (size_t i = 0; i < (size_t)rows * d; i++)
+        sc->acc[i] = 0.0f;
+}
+
+void resa_cpu_attention_dense(const resa_cpu_job *job, const resa_cpu_item *it,
+                              resa_cpu_scratch *sc)
+{
+    const resa_layout *L = &job->ctx->lo;
+    const resa_step_entry *e = &job->step->entries[it->entry];
+    int32_t d = L->d, g = L->group, b = L->b;
+    int32_t rows = (it->t1 - it->t0) * g;
+    int32_t limit[RESA_CPU_TILE_ROWS > 1024 ? RESA_CPU_TILE_ROWS : 1024];
+    resa_cpu_load_queries(job, e, it->head, it->t0, it->t1, sc->q);
+    resa_cpu_reset_rows(sc, rows, d);
+    int64_t first_pos = e->start + it->t0;   /* position of the tile's first row */
+    int64_t end = e->start + it->t1;         /* keys visible to its last row */
+    for (int64_t blk = 0; blk << L->log2_b < end; blk++) {
+        int64_t base = blk << L->log2_b;
+        int32_t n = (int32_t)(end - base < b ? end - base : b);
+        const float *kt, *vt;
+        resa_cpu_block_f32(job, e->pages[blk], it->head, n, sc, &kt, &vt);
+        const int32_t *lim = NULL;
+        if (base + n > first_pos + 1) { /* the causal mask cuts into this block */
+            for (int32_t r = 0; r < rows; r++) {
+                int64_t vis = first_pos + r / g + 1 - base;
+                limit[r] = (int32_t)(vis < 0 ? 0 : vis > n ? n : vis);
+            }
+            lim = limit;
+        }
+        resa_cpu_attend_block(sc->q, rows, d, kt, vt, n, lim, sc->s, sc->m, sc->l, sc->acc);
+    }
+    resa_cpu_store_output(job, e, it->head, it->t0, it->t1, sc);
+}

@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: MIT */
+/* Private state and operations of the CPU backend. */
+#ifndef RESA_CPU_H
+#define RESA_CPU_H
+
+#include "../internal.h"
+#include "threadpool.h"
+
+/* Dense attention processes query tiles of this many rows (tokens x group). */
+#define RESA_CPU_TILE_ROWS 64
+
+/* Scratch of one worker thread, sized at pool creation (no allocation later). */
+typedef struct resa_cpu_scratch {
+    void *base;      /* the one allocation the pointers below point into */
+    float *q;        /* [tile_rows][d] queries, fp32, pre-scaled */
+    float *acc;      /* [tile_rows][d] output accumulators */
+    float *m, *l;    /* [tile_rows] running max and sum of the online softmax */
+    float *s;        /* [tile_rows][b] scores of one block */
+    float *kt, *vt;  /* [b][d] one block of K and V, fp32 */
+    float *qp;       /* [d] pooled query */
+    float *kmin, *kmax; /* [d] */
+    float *score;    /* [max_seq_blocks] block scores */
+    int32_t *order;  /* [max_seq_blocks] candidate blocks for top-n */
+    uint32_t *sel;   /* [sel_words] selected-block bitmap */
+} resa_cpu_scratch;
+
+/* One unit of attention work: an entry, a KV head and (dense) a query tile. */
+typedef struct resa_cpu_item {
+    int32_t entry, head, t0, t1;
+} resa_cpu_item;
+
+typedef struct resa_cpu_state {
+    void *k, *v, *kmin, *kmax;   /* the pool, layout in internal.h */
+    uint32_t *selection;         /* RECORD_SELECTION bitmaps, or NULL */
+    resa_threadpool *tp;
+    resa_cpu_scratch *scratch;   /* [n_scratch], one per worker */
+    int32_t n_scratch;
+    int32_t tile_tokens;         /* tokens per dense tile: max(1, TILE_ROWS / group) */
+    int32_t tile_rows;           /* tile_tokens * group */
+    resa_cpu_item *items;        /* attention work list of the open step */
+    int64_t items_cap, n_items;
+} resa_cpu_state;
+
+/* Everything one layer's work needs, handed to the thread pool. */
+typedef struct resa_cpu_job {
+    resa_ctx *ctx;
+    resa_cpu_state *st;
+    const resa_step *step;
+    int32_t layer;
+    const void *q, *k, *v;
+    void *out;
+} resa_cpu_job;
+
+/* kv_write.c: store one entry's rows of K and V for one head, then recompute
+ * the summaries of the blocks they touch. */
+RESA_HIDDEN void resa_cpu_kv_write(const resa_cpu_job *job, const resa_step_entry *e,
+                                   int32_t head);
+/* kv_write.c: recompute summaries of the blocks holding [lo, hi), valid < `valid`. */
+RESA_HIDDEN void resa_cpu_refresh_summaries(const resa_ctx *ctx, const resa_cpu_state *st,
+                                            int32_t layer, int32_t head, const int32_t *pages,
+                                            int64_t lo, int64_t hi, int64_t valid);
+/* attention_dense.c: dense causal attention of one query tile. */
+RESA_HIDDEN void resa_cpu_attention_dense(const resa_cpu_job *job, const resa_cpu_item *it,
+                                          resa_cpu_scratch *sc);
+/* attention_sparse.c: ReSA decode of one (entry, KV head): pooled query,
+ * block scores, budgeted top-n selection, attention over the chosen blocks. */
+RESA_HIDDEN void resa_cpu_attention_sparse(const resa_cpu_job *job, const resa_cpu_item *it,
+                                           resa_cpu_scratch *sc);
+/* attention_dense.c: online-softmax update of `rows` query rows with one
+ * block of keys/values (n valid keys; row r sees keys [0, limit[r])). */
+RESA_HIDDEN void resa_cpu_attend_block(const float *q, int32_t rows, int32_t d, const float *kt,
+                                       const float *vt, int32_t n, const int32_t *limit,
+                                       float *s, float *m, float *l, float *acc);
+
+/* attention_dense.c: the tile helpers the sparse decode shares. */
+RESA_HIDDEN void resa_cpu_load_queries(const resa_cpu_job *job, const resa_step_entry *e,
+                                       int32_t head, int32_t t0, int32_t t1, float *q);
+/* Points kt/vt at n rows of one pool block as fp32 (directly for an fp32
+ * pool, else converted into the worker's buffers). */
+RESA_HIDDEN void resa_cpu_block_f32(const resa_cpu_job *job, int32_t page, int32_t head,
+                                    int32_t n, resa_cpu_scratch *sc, const float **kt,
+                                    const float **vt);
+RESA_HIDDEN void resa_cpu_reset_rows(resa_cpu_scratch *sc, int32_t rows, int32_t d);
+RESA_HIDDEN void resa_cpu_store_output(const resa_cpu_job *job, const resa_step_entry *e,
+                                       int32_t head, int32_t t0, int32_t t1,
+                                       resa_cpu_scratch *sc);
+
+/* For white-box tests: the pool's arrays. */
+RESA_HIDDEN void resa_cpu_pool_views(const resa_ctx *ctx, void **k, void **v, void **kmin,
+                                     void **kmax);
+
+#endif

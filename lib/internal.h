@@ -1,0 +1,172 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Private state of a resa_ctx, shared by the core (lib/) and the backends
+ * (lib/cpu/, cuda/).  Plain C so that the CUDA module can include it.
+ * Nothing here is part of the ABI: the CUDA module is built from the same tree
+ * and checked with RESA_BACKEND_API_VERSION when it is loaded.
+ */
+#ifndef RESA_INTERNAL_H
+#define RESA_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "resa.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#  define RESA_HIDDEN __attribute__((visibility("hidden")))
+#else
+#  define RESA_HIDDEN
+#endif
+
+/* The parameters, resolved.  Integer fields are what resa_ctx_get_param returns. */
+typedef struct resa_config {
+    int64_t n_layers, n_q_heads, n_kv_heads, head_dim;
+    int64_t kv_dtype, io_dtype;
+    int64_t max_tokens, max_seqs, max_seq_tokens, max_step_tokens;
+    int64_t block_size;
+    double select_fraction;
+    int64_t min_blocks, local_blocks, sink_blocks, rectify_interval;
+    double softmax_scale; /* 0 = 1/sqrt(head_dim) */
+    int64_t num_threads, record_selection;
+} resa_config;
+
+/* Derived sizes, fixed while the context is locked. */
+typedef struct resa_layout {
+    int32_t n_layers, hq, hkv, group, d, b, log2_b;
+    int32_t n_pages;         /* pool pages, one block of b tokens each (all layers) */
+    int32_t max_seqs;
+    int32_t max_seq_blocks;  /* page-table entries per sequence */
+    int32_t sel_words;       /* uint32 words of one selection bitmap (max_seq_blocks bits) */
+    int64_t max_step_tokens;
+    resa_dtype kv_dtype, io_dtype;
+    size_t kv_elt, io_elt;   /* bytes per element */
+} resa_layout;
+
+/*
+ * KV pool layout, identical on every backend (only the memory space differs):
+ *   K, V:        [layer][page][kv_head][b][d]       (kv_dtype)
+ *   kmin, kmax:  [layer][page][kv_head][d]          (kv_dtype; min/max of the
+ *                valid keys of the block, exact, so the KV dtype loses nothing)
+ *   selection:   [seq_slot][layer][kv_head][sel_words] bits (RECORD_SELECTION)
+ */
+static inline size_t resa_kv_offset(const resa_layout *lo, int32_t layer, int32_t page,
+                                    int32_t head)
+{
+    return (((size_t)layer * (size_t)lo->n_pages + (size_t)page) * (size_t)lo->hkv +
+            (size_t)head) * (size_t)lo->b * (size_t)lo->d;
+}
+static inline size_t resa_summary_offset(const resa_layout *lo, int32_t layer, int32_t page,
+                                         int32_t head)
+{
+    return (((size_t)layer * (size_t)lo->n_pages + (size_t)page) * (size_t)lo->hkv +
+            (size_t)head) * (size_t)lo->d;
+}
+static inline size_t resa_selection_offset(const resa_layout *lo, int32_t slot, int32_t layer,
+                                           int32_t head)
+{
+    return (((size_t)slot * (size_t)lo->n_layers + (size_t)layer) * (size_t)lo->hkv +
+            (size_t)head) * (size_t)lo->sel_words;
+}
+
+/* One sequence slot. */
+typedef struct resa_seq {
+    int32_t in_use;
+    int32_t generation;   /* bumped at release; part of the public id */
+    int64_t length;       /* tokens stored */
+    int64_t rect_start;   /* first position pending rectification; == length when none */
+    int32_t n_pages;      /* ceil(length / b), pages in the table */
+    int32_t *pages;       /* [max_seq_blocks] page ids (host copy of the page table) */
+} resa_seq;
+
+/* The page allocator (host side, for every backend). */
+typedef struct resa_pool {
+    int32_t n_pages;
+    int32_t n_free;
+    int32_t *free_list;   /* stack of free page ids */
+    int32_t *refcount;    /* per page: sequences whose table holds it */
+} resa_pool;
+
+/* One entry of a step, resolved by resa_ctx_step_begin. */
+typedef struct resa_step_entry {
+    int32_t slot;         /* sequence slot */
+    int32_t mode;         /* resa_mode */
+    int32_t n;            /* tokens (rows) */
+    int32_t n_pages;      /* pages of the sequence after the step's writes */
+    int64_t row;          /* first row in q, k, v, out */
+    int64_t start;        /* position of the first row */
+    int64_t end;          /* start + n: positions visible to the last row */
+    int64_t old_length;   /* sequence length before the step */
+    int32_t n_blocks;     /* DECODE: M, blocks so far including the current one */
+    int32_t n_select;     /* DECODE: blocks attended (budget, forced blocks included) */
+    const int32_t *pages; /* host page table of the sequence */
+} resa_step_entry;
+
+/* A step, resolved.  The algorithm parameters are snapshotted at begin. */
+typedef struct resa_step {
+    int32_t n_entries;
+    int64_t n_rows;
+    int32_t has_output;   /* some entry writes out */
+    int32_t n_decode;     /* entries in DECODE mode */
+    int32_t local_blocks, sink_blocks;
+    float scale;          /* softmax scale */
+    resa_step_entry *entries;
+} resa_step;
+
+struct resa_backend_ops; /* lib/backend.h */
+
+#define RESA_ERROR_CAP 512
+
+struct resa_ctx {
+    resa_allocator alloc;
+    resa_backend backend;                   /* CPU or CUDA, never AUTO */
+    const struct resa_backend_ops *ops;
+    void *impl;                             /* backend-private state */
+    void *stream;
+
+    resa_config cfg;
+    int32_t locked;                         /* pool allocated, shape parameters fixed */
+    resa_layout lo;
+    resa_pool pool;
+    resa_seq *seqs;                         /* [max_seqs] */
+    int32_t *page_tables;                   /* [max_seqs][max_seq_blocks] */
+
+    /* the open step */
+    int32_t step_open;
+    resa_step step;
+    resa_step_entry *step_entries;          /* [max_seqs] */
+    int32_t *step_new_pages;                /* [max_seqs] pages allocated at begin, per entry */
+    uint8_t *layer_done;                    /* [n_layers] */
+    int32_t *scratch_slots;                 /* [max_seqs] validation scratch */
+
+    char error[RESA_ERROR_CAP];
+};
+
+/* ---- helpers of the core (lib/) ---- */
+RESA_HIDDEN void *resa_alloc(const resa_ctx *ctx, size_t size);   /* zeroed, 64-byte aligned */
+RESA_HIDDEN void resa_free(const resa_ctx *ctx, void *ptr);
+RESA_HIDDEN resa_status resa_fail(resa_ctx *ctx, resa_status s, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+RESA_HIDDEN void resa_clear_error(resa_ctx *ctx);
+RESA_HIDDEN size_t resa_dtype_size(resa_dtype t);
+
+/* The ReSA budget rule (spec: resa-algorithm.md), shared by every backend:
+ * n = max(ceil(r * M), min(M, n_min)), then at least the forced blocks, at most M.
+ * r is taken to 6 decimals so that ceil() is exact (0.1 * 30 is 3, not 4). */
+RESA_HIDDEN int32_t resa_select_budget(int64_t n_blocks, double fraction, int64_t min_blocks,
+                                       int64_t local_blocks, int64_t sink_blocks);
+/* Number of distinct forced blocks among M: the last `local`, the first `sink`. */
+RESA_HIDDEN int32_t resa_forced_blocks(int64_t n_blocks, int64_t local_blocks,
+                                       int64_t sink_blocks);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RESA_INTERNAL_H */

@@ -1,0 +1,297 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The step protocol: begin (validate, reserve pages, resolve the batch),
+ * attend (one layer, in the backend), end (commit lengths and rectification
+ * state) or cancel.  All bookkeeping is here, on the host, for every backend.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "backend.h"
+#include "pool.h"
+#include "sequence.h"
+
+static int32_t blocks_for(int64_t tokens, int32_t b)
+{
+    return (int32_t)((tokens + b - 1) / b);
+}
+
+/* Validates one entry; returns the pages it needs from the pool. */
+static resa_status check_entry(resa_ctx *ctx, int32_t i, int32_t slot, int32_t mode, int32_t n,
+                               int64_t *need_pages)
+{
+    const resa_seq *q = &ctx->seqs[slot];
+    const resa_layout *lo = &ctx->lo;
+    int64_t max_len = (int64_t)lo->max_seq_blocks * lo->b;
+    int64_t cap = ctx->cfg.max_seq_tokens ? ctx->cfg.max_seq_tokens : ctx->cfg.max_tokens;
+    if (cap < max_len)
+        max_len = cap;
+    switch (mode) {
+    case RESA_MODE_APPEND:
+    case RESA_MODE_APPEND_KV:
+    case RESA_MODE_DECODE:
+        if (n < 1 || (mode == RESA_MODE_DECODE && n != 1))
+            return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                             "step_begin: n_tokens[%d] = %d; %s", i, n,
+                             mode == RESA_MODE_DECODE ? "RESA_MODE_DECODE takes exactly 1"
+                                                      : "an append needs at least 1");
+        if (q->length + n > max_len)
+            return resa_fail(ctx, RESA_ERR_CAPACITY,
+                             "step_begin: seqs[%d] would hold %lld tokens, over "
+                             "RESA_PARAM_MAX_SEQ_TOKENS (%lld)",
+                             i, (long long)(q->length + n), (long long)max_len);
+        *need_pages += blocks_for(q->length + n, lo->b) - q->n_pages;
+        return RESA_OK;
+    case RESA_MODE_RECTIFY: {
+        int64_t pending = q->length - q->rect_start;
+        if (pending == 0)
+            return resa_fail(ctx, RESA_ERR_BAD_STATE,
+                             "step_begin: seqs[%d] has no tokens pending rectification", i);
+        if (n != pending)
+            return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                             "step_begin: n_tokens[%d] = %d but the sequence has %lld tokens "
+                             "pending rectification", i, n, (long long)pending);
+        /* copy-on-write of shared pages that the rectification overwrites */
+        for (int64_t p = q->rect_start >> lo->log2_b; p < q->n_pages; p++)
+            if (ctx->pool.refcount[q->pages[p]] > 1)
+                (*need_pages)++;
+        return RESA_OK;
+    }
+    default:
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "step_begin: modes[%d] = %d is not a resa_mode", i, mode);
+    }
+}
+
+/* Gives back the growth pages of the first `n` entries (begin failed or cancel). */
+static void return_growth(resa_ctx *ctx, int32_t n)
+{
+    for (int32_t i = 0; i < n; i++) {
+        resa_seq *q = &ctx->seqs[ctx->step_entries[i].slot];
+        for (int32_t k = 0; k < ctx->step_new_pages[i]; k++)
+            resa_pool_unref(&ctx->pool, q->pages[--q->n_pages]);
+        ctx->step_new_pages[i] = 0;
+    }
+}
+
+resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *seqs,
+                                const int32_t *modes, const int32_t *n_tokens, uint32_t flags)
+{
+    if (!ctx)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_clear_error(ctx);
+    if (flags != 0)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_begin: flags = 0x%x must be 0",
+                         flags);
+    if (ctx->step_open)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE,
+                         "step_begin: a step is already open; end or cancel it first");
+    if (!ctx->locked)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE, "step_begin: no sequence exists yet");
+    if (n_seqs < 1 || n_seqs > ctx->lo.max_seqs)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "step_begin: n_seqs = %d is outside [1, %d]", n_seqs, ctx->lo.max_seqs);
+    if (!seqs || !modes || !n_tokens)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_begin: %s is NULL",
+                         !seqs ? "seqs" : !modes ? "modes" : "n_tokens");
+
+    /* 1. validate, without changing anything */
+    const resa_layout *lo = &ctx->lo;
+    int32_t *mark = ctx->scratch_slots; /* all zero between calls */
+    int64_t rows = 0, need = 0;
+    resa_status s = RESA_OK;
+    int32_t i;
+    for (i = 0; i < n_seqs && s == RESA_OK; i++) {
+        int32_t slot = resa_seq_slot(ctx, seqs[i], NULL);
+        if (slot < 0) {
+            s = resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                          "step_begin: seqs[%d] = %d is not a live sequence id", i, seqs[i]);
+            break;
+        }
+        if (mark[slot]) {
+            s = resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                          "step_begin: seqs[%d] = %d appears twice in the batch", i, seqs[i]);
+            break;
+        }
+        mark[slot] = 1;
+        s = check_entry(ctx, i, slot, modes[i], n_tokens[i], &need);
+        rows += n_tokens[i] > 0 ? n_tokens[i] : 0;
+    }
+    for (int32_t j = 0; j < i && j < n_seqs; j++) /* clear the marks we set */
+        mark[seqs[j] & 0xffff] = 0;
+    if (s != RESA_OK)
+        return s;
+    if (rows > lo->max_step_tokens)
+        return resa_fail(ctx, RESA_ERR_CAPACITY,
+                         "step_begin: %lld tokens in the step, over RESA_PARAM_MAX_STEP_TOKENS (%lld)",
+                         (long long)rows, (long long)lo->max_step_tokens);
+    if (need > ctx->pool.n_free)
+        return resa_fail(ctx, RESA_ERR_CAPACITY,
+                         "step_begin: the step needs %lld free pages, the pool has %d "
+                         "(RESA_PARAM_MAX_TOKENS)", (long long)need, ctx->pool.n_free);
+
+    /* 2. reserve pages and resolve the entries (cannot fail for capacity now) */
+    resa_step *st = &ctx->step;
+    memset(st, 0, sizeof *st);
+    st->entries = ctx->step_entries;
+    st->local_blocks = (int32_t)ctx->cfg.local_blocks;
+    st->sink_blocks = (int32_t)ctx->cfg.sink_blocks;
+    st->scale = ctx->cfg.softmax_scale > 0 ? (float)ctx->cfg.softmax_scale
+                                           : (float)(1.0 / sqrt((double)lo->d));
+    int64_t row = 0;
+    for (i = 0; i < n_seqs; i++) {
+        int32_t slot = seqs[i] & 0xffff;
+        resa_seq *q = &ctx->seqs[slot];
+        resa_step_entry *e = &ctx->step_entries[i];
+        memset(e, 0, sizeof *e);
+        e->slot = slot;
+        e->mode = modes[i];
+        e->n = n_tokens[i];
+        e->row = row;
+        e->old_length = q->length;
+        e->pages = q->pages;
+        ctx->step_new_pages[i] = 0;
+        if (e->mode == RESA_MODE_RECTIFY) {
+            e->start = q->rect_start;
+            e->end = q->length;
+            for (int32_t p = (int32_t)(q->rect_start >> lo->log2_b); p < q->n_pages; p++) {
+                int32_t old = q->pages[p];
+                if (ctx->pool.refcount[old] <= 1)
+                    continue;
+                int32_t fresh = resa_pool_take(&ctx->pool);
+                s = ctx->ops->copy_pages(ctx, 1, &fresh, &old);
+                if (s != RESA_OK) {
+                    resa_pool_unref(&ctx->pool, fresh);
+                    return_growth(ctx, i);
+                    return s;
+                }
+                resa_pool_unref(&ctx->pool, old);
+                q->pages[p] = fresh;
+            }
+        } else {
+            e->start = q->length;
+            e->end = q->length + e->n;
+            int32_t want = blocks_for(e->end, lo->b);
+            while (q->n_pages < want) {
+                q->pages[q->n_pages++] = resa_pool_take(&ctx->pool);
+                ctx->step_new_pages[i]++;
+            }
+        }
+        e->n_pages = q->n_pages;
+        if (e->mode == RESA_MODE_DECODE) {
+            e->n_blocks = blocks_for(e->end, lo->b);
+            e->n_select = resa_select_budget(e->n_blocks, ctx->cfg.select_fraction,
+                                             ctx->cfg.min_blocks, ctx->cfg.local_blocks,
+                                             ctx->cfg.sink_blocks);
+            st->n_decode++;
+        }
+        if (e->mode != RESA_MODE_APPEND_KV)
+            st->has_output = 1;
+        row += e->n;
+    }
+    st->n_entries = n_seqs;
+    st->n_rows = row;
+    s = ctx->ops->step_prepare(ctx, st);
+    if (s != RESA_OK) {
+        return_growth(ctx, n_seqs);
+        return s;
+    }
+    memset(ctx->layer_done, 0, (size_t)lo->n_layers);
+    ctx->step_open = 1;
+    return RESA_OK;
+}
+
+resa_status resa_ctx_step_attend(resa_ctx *ctx, int32_t layer, const void *q, const void *k,
+                                 const void *v, void *out, uint32_t flags)
+{
+    if (!ctx)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_clear_error(ctx);
+    if (flags != 0)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_attend: flags = 0x%x must be 0",
+                         flags);
+    if (!ctx->step_open)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE, "step_attend: no step is open");
+    if (layer < 0 || layer >= ctx->lo.n_layers)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "step_attend: layer %d is outside [0, %d) (RESA_PARAM_NUM_LAYERS)",
+                         layer, ctx->lo.n_layers);
+    if (!k || !v)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_attend: %s is NULL",
+                         !k ? "k" : "v");
+    if (ctx->step.has_output && (!q || !out))
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "step_attend: %s is NULL but the step has entries with attention",
+                         !q ? "q" : "out");
+    resa_status s = ctx->ops->step_attend(ctx, &ctx->step, layer, q, k, v, out);
+    if (s == RESA_OK)
+        ctx->layer_done[layer] = 1;
+    return s;
+}
+
+resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags)
+{
+    if (!ctx)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_clear_error(ctx);
+    if (flags != 0)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_end: flags = 0x%x must be 0",
+                         flags);
+    if (!ctx->step_open)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE, "step_end: no step is open");
+    for (int32_t l = 0; l < ctx->lo.n_layers; l++)
+        if (!ctx->layer_done[l])
+            return resa_fail(ctx, RESA_ERR_BAD_STATE,
+                             "step_end: layer %d was not attended; attend it or cancel the step",
+                             l);
+    const resa_step *st = &ctx->step;
+    for (int32_t i = 0; i < st->n_entries; i++) {
+        const resa_step_entry *e = &st->entries[i];
+        resa_seq *q = &ctx->seqs[e->slot];
+        if (e->mode == RESA_MODE_RECTIFY) {
+            q->rect_start = q->length;
+            continue;
+        }
+        int none_pending = q->rect_start == q->length;
+        q->length = e->end;
+        /* A decode that attended a true subset of the blocks is approximate:
+         * it starts the pending span.  Dense work after it joins the span. */
+        int approximate = e->mode == RESA_MODE_DECODE && e->n_select < e->n_blocks;
+        if (none_pending && !approximate)
+            q->rect_start = q->length;
+        else if (none_pending)
+            q->rect_start = e->start;
+        ctx->step_new_pages[i] = 0;
+    }
+    ctx->step_open = 0;
+    return RESA_OK;
+}
+
+resa_status resa_ctx_step_cancel(resa_ctx *ctx)
+{
+    if (!ctx)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_clear_error(ctx);
+    if (!ctx->step_open)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE, "step_cancel: no step is open");
+    const resa_step *st = &ctx->step;
+    int wrote = 0;
+    for (int32_t l = 0; l < ctx->lo.n_layers; l++)
+        wrote |= ctx->layer_done[l];
+    resa_status first = RESA_OK;
+    for (int32_t i = 0; wrote && i < st->n_entries; i++) {
+        const resa_step_entry *e = &st->entries[i];
+        /* The partial block the step appended into holds summaries of tokens
+         * that are now gone: recompute it over the tokens that remain. */
+        if (e->mode != RESA_MODE_RECTIFY && e->old_length % ctx->lo.b != 0) {
+            resa_status s = ctx->ops->refresh_summaries(ctx, e->pages, e->old_length - 1,
+                                                        e->old_length, e->old_length);
+            if (first == RESA_OK)
+                first = s;
+        }
+    }
+    return_growth(ctx, st->n_entries);
+    ctx->step_open = 0;
+    return first;
+}
