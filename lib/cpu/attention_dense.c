@@ -1,8 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Dense causal attention of one query tile (prompt chunks and
- * rectification), and the online-softmax block update that the sparse decode
- * shares.  CUDA twin: cuda/attention_dense.cu.
+ * rectification).  CUDA twin: cuda/attention_dense.cu.
  *
  * A tile is up to RESA_CPU_TILE_ROWS rows: consecutive tokens of one entry
  * times the g query heads of one KV head, so every K/V block is read once per
@@ -12,55 +11,6 @@
 
 #include "../dtype.h"
 #include "cpu.h"
-
-static inline float dot(const float *a, const float *b, int32_t d)
-{
-    /* Eight partial sums: vectorizes without -ffast-math and keeps the
-     * summation order fixed (results do not depend on the thread count). */
-    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int32_t i = 0;
-    for (; i + 8 <= d; i += 8)
-        for (int32_t u = 0; u < 8; u++)
-            part[u] += a[i + u] * b[i + u];
-    float s = 0.0f;
-    for (; i < d; i++)
-        s += a[i] * b[i];
-    return s + ((part[0] + part[1]) + (part[2] + part[3])) +
-           ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
-void resa_cpu_attend_block(const float *q, int32_t rows, int32_t d, const float *kt,
-                           const float *vt, int32_t n, const int32_t *limit, float *s, float *m,
-                           float *l, float *acc)
-{
-    for (int32_t r = 0; r < rows; r++) {
-        int32_t nv = limit ? limit[r] : n;
-        if (nv <= 0)
-            continue;
-        const float *qr = q + (size_t)r * d;
-        float *sr = s; /* one row at a time: the scores stay in L1 */
-        float mx = -INFINITY;
-        for (int32_t j = 0; j < nv; j++) {
-            sr[j] = dot(qr, kt + (size_t)j * d, d);
-            mx = sr[j] > mx ? sr[j] : mx;
-        }
-        float m_new = mx > m[r] ? mx : m[r];
-        float corr = expf(m[r] - m_new); /* 0 on the first block: m = -inf */
-        float *ar = acc + (size_t)r * d;
-        float sum = l[r] * corr;
-        for (int32_t i = 0; i < d; i++)
-            ar[i] *= corr;
-        for (int32_t j = 0; j < nv; j++) {
-            float p = expf(sr[j] - m_new);
-            sum += p;
-            const float *vj = vt + (size_t)j * d;
-            for (int32_t i = 0; i < d; i++)
-                ar[i] += p * vj[i];
-        }
-        l[r] = sum;
-        m[r] = m_new;
-    }
-}
 
 /* Points kt/vt at one block of the pool as fp32: directly for an fp32 pool,
  * else through the worker's conversion buffers. */
@@ -131,7 +81,7 @@ void resa_cpu_attention_dense(const resa_cpu_job *job, const resa_cpu_item *it,
     const resa_step_entry *e = &job->step->entries[it->entry];
     int32_t d = L->d, g = L->group, b = L->b;
     int32_t rows = (it->t1 - it->t0) * g;
-    int32_t limit[RESA_CPU_TILE_ROWS > 1024 ? RESA_CPU_TILE_ROWS : 1024];
+    int32_t limit[RESA_CPU_MAX_TILE_ROWS];
     resa_cpu_load_queries(job, e, it->head, it->t0, it->t1, sc->q);
     resa_cpu_reset_rows(sc, rows, d);
     int64_t first_pos = e->start + it->t0;   /* position of the tile's first row */
@@ -149,7 +99,7 @@ void resa_cpu_attention_dense(const resa_cpu_job *job, const resa_cpu_item *it,
             }
             lim = limit;
         }
-        resa_cpu_attend_block(sc->q, rows, d, kt, vt, n, lim, sc->s, sc->m, sc->l, sc->acc);
+        resa_cpu_attend_block(sc->q, rows, d, kt, vt, n, lim, sc);
     }
     resa_cpu_store_output(job, e, it->head, it->t0, it->t1, sc);
 }

@@ -145,7 +145,7 @@ void resa_cpu_attention_sparse(const resa_cpu_job *job, const resa_cpu_item *it,
             int32_t n = (int32_t)(e->end - base < L->b ? e->end - base : L->b);
             const float *kt, *vt;
             resa_cpu_block_f32(job, e->pages[blk], it->head, n, sc, &kt, &vt);
-            resa_cpu_attend_block(sc->q, g, d, kt, vt, n, NULL, sc->s, sc->m, sc->l, sc->acc);
+            resa_cpu_attend_block(sc->q, g, d, kt, vt, n, NULL, sc);
         }
     resa_cpu_store_output(job, e, it->head, 0, 1, sc);
 }

@@ -67,7 +67,8 @@ static resa_status scratch_create(resa_ctx *ctx, resa_cpu_state *st, resa_cpu_sc
     const resa_layout *L = &ctx->lo;
     size_t rows = (size_t)st->tile_rows, d = (size_t)L->d, b = (size_t)L->b;
     size_t blocks = (size_t)L->max_seq_blocks;
-    size_t floats = rows * d * 2 + rows * 2 + rows * b + b * d * 2 + d * 3 + blocks;
+    size_t b16 = (b + 15) / 16 * 16;
+    size_t floats = rows * d * 2 + rows * 2 + rows * b16 + b * d * 2 + d * b16 + d * 3 + blocks;
     size_t bytes = floats * sizeof(float) + blocks * sizeof(int32_t) +
                    (size_t)L->sel_words * sizeof(uint32_t) + 64;
     char *p = resa_alloc(ctx, bytes);
@@ -79,9 +80,10 @@ static resa_status scratch_create(resa_ctx *ctx, resa_cpu_state *st, resa_cpu_sc
     sc->acc = f, f += rows * d;
     sc->m = f, f += rows;
     sc->l = f, f += rows;
-    sc->s = f, f += rows * b;
+    sc->s = f, f += rows * b16;
     sc->kt = f, f += b * d;
     sc->vt = f, f += b * d;
+    sc->ktr = f, f += d * b16;
     sc->qp = f, f += d;
     sc->kmin = f, f += d;
     sc->kmax = f, f += d;

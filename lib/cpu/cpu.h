@@ -6,8 +6,10 @@
 #include "../internal.h"
 #include "threadpool.h"
 
-/* Dense attention processes query tiles of this many rows (tokens x group). */
+/* Dense attention processes query tiles of this many rows (tokens x group);
+ * a group larger than that is one token per tile. */
 #define RESA_CPU_TILE_ROWS 64
+#define RESA_CPU_MAX_TILE_ROWS 1024 /* largest group: NUM_Q_HEADS bound */
 
 /* Scratch of one worker thread, sized at pool creation (no allocation later). */
 typedef struct resa_cpu_scratch {
@@ -15,8 +17,9 @@ typedef struct resa_cpu_scratch {
     float *q;        /* [tile_rows][d] queries, fp32, pre-scaled */
     float *acc;      /* [tile_rows][d] output accumulators */
     float *m, *l;    /* [tile_rows] running max and sum of the online softmax */
-    float *s;        /* [tile_rows][b] scores of one block */
+    float *s;        /* [tile_rows][b rounded up to 16] scores of one block */
     float *kt, *vt;  /* [b][d] one block of K and V, fp32 */
+    float *ktr;      /* [d][b rounded up to 16] K transposed */
     float *qp;       /* [d] pooled query */
     float *kmin, *kmax; /* [d] */
     float *score;    /* [max_seq_blocks] block scores */
@@ -66,11 +69,12 @@ RESA_HIDDEN void resa_cpu_attention_dense(const resa_cpu_job *job, const resa_cp
  * block scores, budgeted top-n selection, attention over the chosen blocks. */
 RESA_HIDDEN void resa_cpu_attention_sparse(const resa_cpu_job *job, const resa_cpu_item *it,
                                            resa_cpu_scratch *sc);
-/* attention_dense.c: online-softmax update of `rows` query rows with one
- * block of keys/values (n valid keys; row r sees keys [0, limit[r])). */
+/* attend_block.c: online-softmax update of `rows` query rows (pre-scaled)
+ * with one block of n keys/values; row r sees keys [0, limit[r]) (all n when
+ * limit is NULL).  Updates sc->m, sc->l, sc->acc. */
 RESA_HIDDEN void resa_cpu_attend_block(const float *q, int32_t rows, int32_t d, const float *kt,
                                        const float *vt, int32_t n, const int32_t *limit,
-                                       float *s, float *m, float *l, float *acc);
+                                       resa_cpu_scratch *sc);
 
 /* attention_dense.c: the tile helpers the sparse decode shares. */
 RESA_HIDDEN void resa_cpu_load_queries(const resa_cpu_job *job, const resa_step_entry *e,

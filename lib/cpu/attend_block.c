@@ -1,0 +1,184 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The online-softmax update of a tile of query rows with one block of keys
+ * and values: the inner loop of every CPU attention (dense tiles, sparse
+ * decode).  Written as fixed-width loops that compilers vectorize, and
+ * compiled twice (baseline x86-64 and x86-64-v3 with AVX2/FMA, picked at load
+ * time by the ifunc resolver) so one portable binary runs fast on current CPUs.
+ *
+ * Per block:  S = Q K^T (4 query rows x 16 keys register tiles on a
+ * transposed K),  m' = max(m, rowmax S),  P = exp(S - m'),
+ * l' = l e^(m - m') + rowsum P,  acc' = acc e^(m - m') + P V.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "cpu.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__gnu_linux__)
+#  define RESA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#  define RESA_MULTIVERSION
+#endif
+
+/* Eight floats: a GNU C vector, lowered to one AVX or two SSE registers. */
+typedef float v8f __attribute__((vector_size(32)));
+static inline v8f v8_load(const float *p)
+{
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void v8_store(float *p, v8f v)
+{
+    memcpy(p, &v, sizeof v);
+}
+static inline v8f v8_splat(float x)
+{
+    v8f v = {x, x, x, x, x, x, x, x};
+    return v;
+}
+
+#define KC 16 /* keys per register tile */
+#define RC 4  /* query rows per register tile */
+
+/* e^x for x <= 0, relative error ~1e-7: x = (r + f) ln2, r integer, |f| <= 1/2,
+ * e^(f ln2) by its degree-7 Taylor polynomial.  Branch-free so it vectorizes. */
+static inline float exp_nonpos(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504088896341f;
+    float r = (t + 12582912.0f) - 12582912.0f; /* round to nearest integer */
+    float y = (t - r) * 0.693147180559945309f;
+    float p = 1.0f + y * (1.0f + y * (0.5f + y * (1.0f / 6 + y * (1.0f / 24 + y * (1.0f / 120 +
+              y * (1.0f / 720 + y * (1.0f / 5040)))))));
+    int32_t e = ((int32_t)r + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+RESA_MULTIVERSION
+void resa_cpu_attend_block(const float *q, int32_t rows, int32_t d, const float *kt,
+                           const float *vt, int32_t n, const int32_t *limit,
+                           resa_cpu_scratch *sc)
+{
+    int32_t n_pad = (n + KC - 1) / KC * KC;
+    float *kT = sc->ktr; /* [d][n_pad], zero padded */
+    for (int32_t i = 0; i < d; i++) {
+        for (int32_t j = 0; j < n; j++)
+            kT[(size_t)i * n_pad + j] = kt[(size_t)j * d + i];
+        for (int32_t j = n; j < n_pad; j++)
+            kT[(size_t)i * n_pad + j] = 0.0f;
+    }
+    float *s = sc->s; /* [rows][n_pad] */
+
+    /* S = Q K^T, with 4 rows x 16 keys of accumulators in registers */
+    for (int32_t c = 0; c < n_pad; c += KC) {
+        int32_t r = 0;
+        for (; r + RC <= rows; r += RC) {
+            v8f acc[RC][2];
+            for (int32_t u = 0; u < RC; u++)
+                acc[u][0] = acc[u][1] = v8_splat(0.0f);
+            for (int32_t i = 0; i < d; i++) {
+                const float *kr = kT + (size_t)i * n_pad + c;
+                v8f k0 = v8_load(kr), k1 = v8_load(kr + 8);
+                for (int32_t u = 0; u < RC; u++) {
+                    v8f qv = v8_splat(q[(size_t)(r + u) * d + i]);
+                    acc[u][0] += qv * k0;
+                    acc[u][1] += qv * k1;
+                }
+            }
+            for (int32_t u = 0; u < RC; u++) {
+                v8_store(s + (size_t)(r + u) * n_pad + c, acc[u][0]);
+                v8_store(s + (size_t)(r + u) * n_pad + c + 8, acc[u][1]);
+            }
+        }
+        for (; r < rows; r++) {
+            v8f a0 = v8_splat(0.0f), a1 = v8_splat(0.0f);
+            for (int32_t i = 0; i < d; i++) {
+                const float *kr = kT + (size_t)i * n_pad + c;
+                v8f qv = v8_splat(q[(size_t)r * d + i]);
+                a0 += qv * v8_load(kr);
+                a1 += qv * v8_load(kr + 8);
+            }
+            v8_store(s + (size_t)r * n_pad + c, a0);
+            v8_store(s + (size_t)r * n_pad + c + 8, a1);
+        }
+    }
+
+    /* online softmax: P in place of S, masked keys get 0 */
+    float corr[RESA_CPU_MAX_TILE_ROWS];
+    for (int32_t r = 0; r < rows; r++) {
+        int32_t nv = limit ? limit[r] : n;
+        float *sr = s + (size_t)r * n_pad;
+        float mx = -INFINITY;
+        for (int32_t j = 0; j < nv; j++)
+            mx = sr[j] > mx ? sr[j] : mx;
+        if (nv <= 0) {
+            corr[r] = 1.0f;
+            for (int32_t j = 0; j < n_pad; j++)
+                sr[j] = 0.0f;
+            continue;
+        }
+        float m_new = mx > sc->m[r] ? mx : sc->m[r];
+        corr[r] = exp_nonpos(sc->m[r] - m_new); /* m = -inf first: clamps to ~0 */
+        if (sc->m[r] == -INFINITY)
+            corr[r] = 0.0f;
+        float sum = 0.0f;
+        for (int32_t j = 0; j < n_pad; j++) {
+            float p = j < nv ? exp_nonpos(sr[j] - m_new) : 0.0f;
+            sr[j] = p;
+            sum += p;
+        }
+        sc->l[r] = sc->l[r] * corr[r] + sum;
+        sc->m[r] = m_new;
+    }
+
+    /* acc = acc * corr + P V, in 16-wide column strips of 4 rows */
+    int32_t c = 0;
+    for (; c + KC <= d; c += KC) {
+        int32_t r = 0;
+        for (; r + RC <= rows; r += RC) {
+            v8f a[RC][2];
+            for (int32_t u = 0; u < RC; u++) {
+                float *ar = sc->acc + (size_t)(r + u) * d + c;
+                v8f cr = v8_splat(corr[r + u]);
+                a[u][0] = v8_load(ar) * cr;
+                a[u][1] = v8_load(ar + 8) * cr;
+            }
+            for (int32_t t = 0; t < n; t++) {
+                const float *vr = vt + (size_t)t * d + c;
+                v8f v0 = v8_load(vr), v1 = v8_load(vr + 8);
+                for (int32_t u = 0; u < RC; u++) {
+                    v8f p = v8_splat(s[(size_t)(r + u) * n_pad + t]);
+                    a[u][0] += p * v0;
+                    a[u][1] += p * v1;
+                }
+            }
+            for (int32_t u = 0; u < RC; u++) {
+                v8_store(sc->acc + (size_t)(r + u) * d + c, a[u][0]);
+                v8_store(sc->acc + (size_t)(r + u) * d + c + 8, a[u][1]);
+            }
+        }
+        for (; r < rows; r++) {
+            float *ar = sc->acc + (size_t)r * d + c;
+            v8f cr = v8_splat(corr[r]);
+            v8f a0 = v8_load(ar) * cr, a1 = v8_load(ar + 8) * cr;
+            for (int32_t t = 0; t < n; t++) {
+                v8f p = v8_splat(s[(size_t)r * n_pad + t]);
+                a0 += p * v8_load(vt + (size_t)t * d + c);
+                a1 += p * v8_load(vt + (size_t)t * d + c + 8);
+            }
+            v8_store(ar, a0);
+            v8_store(ar + 8, a1);
+        }
+    }
+    for (; c < d; c++) /* head dims that are not a multiple of 16 */
+        for (int32_t r = 0; r < rows; r++) {
+            float a = sc->acc[(size_t)r * d + c] * corr[r];
+            for (int32_t t = 0; t < n; t++)
+                a += s[(size_t)r * n_pad + t] * vt[(size_t)t * d + c];
+            sc->acc[(size_t)r * d + c] = a;
+        }
+}
