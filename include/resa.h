@@ -95,10 +95,14 @@ RESA_API const char *resa_status_name(resa_status s);   /* "RESA_ERR_CAPACITY", 
 /* ------------------------------------------------------------------------ */
 typedef struct resa_ctx resa_ctx;
 
+/* The CUDA backend takes device pointers; it needs KV_DTYPE == IO_DTYPE, F16
+ * or BF16, HEAD_DIM 64, 128 or 256, BLOCK_SIZE 8 to 64 and at most 16 query
+ * heads per KV head (else RESA_ERR_NOT_SUPPORTED at the first resa_seq_create).
+ * It works on the device that was current at resa_ctx_create. */
 typedef enum resa_backend {
     RESA_BACKEND_CPU  = 0,  /* portable C, always built; the reference */
     RESA_BACKEND_CUDA = 1,  /* loaded at run time from libresa-cuda.so.RESA_ABI_VERSION */
-    RESA_BACKEND_AUTO = 2   /* CUDA when available, else CPU */
+    RESA_BACKEND_AUTO = 2   /* CUDA when available and it starts, else CPU */
 } resa_backend;
 
 typedef enum resa_dtype {
@@ -111,7 +115,7 @@ typedef enum resa_dtype {
 typedef enum resa_mode {
     RESA_MODE_APPEND    = 0, /* n >= 1 new tokens (prompt/chunk): store K/V, dense causal attention */
     RESA_MODE_DECODE    = 1, /* exactly 1 new token: store K/V, ReSA block-sparse attention */
-    RESA_MODE_RECTIFY   = 2, /* exactly the pending tokens: overwrite K/V, dense causal attention */
+    RESA_MODE_RECTIFY   = 2, /* the oldest n pending tokens: overwrite K/V, dense causal attention */
     RESA_MODE_APPEND_KV = 3  /* n >= 1 new tokens: store K/V only, no attention, output untouched */
 } resa_mode;
 
@@ -248,8 +252,9 @@ RESA_API resa_status resa_ctx_free_tokens(const resa_ctx *ctx, int64_t *tokens);
  * contiguous):  q and out [T][NUM_Q_HEADS][HEAD_DIM];  k and v
  * [T][NUM_KV_HEADS][HEAD_DIM].  Query head h reads KV head h / (Hq / Hkv).
  * K is post-RoPE.  Positions: APPEND/APPEND_KV/DECODE rows are the positions
- * [len, len + n); RECTIFY rows are [len - pending, len) and n must equal the
- * pending count.
+ * [len, len + n); RECTIFY rows are the oldest n pending positions
+ * [len - pending, len - pending + n), 1 <= n <= pending (usually n = pending;
+ * a long span may be rectified in several steps, oldest first).
  *
  * begin validates everything and reserves pages (including copy-on-write
  * copies for rectification of shared pages): RESA_ERR_CAPACITY there changes
@@ -258,9 +263,9 @@ RESA_API resa_status resa_ctx_free_tokens(const resa_ctx *ctx, int64_t *tokens);
 RESA_API resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs,
                                          const int32_t *seqs, const int32_t *modes,
                                          const int32_t *n_tokens, uint32_t flags);
-/* Stores this layer's K/V of the step and writes its attention output.  out
- * may be NULL only when every entry is RESA_MODE_APPEND_KV.  CUDA: enqueues
- * only; no allocation and no host synchronization. */
+/* Stores this layer's K/V of the step and writes its attention output.  q and
+ * out may be NULL only when every entry is RESA_MODE_APPEND_KV.  CUDA:
+ * enqueues only; no allocation and no host synchronization. */
 RESA_API resa_status resa_ctx_step_attend(resa_ctx *ctx, int32_t layer,
                                           const void *q, const void *k, const void *v,
                                           void *out, uint32_t flags);
@@ -276,7 +281,7 @@ RESA_API resa_status resa_ctx_step_cancel(resa_ctx *ctx);
 /* Introspection                                                             */
 /* ------------------------------------------------------------------------ */
 /* Block indices (ascending) chosen at seq's last RESA_MODE_DECODE for
- * (layer, kv_head).  Needs RECORD_SELECTION = 1 (else RESA_ERR_BAD_STATE).
+ * (layer, kv_head) (a cancelled step's attended layers count too).  Needs RECORD_SELECTION = 1 (else RESA_ERR_BAD_STATE).
  * Writes min(count, capacity) indices and the full count to *count (0 when
  * the sequence never decoded).  CUDA: synchronizes the stream. */
 RESA_API resa_status resa_seq_selected_blocks(resa_ctx *ctx, int32_t seq, int32_t layer,

@@ -58,7 +58,13 @@ static void load_once(void)
     resa_backend_entry_fn entry;
     void *sym = dlsym(h, RESA_BACKEND_ENTRY);
     memcpy(&entry, &sym, sizeof entry); /* object to function pointer, POSIX-style */
-    const resa_backend_ops *ops = entry ? entry(RESA_BACKEND_API_VERSION) : NULL;
+    if (!entry) {
+        snprintf(cuda_detail, sizeof cuda_detail, "%s has no %s", RESA_CUDA_MODULE,
+                 RESA_BACKEND_ENTRY);
+        dlclose(h);
+        return;
+    }
+    const resa_backend_ops *ops = entry(RESA_BACKEND_API_VERSION);
     if (!ops || ops->api_version != RESA_BACKEND_API_VERSION) {
         cuda_why = RESA_ERR_VERSION_MISMATCH;
         snprintf(cuda_detail, sizeof cuda_detail,

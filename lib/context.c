@@ -126,6 +126,11 @@ resa_status resa_ctx_create(resa_backend backend, const resa_allocator *host_all
     ctx->ops = ops;
     resa_config_defaults(&ctx->cfg);
     resa_status s = ops->ctx_init(ctx);
+    if (s != RESA_OK && backend == RESA_BACKEND_AUTO && chosen == RESA_BACKEND_CUDA) {
+        ctx->backend = RESA_BACKEND_CPU; /* AUTO: a GPU that cannot start means the CPU */
+        ctx->ops = resa_cpu_backend();
+        s = ctx->ops->ctx_init(ctx);
+    }
     if (s != RESA_OK) {
         a.free(a.user, ctx);
         return s;
@@ -145,6 +150,7 @@ static void free_tables(resa_ctx *ctx)
     resa_free(ctx, ctx->step_new_pages);
     resa_free(ctx, ctx->layer_done);
     resa_free(ctx, ctx->scratch_slots);
+    resa_free(ctx, ctx->page_marks);
     memset(&ctx->pool, 0, sizeof ctx->pool);
     memset(&ctx->lo, 0, sizeof ctx->lo);
     ctx->seqs = NULL;
@@ -153,6 +159,7 @@ static void free_tables(resa_ctx *ctx)
     ctx->step_new_pages = NULL;
     ctx->layer_done = NULL;
     ctx->scratch_slots = NULL;
+    ctx->page_marks = NULL;
 }
 
 /* Frees the pool and all per-lock state; the context returns to "unlocked". */
@@ -164,6 +171,7 @@ static void unlock(resa_ctx *ctx)
     free_tables(ctx);
     ctx->step_open = 0;
     ctx->locked = 0;
+    ctx->id_epoch = (ctx->id_epoch + 1) & 0x7fff;
 }
 
 void resa_ctx_destroy(resa_ctx *ctx)
@@ -205,8 +213,11 @@ resa_status resa_ctx_reset(resa_ctx *ctx, uint32_t what)
 
 resa_status resa_ctx_get_backend(const resa_ctx *ctx, resa_backend *backend)
 {
-    if (!ctx || !backend)
+    if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
+    resa_clear_error((resa_ctx *)ctx);
+    if (!backend)
+        return resa_fail((resa_ctx *)ctx, RESA_ERR_INVALID_ARGUMENT, "get_backend: backend is NULL");
     *backend = ctx->backend;
     return RESA_OK;
 }
@@ -303,8 +314,10 @@ resa_status resa_ctx_lock(resa_ctx *ctx)
     ctx->step_new_pages = resa_alloc(ctx, sizeof(int32_t) * seqs);
     ctx->layer_done = resa_alloc(ctx, (size_t)lo.n_layers);
     ctx->scratch_slots = resa_alloc(ctx, sizeof(int32_t) * seqs);
+    ctx->page_marks = resa_alloc(ctx, sizeof(int32_t) * (size_t)lo.n_pages);
     if (!ctx->pool.free_list || !ctx->pool.refcount || !ctx->seqs || !ctx->page_tables ||
-        !ctx->step_entries || !ctx->step_new_pages || !ctx->layer_done || !ctx->scratch_slots) {
+        !ctx->step_entries || !ctx->step_new_pages || !ctx->layer_done || !ctx->scratch_slots ||
+        !ctx->page_marks) {
         free_tables(ctx);
         return resa_fail(ctx, RESA_ERR_OUT_OF_MEMORY,
                          "lock: host allocation of the page tables failed");
@@ -312,8 +325,10 @@ resa_status resa_ctx_lock(resa_ctx *ctx)
     for (int32_t i = 0; i < lo.n_pages; i++)
         ctx->pool.free_list[i] = lo.n_pages - 1 - i; /* pop gives page 0 first */
     ctx->pool.n_free = lo.n_pages;
-    for (size_t i = 0; i < seqs; i++)
+    for (size_t i = 0; i < seqs; i++) {
         ctx->seqs[i].pages = ctx->page_tables + i * (size_t)lo.max_seq_blocks;
+        ctx->seqs[i].generation = ctx->id_epoch;
+    }
     ctx->locked = 1;
     s = ctx->ops->pool_create(ctx);
     if (s != RESA_OK)

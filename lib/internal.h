@@ -80,6 +80,8 @@ typedef struct resa_seq {
     int64_t length;       /* tokens stored */
     int64_t rect_start;   /* first position pending rectification; == length when none */
     int32_t n_pages;      /* ceil(length / b), pages in the table */
+    int32_t dev_synced;   /* leading table entries known equal on the device (CUDA); the
+                             core lowers it on every change, the backend raises it */
     int32_t *pages;       /* [max_seq_blocks] page ids (host copy of the page table) */
 } resa_seq;
 
@@ -101,6 +103,8 @@ typedef struct resa_step_entry {
     int64_t start;        /* position of the first row */
     int64_t end;          /* start + n: positions visible to the last row */
     int64_t old_length;   /* sequence length before the step */
+    int64_t valid;        /* positions that hold keys after the step's writes:
+                             max(end, old_length); summaries cover [block start, valid) */
     int32_t n_blocks;     /* DECODE: M, blocks so far including the current one */
     int32_t n_select;     /* DECODE: blocks attended (budget, forced blocks included) */
     const int32_t *pages; /* host page table of the sequence */
@@ -130,6 +134,8 @@ struct resa_ctx {
 
     resa_config cfg;
     int32_t locked;                         /* pool allocated, shape parameters fixed */
+    int32_t id_epoch;                       /* bumped at every unlock, so that ids from before a
+                                               session reset are not live again after it */
     resa_layout lo;
     resa_pool pool;
     resa_seq *seqs;                         /* [max_seqs] */
@@ -142,6 +148,7 @@ struct resa_ctx {
     int32_t *step_new_pages;                /* [max_seqs] pages allocated at begin, per entry */
     uint8_t *layer_done;                    /* [n_layers] */
     int32_t *scratch_slots;                 /* [max_seqs] validation scratch */
+    int32_t *page_marks;                    /* [n_pages] copy-on-write counting scratch */
 
     char error[RESA_ERROR_CAP];
 };

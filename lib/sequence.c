@@ -66,6 +66,7 @@ resa_status resa_seq_create(resa_ctx *ctx, int32_t *seq)
     q->length = 0;
     q->rect_start = 0;
     q->n_pages = 0;
+    q->dev_synced = 0;
     *seq = resa_seq_id(ctx, slot);
     return RESA_OK;
 }
@@ -141,6 +142,7 @@ resa_status resa_seq_fork(resa_ctx *ctx, int32_t parent, int32_t *child)
     c->length = p->length;
     c->rect_start = p->rect_start;
     c->n_pages = p->n_pages;
+    c->dev_synced = 0;
     int32_t shared = partial ? p->n_pages - 1 : p->n_pages;
     for (int32_t i = 0; i < shared; i++) {
         c->pages[i] = p->pages[i];

@@ -48,20 +48,55 @@ static resa_status check_entry(resa_ctx *ctx, int32_t i, int32_t slot, int32_t m
         if (pending == 0)
             return resa_fail(ctx, RESA_ERR_BAD_STATE,
                              "step_begin: seqs[%d] has no tokens pending rectification", i);
-        if (n != pending)
+        if (n < 1 || n > pending)
             return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                              "step_begin: n_tokens[%d] = %d but the sequence has %lld tokens "
-                             "pending rectification", i, n, (long long)pending);
-        /* copy-on-write of shared pages that the rectification overwrites */
-        for (int64_t p = q->rect_start >> lo->log2_b; p < q->n_pages; p++)
-            if (ctx->pool.refcount[q->pages[p]] > 1)
-                (*need_pages)++;
-        return RESA_OK;
+                             "pending rectification (1 to all of them, oldest first)",
+                             i, n, (long long)pending);
+        return RESA_OK; /* copies of shared pages are counted by count_copies() */
     }
     default:
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                          "step_begin: modes[%d] = %d is not a resa_mode", i, mode);
     }
+}
+
+/* Pages of a RECTIFY entry's span: [first, last]. */
+static void rectify_pages(const resa_seq *q, int32_t n, int32_t log2_b, int32_t *first,
+                          int32_t *last)
+{
+    *first = (int32_t)(q->rect_start >> log2_b);
+    *last = (int32_t)((q->rect_start + n - 1) >> log2_b);
+}
+
+/* Exact number of copy-on-write copies the RECTIFY entries need: a shared
+ * page (refcount r) overwritten by k sequences of the step is copied
+ * min(k, r - 1) times (the last holder keeps the original). */
+static int64_t count_copies(resa_ctx *ctx, int32_t n_seqs, const int32_t *seqs,
+                            const int32_t *modes, const int32_t *n_tokens)
+{
+    int32_t *marks = ctx->page_marks; /* all zero between calls */
+    int64_t copies = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int32_t i = 0; i < n_seqs; i++) {
+            if (modes[i] != RESA_MODE_RECTIFY)
+                continue;
+            const resa_seq *q = &ctx->seqs[seqs[i] & 0xffff];
+            int32_t first, last;
+            rectify_pages(q, n_tokens[i], ctx->lo.log2_b, &first, &last);
+            for (int32_t p = first; p <= last; p++) {
+                int32_t page = q->pages[p], r = ctx->pool.refcount[page];
+                if (r <= 1)
+                    continue;
+                if (pass == 0) {
+                    marks[page]++;
+                } else if (marks[page] > 0) {
+                    copies += marks[page] < r ? marks[page] : r - 1;
+                    marks[page] = 0;
+                }
+            }
+        }
+    return copies;
 }
 
 /* Gives back the growth pages of the first `n` entries (begin failed or cancel). */
@@ -71,6 +106,8 @@ static void return_growth(resa_ctx *ctx, int32_t n)
         resa_seq *q = &ctx->seqs[ctx->step_entries[i].slot];
         for (int32_t k = 0; k < ctx->step_new_pages[i]; k++)
             resa_pool_unref(&ctx->pool, q->pages[--q->n_pages]);
+        if (q->dev_synced > q->n_pages)
+            q->dev_synced = q->n_pages;
         ctx->step_new_pages[i] = 0;
     }
 }
@@ -122,6 +159,7 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
         mark[seqs[j] & 0xffff] = 0;
     if (s != RESA_OK)
         return s;
+    need += count_copies(ctx, n_seqs, seqs, modes, n_tokens);
     if (rows > lo->max_step_tokens)
         return resa_fail(ctx, RESA_ERR_CAPACITY,
                          "step_begin: %lld tokens in the step, over RESA_PARAM_MAX_STEP_TOKENS (%lld)",
@@ -154,8 +192,10 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
         ctx->step_new_pages[i] = 0;
         if (e->mode == RESA_MODE_RECTIFY) {
             e->start = q->rect_start;
-            e->end = q->length;
-            for (int32_t p = (int32_t)(q->rect_start >> lo->log2_b); p < q->n_pages; p++) {
+            e->end = q->rect_start + e->n;
+            int32_t first, last;
+            rectify_pages(q, e->n, lo->log2_b, &first, &last);
+            for (int32_t p = first; p <= last; p++) {
                 int32_t old = q->pages[p];
                 if (ctx->pool.refcount[old] <= 1)
                     continue;
@@ -168,6 +208,8 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
                 }
                 resa_pool_unref(&ctx->pool, old);
                 q->pages[p] = fresh;
+                if (q->dev_synced > p)
+                    q->dev_synced = p;
             }
         } else {
             e->start = q->length;
@@ -179,6 +221,7 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
             }
         }
         e->n_pages = q->n_pages;
+        e->valid = e->end > e->old_length ? e->end : e->old_length;
         if (e->mode == RESA_MODE_DECODE) {
             e->n_blocks = blocks_for(e->end, lo->b);
             e->n_select = resa_select_budget(e->n_blocks, ctx->cfg.select_fraction,
@@ -250,7 +293,7 @@ resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags)
         const resa_step_entry *e = &st->entries[i];
         resa_seq *q = &ctx->seqs[e->slot];
         if (e->mode == RESA_MODE_RECTIFY) {
-            q->rect_start = q->length;
+            q->rect_start = e->end; /* the oldest pending tokens are now exact */
             continue;
         }
         int none_pending = q->rect_start == q->length;

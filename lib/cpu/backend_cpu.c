@@ -123,7 +123,7 @@ static resa_status cpu_pool_create(resa_ctx *ctx)
     int32_t threads = (int32_t)ctx->cfg.num_threads;
     if (threads == 0) {
         long online = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = online > 0 ? (int32_t)(online < 256 ? online : 256) : 1;
+        threads = online > 0 ? (int32_t)(online < 1024 ? online : 1024) : 1;
     }
     st->tile_tokens = L->group >= RESA_CPU_TILE_ROWS ? 1 : RESA_CPU_TILE_ROWS / L->group;
     st->tile_rows = st->tile_tokens * L->group;

@@ -76,5 +76,5 @@ void resa_cpu_kv_write(const resa_cpu_job *job, const resa_step_entry *e, int32_
         convert_row(job->v, L->io_dtype, src, st->v, L->kv_dtype, dst, d, L->kv_elt);
     }
     resa_cpu_refresh_summaries(job->ctx, st, job->layer, head, e->pages, e->start, e->end,
-                               e->end);
+                               e->valid);
 }

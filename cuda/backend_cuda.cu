@@ -1,0 +1,433 @@
+// SPDX-License-Identifier: MIT
+// The CUDA backend: device memory for the pool and workspaces, the upload of
+// each step's metadata, and the per-layer launch sequence.  Built as its own
+// shared module (libresa-cuda.so.<abi>) that libresa.so loads with dlopen,
+// so it calls nothing of libresa.so: the ctx fields it needs are in
+// lib/internal.h and it writes ctx->error itself.
+//
+// Asynchrony: step_attend only enqueues on the context's stream.  step_begin
+// (step_prepare here) packs the step into a pinned buffer and enqueues one
+// host-to-device copy; it waits on the host only when the pinned buffer it is
+// about to reuse is still being copied from, i.e. when the GPU is more than
+// two steps behind.  No allocation happens after the pool is created.
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cuda_runtime.h>
+
+#include "../lib/backend.h"
+#include "common.cuh"
+#include "kernels.h"
+
+namespace {
+
+struct cuda_state {
+    int device, num_sms;
+    cudaStream_t stream;
+    resa_cuda_dims dims;
+    void *k, *v, *kmin, *kmax;        // the pool, layer-major (lib/internal.h)
+    uint32_t *selection;              // RECORD_SELECTION bitmaps or NULL
+    int32_t *page_tables;             // [max_seqs][max_seq_blocks]
+    char *d_meta;                     // the step's metadata on the device
+    char *h_meta[2];                  // pinned staging, used alternately
+    cudaEvent_t meta_copied[2];
+    int cur;
+    size_t off_decode, off_dense, off_touched, off_deltas, meta_bytes;
+    int32_t touched_cap, deltas_cap;
+    void *ws_select, *ws_sparse, *ws_dense;
+    resa_cuda_layer_args step;        // filled by step_prepare, per layer by step_attend
+};
+
+resa_status fail(resa_ctx *ctx, resa_status s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ctx->error, sizeof ctx->error, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+// Maps a CUDA error to a status, naming the call that failed.
+resa_status cuda_fail(resa_ctx *ctx, cudaError_t e, const char *what)
+{
+    resa_status s = RESA_ERR_BACKEND;
+    if (e == cudaErrorMemoryAllocation)
+        s = RESA_ERR_DEVICE_OUT_OF_MEMORY;
+    else if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
+        s = RESA_ERR_NO_DEVICE;
+    return fail(ctx, s, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
+}
+
+#define TRY(call, what)                                  \
+    do {                                                 \
+        cudaError_t e_ = (call);                         \
+        if (e_ != cudaSuccess)                           \
+            return cuda_fail(ctx, e_, what);             \
+    } while (0)
+
+cuda_state *state(resa_ctx *ctx) { return (cuda_state *)ctx->impl; }
+
+size_t kv_elems_per_layer(const resa_cuda_dims &D)
+{
+    return (size_t)D.n_pages * D.hkv * D.b * D.d;
+}
+size_t sum_elems_per_layer(const resa_cuda_dims &D)
+{
+    return (size_t)D.n_pages * D.hkv * D.d;
+}
+
+__global__ void scatter_pages(int32_t *tables, const int32_t *pairs, int32_t n)
+{
+    int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        tables[pairs[2 * i]] = pairs[2 * i + 1];
+}
+
+int32_t cuda_available(void)
+{
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+resa_status cuda_ctx_init(resa_ctx *ctx)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0)
+        return RESA_ERR_NO_DEVICE; // creation failures return only a status
+    cuda_state *st = (cuda_state *)ctx->alloc.alloc(ctx->alloc.user, sizeof(cuda_state), 64);
+    if (!st)
+        return RESA_ERR_OUT_OF_MEMORY;
+    memset(st, 0, sizeof *st);
+    if (cudaGetDevice(&st->device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&st->num_sms, cudaDevAttrMultiProcessorCount, st->device) !=
+            cudaSuccess) {
+        ctx->alloc.free(ctx->alloc.user, st);
+        return RESA_ERR_NO_DEVICE;
+    }
+    ctx->impl = st;
+    return RESA_OK;
+}
+
+void cuda_ctx_fini(resa_ctx *ctx)
+{
+    ctx->alloc.free(ctx->alloc.user, ctx->impl);
+    ctx->impl = NULL;
+}
+
+resa_status cuda_check_config(resa_ctx *ctx, const resa_layout *lo)
+{
+    if (lo->kv_dtype != lo->io_dtype ||
+        (lo->kv_dtype != RESA_DTYPE_F16 && lo->kv_dtype != RESA_DTYPE_BF16))
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "lock: the CUDA backend needs RESA_PARAM_KV_DTYPE == RESA_PARAM_IO_DTYPE, "
+                    "RESA_DTYPE_F16 or RESA_DTYPE_BF16");
+    if (lo->d != 64 && lo->d != 128 && lo->d != 256)
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "lock: the CUDA backend supports RESA_PARAM_HEAD_DIM 64, 128 and 256, not %d",
+                    lo->d);
+    if (lo->b < 8 || lo->b > 64)
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "lock: the CUDA backend supports RESA_PARAM_BLOCK_SIZE 8 to 64, not %d", lo->b);
+    if (lo->group > 16)
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "lock: the CUDA backend supports groups of up to 16 query heads per KV head, "
+                    "not %d", lo->group);
+    return RESA_OK;
+}
+
+void cuda_pool_destroy(resa_ctx *ctx)
+{
+    cuda_state *st = state(ctx);
+    if (!st)
+        return;
+    cudaStreamSynchronize(st->stream); // nothing may still read what we free
+    void *dev[] = {st->k, st->v, st->kmin, st->kmax, st->selection, st->page_tables,
+                   st->d_meta, st->ws_select, st->ws_sparse, st->ws_dense};
+    for (void *p : dev)
+        if (p)
+            cudaFree(p);
+    for (int i = 0; i < 2; i++) {
+        if (st->h_meta[i])
+            cudaFreeHost(st->h_meta[i]);
+        if (st->meta_copied[i])
+            cudaEventDestroy(st->meta_copied[i]);
+    }
+    cudaStream_t stream = st->stream;
+    int device = st->device, sms = st->num_sms;
+    memset(st, 0, sizeof *st);
+    st->stream = stream;
+    st->device = device;
+    st->num_sms = sms;
+}
+
+size_t align_up(size_t x) { return (x + 255) & ~(size_t)255; }
+
+resa_status cuda_pool_create(resa_ctx *ctx)
+{
+    cuda_state *st = state(ctx);
+    const resa_layout *lo = &ctx->lo;
+    resa_cuda_dims &D = st->dims;
+    D.n_layers = lo->n_layers;
+    D.hq = lo->hq;
+    D.hkv = lo->hkv;
+    D.group = lo->group;
+    D.d = lo->d;
+    D.b = lo->b;
+    D.log2_b = lo->log2_b;
+    D.n_pages = lo->n_pages;
+    D.max_seqs = lo->max_seqs;
+    D.max_seq_blocks = lo->max_seq_blocks;
+    D.sel_words = lo->sel_words;
+    D.kv_dtype = lo->kv_dtype;
+    D.max_step_tokens = lo->max_step_tokens;
+    D.num_sms = st->num_sms;
+
+    const size_t kv = kv_elems_per_layer(D) * D.n_layers * 2;
+    const size_t sum = sum_elems_per_layer(D) * D.n_layers * 2;
+    TRY(cudaMalloc(&st->k, kv), "lock: cudaMalloc(K pool)");
+    TRY(cudaMalloc(&st->v, kv), "lock: cudaMalloc(V pool)");
+    TRY(cudaMalloc(&st->kmin, sum), "lock: cudaMalloc(summaries)");
+    TRY(cudaMalloc(&st->kmax, sum), "lock: cudaMalloc(summaries)");
+    if (ctx->cfg.record_selection) {
+        size_t bytes = (size_t)D.max_seqs * D.n_layers * D.hkv * D.sel_words * sizeof(uint32_t);
+        TRY(cudaMalloc(&st->selection, bytes), "lock: cudaMalloc(selection record)");
+        TRY(cudaMemset(st->selection, 0, bytes), "lock: cudaMemset(selection record)");
+    }
+    TRY(cudaMalloc(&st->page_tables, sizeof(int32_t) * D.max_seqs * D.max_seq_blocks),
+        "lock: cudaMalloc(page tables)");
+
+    // metadata: entries | decode ids | dense ids | touched pairs | page-table deltas
+    st->touched_cap = (int32_t)(D.max_step_tokens / D.b + 2 * D.max_seqs + 1);
+    st->deltas_cap = D.max_seqs * D.max_seq_blocks;
+    st->off_decode = align_up(sizeof(resa_dev_entry) * D.max_seqs);
+    st->off_dense = st->off_decode + align_up(sizeof(int32_t) * D.max_seqs);
+    st->off_touched = st->off_dense + align_up(sizeof(int32_t) * D.max_seqs);
+    st->off_deltas = st->off_touched + align_up(sizeof(int32_t) * 2 * st->touched_cap);
+    st->meta_bytes = st->off_deltas + sizeof(int32_t) * 2 * (size_t)st->deltas_cap;
+    TRY(cudaMalloc(&st->d_meta, st->meta_bytes), "lock: cudaMalloc(step metadata)");
+    for (int i = 0; i < 2; i++) {
+        TRY(cudaHostAlloc(&st->h_meta[i], st->meta_bytes, cudaHostAllocDefault),
+            "lock: cudaHostAlloc(step staging)");
+        TRY(cudaEventCreateWithFlags(&st->meta_copied[i], cudaEventDisableTiming),
+            "lock: cudaEventCreate");
+    }
+    size_t ws[3] = {resa_cuda_select_workspace(&D), resa_cuda_sparse_workspace(&D),
+                    resa_cuda_dense_workspace(&D)};
+    void **wp[3] = {&st->ws_select, &st->ws_sparse, &st->ws_dense};
+    for (int i = 0; i < 3; i++)
+        if (ws[i])
+            TRY(cudaMalloc(wp[i], ws[i]), "lock: cudaMalloc(workspace)");
+    return RESA_OK;
+}
+
+resa_status cuda_set_stream(resa_ctx *ctx, void *stream)
+{
+    state(ctx)->stream = (cudaStream_t)stream;
+    return RESA_OK;
+}
+
+resa_status cuda_synchronize(resa_ctx *ctx)
+{
+    TRY(cudaStreamSynchronize(state(ctx)->stream), "cudaStreamSynchronize");
+    TRY(cudaGetLastError(), "deferred device error");
+    return RESA_OK;
+}
+
+resa_status cuda_copy_pages(resa_ctx *ctx, int32_t n, const int32_t *dst, const int32_t *src)
+{
+    cuda_state *st = state(ctx);
+    const resa_cuda_dims &D = st->dims;
+    const size_t kv_page = (size_t)D.hkv * D.b * D.d * 2, sum_page = (size_t)D.hkv * D.d * 2;
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t l = 0; l < D.n_layers; l++) {
+            size_t to = ((size_t)l * D.n_pages + dst[i]), from = ((size_t)l * D.n_pages + src[i]);
+            char *bases[4] = {(char *)st->k, (char *)st->v, (char *)st->kmin, (char *)st->kmax};
+            for (int a = 0; a < 4; a++) {
+                size_t bytes = a < 2 ? kv_page : sum_page;
+                TRY(cudaMemcpyAsync(bases[a] + to * bytes, bases[a] + from * bytes, bytes,
+                                    cudaMemcpyDeviceToDevice, st->stream),
+                    "copy_pages: cudaMemcpyAsync");
+            }
+        }
+    return RESA_OK;
+}
+
+resa_status cuda_refresh_summaries(resa_ctx *ctx, const int32_t *pages, int64_t lo, int64_t hi,
+                                   int64_t valid)
+{
+    cuda_state *st = state(ctx);
+    // pages points into the host page tables; the device holds the same row
+    const size_t slot = (size_t)(pages - ctx->page_tables) / ctx->lo.max_seq_blocks;
+    TRY(resa_cuda_refresh_summaries(&st->dims, st->k, st->kmin, st->kmax,
+                                    st->page_tables + slot * st->dims.max_seq_blocks, lo, hi,
+                                    valid, st->stream),
+        "resa_cuda_refresh_summaries");
+    return RESA_OK;
+}
+
+resa_status cuda_clear_selection(resa_ctx *ctx, int32_t slot)
+{
+    cuda_state *st = state(ctx);
+    if (!st->selection)
+        return RESA_OK;
+    const resa_cuda_dims &D = st->dims;
+    size_t words = (size_t)D.n_layers * D.hkv * D.sel_words;
+    TRY(cudaMemsetAsync(st->selection + (size_t)slot * words, 0, words * sizeof(uint32_t),
+                        st->stream),
+        "clear_selection: cudaMemsetAsync");
+    return RESA_OK;
+}
+
+resa_status cuda_read_selection(resa_ctx *ctx, int32_t slot, int32_t layer, int32_t head,
+                                uint32_t *bits)
+{
+    cuda_state *st = state(ctx);
+    const resa_cuda_dims &D = st->dims;
+    size_t at = (((size_t)slot * D.n_layers + layer) * D.hkv + head) * D.sel_words;
+    TRY(cudaStreamSynchronize(st->stream), "seq_selected_blocks: cudaStreamSynchronize");
+    TRY(cudaMemcpy(bits, st->selection + at, sizeof(uint32_t) * D.sel_words,
+                   cudaMemcpyDeviceToHost),
+        "seq_selected_blocks: cudaMemcpy");
+    return RESA_OK;
+}
+
+resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
+{
+    cuda_state *st = state(ctx);
+    const resa_cuda_dims &D = st->dims;
+    const int cur = st->cur ^ 1;
+    // The buffer was last handed to a copy two steps ago; normally long done.
+    TRY(cudaEventSynchronize(st->meta_copied[cur]), "step_begin: cudaEventSynchronize");
+    char *h = st->h_meta[cur];
+    resa_dev_entry *ent = (resa_dev_entry *)h;
+    int32_t *decode = (int32_t *)(h + st->off_decode);
+    int32_t *dense = (int32_t *)(h + st->off_dense);
+    int32_t *touched = (int32_t *)(h + st->off_touched);
+    int32_t *deltas = (int32_t *)(h + st->off_deltas);
+    int32_t n_decode = 0, n_dense = 0, n_touched = 0, n_deltas = 0;
+    for (int32_t i = 0; i < step->n_entries; i++) {
+        const resa_step_entry *e = &step->entries[i];
+        resa_dev_entry &d = ent[i];
+        d.slot = e->slot;
+        d.mode = e->mode;
+        d.n = e->n;
+        d.n_blocks = e->n_blocks;
+        d.n_select = e->n_select;
+        d.pad = 0;
+        d.row = e->row;
+        d.start = e->start;
+        d.end = e->end;
+        d.valid = e->valid;
+        if (e->mode == RESA_MODE_DECODE)
+            decode[n_decode++] = i;
+        else if (e->mode != RESA_MODE_APPEND_KV)
+            dense[n_dense++] = i;
+        for (int64_t blk = e->start >> D.log2_b; blk <= (e->end - 1) >> D.log2_b; blk++) {
+            touched[2 * n_touched] = i;
+            touched[2 * n_touched + 1] = (int32_t)blk;
+            n_touched++;
+        }
+        resa_seq *q = &ctx->seqs[e->slot];
+        for (int32_t p = q->dev_synced; p < q->n_pages; p++) {
+            deltas[2 * n_deltas] = e->slot * D.max_seq_blocks + p;
+            deltas[2 * n_deltas + 1] = q->pages[p];
+            n_deltas++;
+        }
+    }
+    if (n_touched > st->touched_cap || n_deltas > st->deltas_cap)
+        return fail(ctx, RESA_ERR_INTERNAL, "step_begin: CUDA step metadata overflow");
+    size_t bytes = st->off_deltas + sizeof(int32_t) * 2 * (size_t)n_deltas;
+    TRY(cudaMemcpyAsync(st->d_meta, h, bytes, cudaMemcpyHostToDevice, st->stream),
+        "step_begin: cudaMemcpyAsync(metadata)");
+    TRY(cudaEventRecord(st->meta_copied[cur], st->stream), "step_begin: cudaEventRecord");
+    if (n_deltas > 0) {
+        scatter_pages<<<(n_deltas + 255) / 256, 256, 0, st->stream>>>(
+            st->page_tables, (const int32_t *)(st->d_meta + st->off_deltas), n_deltas);
+        TRY(cudaGetLastError(), "step_begin: scatter_pages");
+    }
+    for (int32_t i = 0; i < step->n_entries; i++) {
+        resa_seq *q = &ctx->seqs[step->entries[i].slot];
+        q->dev_synced = q->n_pages;
+    }
+    st->cur = cur;
+
+    resa_cuda_layer_args &a = st->step;
+    memset(&a, 0, sizeof a);
+    a.dims = D;
+    a.page_tables = st->page_tables;
+    a.entries = (const resa_dev_entry *)st->d_meta;
+    a.n_entries = step->n_entries;
+    a.decode_ids = (const int32_t *)(st->d_meta + st->off_decode);
+    a.n_decode = n_decode;
+    a.dense_ids = (const int32_t *)(st->d_meta + st->off_dense);
+    a.n_dense = n_dense;
+    a.touched = (const int32_t *)(st->d_meta + st->off_touched);
+    a.n_touched = n_touched;
+    a.n_rows = step->n_rows;
+    a.scale = step->scale;
+    a.local_blocks = step->local_blocks;
+    a.sink_blocks = step->sink_blocks;
+    a.ws_select = st->ws_select;
+    a.ws_sparse = st->ws_sparse;
+    a.ws_dense = st->ws_dense;
+    a.stream = st->stream;
+    return RESA_OK;
+}
+
+resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer, const void *q,
+                             const void *k, const void *v, void *out)
+{
+    (void)step;
+    cuda_state *st = state(ctx);
+    const resa_cuda_dims &D = st->dims;
+    resa_cuda_layer_args a = st->step;
+    const size_t kv_off = kv_elems_per_layer(D) * layer * 2, sum_off = sum_elems_per_layer(D) * layer * 2;
+    a.layer = layer;
+    a.k = (char *)st->k + kv_off;
+    a.v = (char *)st->v + kv_off;
+    a.kmin = (char *)st->kmin + sum_off;
+    a.kmax = (char *)st->kmax + sum_off;
+    a.selection = st->selection ? st->selection + (size_t)layer * D.hkv * D.sel_words : NULL;
+    a.q = q;
+    a.k_in = k;
+    a.v_in = v;
+    a.out = out;
+    a.stream = st->stream;
+    TRY(resa_cuda_kv_write(&a), "step_attend: resa_cuda_kv_write");
+    if (a.n_decode > 0) {
+        TRY(resa_cuda_select_blocks(&a), "step_attend: resa_cuda_select_blocks");
+        TRY(resa_cuda_attention_sparse(&a), "step_attend: resa_cuda_attention_sparse");
+    }
+    if (a.n_dense > 0)
+        TRY(resa_cuda_attention_dense(&a), "step_attend: resa_cuda_attention_dense");
+    return RESA_OK;
+}
+
+const resa_backend_ops cuda_ops = {
+    RESA_BACKEND_API_VERSION,
+    "cuda",
+    cuda_available,
+    cuda_ctx_init,
+    cuda_ctx_fini,
+    cuda_check_config,
+    cuda_pool_create,
+    cuda_pool_destroy,
+    cuda_set_stream,
+    cuda_synchronize,
+    cuda_copy_pages,
+    cuda_refresh_summaries,
+    cuda_clear_selection,
+    cuda_step_prepare,
+    cuda_step_attend,
+    cuda_read_selection,
+};
+
+} // namespace
+
+extern "C" __attribute__((visibility("default"))) const resa_backend_ops *
+resa_backend_module_entry(uint32_t api_version)
+{
+    return api_version == RESA_BACKEND_API_VERSION ? &cuda_ops : NULL;
+}

@@ -1,0 +1,122 @@
+// SPDX-License-Identifier: MIT
+// K/V write into the paged pool and the block min/max summaries.
+// CPU twin: lib/cpu/kv_write.c.
+//
+// Two launches per layer: the rows (one warp per (row, KV head), 16-byte
+// copies), then the summaries of every touched block recomputed over its
+// valid positions (one warp per (block, head)), exactly as the CPU does: a
+// block's summary is min/max of the stored keys, so it is exact in the KV
+// dtype and rectification and cancellation need no special case.
+#include <float.h>
+
+#include "common.cuh"
+
+namespace {
+
+using namespace resa;
+
+template <typename T>
+__global__ void write_rows(resa_cuda_layer_args a)
+{
+    const int warps = blockDim.x / 32;
+    const int64_t item = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const resa_cuda_dims &D = a.dims;
+    if (item >= a.n_rows * D.hkv)
+        return;
+    const int64_t row = item / D.hkv;
+    const int head = (int)(item % D.hkv);
+    const resa_dev_entry &e = a.entries[entry_of_row(a.entries, a.n_entries, row)];
+    const int64_t pos = e.start + (row - e.row);
+    const int32_t page = a.page_tables[(size_t)e.slot * D.max_seq_blocks + (pos >> D.log2_b)];
+    const size_t dst = (((size_t)page * D.hkv + head) * D.b + (pos & (D.b - 1))) * D.d;
+    const size_t src = ((size_t)row * D.hkv + head) * D.d;
+    const int chunks = D.d * (int)sizeof(T) / 16; // d is a multiple of 8
+    for (int c = lane; c < 2 * chunks; c += 32) {
+        const bool is_v = c >= chunks;
+        const int cc = is_v ? c - chunks : c;
+        const uint4 *from = (const uint4 *)((const T *)(is_v ? a.v_in : a.k_in) + src) + cc;
+        uint4 *to = (uint4 *)((T *)(is_v ? a.v : a.k) + dst) + cc;
+        *to = *from;
+    }
+}
+
+// min/max of the valid keys of one block of one head: lanes own dimensions.
+template <typename T>
+__device__ void summarize_block(const T *k, T *kmin, T *kmax, int d, int n_valid)
+{
+    const int lane = threadIdx.x % 32;
+    for (int j = lane; j < d; j += 32) {
+        float mn = FLT_MAX, mx = -FLT_MAX;
+        for (int t = 0; t < n_valid; t++) {
+            float x = to_f32(k[(size_t)t * d + j]);
+            mn = fminf(mn, x);
+            mx = fmaxf(mx, x);
+        }
+        kmin[j] = from_f32<T>(mn); // exact: mn is a stored value
+        kmax[j] = from_f32<T>(mx);
+    }
+}
+
+template <typename T>
+__global__ void summarize_touched(resa_cuda_layer_args a)
+{
+    const int warps = blockDim.x / 32;
+    const int64_t item = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
+    const resa_cuda_dims &D = a.dims;
+    if (item >= (int64_t)a.n_touched * D.hkv)
+        return;
+    const int t = (int)(item / D.hkv), head = (int)(item % D.hkv);
+    const resa_dev_entry &e = a.entries[a.touched[2 * t]];
+    const int32_t blk = a.touched[2 * t + 1];
+    const int32_t page = a.page_tables[(size_t)e.slot * D.max_seq_blocks + blk];
+    const int64_t first = (int64_t)blk << D.log2_b;
+    const int n_valid = (int)min((int64_t)D.b, e.valid - first);
+    const size_t s = ((size_t)page * D.hkv + head) * D.d;
+    summarize_block<T>((const T *)a.k + s * D.b, (T *)a.kmin + s, (T *)a.kmax + s, D.d, n_valid);
+}
+
+template <typename T>
+__global__ void summarize_range(resa_cuda_dims D, const T *k, T *kmin, T *kmax,
+                                const int32_t *pages, int64_t first_block, int64_t valid)
+{
+    const int head = blockIdx.z;
+    const int64_t blk = first_block + blockIdx.x;
+    const int layer = blockIdx.y;
+    const int32_t page = pages[blk];
+    const int64_t first = blk << D.log2_b;
+    const int n_valid = (int)min((int64_t)D.b, valid - first);
+    const size_t s = (((size_t)layer * D.n_pages + page) * D.hkv + head) * D.d;
+    summarize_block<T>(k + s * D.b, kmin + s, kmax + s, D.d, n_valid);
+}
+
+constexpr int kWarps = 8;
+
+} // namespace
+
+cudaError_t resa_cuda_kv_write(const resa_cuda_layer_args *a)
+{
+    const int64_t rows = a->n_rows * a->dims.hkv;
+    const int64_t touched = (int64_t)a->n_touched * a->dims.hkv;
+    RESA_DISPATCH_DTYPE(a->dims.kv_dtype, T, [&] {
+        write_rows<T><<<(unsigned)((rows + kWarps - 1) / kWarps), kWarps * 32, 0, a->stream>>>(*a);
+        summarize_touched<T>
+            <<<(unsigned)((touched + kWarps - 1) / kWarps), kWarps * 32, 0, a->stream>>>(*a);
+        return 0;
+    });
+    return cudaGetLastError();
+}
+
+cudaError_t resa_cuda_refresh_summaries(const resa_cuda_dims *dims, void *k, void *kmin,
+                                        void *kmax, const int32_t *d_pages, int64_t lo,
+                                        int64_t hi, int64_t valid, cudaStream_t stream)
+{
+    const int64_t first = lo >> dims->log2_b, last = (hi - 1) >> dims->log2_b;
+    dim3 grid((unsigned)(last - first + 1), (unsigned)dims->n_layers, (unsigned)dims->hkv);
+    RESA_DISPATCH_DTYPE(dims->kv_dtype, T, [&] {
+        summarize_range<T><<<grid, 32, 0, stream>>>(*dims, (const T *)k, (T *)kmin,
+                                                               (T *)kmax, d_pages, first, valid);
+        return 0;
+    });
+    return cudaGetLastError();
+}

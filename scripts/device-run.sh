@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
+# call (the device tool's run, or any CUDA machine).  Usage:
+#   scripts/device-run.sh [all|build|test|sanitize|bench] ...
+# Results go to $OUT (default ./device-out): logs, CSV tables.
+# Check comes from .device-deps (../shared/tools/device-deps.sh) when the
+# machine has none installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+[ -d .device-deps/pkgconfig ] && export PKG_CONFIG_PATH=$PWD/.device-deps/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+export PATH=$PATH:/usr/local/cuda/bin
+phases=${1:-all}
+build=build-device
+arch=${RESA_GPU_ARCH:-90}
+say() { printf '\n== %s ==\n' "$*"; }
+
+if [[ $phases == all || $phases == *build* ]]; then
+  say "machine"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/card.txt"
+  nvcc --version | tail -1
+  say "build (sm_$arch)"
+  [ -d $build ] || meson setup $build -Dgpu=enabled -Dgpu_arch="$arch" -Dbuildtype=release >"$OUT/setup.log" 2>&1 \
+    || { cat "$OUT/setup.log"; exit 1; }
+  ninja -C $build >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20
+fi
+if [[ $phases == all || $phases == *test* ]]; then
+  say "tests (CPU and GPU)"
+  meson test -C $build --print-errorlogs --num-processes 8 2>&1 | tee "$OUT/test.log" | tail -25
+fi
+if [[ $phases == all || $phases == *sanitize* ]]; then
+  say "compute-sanitizer memcheck and racecheck (GPU tests)"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  for tool in memcheck racecheck; do
+    RESA_TEST_QUICK=1 CK_FORK=no compute-sanitizer --tool $tool --error-exitcode 99 \
+      $build/tests/check_cuda >"$OUT/sanitize-$tool.log" 2>&1
+    echo "$tool: exit $? ($(grep -c -E '^=+ (Invalid|Race|Error)' "$OUT/sanitize-$tool.log") reports)"
+    tail -3 "$OUT/sanitize-$tool.log"
+  done
+fi
+if [[ $phases == all || $phases == *bench* ]]; then
+  say "benchmarks: resa-bench (CUDA) and PyTorch SDPA peers, same card, same run"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  for batch in 1 8; do
+    $build/tools/resa-bench --backend cuda --batch $batch --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
+      --reps 30 --csv 2>/dev/null | tee "$OUT/resa-bench-b$batch.csv"
+  done
+  python3 tools/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
+    2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
+fi
