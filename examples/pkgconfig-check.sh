@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# Builds examples/host_engine.c against an INSTALLED libresa through
+# pkg-config, then runs it.  Exit status 0 on success.
+#
+#   usage: examples/pkgconfig-check.sh PREFIX
+#
+# PREFIX is meson's --prefix, or DESTDIR/prefix for a staged install
+# (meson install --destdir /tmp/inst  ->  /tmp/inst/usr/local).
+set -euo pipefail
+
+[ $# -eq 1 ] || { echo "usage: $0 INSTALL_PREFIX" >&2; exit 2; }
+prefix=$(cd "$1" && pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cc=${CC:-cc}
+
+# meson's libdir: lib/<multiarch> on Debian (lib/x86_64-linux-gnu), else lib64 or lib.
+multiarch=$($cc -print-multiarch 2>/dev/null || true)
+pc_path='' ld_path=''
+for d in ${multiarch:+lib/$multiarch} lib64 lib; do
+    if [ -d "$prefix/$d/pkgconfig" ]; then pc_path=${pc_path:+$pc_path:}$prefix/$d/pkgconfig; fi
+    if [ -d "$prefix/$d" ]; then ld_path=${ld_path:+$ld_path:}$prefix/$d; fi
+done
+if [ -z "$pc_path" ]; then
+    echo "pkgconfig-check: no lib*/pkgconfig directory under $prefix" >&2
+    exit 1
+fi
+export PKG_CONFIG_PATH=$pc_path${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+if ! pkg-config --exists resa; then
+    echo "pkgconfig-check: resa.pc not found in $pc_path" >&2
+    exit 1
+fi
+
+# resa.pc names the prefix meson was configured with.  After a DESTDIR
+# install the files are elsewhere, so redefine prefix (meson's resa.pc
+# derives libdir and includedir from it).
+pc=(pkg-config --define-variable=prefix="$prefix")
+echo "pkgconfig-check: resa $("${pc[@]}" --modversion resa): $("${pc[@]}" --cflags --libs resa)"
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# shellcheck disable=SC2046 # word splitting of the pkg-config flags is intended
+$cc -std=c11 -Wall -Wextra -Werror -o "$tmp/host_engine" "$here/host_engine.c" \
+    $("${pc[@]}" --cflags --libs resa)
+LD_LIBRARY_PATH=$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$tmp/host_engine"
+echo "pkgconfig-check: OK"
