@@ -166,7 +166,7 @@ RESA_HIDDEN size_t resa_dtype_size(resa_dtype t);
 
 /* The ReSA budget rule (spec: resa-algorithm.md), shared by every backend:
  * n = max(ceil(r * M), min(M, n_min)), then at least the forced blocks, at most M.
- * r is taken to 6 decimals so that ceil() is exact (0.1 * 30 is 3, not 4). */
+ * r is taken to 6 decimals so that ceil() is exact (0.07 * 100 is 7, not 8). */
 RESA_HIDDEN int32_t resa_select_budget(int64_t n_blocks, double fraction, int64_t min_blocks,
                                        int64_t local_blocks, int64_t sink_blocks);
 /* Number of distinct forced blocks among M: the last `local`, the first `sink`. */

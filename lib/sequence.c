@@ -156,7 +156,7 @@ resa_status resa_seq_fork(resa_ctx *ctx, int32_t parent, int32_t *child)
 
 /* Queries take a const context; only its error text changes. */
 static resa_status query_slot(const resa_ctx *cctx, int32_t seq, const void *out,
-                              const char *what, int32_t *slot)
+                              const char *what, const char *out_name, int32_t *slot)
 {
     resa_ctx *ctx = (resa_ctx *)cctx;
     resa_clear_error(ctx);
@@ -164,7 +164,7 @@ static resa_status query_slot(const resa_ctx *cctx, int32_t seq, const void *out
     if (*slot < 0)
         return RESA_ERR_INVALID_ARGUMENT;
     if (!out)
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: output pointer is NULL", what);
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: %s is NULL", what, out_name);
     return RESA_OK;
 }
 
@@ -173,7 +173,7 @@ resa_status resa_seq_length(const resa_ctx *ctx, int32_t seq, int64_t *length)
     int32_t slot;
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
-    resa_status s = query_slot(ctx, seq, length, "seq_length", &slot);
+    resa_status s = query_slot(ctx, seq, length, "seq_length", "length", &slot);
     if (s == RESA_OK)
         *length = ctx->seqs[slot].length;
     return s;
@@ -184,7 +184,7 @@ resa_status resa_seq_pending(const resa_ctx *ctx, int32_t seq, int64_t *pending)
     int32_t slot;
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
-    resa_status s = query_slot(ctx, seq, pending, "seq_pending", &slot);
+    resa_status s = query_slot(ctx, seq, pending, "seq_pending", "pending", &slot);
     if (s == RESA_OK)
         *pending = ctx->seqs[slot].length - ctx->seqs[slot].rect_start;
     return s;
@@ -195,7 +195,7 @@ resa_status resa_seq_rectify_due(const resa_ctx *ctx, int32_t seq, int32_t *due)
     int32_t slot;
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
-    resa_status s = query_slot(ctx, seq, due, "seq_rectify_due", &slot);
+    resa_status s = query_slot(ctx, seq, due, "seq_rectify_due", "due", &slot);
     if (s == RESA_OK) {
         int64_t pending = ctx->seqs[slot].length - ctx->seqs[slot].rect_start;
         int64_t f = ctx->cfg.rectify_interval;
@@ -226,7 +226,7 @@ resa_status resa_seq_selected_blocks(resa_ctx *ctx, int32_t seq, int32_t layer, 
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     int32_t slot;
-    resa_status s = query_slot(ctx, seq, count, "seq_selected_blocks", &slot);
+    resa_status s = query_slot(ctx, seq, count, "seq_selected_blocks", "count", &slot);
     if (s != RESA_OK)
         return s;
     if (!ctx->cfg.record_selection)

@@ -1,0 +1,465 @@
+/* SPDX-License-Identifier: MIT */
+/* The float64 reference (see ref.h).  Deliberately naive. */
+#include "ref.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void ref_params_default(ref_params *p)
+{
+    memset(p, 0, sizeof *p);
+    p->n_layers = 1;
+    p->hq = 1;
+    p->hkv = 1;
+    p->d = 128;
+    p->b = 16;
+    p->kv_dtype = RESA_DTYPE_F32;
+    p->io_dtype = RESA_DTYPE_F32;
+    p->fraction = 0.1;
+    p->min_blocks = 16;
+    p->local_blocks = 1;
+    p->sink_blocks = 0;
+    p->interval = 32;
+    p->scale = 0.0;
+}
+
+double ref_scale(const ref_params *p)
+{
+    return p->scale > 0 ? p->scale : 1.0 / sqrt((double)p->d);
+}
+
+/* ------------------------------------------------------------------------ */
+/* dtypes                                                                     */
+/* ------------------------------------------------------------------------ */
+size_t ref_dtype_size(resa_dtype t)
+{
+    return t == RESA_DTYPE_F32 ? 4 : 2;
+}
+
+/* Rounds x to `mant` fraction bits, exponent >= emin (subnormals below), ties to even. */
+static double round_bits(double x, int mant, int emin)
+{
+    if (x == 0.0 || !isfinite(x))
+        return x;
+    int e;
+    (void)frexp(x, &e);       /* |x| in [2^(e-1), 2^e) */
+    int q = e - 1 - mant;     /* weight of the last kept bit */
+    if (q < emin - mant)
+        q = emin - mant;
+    double s = ldexp(x, -q);
+    double r = s - floor(s) == 0.5 ? (fmod(floor(s), 2.0) == 0.0 ? floor(s) : floor(s) + 1.0)
+                                   : floor(s + 0.5);
+    return ldexp(r, q);
+}
+
+double ref_round(resa_dtype t, double x)
+{
+    if (isnan(x))
+        return x;
+    switch (t) {
+    case RESA_DTYPE_F32: {
+        double r = round_bits(x, 23, -126);
+        return fabs(r) > (double)FLT_MAX ? copysign(INFINITY, x) : r;
+    }
+    case RESA_DTYPE_F16: {
+        double r = round_bits(x, 10, -14);
+        return fabs(r) > 65504.0 ? copysign(INFINITY, x) : r;
+    }
+    case RESA_DTYPE_BF16: {
+        double r = round_bits(x, 7, -126);
+        return fabs(r) > 3.3895313892515355e38 ? copysign(INFINITY, x) : r;
+    }
+    }
+    return x;
+}
+
+static double f16_decode(uint16_t h)
+{
+    int sign = h >> 15, ex = (h >> 10) & 31, m = h & 1023;
+    double v;
+    if (ex == 0)
+        v = ldexp((double)m, -24);
+    else if (ex == 31)
+        v = m ? NAN : INFINITY;
+    else
+        v = ldexp(1.0 + m / 1024.0, ex - 15);
+    return sign ? -v : v;
+}
+
+static uint16_t f16_encode(double r) /* r representable */
+{
+    uint16_t sign = signbit(r) ? 0x8000u : 0;
+    double a = fabs(r);
+    if (isnan(r))
+        return 0x7e00u;
+    if (isinf(r))
+        return (uint16_t)(sign | 0x7c00u);
+    if (a < ldexp(1.0, -14))
+        return (uint16_t)(sign | (uint16_t)ldexp(a, 24));
+    int e;
+    double f = frexp(a, &e); /* a = f * 2^e, f in [0.5, 1) */
+    int ex = e - 1 + 15;
+    uint16_t m = (uint16_t)((f * 2.0 - 1.0) * 1024.0);
+    return (uint16_t)(sign | (ex << 10) | m);
+}
+
+static double bf16_decode(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static uint16_t bf16_encode(double r) /* r representable */
+{
+    if (isnan(r))
+        return 0x7fc0u;
+    float f = (float)r;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)(u >> 16);
+}
+
+double ref_load(resa_dtype t, const void *buf, size_t i)
+{
+    switch (t) {
+    case RESA_DTYPE_F32: {
+        float f;
+        memcpy(&f, (const char *)buf + 4 * i, 4);
+        return f;
+    }
+    case RESA_DTYPE_F16: {
+        uint16_t h;
+        memcpy(&h, (const char *)buf + 2 * i, 2);
+        return f16_decode(h);
+    }
+    case RESA_DTYPE_BF16: {
+        uint16_t h;
+        memcpy(&h, (const char *)buf + 2 * i, 2);
+        return bf16_decode(h);
+    }
+    }
+    return NAN;
+}
+
+void ref_store(resa_dtype t, void *buf, size_t i, double x)
+{
+    double r = ref_round(t, x);
+    if (t == RESA_DTYPE_F32) {
+        float f = (float)r;
+        memcpy((char *)buf + 4 * i, &f, 4);
+    } else {
+        uint16_t h = t == RESA_DTYPE_F16 ? f16_encode(r) : bf16_encode(r);
+        memcpy((char *)buf + 2 * i, &h, 2);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* budget                                                                     */
+/* ------------------------------------------------------------------------ */
+int64_t ref_blocks(int64_t tokens, int32_t b)
+{
+    return (tokens + b - 1) / b;
+}
+
+int ref_is_forced(int64_t blk, int64_t M, int64_t local, int64_t sink)
+{
+    return blk >= M - local || blk < sink;
+}
+
+int64_t ref_forced_count(int64_t M, int64_t local, int64_t sink)
+{
+    int64_t c = 0;
+    for (int64_t i = 0; i < M; i++)
+        c += ref_is_forced(i, M, local, sink);
+    return c;
+}
+
+int64_t ref_budget(int64_t M, double r, int64_t n_min, int64_t local, int64_t sink)
+{
+    int64_t ppm = llround(r * 1e6);
+    int64_t n = (ppm * M + 999999) / 1000000;
+    int64_t lo = n_min < M ? n_min : M;
+    if (n < lo)
+        n = lo;
+    int64_t forced = ref_forced_count(M, local, sink);
+    if (n < forced)
+        n = forced;
+    if (n > M)
+        n = M;
+    return n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* the cache model                                                           */
+/* ------------------------------------------------------------------------ */
+ref_seq *ref_seq_new(const ref_params *p, int64_t cap)
+{
+    ref_seq *s = calloc(1, sizeof *s);
+    s->cap = cap;
+    s->n_layers = p->n_layers;
+    s->hkv = p->hkv;
+    s->d = p->d;
+    s->k = calloc((size_t)p->n_layers, sizeof(double *));
+    s->v = calloc((size_t)p->n_layers, sizeof(double *));
+    if (cap < 1)
+        cap = 1;
+    s->cap = cap;
+    size_t per = (size_t)cap * (size_t)p->hkv * (size_t)p->d;
+    for (int32_t l = 0; l < p->n_layers; l++) {
+        s->k[l] = calloc(per, sizeof(double));
+        s->v[l] = calloc(per, sizeof(double));
+    }
+    return s;
+}
+
+ref_seq *ref_seq_clone(const ref_seq *o)
+{
+    ref_seq *s = calloc(1, sizeof *s);
+    *s = *o;
+    s->k = calloc((size_t)o->n_layers, sizeof(double *));
+    s->v = calloc((size_t)o->n_layers, sizeof(double *));
+    size_t per = (size_t)o->cap * (size_t)o->hkv * (size_t)o->d;
+    for (int32_t l = 0; l < o->n_layers; l++) {
+        s->k[l] = malloc(per * sizeof(double));
+        s->v[l] = malloc(per * sizeof(double));
+        memcpy(s->k[l], o->k[l], per * sizeof(double));
+        memcpy(s->v[l], o->v[l], per * sizeof(double));
+    }
+    return s;
+}
+
+void ref_seq_free(ref_seq *s)
+{
+    if (!s)
+        return;
+    for (int32_t l = 0; l < s->n_layers; l++) {
+        free(s->k[l]);
+        free(s->v[l]);
+    }
+    free(s->k);
+    free(s->v);
+    free(s);
+}
+
+int64_t ref_seq_pending(const ref_seq *s)
+{
+    return s->len - s->rect_start;
+}
+
+static void ref_seq_reserve(ref_seq *s, int64_t need)
+{
+    if (need <= s->cap)
+        return;
+    int64_t cap = s->cap * 2 > need ? s->cap * 2 : need;
+    size_t old = (size_t)s->cap * (size_t)s->hkv * (size_t)s->d;
+    size_t per = (size_t)cap * (size_t)s->hkv * (size_t)s->d;
+    for (int32_t l = 0; l < s->n_layers; l++) {
+        s->k[l] = realloc(s->k[l], per * sizeof(double));
+        s->v[l] = realloc(s->v[l], per * sizeof(double));
+        memset(s->k[l] + old, 0, (per - old) * sizeof(double));
+        memset(s->v[l] + old, 0, (per - old) * sizeof(double));
+    }
+    s->cap = cap;
+}
+
+void ref_write_kv(const ref_params *p, ref_seq *s, int32_t layer, int64_t pos, int64_t n,
+                  const void *k, const void *v, int64_t row)
+{
+    ref_seq_reserve(s, pos + n);
+    for (int64_t t = 0; t < n; t++)
+        for (int32_t h = 0; h < p->hkv; h++)
+            for (int32_t j = 0; j < p->d; j++) {
+                size_t src = ((size_t)(row + t) * (size_t)p->hkv + (size_t)h) * (size_t)p->d +
+                             (size_t)j;
+                ref_k(s, layer, pos + t, h)[j] =
+                    ref_round(p->kv_dtype, ref_load(p->io_dtype, k, src));
+                ref_v(s, layer, pos + t, h)[j] =
+                    ref_round(p->kv_dtype, ref_load(p->io_dtype, v, src));
+            }
+}
+
+void ref_commit(ref_seq *s, int32_t mode, int64_t n, int64_t n_select, int64_t n_blocks)
+{
+    if (mode == RESA_MODE_RECTIFY) {
+        s->rect_start += n; /* the oldest n pending tokens are exact now */
+        return;
+    }
+    int none_pending = s->rect_start == s->len;
+    int64_t old = s->len;
+    s->len += n;
+    int approximate = mode == RESA_MODE_DECODE && n_select < n_blocks;
+    if (none_pending)
+        s->rect_start = approximate ? old : s->len;
+}
+
+/* ------------------------------------------------------------------------ */
+/* summaries, scores, selection                                              */
+/* ------------------------------------------------------------------------ */
+void ref_block_minmax(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      int64_t blk, int64_t valid, double *kmin, double *kmax)
+{
+    int64_t lo = blk * p->b, hi = lo + p->b;
+    if (hi > valid)
+        hi = valid;
+    for (int32_t j = 0; j < p->d; j++) {
+        kmin[j] = INFINITY;
+        kmax[j] = -INFINITY;
+    }
+    for (int64_t t = lo; t < hi; t++) {
+        const double *k = ref_k(s, layer, t, h);
+        for (int32_t j = 0; j < p->d; j++) {
+            if (k[j] < kmin[j])
+                kmin[j] = k[j];
+            if (k[j] > kmax[j])
+                kmax[j] = k[j];
+        }
+    }
+}
+
+void ref_pooled_query(const ref_params *p, const void *q, int64_t row, int32_t h, double *qp)
+{
+    int32_t g = p->hq / p->hkv;
+    for (int32_t j = 0; j < p->d; j++) {
+        double acc = 0;
+        for (int32_t i = 0; i < g; i++) {
+            size_t at = ((size_t)row * (size_t)p->hq + (size_t)(h * g + i)) * (size_t)p->d +
+                        (size_t)j;
+            acc += ref_load(p->io_dtype, q, at);
+        }
+        qp[j] = acc / g;
+    }
+}
+
+void ref_block_scores(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      const double *qp, int64_t M, int64_t valid, double *scores, double *mag)
+{
+    double *mn = malloc(sizeof(double) * (size_t)p->d);
+    double *mx = malloc(sizeof(double) * (size_t)p->d);
+    for (int64_t i = 0; i < M; i++) {
+        ref_block_minmax(p, s, layer, h, i, valid, mn, mx);
+        double sc = 0, mg = 0;
+        for (int32_t j = 0; j < p->d; j++) {
+            double a = qp[j] * mx[j], c = qp[j] * mn[j];
+            sc += a > c ? a : c;
+            mg += fabs(qp[j]) * (fabs(mx[j]) > fabs(mn[j]) ? fabs(mx[j]) : fabs(mn[j]));
+        }
+        scores[i] = sc;
+        if (mag)
+            mag[i] = mg;
+    }
+    free(mn);
+    free(mx);
+}
+
+static const double *g_sort_scores;
+static int by_score(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    double sx = g_sort_scores[x], sy = g_sort_scores[y];
+    if (sx > sy)
+        return -1;
+    if (sx < sy)
+        return 1;
+    return x < y ? -1 : x > y;
+}
+static int by_index(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int64_t ref_select(const ref_params *p, const double *scores, int64_t M, int32_t *sel)
+{
+    int64_t n = ref_budget(M, p->fraction, p->min_blocks, p->local_blocks, p->sink_blocks);
+    int32_t *others = malloc(sizeof(int32_t) * (size_t)(M > 0 ? M : 1));
+    int64_t k = 0, no = 0;
+    for (int64_t i = 0; i < M; i++) {
+        if (ref_is_forced(i, M, p->local_blocks, p->sink_blocks))
+            sel[k++] = (int32_t)i;
+        else
+            others[no++] = (int32_t)i;
+    }
+    g_sort_scores = scores;
+    qsort(others, (size_t)no, sizeof(int32_t), by_score);
+    for (int64_t i = 0; k < n && i < no; i++)
+        sel[k++] = others[i];
+    free(others);
+    qsort(sel, (size_t)k, sizeof(int32_t), by_index);
+    return k;
+}
+
+void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                const double *q, int64_t end, const int32_t *blocks, int64_t n_blocks,
+                double *out)
+{
+    double scale = ref_scale(p);
+    int64_t n_pos = 0;
+    int64_t *pos = malloc(sizeof(int64_t) * (size_t)(end > 0 ? end : 1));
+    if (blocks) {
+        for (int64_t i = 0; i < n_blocks; i++)
+            for (int64_t t = (int64_t)blocks[i] * p->b;
+                 t < ((int64_t)blocks[i] + 1) * p->b && t < end; t++)
+                pos[n_pos++] = t;
+    } else {
+        for (int64_t t = 0; t < end; t++)
+            pos[n_pos++] = t;
+    }
+    double *w = malloc(sizeof(double) * (size_t)(n_pos > 0 ? n_pos : 1));
+    double mx = -INFINITY;
+    for (int64_t i = 0; i < n_pos; i++) {
+        const double *k = ref_k(s, layer, pos[i], h);
+        double dot = 0;
+        for (int32_t j = 0; j < p->d; j++)
+            dot += q[j] * k[j];
+        w[i] = dot * scale;
+        if (w[i] > mx)
+            mx = w[i];
+    }
+    double sum = 0;
+    for (int64_t i = 0; i < n_pos; i++) {
+        w[i] = exp(w[i] - mx);
+        sum += w[i];
+    }
+    for (int32_t j = 0; j < p->d; j++)
+        out[j] = 0;
+    for (int64_t i = 0; i < n_pos; i++) {
+        const double *v = ref_v(s, layer, pos[i], h);
+        for (int32_t j = 0; j < p->d; j++)
+            out[j] += w[i] / sum * v[j];
+    }
+    free(w);
+    free(pos);
+}
+
+/* ------------------------------------------------------------------------ */
+/* rng (splitmix64)                                                          */
+/* ------------------------------------------------------------------------ */
+uint64_t ref_rng_next(ref_rng *r)
+{
+    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+double ref_rng_uniform(ref_rng *r)
+{
+    return (double)(ref_rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+double ref_rng_normal(ref_rng *r)
+{
+    double u1 = ref_rng_uniform(r), u2 = ref_rng_uniform(r);
+    if (u1 < 1e-300)
+        u1 = 1e-300;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+int64_t ref_rng_range(ref_rng *r, int64_t lo, int64_t hi)
+{
+    return lo + (int64_t)(ref_rng_next(r) % (uint64_t)(hi - lo + 1));
+}

@@ -1,0 +1,107 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * An independent, naive float64 reference of what libresa computes and
+ * stores: dtype rounding, dense causal attention, block summaries, block
+ * scores, the budget and the selection, and a model of the cache of each
+ * sequence (per layer, per position, K/V as the values rounded to KV_DTYPE).
+ * Nothing here calls or includes the library's private code.
+ */
+#ifndef RESA_TEST_REF_H
+#define RESA_TEST_REF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "resa.h"
+
+typedef struct ref_params {
+    int32_t n_layers, hq, hkv, d, b;
+    resa_dtype kv_dtype, io_dtype;
+    double fraction;       /* r */
+    int64_t min_blocks;    /* n_min */
+    int64_t local_blocks, sink_blocks;
+    int64_t interval;      /* f */
+    double scale;          /* 0 = 1/sqrt(d) */
+} ref_params;
+
+/* The defaults documented in resa.h (shape: 1 layer, 1/1 heads, d 128, f32). */
+void ref_params_default(ref_params *p);
+double ref_scale(const ref_params *p);
+
+/* ---- dtypes (round to nearest even, written from the IEEE definitions) ---- */
+size_t ref_dtype_size(resa_dtype t);
+/* x rounded to the nearest value of type t (overflow to +-inf for f16). */
+double ref_round(resa_dtype t, double x);
+/* Element i of a buffer of type t. */
+double ref_load(resa_dtype t, const void *buf, size_t i);
+/* Stores ref_round(t, x) as element i of a buffer of type t. */
+void ref_store(resa_dtype t, void *buf, size_t i, double x);
+
+/* ---- the budget rule ---- */
+int64_t ref_forced_count(int64_t M, int64_t local, int64_t sink);
+int ref_is_forced(int64_t blk, int64_t M, int64_t local, int64_t sink);
+int64_t ref_budget(int64_t M, double r, int64_t n_min, int64_t local, int64_t sink);
+int64_t ref_blocks(int64_t tokens, int32_t b); /* ceil(tokens / b) */
+
+/* ---- the cache model of one sequence ---- */
+typedef struct ref_seq {
+    int64_t len;          /* tokens stored */
+    int64_t rect_start;   /* first pending position; == len when none */
+    int64_t cap;          /* positions allocated */
+    int32_t n_layers, hkv, d;
+    double **k, **v;      /* [layer] -> [cap][hkv][d], values as stored (rounded) */
+} ref_seq;
+
+ref_seq *ref_seq_new(const ref_params *p, int64_t cap);
+ref_seq *ref_seq_clone(const ref_seq *s);
+void ref_seq_free(ref_seq *s);
+int64_t ref_seq_pending(const ref_seq *s);
+static inline double *ref_k(const ref_seq *s, int32_t layer, int64_t pos, int32_t h)
+{
+    return s->k[layer] + ((size_t)pos * (size_t)s->hkv + (size_t)h) * (size_t)s->d;
+}
+static inline double *ref_v(const ref_seq *s, int32_t layer, int64_t pos, int32_t h)
+{
+    return s->v[layer] + ((size_t)pos * (size_t)s->hkv + (size_t)h) * (size_t)s->d;
+}
+
+/* Writes n rows of IO-dtype K/V (layout [rows][hkv][d], starting at row `row`)
+ * to positions [pos, pos + n) of one layer, rounded to KV_DTYPE. */
+void ref_write_kv(const ref_params *p, ref_seq *s, int32_t layer, int64_t pos, int64_t n,
+                  const void *k, const void *v, int64_t row);
+
+/* Commits a step entry to the model (lengths and the pending span; RECTIFY
+ * of n tokens makes the oldest n pending tokens exact).  n_select/n_blocks
+ * only matter for DECODE. */
+void ref_commit(ref_seq *s, int32_t mode, int64_t n, int64_t n_select, int64_t n_blocks);
+
+/* ---- summaries, scores, selection ---- */
+/* Element-wise min/max of the stored keys of block blk over positions < valid. */
+void ref_block_minmax(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      int64_t blk, int64_t valid, double *kmin, double *kmax);
+/* Pooled query of KV head h from the q rows (IO dtype, [rows][hq][d]) at row. */
+void ref_pooled_query(const ref_params *p, const void *q, int64_t row, int32_t h, double *qp);
+/* Scores of blocks [0, M) over positions < valid.  Also returns in *mag (if
+ * not NULL) a per-block magnitude sum_j |qp_j| * max(|kmin_j|, |kmax_j|) for
+ * rounding tolerances. */
+void ref_block_scores(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      const double *qp, int64_t M, int64_t valid, double *scores, double *mag);
+/* The selection: forced blocks, then the best others by score descending,
+ * index ascending.  Writes the n chosen blocks in ascending order; returns n. */
+int64_t ref_select(const ref_params *p, const double *scores, int64_t M, int32_t *sel);
+
+/* Softmax attention of one query vector (IO values as doubles) over the
+ * positions [0, end) of one layer and KV head; when blocks != NULL only the
+ * positions of those blocks.  out[d]. */
+void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                const double *q, int64_t end, const int32_t *blocks, int64_t n_blocks,
+                double *out);
+
+/* ---- small helpers ---- */
+typedef struct ref_rng { uint64_t s; } ref_rng;
+uint64_t ref_rng_next(ref_rng *r);
+double ref_rng_uniform(ref_rng *r);     /* [0, 1) */
+double ref_rng_normal(ref_rng *r);
+int64_t ref_rng_range(ref_rng *r, int64_t lo, int64_t hi); /* [lo, hi] */
+
+#endif

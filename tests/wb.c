@@ -1,0 +1,171 @@
+/* SPDX-License-Identifier: MIT */
+#include "wb.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/cpu.h"
+#include "internal.h"
+#include "sequence.h"
+
+static const resa_seq *seq_of(const resa_ctx *ctx, int32_t id)
+{
+    int32_t slot = resa_seq_slot((resa_ctx *)ctx, id, NULL);
+    TCHECK(slot >= 0, "white-box: %d is not a live sequence", id);
+    return &ctx->seqs[slot];
+}
+
+int32_t wb_page(const resa_ctx *ctx, int32_t id, int64_t blk)
+{
+    const resa_seq *q = seq_of(ctx, id);
+    TCHECK(blk >= 0 && blk < q->n_pages, "white-box: block %lld outside the page table (%d)",
+           (long long)blk, q->n_pages);
+    return q->pages[blk];
+}
+
+int32_t wb_refcount(const resa_ctx *ctx, int32_t page)
+{
+    return ctx->pool.refcount[page];
+}
+
+double wb_kv(const resa_ctx *ctx, int32_t id, int is_v, int32_t layer, int64_t pos, int32_t h,
+             int32_t j)
+{
+    void *k, *v, *mn, *mx;
+    resa_cpu_pool_views(ctx, &k, &v, &mn, &mx);
+    const resa_layout *lo = &ctx->lo;
+    int32_t page = wb_page(ctx, id, pos / lo->b);
+    size_t at = resa_kv_offset(lo, layer, page, h) + (size_t)(pos % lo->b) * (size_t)lo->d +
+                (size_t)j;
+    return ref_load(lo->kv_dtype, is_v ? v : k, at);
+}
+
+static void check_summaries(th *t, int32_t id, const ref_seq *r)
+{
+    const resa_ctx *ctx = t->ctx;
+    void *k, *v, *mn, *mx;
+    resa_cpu_pool_views(ctx, &k, &v, &mn, &mx);
+    const resa_layout *lo = &ctx->lo;
+    const resa_seq *q = seq_of(ctx, id);
+    int64_t nb = (q->length + lo->b - 1) / lo->b;
+    TCHECK(q->n_pages == nb, "seq %d: %d pages for %lld tokens", id, q->n_pages,
+           (long long)q->length);
+    double *rmin = malloc(sizeof(double) * (size_t)lo->d);
+    double *rmax = malloc(sizeof(double) * (size_t)lo->d);
+    for (int32_t l = 0; l < lo->n_layers; l++)
+        for (int64_t blk = 0; blk < nb; blk++)
+            for (int32_t h = 0; h < lo->hkv; h++) {
+                int32_t page = q->pages[blk];
+                int64_t end = (blk + 1) * lo->b < q->length ? (blk + 1) * lo->b : q->length;
+                for (int32_t j = 0; j < lo->d; j++) {
+                    double a = INFINITY, b = -INFINITY;
+                    for (int64_t pos = blk * lo->b; pos < end; pos++) {
+                        double x = ref_load(lo->kv_dtype, k,
+                                            resa_kv_offset(lo, l, page, h) +
+                                                (size_t)(pos % lo->b) * (size_t)lo->d + (size_t)j);
+                        a = x < a ? x : a;
+                        b = x > b ? x : b;
+                    }
+                    size_t so = resa_summary_offset(lo, l, page, h) + (size_t)j;
+                    double smin = ref_load(lo->kv_dtype, mn, so), smax = ref_load(lo->kv_dtype, mx, so);
+                    TCHECK(smin == a && smax == b,
+                           "seq %d layer %d block %lld head %d dim %d: summary [%.9g, %.9g], "
+                           "stored keys give [%.9g, %.9g] (length %lld)",
+                           id, l, (long long)blk, h, j, smin, smax, a, b, (long long)q->length);
+                }
+                if (r) {
+                    ref_block_minmax(&t->p, r, l, h, blk, r->len, rmin, rmax);
+                    size_t so = resa_summary_offset(lo, l, page, h);
+                    for (int32_t j = 0; j < lo->d; j++)
+                        TCHECK(ref_load(lo->kv_dtype, mn, so + (size_t)j) == rmin[j] &&
+                                   ref_load(lo->kv_dtype, mx, so + (size_t)j) == rmax[j],
+                               "seq %d layer %d block %lld head %d dim %d: summary differs "
+                               "from the reference", id, l, (long long)blk, h, j);
+                }
+            }
+    free(rmin);
+    free(rmax);
+}
+
+void wb_check_summaries(th *t, int32_t id)
+{
+    check_summaries(t, id, NULL);
+}
+
+void wb_check_cache(th *t, const th_seq *s)
+{
+    const resa_ctx *ctx = t->ctx;
+    const resa_layout *lo = &ctx->lo;
+    const resa_seq *q = seq_of(ctx, s->id);
+    TCHECK(q->length == s->r->len, "seq %d: length %lld, reference %lld", s->id,
+           (long long)q->length, (long long)s->r->len);
+    for (int32_t l = 0; l < lo->n_layers; l++)
+        for (int64_t pos = 0; pos < q->length; pos++)
+            for (int32_t h = 0; h < lo->hkv; h++)
+                for (int32_t j = 0; j < lo->d; j++) {
+                    double sk = wb_kv(ctx, s->id, 0, l, pos, h, j);
+                    double sv = wb_kv(ctx, s->id, 1, l, pos, h, j);
+                    double rk = ref_k(s->r, l, pos, h)[j], rv = ref_v(s->r, l, pos, h)[j];
+                    TCHECK(sk == rk && sv == rv,
+                           "seq %d layer %d pos %lld head %d dim %d: stored K/V (%.9g, %.9g), "
+                           "reference (%.9g, %.9g)",
+                           s->id, l, (long long)pos, h, j, sk, sv, rk, rv);
+                }
+    check_summaries(t, s->id, s->r);
+}
+
+void wb_snap_take(const resa_ctx *ctx, int32_t id, wb_snap *s)
+{
+    const resa_layout *lo = &ctx->lo;
+    const resa_seq *q = seq_of(ctx, id);
+    void *k, *v, *mn, *mx;
+    resa_cpu_pool_views(ctx, &k, &v, &mn, &mx);
+    memset(s, 0, sizeof *s);
+    s->id = id;
+    s->n_pages = q->n_pages;
+    s->length = q->length;
+    s->rect_start = q->rect_start;
+    s->pages = malloc(sizeof(int32_t) * (size_t)(q->n_pages + 1));
+    memcpy(s->pages, q->pages, sizeof(int32_t) * (size_t)q->n_pages);
+    size_t kvb = (size_t)lo->hkv * (size_t)lo->b * (size_t)lo->d * lo->kv_elt;
+    size_t smb = (size_t)lo->hkv * (size_t)lo->d * lo->kv_elt;
+    s->page_bytes = (size_t)lo->n_layers * (2 * kvb + 2 * smb);
+    s->bytes = malloc(s->page_bytes * (size_t)(q->n_pages + 1));
+    unsigned char *o = s->bytes;
+    for (int32_t i = 0; i < q->n_pages; i++)
+        for (int32_t l = 0; l < lo->n_layers; l++) {
+            size_t ko = resa_kv_offset(lo, l, q->pages[i], 0) * lo->kv_elt;
+            size_t so = resa_summary_offset(lo, l, q->pages[i], 0) * lo->kv_elt;
+            memcpy(o, (char *)k + ko, kvb), o += kvb;
+            memcpy(o, (char *)v + ko, kvb), o += kvb;
+            memcpy(o, (char *)mn + so, smb), o += smb;
+            memcpy(o, (char *)mx + so, smb), o += smb;
+        }
+}
+
+void wb_snap_check(const resa_ctx *ctx, const wb_snap *s, const char *why)
+{
+    wb_snap now;
+    wb_snap_take(ctx, s->id, &now);
+    TCHECK(now.length == s->length && now.rect_start == s->rect_start &&
+               now.n_pages == s->n_pages,
+           "%s: seq %d changed: length %lld -> %lld, pending start %lld -> %lld, pages %d -> %d",
+           why, s->id, (long long)s->length, (long long)now.length, (long long)s->rect_start,
+           (long long)now.rect_start, s->n_pages, now.n_pages);
+    TCHECK(memcmp(now.pages, s->pages, sizeof(int32_t) * (size_t)s->n_pages) == 0,
+           "%s: seq %d page table changed", why, s->id);
+    for (int32_t i = 0; i < s->n_pages; i++)
+        TCHECK(memcmp(now.bytes + (size_t)i * s->page_bytes, s->bytes + (size_t)i * s->page_bytes,
+                      s->page_bytes) == 0,
+               "%s: seq %d: bytes of page %d (block %d) changed", why, s->id, s->pages[i], i);
+    wb_snap_free(&now);
+}
+
+void wb_snap_free(wb_snap *s)
+{
+    free(s->pages);
+    free(s->bytes);
+    s->pages = NULL;
+    s->bytes = NULL;
+}
