@@ -379,8 +379,11 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
 resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer, const void *q,
                              const void *k, const void *v, void *out)
 {
-    (void)step;
     cuda_state *st = state(ctx);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    TRY(cudaStreamIsCapturing(st->stream, &capture), "step_attend: cudaStreamIsCapturing");
+    if (capture == cudaStreamCaptureStatusActive)
+        ctx->captured_shape = step->shape; // later steps of this shape may replay it
     const resa_cuda_dims &D = st->dims;
     resa_cuda_layer_args a = st->step;
     const size_t kv_off = kv_elems_per_layer(D) * layer * 2, sum_off = sum_elems_per_layer(D) * layer * 2;

@@ -258,8 +258,19 @@ RESA_API resa_status resa_ctx_free_tokens(const resa_ctx *ctx, int64_t *tokens);
  *
  * begin validates everything and reserves pages (including copy-on-write
  * copies for rectification of shared pages): RESA_ERR_CAPACITY there changes
- * nothing.  flags must be 0.
+ * nothing.  flags: 0 or RESA_STEP_REPLAY.
+ *
+ * CUDA graphs: begin plans the step and uploads its metadata (one
+ * asynchronous copy on the stream); the step_attend calls of all layers only
+ * enqueue kernels that read that metadata, so a host may capture them in one
+ * graph.  A later step of the same shape (same number of entries, same
+ * modes and token counts, same SOFTMAX_SCALE, LOCAL_BLOCKS and SINK_BLOCKS;
+ * any sequences, any lengths) is begun with RESA_STEP_REPLAY, the graph is
+ * launched on the context's stream instead of calling step_attend, and
+ * step_end commits it.  A replay flag on a step whose shape differs from the
+ * last captured one is RESA_ERR_INVALID_ARGUMENT.
  */
+#define RESA_STEP_REPLAY 1u
 RESA_API resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs,
                                          const int32_t *seqs, const int32_t *modes,
                                          const int32_t *n_tokens, uint32_t flags);

@@ -171,6 +171,7 @@ static void unlock(resa_ctx *ctx)
     free_tables(ctx);
     ctx->step_open = 0;
     ctx->locked = 0;
+    ctx->captured_shape = 0;
     ctx->id_epoch = (ctx->id_epoch + 1) & 0x7fff;
 }
 

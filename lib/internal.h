@@ -116,6 +116,8 @@ typedef struct resa_step {
     int64_t n_rows;
     int32_t has_output;   /* some entry writes out */
     int32_t n_decode;     /* entries in DECODE mode */
+    uint64_t shape;       /* hash of everything a captured CUDA graph bakes in */
+    int32_t replay;       /* begun with RESA_STEP_REPLAY: no step_attend calls */
     int32_t local_blocks, sink_blocks;
     float scale;          /* softmax scale */
     resa_step_entry *entries;
@@ -147,6 +149,8 @@ struct resa_ctx {
     resa_step_entry *step_entries;          /* [max_seqs] */
     int32_t *step_new_pages;                /* [max_seqs] pages allocated at begin, per entry */
     uint8_t *layer_done;                    /* [n_layers] */
+    uint64_t captured_shape;                /* shape of the step last captured in a CUDA
+                                               graph (set by the CUDA backend), 0 = none */
     int32_t *scratch_slots;                 /* [max_seqs] validation scratch */
     int32_t *page_marks;                    /* [n_pages] copy-on-write counting scratch */
 

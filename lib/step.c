@@ -99,6 +99,26 @@ static int64_t count_copies(resa_ctx *ctx, int32_t n_seqs, const int32_t *seqs,
     return copies;
 }
 
+/* FNV-1a over what a captured CUDA graph bakes into its launches. */
+static uint64_t step_shape(const resa_ctx *ctx, int32_t n_seqs, const int32_t *modes,
+                           const int32_t *n_tokens)
+{
+    uint64_t h = 1469598103934665603ull;
+#define MIX(x) (h = (h ^ (uint64_t)(x)) * 1099511628211ull)
+    MIX(n_seqs);
+    for (int32_t i = 0; i < n_seqs; i++) {
+        MIX(modes[i]);
+        MIX(n_tokens[i]);
+    }
+    uint64_t scale;
+    memcpy(&scale, &ctx->cfg.softmax_scale, sizeof scale);
+    MIX(scale);
+    MIX(ctx->cfg.local_blocks);
+    MIX(ctx->cfg.sink_blocks);
+#undef MIX
+    return h | 1; /* never 0, which means "nothing captured" */
+}
+
 /* Gives back the growth pages of the first `n` entries (begin failed or cancel). */
 static void return_growth(resa_ctx *ctx, int32_t n)
 {
@@ -118,9 +138,9 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
-    if (flags != 0)
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_begin: flags = 0x%x must be 0",
-                         flags);
+    if (flags & ~RESA_STEP_REPLAY)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "step_begin: flags = 0x%x; only RESA_STEP_REPLAY is defined", flags);
     if (ctx->step_open)
         return resa_fail(ctx, RESA_ERR_BAD_STATE,
                          "step_begin: a step is already open; end or cancel it first");
@@ -160,6 +180,12 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     if (s != RESA_OK)
         return s;
     need += count_copies(ctx, n_seqs, seqs, modes, n_tokens);
+    uint64_t shape = step_shape(ctx, n_seqs, modes, n_tokens);
+    if ((flags & RESA_STEP_REPLAY) && (ctx->captured_shape == 0 || shape != ctx->captured_shape))
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "step_begin: flags: RESA_STEP_REPLAY, but no CUDA graph was captured "
+                         "from a step of this shape (entries, modes, token counts, scale, "
+                         "local and sink blocks)");
     if (rows > lo->max_step_tokens)
         return resa_fail(ctx, RESA_ERR_CAPACITY,
                          "step_begin: %lld tokens in the step, over RESA_PARAM_MAX_STEP_TOKENS (%lld)",
@@ -235,12 +261,15 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     }
     st->n_entries = n_seqs;
     st->n_rows = row;
+    st->shape = shape;
+    st->replay = (flags & RESA_STEP_REPLAY) != 0;
     s = ctx->ops->step_prepare(ctx, st);
     if (s != RESA_OK) {
         return_growth(ctx, n_seqs);
         return s;
     }
-    memset(ctx->layer_done, 0, (size_t)lo->n_layers);
+    /* a replayed step's layers run in the host's graph launch */
+    memset(ctx->layer_done, st->replay ? 1 : 0, (size_t)lo->n_layers);
     ctx->step_open = 1;
     return RESA_OK;
 }
@@ -256,6 +285,10 @@ resa_status resa_ctx_step_attend(resa_ctx *ctx, int32_t layer, const void *q, co
                          flags);
     if (!ctx->step_open)
         return resa_fail(ctx, RESA_ERR_BAD_STATE, "step_attend: no step is open");
+    if (ctx->step.replay)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE,
+                         "step_attend: the step was begun with RESA_STEP_REPLAY; launch the "
+                         "captured graph instead");
     if (layer < 0 || layer >= ctx->lo.n_layers)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                          "step_attend: layer %d is outside [0, %d) (RESA_PARAM_NUM_LAYERS)",

@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: MIT */
+#include "cuda_shim.h"
 #include "harness.h"
 
 #include <ctype.h>
@@ -100,6 +101,48 @@ void th_opts_default(th_opts *o)
     o->max_step_tokens = 8192;
     o->threads = 2;
     o->record = 1;
+    o->backend = RESA_BACKEND_CPU;
+}
+
+/* ---- device memory for the CUDA backend, through libcudart loaded at run time ---- */
+static cuda_shim g_cu;
+static int g_cu_state; /* 0 unknown, 1 usable, -1 not */
+
+int th_cuda_usable(void)
+{
+    if (g_cu_state == 0)
+        g_cu_state = resa_backend_available(RESA_BACKEND_CUDA) && cuda_shim_load(&g_cu) == 0
+                         ? 1 : -1;
+    return g_cu_state == 1;
+}
+
+static void *dev_copy_in(const void *host, size_t bytes)
+{
+    void *d = NULL;
+    TCHECK(g_cu.Malloc(&d, bytes) == 0, "cudaMalloc(%zu) failed", bytes);
+    TCHECK(g_cu.Memcpy(d, host, bytes, 1) == 0, "cudaMemcpy to the device failed");
+    return d;
+}
+
+/* step_attend with host buffers on either backend: on CUDA the inputs (and
+ * the poisoned output) go to device memory and the output comes back. */
+static resa_status attend(th *t, int32_t l, const void *q, const void *k, const void *v,
+                          void *out, size_t q_bytes, size_t kv_bytes)
+{
+    if (t->o.backend != RESA_BACKEND_CUDA)
+        return resa_ctx_step_attend(t->ctx, l, q, k, v, out, 0);
+    void *dq = q ? dev_copy_in(q, q_bytes) : NULL, *dk = dev_copy_in(k, kv_bytes),
+         *dv = dev_copy_in(v, kv_bytes), *dout = out ? dev_copy_in(out, q_bytes) : NULL;
+    resa_status s = resa_ctx_step_attend(t->ctx, l, dq, dk, dv, dout, 0);
+    if (s == RESA_OK)
+        s = resa_ctx_synchronize(t->ctx);
+    if (s == RESA_OK && out)
+        TCHECK(g_cu.Memcpy(out, dout, q_bytes, 2) == 0, "cudaMemcpy from the device failed");
+    g_cu.Free(dq);
+    g_cu.Free(dk);
+    g_cu.Free(dv);
+    g_cu.Free(dout);
+    return s;
 }
 
 void th_push_method(th *t)
@@ -126,7 +169,9 @@ void th_init(th *t, const char *test_name, const ref_params *p, const th_opts *o
     t->k_scale = 1.0;
     t->v_scale = 1.0;
     t->tol = (p->io_dtype == RESA_DTYPE_F32) ? 1e-4 : 1e-2;
-    resa_status s = resa_ctx_create(RESA_BACKEND_CPU, NULL, &t->ctx);
+    if (t->o.backend == RESA_BACKEND_CUDA)
+        TCHECK(th_cuda_usable(), "th_init: CUDA requested but not usable");
+    resa_status s = resa_ctx_create(t->o.backend, NULL, &t->ctx);
     TCHECK(s == RESA_OK && t->ctx, "resa_ctx_create: %s", resa_status_name(s));
     resa_ctx *c = t->ctx;
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_LAYERS, p->n_layers));
@@ -372,7 +417,7 @@ void th_step(th *t, int32_t n, th_entry *e)
         out[l] = malloc(qn * es + 1);
         make_inputs(t, T, q[l], k, v);
         th_poison(out[l], qn * es);
-        TOK(c, resa_ctx_step_attend(c, l, q[l], k, v, out[l], 0));
+        TOK(c, attend(t, l, q[l], k, v, out[l], qn * es, kn * es));
         for (int32_t i = 0; i < n; i++)
             ref_write_kv(p, e[i].s->r, l, pl[i].start, pl[i].n, k, v, pl[i].row);
     }

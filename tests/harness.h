@@ -58,6 +58,8 @@ typedef struct th_opts {
     int64_t max_step_tokens;  /* default 8192 */
     int64_t threads;          /* default 2 */
     int record;               /* default 1 (RECORD_SELECTION) */
+    resa_backend backend;     /* default RESA_BACKEND_CPU; CUDA: inputs are copied to
+                                 device memory around every step_attend */
 } th_opts;
 void th_opts_default(th_opts *o);
 
@@ -105,6 +107,9 @@ void th_prefill(th *t, th_seq *s, int64_t n, int32_t chunk, int kv_only);
 
 /* Random inputs in the IO dtype (exactly the values the reference reads). */
 void th_fill(th *t, void *buf, size_t n, double scale);
+
+/* 1 when the CUDA backend and libcudart are usable here (GPU tests skip otherwise). */
+int th_cuda_usable(void);
 
 /* Poisons an output buffer with NaN bytes. */
 void th_poison(void *buf, size_t bytes);
