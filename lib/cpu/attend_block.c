@@ -35,8 +35,11 @@ static inline void v8_store(float *p, v8f v)
 }
 static inline v8f v8_splat(float x)
 {
-    v8f v = {x, x, x, x, x, x, x, x};
-    return v;
+    /* GCC expands an initializer list of x (and -0 + x, which folds into
+     * one) to a chain of inserts; +0 + x does not fold (it would turn -0 into
+     * +0) and compiles to one add and one broadcast. */
+    v8f zero = {0};
+    return zero + x;
 }
 
 #define KC 16 /* keys per register tile */
