@@ -8,7 +8,7 @@
 
 /* Dense attention processes query tiles of this many rows (tokens x group);
  * a group larger than that is one token per tile. */
-#define RESA_CPU_TILE_ROWS 64
+#define RESA_CPU_TILE_ROWS 128
 #define RESA_CPU_MAX_TILE_ROWS 1024 /* largest group: NUM_Q_HEADS bound */
 
 /* Scratch of one worker thread, sized at pool creation (no allocation later). */
