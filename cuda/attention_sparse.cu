@@ -1,0 +1,642 @@
+// SPDX-License-Identifier: MIT
+// ReSA decode attention over the blocks chosen by select_blocks.cu: split-KV
+// flash decoding, then a log-sum-exp combine.
+// CPU twin: lib/cpu/attention_sparse.c (the attention half).
+//
+// attend_split: grid (splits, n_decode * hkv), 4 warps.  Split s of an
+// (entry, head) takes list entries [s*per, min(n, (s+1)*per)) with
+// per = ceil(n_select / splits); splits depends only on the shape (num_sms,
+// n_decode, hkv), so a CUDA graph replays for any lengths, and empty splits
+// exit at once.
+//  - Work unit: 16 keys (two half-tiles of 8 consecutive positions; a half is
+//    one block when b = 8, part of one when b >= 16), so any power-of-two
+//    block size b >= 8 maps onto one m16n8k16 MMA step.
+//  - All g <= 16 query heads of the group are the 16 MMA rows (zero padded),
+//    so every K/V byte is loaded once for the whole group.  S = Q K^T and
+//    O += P V run on tensor cores (fp32 accumulation); P is rounded to the
+//    IO type for the P V product, as in FlashAttention.
+//  - Each warp owns a private cp.async pipeline of kStages units (K and V
+//    tiles in shared memory, XOR-swizzled so that ldmatrix is conflict
+//    free) and walks units warp, warp+4, ...: no CTA barrier in the loop.
+//    Positions >= end (the partial last block) are zero-filled by cp.async
+//    and masked to -inf, so stale pool contents (even NaN) never leak in.
+//  - Page ids are fetched 16 units ahead, 2 windows deep, so the dependent
+//    list -> page-table -> data chain never stalls the pipeline.
+//  - The 4 warps' (m, l, acc) merge in shared memory; one partial per CTA
+//    goes to ws_sparse.
+// combine: one warp per (entry, head, query row) merges the non-empty splits
+// (lanes over splits for the weights, then lanes over d) and writes out in
+// the IO dtype.
+//
+// Supported: d in {64, 128, 256}; group 1..16; b any power of two >= 8.
+#include <math.h>
+
+#include "common.cuh"
+
+namespace {
+
+using namespace resa;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;  // MMA M: the group's query rows, zero padded
+constexpr int kKeys = 16;  // keys per unit: one MMA K step of P V
+constexpr int kWindow = 16; // units per page-id window (2 lanes per unit)
+constexpr size_t kSmemPerSm = 228 * 1024; // H100/H200, for the split count only
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D>
+struct Cfg {
+    static constexpr int kStages = D >= 256 ? 2 : 3;
+    static constexpr int kChunks = D / 8; // 16-byte chunks per row
+    static constexpr int kTileElems = kKeys * D;
+    static constexpr int kUnitBytes = 2 * kTileElems * 2; // K and V tiles
+    static constexpr int kPipeBytes = kWarps * kStages * kUnitBytes;
+    static constexpr int kAccStride = D + 8; // merge buffer row (floats), spreads banks
+    static constexpr int kMergeBytes = kWarps * kRows * (kAccStride + 2) * 4;
+    static constexpr int kQBytes = kRows * D * 2;
+    static constexpr int kNvBytes = kWarps * kStages * 2 * 4;
+    static constexpr int kMainBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
+    static constexpr int kSmem = kMainBytes + kQBytes + kNvBytes;
+    static constexpr bool kQInRegs = D <= 128; // d = 256 reloads Q fragments per unit
+};
+
+// ---- PTX wrappers ----
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// 16-byte async copy; src_bytes = 0 zero-fills the destination.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a b, m16n8k16, fp32 accumulators.
+__device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
+                                    __nv_bfloat16)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
+                                    __half)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __half)
+{
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// Byte offset of 16-byte chunk c of row r in a swizzled [rows][D] tile: the
+// chunk index is XORed with r & 7, so the 8 rows an ldmatrix reads hit 8
+// different bank groups.
+template <int D>
+__device__ __forceinline__ uint32_t swz(int r, int c)
+{
+    return (uint32_t)((r * D + ((c ^ (r & 7)) << 3)) * 2);
+}
+
+// ---- the split kernel ----
+
+// The split's part of the chosen list, seen as 8-key half-tiles.
+struct Chunk {
+    const int32_t *list;  // chosen block indices of the (entry, head), ascending
+    const int32_t *pt;    // the sequence's page table
+    int lo;               // first list entry of the split
+    int n8;               // half-tiles in the split
+    int log2_hpb;         // log2(b / 8): half-tiles per block
+    int b;
+    int64_t end;          // sequence length: positions >= end are masked
+};
+
+// Page ids of one window: lane l holds half-tile l of the warp's units
+// [16 w, 16 w + 16).  Two steps (list, then page table) so that each can be
+// issued a window ahead of its use.
+__device__ __forceinline__ int half_of(int warp, int wi, int lane)
+{
+    return 2 * (warp + kWarps * (kWindow * wi + (lane >> 1))) + (lane & 1);
+}
+__device__ __forceinline__ int fetch_block(const Chunk &c, int hh)
+{
+    return hh < c.n8 ? __ldg(c.list + c.lo + (hh >> c.log2_hpb)) : -1;
+}
+__device__ __forceinline__ void fetch_page(const Chunk &c, int hh, int blk, int &page, int &nv)
+{
+    page = blk >= 0 ? __ldg(c.pt + blk) : 0;
+    const int64_t first = (int64_t)blk * c.b + ((hh & ((1 << c.log2_hpb) - 1)) << 3);
+    nv = blk >= 0 ? (int)max((int64_t)0, min((int64_t)8, c.end - first)) : 0;
+}
+
+// Rolling page-id windows of one warp: cur for the window being issued,
+// nxt (page-table loads in flight) and nn_blk (list loads in flight).
+struct Windows {
+    int wi, cur_page, cur_nv, nxt_page, nxt_nv, nn_blk;
+};
+
+__device__ __forceinline__ void windows_init(Windows &w, const Chunk &c, int warp, int lane)
+{
+    const int b0 = fetch_block(c, half_of(warp, 0, lane));
+    const int b1 = fetch_block(c, half_of(warp, 1, lane));
+    fetch_page(c, half_of(warp, 0, lane), b0, w.cur_page, w.cur_nv);
+    fetch_page(c, half_of(warp, 1, lane), b1, w.nxt_page, w.nxt_nv);
+    w.nn_blk = fetch_block(c, half_of(warp, 2, lane));
+    w.wi = 0;
+}
+
+__device__ __forceinline__ void windows_advance(Windows &w, const Chunk &c, int warp, int lane)
+{
+    w.wi++;
+    w.cur_page = w.nxt_page;
+    w.cur_nv = w.nxt_nv;
+    fetch_page(c, half_of(warp, w.wi + 1, lane), w.nn_blk, w.nxt_page, w.nxt_nv);
+    w.nn_blk = fetch_block(c, half_of(warp, w.wi + 2, lane));
+}
+
+// Issues the cp.async copies of unit k of this warp into stage `st`.
+template <typename T, int D>
+__device__ __forceinline__ void issue_unit(const resa_cuda_layer_args &a, const Chunk &c,
+                                           Windows &w, int k, int h, uint8_t *stage, int *nv_slot,
+                                           int warp, int lane)
+{
+    constexpr int CH = Cfg<D>::kChunks;
+    if ((k / kWindow) != w.wi)
+        windows_advance(w, c, warp, lane);
+    const int j = k % kWindow;
+    int page[2], nv[2], off[2];
+    const int u = warp + kWarps * k;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        page[hf] = __shfl_sync(0xffffffffu, w.cur_page, 2 * j + hf);
+        nv[hf] = __shfl_sync(0xffffffffu, w.cur_nv, 2 * j + hf);
+        off[hf] = ((2 * u + hf) & ((1 << c.log2_hpb) - 1)) << 3;
+    }
+    if (lane == 0) {
+        nv_slot[0] = nv[0];
+        nv_slot[1] = nv[1];
+    }
+    const size_t hkv = a.dims.hkv;
+    const T *kv_base[2] = {(const T *)a.k, (const T *)a.v};
+    const uint32_t dst0 = smem_addr(stage);
+    // 2 tiles x 16 rows x CH chunks = 4 D chunks, 32 per step; CH divides 32
+    // so kv is a compile-time constant of the step and ch depends on the lane.
+    const int ch = lane % CH;
+#pragma unroll
+    for (int it = 0; it < 4 * D / 32; it++) {
+        constexpr int kRowsPerStep = 32 / CH;
+        const int kv = (32 * it) / (kKeys * CH);
+        const int rr = (it * kRowsPerStep + lane / CH) % kKeys;
+        const int hf = rr >> 3, r8 = rr & 7;
+        const bool ok = r8 < nv[hf];
+        const T *src = kv_base[kv] +
+                       (((size_t)page[hf] * hkv + h) * c.b + off[hf] + r8) * D + ch * 8;
+        cp_async16(dst0 + kv * Cfg<D>::kTileElems * 2 + swz<D>(rr, ch), ok ? src : kv_base[kv],
+                   ok ? 16 : 0);
+    }
+}
+
+// Online-softmax state of one warp: rows gid and gid + 8 of the MMA tile.
+template <int D>
+struct State {
+    float m[2], l[2];
+    float acc[D / 8][4];
+};
+
+// Q fragments (A operand) of k-step kc from the swizzled Q tile.
+template <int D>
+__device__ __forceinline__ void load_q(uint32_t qf[4], uint32_t q_s, int kc, int lane)
+{
+    const int r = lane & 7, mi = lane >> 3;
+    ldsm_x4(qf, q_s + swz<D>((mi & 1) * 8 + r, 2 * kc + (mi >> 1)));
+}
+
+// S = Q K^T for one unit: s[nt] is keys 8 nt .. 8 nt + 7.  Q fragments come
+// from registers (d <= 128) or are reloaded from the Q tile (d = 256).
+template <typename T, int D, int QN>
+__device__ __forceinline__ void unit_scores(float s[2][4], uint32_t k_s, uint32_t q_s,
+                                            const uint32_t (&qf)[QN][4], int lane)
+{
+    const int r = lane & 7, mi = lane >> 3;
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            s[nt][e] = 0.0f;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; kc++) {
+        uint32_t kb[4];
+        ldsm_x4(kb, k_s + swz<D>((mi >> 1) * 8 + r, 2 * kc + (mi & 1)));
+        if constexpr (Cfg<D>::kQInRegs) {
+            mma(s[0], qf[kc], kb[0], kb[1], T());
+            mma(s[1], qf[kc], kb[2], kb[3], T());
+        } else {
+            uint32_t qr[4];
+            load_q<D>(qr, q_s, kc, lane);
+            mma(s[0], qr, kb[0], kb[1], T());
+            mma(s[1], qr, kb[2], kb[3], T());
+        }
+    }
+}
+
+__device__ __forceinline__ float quad_max(float x)
+{
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// One unit: scores, mask, online softmax, O += P V.
+template <typename T, int D, int QN>
+__device__ __forceinline__ void attend_unit(State<D> &st, uint32_t k_s, uint32_t v_s, uint32_t q_s,
+                                            const uint32_t (&qf)[QN][4], const int *nv_slot,
+                                            float scale_log2, int lane)
+{
+    float s[2][4];
+    unit_scores<T, D, QN>(s, k_s, q_s, qf, lane);
+    const int tig = lane & 3, r = lane & 7, mi = lane >> 3;
+    const int nv0 = nv_slot[0], nv1 = nv_slot[1];
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int col = tig * 2 + (e & 1);
+            s[nt][e] = col < (nt ? nv1 : nv0) ? s[nt][e] * scale_log2 : -INFINITY;
+        }
+    uint32_t pa[4];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) { // row gid (e = 0, 1), row gid + 8 (e = 2, 3)
+        const float mx = quad_max(fmaxf(fmaxf(s[0][2 * hr], s[0][2 * hr + 1]),
+                                        fmaxf(s[1][2 * hr], s[1][2 * hr + 1])));
+        const float m_new = fmaxf(st.m[hr], mx);
+        const float base = m_new == -INFINITY ? 0.0f : m_new; // nothing valid yet
+        const float corr = exp2f(st.m[hr] - base);
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                s[nt][e] = exp2f(s[nt][e] - base);
+                sum += s[nt][e];
+            }
+        st.l[hr] = st.l[hr] * corr + sum;
+        st.m[hr] = m_new;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            st.acc[dt][2 * hr] *= corr;
+            st.acc[dt][2 * hr + 1] *= corr;
+        }
+    }
+    // The S accumulators of keys 0-7 and 8-15 are exactly P's A fragment.
+    pa[0] = pack2(s[0][0], s[0][1], T());
+    pa[1] = pack2(s[0][2], s[0][3], T());
+    pa[2] = pack2(s[1][0], s[1][1], T());
+    pa[3] = pack2(s[1][2], s[1][3], T());
+#pragma unroll
+    for (int dt = 0; dt < D / 16; dt++) {
+        uint32_t vb[4];
+        ldsm_x4_t(vb, v_s + swz<D>((mi & 1) * 8 + r, 2 * dt + (mi >> 1)));
+        mma(st.acc[2 * dt], pa, vb[0], vb[1], T());
+        mma(st.acc[2 * dt + 1], pa, vb[2], vb[3], T());
+    }
+}
+
+// Loads the group's g query rows into the swizzled [16][D] tile, zero rows past g.
+template <typename T, int D>
+__device__ void stage_queries(const resa_cuda_layer_args &a, int64_t row, int h, uint8_t *q_tile)
+{
+    constexpr int CH = Cfg<D>::kChunks;
+    const int g = a.dims.group;
+    const T *q = (const T *)a.q + ((size_t)row * a.dims.hq + (size_t)h * g) * D;
+    for (int i = threadIdx.x; i < kRows * CH; i += kThreads) {
+        const int r = i / CH, ch = i % CH;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < g)
+            v = *(const uint4 *)(q + (size_t)r * D + ch * 8);
+        *(uint4 *)(q_tile + swz<D>(r, ch)) = v;
+    }
+}
+
+// The 4 warps' states into one partial (m, l in log2 units, unnormalized acc).
+template <int D>
+__device__ void merge_warps(const State<D> &st, uint8_t *smem, float *part, int g, int warp,
+                            int lane)
+{
+    constexpr int AS = Cfg<D>::kAccStride;
+    float *acc_s = (float *)smem;                  // [kWarps][16][AS]
+    float *m_s = acc_s + kWarps * kRows * AS;      // [kWarps][16]
+    float *l_s = m_s + kWarps * kRows;             // [kWarps][16]
+    const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float l = st.l[hr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = gid + 8 * hr;
+        if (tig == 0) {
+            m_s[warp * kRows + row] = st.m[hr];
+            l_s[warp * kRows + row] = l;
+        }
+        float *dst = acc_s + (warp * kRows + row) * AS + tig * 2;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+            *(float2 *)(dst + dt * 8) = make_float2(st.acc[dt][2 * hr], st.acc[dt][2 * hr + 1]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < g * D; i += kThreads) {
+        const int r = i / D, col = i % D;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; w++)
+            M = fmaxf(M, m_s[w * kRows + r]);
+        float L = 0.0f, A = 0.0f;
+        if (M != -INFINITY)
+#pragma unroll
+            for (int w = 0; w < kWarps; w++) {
+                const float f = exp2f(m_s[w * kRows + r] - M);
+                L += l_s[w * kRows + r] * f;
+                A += acc_s[(w * kRows + r) * AS + col] * f;
+            }
+        part[2 * kRows + r * D + col] = A;
+        if (col == 0) {
+            part[2 * r] = M;
+            part[2 * r + 1] = L;
+        }
+    }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a, float *parts)
+{
+    using C = Cfg<D>;
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint8_t *pipe = smem;
+    uint8_t *q_tile = smem + C::kMainBytes;
+    int *nv_all = (int *)(q_tile + C::kQBytes);
+    const resa_cuda_dims &Dm = a.dims;
+    const int splits = gridDim.x, s = blockIdx.x, pair = blockIdx.y;
+    const int i = pair / Dm.hkv, h = pair % Dm.hkv;
+    const resa_dev_entry &e = a.entries[a.decode_ids[i]];
+    const int n = e.n_select, per = (n + splits - 1) / splits;
+    const int lo = s * per, hi = min(n, lo + per);
+    if (lo >= hi)
+        return; // the combine reads only the non-empty splits
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    Chunk c;
+    c.list = (const int32_t *)a.ws_select + (size_t)pair * Dm.max_seq_blocks;
+    c.pt = a.page_tables + (size_t)e.slot * Dm.max_seq_blocks;
+    c.lo = lo;
+    c.log2_hpb = Dm.log2_b - 3;
+    c.n8 = (hi - lo) << c.log2_hpb;
+    c.b = Dm.b;
+    c.end = e.end;
+    const int units = (c.n8 + 1) / 2;
+    const int mine = units > warp ? (units - 1 - warp) / kWarps + 1 : 0;
+
+    Windows w;
+    windows_init(w, c, warp, lane);
+    uint8_t *my_pipe = pipe + (size_t)warp * C::kStages * C::kUnitBytes;
+    int *my_nv = nv_all + warp * C::kStages * 2;
+#pragma unroll
+    for (int k = 0; k < C::kStages - 1; k++) {
+        if (k < mine)
+            issue_unit<T, D>(a, c, w, k, h, my_pipe + k * C::kUnitBytes, my_nv + 2 * k, warp,
+                             lane);
+        cp_async_commit();
+    }
+
+    stage_queries<T, D>(a, e.row, h, q_tile);
+    __syncthreads();
+    const uint32_t q_s = smem_addr(q_tile);
+    constexpr int QN = C::kQInRegs ? D / 16 : 1;
+    uint32_t qf[QN][4];
+    if constexpr (C::kQInRegs) {
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++)
+            load_q<D>(qf[kc], q_s, kc, lane);
+    } else {
+        qf[0][0] = qf[0][1] = qf[0][2] = qf[0][3] = 0u;
+    }
+
+    State<D> st;
+    st.m[0] = st.m[1] = -INFINITY;
+    st.l[0] = st.l[1] = 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++)
+        st.acc[dt][0] = st.acc[dt][1] = st.acc[dt][2] = st.acc[dt][3] = 0.0f;
+    const float scale_log2 = a.scale * kLog2e;
+
+    for (int k = 0; k < mine; k++) {
+        cp_async_wait<C::kStages - 2>();
+        __syncwarp(); // unit k visible to the warp; unit k-1's stage free
+        const int nk = k + C::kStages - 1;
+        if (nk < mine)
+            issue_unit<T, D>(a, c, w, nk, h, my_pipe + (nk % C::kStages) * C::kUnitBytes,
+                             my_nv + 2 * (nk % C::kStages), warp, lane);
+        cp_async_commit();
+        const int sl = k % C::kStages;
+        const uint32_t k_s = smem_addr(my_pipe + sl * C::kUnitBytes);
+        attend_unit<T, D, QN>(st, k_s, k_s + C::kTileElems * 2, q_s, qf, my_nv + 2 * sl,
+                              scale_log2, lane);
+    }
+    cp_async_wait<0>();
+    __syncthreads(); // the pipeline buffers become the merge buffers
+    const int stride = 2 * kRows + Dm.group * D;
+    merge_warps<D>(st, pipe, parts + ((size_t)pair * splits + s) * stride, Dm.group, warp, lane);
+}
+
+// ---- combine ----
+
+// PER consecutive floats / IO elements of one lane (PER = D / 32: 2, 4, 8).
+template <int PER>
+__device__ __forceinline__ void load_floats(const float *p, float v[PER])
+{
+#pragma unroll
+    for (int x = 0; x < PER; x += 2) {
+        const float2 f = *(const float2 *)(p + x);
+        v[x] = f.x;
+        v[x + 1] = f.y;
+    }
+}
+template <typename T, int PER>
+__device__ __forceinline__ void store_row(T *dst, const float v[PER])
+{
+    union {
+        T t[PER];
+        uint32_t w[PER / 2];
+    } u;
+#pragma unroll
+    for (int x = 0; x < PER; x++)
+        u.t[x] = from_f32<T>(v[x]);
+#pragma unroll
+    for (int x = 0; x < PER / 2; x++)
+        ((uint32_t *)dst)[x] = u.w[x];
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128) combine(resa_cuda_layer_args a, int splits, const float *parts)
+{
+    constexpr int PER = D / 32; // dims per lane
+    extern __shared__ float weights[]; // [4 warps][splits]
+    const resa_cuda_dims &Dm = a.dims;
+    const int g = Dm.group;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int item = blockIdx.x * 4 + warp;
+    if (item >= a.n_decode * Dm.hkv * g)
+        return; // no CTA barrier below
+    const int pair = item / g, r = item % g;
+    const int i = pair / Dm.hkv, h = pair % Dm.hkv;
+    const resa_dev_entry &e = a.entries[a.decode_ids[i]];
+    const int n = e.n_select, per = (n + splits - 1) / splits;
+    const int used = (n + per - 1) / per;
+    const int stride = 2 * kRows + g * D;
+    const float *p = parts + (size_t)pair * splits * stride;
+    // lanes over splits for (m, l): no serial chain of loads at batch 1
+    float M = -INFINITY;
+    for (int s = lane; s < used; s += 32)
+        M = fmaxf(M, p[(size_t)s * stride + 2 * r]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float L = 0.0f;
+    float *w = weights + warp * splits;
+    for (int s = lane; s < used; s += 32) {
+        const float f = exp2f(p[(size_t)s * stride + 2 * r] - M);
+        L += p[(size_t)s * stride + 2 * r + 1] * f;
+        w[s] = f;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        L += __shfl_xor_sync(0xffffffffu, L, o);
+    __syncwarp();
+    float acc[PER];
+#pragma unroll
+    for (int x = 0; x < PER; x++)
+        acc[x] = 0.0f;
+    const float *pa = p + 2 * kRows + r * D + lane * PER;
+#pragma unroll 4
+    for (int s = 0; s < used; s++) {
+        float v[PER];
+        load_floats<PER>(pa + (size_t)s * stride, v);
+        const float f = w[s];
+#pragma unroll
+        for (int x = 0; x < PER; x++)
+            acc[x] += v[x] * f;
+    }
+    const float inv = 1.0f / L;
+#pragma unroll
+    for (int x = 0; x < PER; x++)
+        acc[x] *= inv;
+    store_row<T, PER>((T *)a.out + ((size_t)e.row * Dm.hq + (size_t)h * g + r) * D + lane * PER,
+                      acc);
+}
+
+// ---- launch configuration (from the shape alone) ----
+
+int smem_bytes(int d)
+{
+    return d == 64 ? Cfg<64>::kSmem : d == 128 ? Cfg<128>::kSmem : Cfg<256>::kSmem;
+}
+
+// Splits per (entry, head): one wave of CTAs at the occupancy shared memory allows.
+int n_splits(const resa_cuda_dims *D, int n_decode)
+{
+    const int per_sm = (int)max((size_t)1, min((size_t)4, kSmemPerSm / (smem_bytes(D->d) + 1024)));
+    const int target = max(D->num_sms, 1) * per_sm;
+    const int pairs = max(1, n_decode * D->hkv);
+    return max(1, min(target / pairs, max(D->max_seq_blocks, 1)));
+}
+
+size_t part_floats(const resa_cuda_dims *D)
+{
+    return 2 * kRows + (size_t)D->group * D->d;
+}
+
+template <typename T, int D>
+cudaError_t launch(const resa_cuda_layer_args *a)
+{
+    const int splits = n_splits(&a->dims, a->n_decode);
+    const int pairs = a->n_decode * a->dims.hkv;
+    float *parts = (float *)a->ws_sparse;
+    constexpr int smem = Cfg<D>::kSmem;
+    cudaError_t err = cudaFuncSetAttribute(attend_split<T, D>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess)
+        return err;
+    attend_split<T, D><<<dim3(splits, pairs), kThreads, smem, a->stream>>>(*a, parts);
+    const int items = pairs * a->dims.group;
+    combine<T, D><<<(items + 3) / 4, 128, 4 * splits * sizeof(float), a->stream>>>(*a, splits, parts);
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_d(const resa_cuda_layer_args *a)
+{
+    switch (a->dims.d) {
+    case 64:
+        return launch<T, 64>(a);
+    case 128:
+        return launch<T, 128>(a);
+    case 256:
+        return launch<T, 256>(a);
+    default:
+        return cudaErrorInvalidValue;
+    }
+}
+
+} // namespace
+
+size_t resa_cuda_sparse_workspace(const resa_cuda_dims *dims)
+{
+    // The most partials any n_decode can ask for.
+    size_t most = 0;
+    for (int nd = 1; nd <= dims->max_seqs; nd++)
+        most = max(most, (size_t)nd * dims->hkv * n_splits(dims, nd));
+    return most * part_floats(dims) * sizeof(float);
+}
+
+cudaError_t resa_cuda_attention_sparse(const resa_cuda_layer_args *a)
+{
+    if (a->n_decode <= 0)
+        return cudaGetLastError();
+    if (a->dims.group < 1 || a->dims.group > kRows || a->dims.b < 8)
+        return cudaErrorInvalidValue;
+    return RESA_DISPATCH_DTYPE(a->dims.kv_dtype, T, [&] { return launch_d<T>(a); });
+}
