@@ -383,7 +383,17 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     TRY(cudaStreamIsCapturing(st->stream, &capture), "step_attend: cudaStreamIsCapturing");
     if (capture == cudaStreamCaptureStatusActive)
-        ctx->captured_shape = step->shape; // later steps of this shape may replay it
+    {
+        // later steps of this shape may replay the graph (lib/step.c); the
+        // module writes the ring itself: it cannot call libresa's internals
+        bool known = false;
+        for (int i = 0; i < RESA_CAPTURED_SHAPES; i++)
+            known |= ctx->captured[i] == step->shape;
+        if (!known) {
+            ctx->captured[ctx->captured_next] = step->shape;
+            ctx->captured_next = (ctx->captured_next + 1) % RESA_CAPTURED_SHAPES;
+        }
+    }
     const resa_cuda_dims &D = st->dims;
     resa_cuda_layer_args a = st->step;
     const size_t kv_off = kv_elems_per_layer(D) * layer * 2, sum_off = sum_elems_per_layer(D) * layer * 2;

@@ -82,7 +82,7 @@ typedef enum resa_status {
     RESA_ERR_CAPACITY             = 5,  /* KV pool, sequence slots or step size exhausted; nothing changed */
     RESA_ERR_NOT_SUPPORTED        = 6,  /* backend not built, dtype/head_dim unsupported by the backend */
     RESA_ERR_NO_DEVICE            = 7,  /* CUDA backend built, but no usable GPU or driver */
-    RESA_ERR_BACKEND              = 8,  /* CUDA/cuBLAS failure (also deferred async faults) */
+    RESA_ERR_BACKEND              = 8,  /* CUDA failure (also deferred async faults) */
     RESA_ERR_VERSION_MISMATCH     = 9,  /* a backend module of another version was found */
     RESA_ERR_INTERNAL             = 10  /* a libresa bug: please report it */
 } resa_status;
@@ -102,7 +102,9 @@ typedef struct resa_ctx resa_ctx;
 typedef enum resa_backend {
     RESA_BACKEND_CPU  = 0,  /* portable C, always built; the reference */
     RESA_BACKEND_CUDA = 1,  /* loaded at run time from libresa-cuda.so.RESA_ABI_VERSION */
-    RESA_BACKEND_AUTO = 2   /* CUDA when available and it starts, else CPU */
+    RESA_BACKEND_AUTO = 2   /* CUDA when available, it starts and it supports the
+                               parameters at the first resa_seq_create, else CPU:
+                               ask resa_ctx_get_backend which memory to pass */
 } resa_backend;
 
 typedef enum resa_dtype {

@@ -122,6 +122,7 @@ resa_status resa_ctx_create(resa_backend backend, const resa_allocator *host_all
         return RESA_ERR_OUT_OF_MEMORY;
     memset(ctx, 0, sizeof *ctx);
     ctx->alloc = a;
+    ctx->requested = backend;
     ctx->backend = chosen;
     ctx->ops = ops;
     resa_config_defaults(&ctx->cfg);
@@ -167,12 +168,20 @@ static void unlock(resa_ctx *ctx)
 {
     if (!ctx->locked)
         return;
+    /* ids handed out after the next lock start past every generation used
+     * so far, so ids from before a session reset stay unknown */
+    int32_t top = ctx->id_epoch;
+    for (int32_t i = 0; i < ctx->lo.max_seqs; i++)
+        if (((ctx->seqs[i].generation - ctx->id_epoch) & 0x7fff) >
+            ((top - ctx->id_epoch) & 0x7fff))
+            top = ctx->seqs[i].generation;
+    ctx->id_epoch = (top + 1) & 0x7fff;
     ctx->ops->pool_destroy(ctx);
     free_tables(ctx);
     ctx->step_open = 0;
     ctx->locked = 0;
-    ctx->captured_shape = 0;
-    ctx->id_epoch = (ctx->id_epoch + 1) & 0x7fff;
+    memset(ctx->captured, 0, sizeof ctx->captured);
+    ctx->captured_next = 0;
 }
 
 void resa_ctx_destroy(resa_ctx *ctx)
@@ -302,6 +311,25 @@ resa_status resa_ctx_lock(resa_ctx *ctx)
     if (s != RESA_OK)
         return s;
     s = ctx->ops->check_config(ctx, &lo);
+    if (s == RESA_ERR_NOT_SUPPORTED && ctx->requested == RESA_BACKEND_AUTO &&
+        ctx->backend == RESA_BACKEND_CUDA) {
+        /* AUTO: a configuration the GPU backend cannot run goes to the CPU */
+        const resa_backend_ops *cpu = resa_cpu_backend();
+        void *gpu_impl = ctx->impl;
+        s = cpu->ctx_init(ctx);
+        if (s == RESA_OK) {
+            void *cpu_impl = ctx->impl;
+            ctx->impl = gpu_impl;
+            ctx->ops->ctx_fini(ctx);
+            ctx->impl = cpu_impl;
+            ctx->ops = cpu;
+            ctx->backend = RESA_BACKEND_CPU;
+            resa_clear_error(ctx);
+            s = cpu->check_config(ctx, &lo);
+        } else {
+            ctx->impl = gpu_impl;
+        }
+    }
     if (s != RESA_OK)
         return s;
     ctx->lo = lo;

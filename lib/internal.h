@@ -130,6 +130,7 @@ struct resa_backend_ops; /* lib/backend.h */
 struct resa_ctx {
     resa_allocator alloc;
     resa_backend backend;                   /* CPU or CUDA, never AUTO */
+    resa_backend requested;                 /* as passed to resa_ctx_create */
     const struct resa_backend_ops *ops;
     void *impl;                             /* backend-private state */
     void *stream;
@@ -149,8 +150,10 @@ struct resa_ctx {
     resa_step_entry *step_entries;          /* [max_seqs] */
     int32_t *step_new_pages;                /* [max_seqs] pages allocated at begin, per entry */
     uint8_t *layer_done;                    /* [n_layers] */
-    uint64_t captured_shape;                /* shape of the step last captured in a CUDA
-                                               graph (set by the CUDA backend), 0 = none */
+#define RESA_CAPTURED_SHAPES 8
+    uint64_t captured[RESA_CAPTURED_SHAPES];/* shapes of the steps last captured in CUDA graphs
+                                               (the CUDA backend records them), 0 = none */
+    int32_t captured_next;                  /* ring index of the next record */
     int32_t *scratch_slots;                 /* [max_seqs] validation scratch */
     int32_t *page_marks;                    /* [n_pages] copy-on-write counting scratch */
 

@@ -160,9 +160,10 @@ static resa_status query_slot(const resa_ctx *cctx, int32_t seq, const void *out
 {
     resa_ctx *ctx = (resa_ctx *)cctx;
     resa_clear_error(ctx);
-    *slot = resa_seq_slot(ctx, seq, what);
+    *slot = resa_seq_slot(ctx, seq, NULL);
     if (*slot < 0)
-        return RESA_ERR_INVALID_ARGUMENT;
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: seq %d is not a live sequence id",
+                         what, seq);
     if (!out)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: %s is NULL", what, out_name);
     return RESA_OK;

@@ -31,7 +31,7 @@ const char *resa_status_string(resa_status s)
     case RESA_ERR_CAPACITY: return "capacity exhausted (KV pool, sequence slots or step size); nothing changed";
     case RESA_ERR_NOT_SUPPORTED: return "not supported by this build or backend";
     case RESA_ERR_NO_DEVICE: return "no usable GPU or driver";
-    case RESA_ERR_BACKEND: return "CUDA or cuBLAS failure";
+    case RESA_ERR_BACKEND: return "CUDA failure";
     case RESA_ERR_VERSION_MISMATCH: return "backend module of another version";
     case RESA_ERR_INTERNAL: return "internal error in libresa";
     }

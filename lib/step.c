@@ -100,15 +100,19 @@ static int64_t count_copies(resa_ctx *ctx, int32_t n_seqs, const int32_t *seqs,
 }
 
 /* FNV-1a over what a captured CUDA graph bakes into its launches. */
-static uint64_t step_shape(const resa_ctx *ctx, int32_t n_seqs, const int32_t *modes,
-                           const int32_t *n_tokens)
+static uint64_t step_shape(const resa_ctx *ctx, int32_t n_seqs, const int32_t *seqs,
+                           const int32_t *modes, const int32_t *n_tokens)
 {
     uint64_t h = 1469598103934665603ull;
 #define MIX(x) (h = (h ^ (uint64_t)(x)) * 1099511628211ull)
     MIX(n_seqs);
     for (int32_t i = 0; i < n_seqs; i++) {
+        const resa_seq *q = &ctx->seqs[seqs[i] & 0xffff];
+        int64_t start = modes[i] == RESA_MODE_RECTIFY ? q->rect_start : q->length;
         MIX(modes[i]);
         MIX(n_tokens[i]);
+        /* blocks whose summaries the writes refresh: a launch size too */
+        MIX(((start + n_tokens[i] - 1) >> ctx->lo.log2_b) - (start >> ctx->lo.log2_b));
     }
     uint64_t scale;
     memcpy(&scale, &ctx->cfg.softmax_scale, sizeof scale);
@@ -117,6 +121,14 @@ static uint64_t step_shape(const resa_ctx *ctx, int32_t n_seqs, const int32_t *m
     MIX(ctx->cfg.sink_blocks);
 #undef MIX
     return h | 1; /* never 0, which means "nothing captured" */
+}
+
+static int was_captured(const resa_ctx *ctx, uint64_t shape)
+{
+    for (int i = 0; i < RESA_CAPTURED_SHAPES; i++)
+        if (ctx->captured[i] == shape)
+            return 1;
+    return 0;
 }
 
 /* Gives back the growth pages of the first `n` entries (begin failed or cancel). */
@@ -180,8 +192,8 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     if (s != RESA_OK)
         return s;
     need += count_copies(ctx, n_seqs, seqs, modes, n_tokens);
-    uint64_t shape = step_shape(ctx, n_seqs, modes, n_tokens);
-    if ((flags & RESA_STEP_REPLAY) && (ctx->captured_shape == 0 || shape != ctx->captured_shape))
+    uint64_t shape = step_shape(ctx, n_seqs, seqs, modes, n_tokens);
+    if ((flags & RESA_STEP_REPLAY) && !was_captured(ctx, shape))
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                          "step_begin: flags: RESA_STEP_REPLAY, but no CUDA graph was captured "
                          "from a step of this shape (entries, modes, token counts, scale, "

@@ -779,6 +779,38 @@ out:
     return s;
 }
 
+/* Ids handed out before a session reset, released or not, are unknown after
+ * it, even when their slots were reused before the reset. */
+START_TEST(test_ids_after_reset)
+{
+    resa_ctx *c = NULL;
+    ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CPU, NULL, &c), RESA_OK);
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_MAX_SEQUENCES, 2));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_MAX_TOKENS, 256));
+    int32_t old[6], n_old = 0, s;
+    for (int round = 0; round < 3; round++) {
+        TOK(c, resa_seq_create(c, &s));
+        old[n_old++] = s;
+        TOK(c, resa_seq_release(c, s)); /* the slot's generation moves on */
+    }
+    TOK(c, resa_seq_create(c, &s));
+    old[n_old++] = s;
+    TOK(c, resa_seq_create(c, &s));
+    old[n_old++] = s;
+    TOK(c, resa_ctx_reset(c, RESA_RESET_SESSION));
+    int32_t fresh[2];
+    TOK(c, resa_seq_create(c, &fresh[0]));
+    TOK(c, resa_seq_create(c, &fresh[1]));
+    for (int i = 0; i < n_old; i++) {
+        int64_t len;
+        TCHECK(old[i] != fresh[0] && old[i] != fresh[1],
+               "id %d from before the reset was handed out again", old[i]);
+        TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "seq", resa_seq_length(c, old[i], &len));
+    }
+    resa_ctx_destroy(c);
+}
+END_TEST
+
 START_TEST(test_allocator_hooks)
 {
     th_test_seed("allocator_hooks");
@@ -822,6 +854,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_errors_step_begin);
     tcase_add_test(tc, test_errors_attend_end);
     tcase_add_test(tc, test_errors_selected_blocks);
+    tcase_add_test(tc, test_ids_after_reset);
     tcase_add_test(tc, test_allocator_hooks);
     suite_add_tcase(s, tc);
     return s;
