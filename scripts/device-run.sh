@@ -34,7 +34,8 @@ if [[ $phases == all || $phases == *sanitize* ]]; then
   say "compute-sanitizer memcheck and racecheck (GPU tests)"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   for tool in memcheck racecheck; do
-    RESA_TEST_QUICK=1 CK_FORK=no compute-sanitizer --tool $tool --error-exitcode 99 \
+    RESA_TEST_QUICK=1 CK_FORK=no timeout ${RESA_SANITIZE_TIMEOUT:-240} \
+      compute-sanitizer --tool $tool --error-exitcode 99 \
       $build/tests/check_cuda >"$OUT/sanitize-$tool.log" 2>&1
     echo "$tool: exit $? ($(grep -c -E '^=+ (Invalid|Race|Error)' "$OUT/sanitize-$tool.log") reports)"
     tail -3 "$OUT/sanitize-$tool.log"
