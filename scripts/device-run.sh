@@ -50,4 +50,6 @@ if [[ $phases == all || $phases == *bench* ]]; then
   done
   python3 tools/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
+  say "ratios (tools/compare.py)"
+  python3 tools/compare.py "$OUT/peers.csv" "$OUT"/resa-bench-b*.csv | tee "$OUT/ratios.txt"
 fi
