@@ -44,12 +44,10 @@ fi
 if [[ $phases == all || $phases == *bench* ]]; then
   say "benchmarks: resa-bench (CUDA) and PyTorch SDPA peers, same card, same run"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
-  for batch in 1 8; do
-    $build/tools/resa-bench --backend cuda --batch $batch --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
-      --reps 30 --csv 2>/dev/null | tee "$OUT/resa-bench-b$batch.csv"
-  done
+  $build/tools/resa-bench --backend cuda --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
+    --reps 30 --csv 2>/dev/null | tee "$OUT/resa-bench.csv"
   python3 tools/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
   say "ratios (tools/compare.py)"
-  python3 tools/compare.py "$OUT/peers.csv" "$OUT"/resa-bench-b*.csv | tee "$OUT/ratios.txt"
+  python3 tools/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
 fi

@@ -31,11 +31,26 @@ typedef struct opts {
     resa_backend backend;
     int64_t contexts[32];
     int n_contexts;
-    int32_t batch, hq, hkv, d, reps, threads, interval;
+    int32_t batches[16];
+    int n_batches;
+    int32_t shapes[8][3]; /* hq, hkv, d */
+    int n_shapes;
+    int32_t batch, hq, hkv, d, reps, threads, interval; /* the point being measured */
     double fraction;
     int dtype; /* -1: backend default (f32 on CPU, bf16 on CUDA) */
-    int csv;
+    int csv, json;
+    const char *plot;
 } opts;
+
+/* One measured point. */
+typedef struct result {
+    int64_t context;
+    int32_t batch, hq, hkv, d;
+    const char *backend, *dtype;
+    double dense_ms, sparse_ms, rectify_ms, resa_ms;
+    double dense_bytes, sparse_bytes;  /* bytes each step must read */
+    double dense_gbps, sparse_gbps, dense_pct, sparse_pct; /* pct of copy bandwidth, or -1 */
+} result;
 
 typedef struct bench {
     const opts *o;
@@ -220,7 +235,7 @@ static double copy_bandwidth(bench *B)
     return best;
 }
 
-static void run_context(const opts *o, int64_t ctx_len, double copy_bw)
+static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *res)
 {
     bench BB = {0}, *B = &BB;
     B->o = o;
@@ -281,7 +296,8 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw)
             CHECK(resa_ctx_synchronize(B->ctx));
         }
 
-    fprintf(stderr, "resa-bench: context %lld batch %d: timing\n", (long long)ctx_len, o->batch);
+    fprintf(stderr, "resa-bench: context %lld, batch %d, heads %d/%d, d %d: timing\n",
+            (long long)ctx_len, o->batch, o->hq, o->hkv, o->d);
     int reps = o->reps;
     CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SELECT_FRACTION, 1.0));
     double dense = measure(B, RESA_MODE_DECODE, 1, reps);
@@ -300,23 +316,30 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw)
         rect = measure(B, RESA_MODE_RECTIFY, f, reps / 2 + 1);
         resa = sparse + rect / (double)f;
     }
-    /* bytes the sparse step must read: summaries of every block plus the chosen pages */
+    /* bytes each step must read: dense, every K/V row; sparse, the summaries of
+     * every block plus the chosen pages (the budget rule of the library) */
     int64_t M = (ctx_len + 1 + 15) / 16;
     int64_t n_sel = (int64_t)ceil(o->fraction * (double)M - 1e-9);
     if (n_sel < (M < 16 ? M : 16))
         n_sel = M < 16 ? M : 16;
-    double bytes = (double)o->batch * o->hkv * (double)B->elt * o->d *
-                   (2.0 * (double)M + 2.0 * 16.0 * (double)n_sel);
-    double bw_pct = copy_bw > 0 ? 100.0 * bytes / sparse / copy_bw : NAN;
-    if (o->csv)
-        printf("%lld,%d,%d,%d,%d,%.4f,%.4f,%.4f,%.4f,%.3f,%.1f,%.1f\n", (long long)ctx_len,
-               o->batch, o->hq, o->hkv, o->d, dense * 1e3, sparse * 1e3, rect * 1e3, resa * 1e3,
-               dense / resa, bytes / sparse * 1e-9, bw_pct);
-    else
-        printf("%9lld %6d %10.4f %10.4f %11.4f %10.4f %8.2fx %9.1f %6.1f\n", (long long)ctx_len,
-               o->batch, dense * 1e3, sparse * 1e3, rect * 1e3, resa * 1e3, dense / resa,
-               bytes / sparse * 1e-9, bw_pct);
-    fflush(stdout);
+    double per_head = (double)B->elt * o->d * o->batch * o->hkv;
+    res->context = ctx_len;
+    res->batch = o->batch;
+    res->hq = o->hq;
+    res->hkv = o->hkv;
+    res->d = o->d;
+    res->backend = B->gpu ? "cuda" : "cpu";
+    res->dtype = B->dt == RESA_DTYPE_F32 ? "f32" : B->dt == RESA_DTYPE_F16 ? "f16" : "bf16";
+    res->dense_ms = dense * 1e3;
+    res->sparse_ms = sparse * 1e3;
+    res->rectify_ms = rect * 1e3;
+    res->resa_ms = resa * 1e3;
+    res->dense_bytes = per_head * 2.0 * (double)(ctx_len + 1);
+    res->sparse_bytes = per_head * (2.0 * (double)M + 2.0 * 16.0 * (double)n_sel);
+    res->dense_gbps = res->dense_bytes / dense * 1e-9;
+    res->sparse_gbps = res->sparse_bytes / sparse * 1e-9;
+    res->dense_pct = copy_bw > 0 ? 100.0 * res->dense_bytes / dense / copy_bw : -1;
+    res->sparse_pct = copy_bw > 0 ? 100.0 * res->sparse_bytes / sparse / copy_bw : -1;
     for (int i = 0; i < 4; i++)
         release(B, B->q[i]);
     release(B, B->out);
@@ -327,22 +350,167 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw)
         B->cu.StreamDestroy(B->stream);
 }
 
+static void print_table_header(const opts *o, double copy_bw)
+{
+    printf("# resa-bench %s, backend %s, r %.3g, f %d, one layer, medians of %d\n"
+           "# dense = RESA_MODE_DECODE with r = 1 on the same kernels; resa = sparse + "
+           "rectify/f;\n# %%copy = bytes the step must read / time / device copy bandwidth%s\n",
+           resa_version_string(), o->backend == RESA_BACKEND_CPU ? "cpu" : "cuda/auto",
+           o->fraction, o->interval > 0 ? o->interval : 32, o->reps,
+           copy_bw > 0 ? "" : " (no GPU: not measured)");
+    if (copy_bw > 0)
+        printf("# device copy bandwidth (read + write): %.0f GB/s\n", copy_bw * 1e-9);
+    printf("%9s %5s %9s %5s %10s %10s %11s %10s %8s %8s %6s %8s %6s\n", "context", "batch",
+           "heads", "d", "dense_ms", "sparse_ms", "rectify_ms", "resa_ms", "speedup",
+           "dns_GB/s", "%copy", "spr_GB/s", "%copy");
+}
+
+static void print_row(const result *r)
+{
+    char heads[16];
+    snprintf(heads, sizeof heads, "%d/%d", r->hq, r->hkv);
+    printf("%9lld %5d %9s %5d %10.4f %10.4f %11.4f %10.4f %7.2fx %8.1f %6.1f %8.1f %6.1f\n",
+           (long long)r->context, r->batch, heads, r->d, r->dense_ms, r->sparse_ms,
+           r->rectify_ms, r->resa_ms, r->dense_ms / r->resa_ms, r->dense_gbps, r->dense_pct,
+           r->sparse_gbps, r->sparse_pct);
+    fflush(stdout);
+}
+
+static const char *csv_header =
+    "context,batch,hq,hkv,d,backend,dtype,dense_ms,sparse_ms,rectify_ms,resa_ms,speedup,"
+    "dense_bytes,sparse_bytes,dense_GBps,sparse_GBps,dense_pct_copy_bw,sparse_pct_copy_bw";
+
+static void print_csv(FILE *f, const result *r)
+{
+    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%.4f,%.4f,%.4f,%.4f,%.3f,%.0f,%.0f,%.1f,%.1f,%.1f,%.1f\n",
+            (long long)r->context, r->batch, r->hq, r->hkv, r->d, r->backend, r->dtype,
+            r->dense_ms, r->sparse_ms, r->rectify_ms, r->resa_ms, r->dense_ms / r->resa_ms,
+            r->dense_bytes, r->sparse_bytes, r->dense_gbps, r->sparse_gbps, r->dense_pct,
+            r->sparse_pct);
+    fflush(f);
+}
+
+/* A JSON number, or null for NaN (no rectification to time, no GPU bandwidth). */
+static const char *jnum(char *buf, size_t cap, double v, const char *fmt)
+{
+    if (v != v || v < 0)
+        return "null";
+    snprintf(buf, cap, fmt, v);
+    return buf;
+}
+
+static void print_json(const opts *o, const result *r, int n, double copy_bw)
+{
+    printf("{\"tool\": \"resa-bench\", \"version\": \"%s\", \"fraction\": %g, \"interval\": %d,"
+           " \"copy_GBps\": %.1f, \"points\": [\n",
+           resa_version_string(), o->fraction, o->interval > 0 ? o->interval : 32,
+           copy_bw * 1e-9);
+    for (int i = 0; i < n; i++) {
+        char b1[32], b2[32];
+        printf("  {\"context\": %lld, \"batch\": %d, \"hq\": %d, \"hkv\": %d, \"d\": %d, "
+               "\"backend\": \"%s\", \"dtype\": \"%s\", \"dense_ms\": %.4f, \"sparse_ms\": %.4f, "
+               "\"rectify_ms\": %s, \"resa_ms\": %.4f, \"speedup\": %.3f, "
+               "\"dense_GBps\": %.1f, \"sparse_GBps\": %.1f, \"sparse_pct_copy_bw\": %s}%s\n",
+               (long long)r[i].context, r[i].batch, r[i].hq, r[i].hkv, r[i].d, r[i].backend,
+               r[i].dtype, r[i].dense_ms, r[i].sparse_ms,
+               jnum(b1, sizeof b1, r[i].rectify_ms, "%.4f"), r[i].resa_ms,
+               r[i].dense_ms / r[i].resa_ms, r[i].dense_gbps, r[i].sparse_gbps,
+               jnum(b2, sizeof b2, r[i].sparse_pct, "%.1f"), i + 1 < n ? "," : "");
+    }
+    printf("]}\n");
+}
+
+/* --plot: speedup and sparse bandwidth against context length, drawn by
+ * python3 + matplotlib when they are there (the CSV goes through a pipe). */
+static void plot(const char *file, const result *r, int n)
+{
+    static const char *script =
+        "import csv, sys\n"
+        "try:\n"
+        "    import matplotlib\n"
+        "    matplotlib.use('Agg')\n"
+        "    import matplotlib.pyplot as plt\n"
+        "except ImportError:\n"
+        "    sys.exit('resa-bench: --plot needs matplotlib')\n"
+        "rows = list(csv.DictReader(sys.stdin))\n"
+        "fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))\n"
+        "for key in sorted({(r['batch'], r['hq'], r['hkv'], r['d']) for r in rows}):\n"
+        "    pts = [r for r in rows if (r['batch'], r['hq'], r['hkv'], r['d']) == key]\n"
+        "    x = [int(r['context']) for r in pts]\n"
+        "    lab = 'batch %s, %s/%s heads, d %s' % key\n"
+        "    a.plot(x, [float(r['speedup']) for r in pts], 'o-', label=lab)\n"
+        "    b.plot(x, [float(r['sparse_GBps']) for r in pts], 'o-', label=lab)\n"
+        "for ax, t in ((a, 'ReSA speedup over dense decode'), (b, 'sparse decode GB/s')):\n"
+        "    ax.set_xscale('log', base=2); ax.set_xlabel('context (tokens)'); ax.set_title(t)\n"
+        "    ax.grid(True, alpha=0.3); ax.legend(fontsize=7)\n"
+        "fig.tight_layout(); fig.savefig(sys.argv[1], dpi=120)\n";
+    char cmd[4096];
+    FILE *tmp = fopen("/tmp/resa-bench-plot.py", "w");
+    if (!tmp) {
+        fprintf(stderr, "resa-bench: --plot: cannot write its script\n");
+        return;
+    }
+    fputs(script, tmp);
+    fclose(tmp);
+    snprintf(cmd, sizeof cmd, "python3 /tmp/resa-bench-plot.py '%s'", file);
+    FILE *py = popen(cmd, "w");
+    if (!py) {
+        fprintf(stderr, "resa-bench: --plot: python3 is not available\n");
+        return;
+    }
+    fprintf(py, "%s\n", csv_header);
+    for (int i = 0; i < n; i++)
+        print_csv(py, &r[i]);
+    int rc = pclose(py);
+    if (rc == 0)
+        fprintf(stderr, "resa-bench: plot written to %s\n", file);
+}
+
 static void usage(void)
 {
     fprintf(stderr,
             "usage: resa-bench [--backend cpu|cuda|auto] [--contexts 4096,16384,65536]\n"
-            "                  [--batch N] [--heads HQ/HKV] [--dim D] [--dtype f32|f16|bf16]\n"
-            "                  [--fraction R] [--interval F] [--reps N] [--threads N] [--csv]\n");
+            "                  [--batch 1,8] [--heads HQ/HKV] [--dim D]\n"
+            "                  [--shapes 32/8x128,28/4x128,16/2x256] [--dtype f32|f16|bf16]\n"
+            "                  [--fraction R] [--interval F] [--reps N] [--threads N]\n"
+            "                  [--csv | --json] [--plot FILE.png]\n");
     exit(2);
+}
+
+static int parse_list(const char *val, int64_t *out, int cap)
+{
+    int n = 0;
+    for (char *p = (char *)val; *p && n < cap;) {
+        char *end;
+        out[n++] = strtoll(p, &end, 10);
+        if (end == p)
+            usage();
+        p = end;
+        if (*p == ',')
+            p++;
+    }
+    return n;
 }
 
 int main(int argc, char **argv)
 {
-    opts o = {RESA_BACKEND_CPU, {4096, 16384, 65536}, 3, 1, 32, 8, 128, 21, 0, 32, 0.1, -1, 0};
+    opts o = {0};
+    o.backend = RESA_BACKEND_CPU;
+    o.contexts[0] = 4096, o.contexts[1] = 16384, o.contexts[2] = 65536, o.n_contexts = 3;
+    o.batches[0] = 1, o.n_batches = 1;
+    int32_t hq = 32, hkv = 8, d = 128;
+    o.reps = 21;
+    o.interval = 32;
+    o.fraction = 0.1;
+    o.dtype = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--csv")) {
             o.csv = 1;
+            continue;
+        }
+        if (!strcmp(a, "--json")) {
+            o.json = 1;
             continue;
         }
         if (!val)
@@ -351,21 +519,31 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--backend"))
             o.backend = !strcmp(val, "cuda") ? RESA_BACKEND_CUDA
                         : !strcmp(val, "auto") ? RESA_BACKEND_AUTO : RESA_BACKEND_CPU;
-        else if (!strcmp(a, "--contexts")) {
-            o.n_contexts = 0;
-            for (char *p = (char *)val; *p && o.n_contexts < 32;) {
-                o.contexts[o.n_contexts++] = strtoll(p, &p, 10);
+        else if (!strcmp(a, "--contexts"))
+            o.n_contexts = parse_list(val, o.contexts, 32);
+        else if (!strcmp(a, "--batch")) {
+            int64_t b[16];
+            o.n_batches = parse_list(val, b, 16);
+            for (int j = 0; j < o.n_batches; j++)
+                o.batches[j] = (int32_t)b[j];
+        } else if (!strcmp(a, "--heads")) {
+            if (sscanf(val, "%d/%d", &hq, &hkv) != 2)
+                usage();
+        } else if (!strcmp(a, "--dim"))
+            d = atoi(val);
+        else if (!strcmp(a, "--shapes")) {
+            o.n_shapes = 0;
+            for (const char *p = val; *p && o.n_shapes < 8;) {
+                int used = 0;
+                int32_t *sh = o.shapes[o.n_shapes];
+                if (sscanf(p, "%d/%dx%d%n", &sh[0], &sh[1], &sh[2], &used) != 3)
+                    usage();
+                o.n_shapes++;
+                p += used;
                 if (*p == ',')
                     p++;
             }
-        } else if (!strcmp(a, "--batch"))
-            o.batch = atoi(val);
-        else if (!strcmp(a, "--heads")) {
-            if (sscanf(val, "%d/%d", &o.hq, &o.hkv) != 2)
-                usage();
-        } else if (!strcmp(a, "--dim"))
-            o.d = atoi(val);
-        else if (!strcmp(a, "--dtype"))
+        } else if (!strcmp(a, "--dtype"))
             o.dtype = !strcmp(val, "f16") ? RESA_DTYPE_F16
                       : !strcmp(val, "bf16") ? RESA_DTYPE_BF16 : RESA_DTYPE_F32;
         else if (!strcmp(a, "--fraction"))
@@ -376,10 +554,23 @@ int main(int argc, char **argv)
             o.reps = atoi(val);
         else if (!strcmp(a, "--threads"))
             o.threads = atoi(val);
+        else if (!strcmp(a, "--plot"))
+            o.plot = val;
         else
             usage();
     }
-    if (o.batch < 1 || o.batch > 256 || o.reps < 1 || o.hq < 1 || o.hkv < 1 || o.d < 1)
+    if (o.n_shapes == 0) {
+        o.shapes[0][0] = hq, o.shapes[0][1] = hkv, o.shapes[0][2] = d;
+        o.n_shapes = 1;
+    }
+    for (int i = 0; i < o.n_batches; i++)
+        if (o.batches[i] < 1 || o.batches[i] > 256)
+            usage();
+    for (int i = 0; i < o.n_shapes; i++)
+        if (o.shapes[i][0] < 1 || o.shapes[i][1] < 1 || o.shapes[i][2] < 1 ||
+            o.shapes[i][0] % o.shapes[i][1] != 0)
+            usage();
+    if (o.reps < 1 || o.n_contexts < 1 || (o.csv && o.json))
         usage();
     double copy_bw = 0;
     cuda_shim cu;
@@ -390,20 +581,28 @@ int main(int argc, char **argv)
         tmp.cu = cu;
         copy_bw = copy_bandwidth(&tmp);
     }
+    int n_points = o.n_shapes * o.n_batches * o.n_contexts, n = 0;
+    result *res = calloc((size_t)n_points, sizeof *res);
     if (o.csv)
-        printf("context,batch,hq,hkv,d,dense_ms,sparse_ms,rectify_ms,resa_ms,speedup,"
-               "sparse_GBps,sparse_pct_copy_bw\n");
-    else
-        printf("# resa-bench %s, backend %s, heads %d/%d, d %d, r %.3g, f %d, one layer%s\n"
-               "# dense = decode with r = 1 on the same kernels; resa = sparse + rectify/f\n"
-               "%9s %6s %10s %10s %11s %10s %9s %9s %6s\n",
-               resa_version_string(), o.backend == RESA_BACKEND_CPU ? "cpu" : "cuda/auto", o.hq,
-               o.hkv, o.d, o.fraction, o.interval > 0 ? o.interval : 32,
-               copy_bw > 0 ? "" : " (no GPU: no bandwidth column)", "context", "batch",
-               "dense_ms", "sparse_ms", "rectify_ms", "resa_ms", "speedup", "GB/s", "%copy");
-    if (copy_bw > 0 && !o.csv)
-        printf("# device copy bandwidth (read + write): %.0f GB/s\n", copy_bw * 1e-9);
-    for (int i = 0; i < o.n_contexts; i++)
-        run_context(&o, o.contexts[i], copy_bw);
+        printf("%s\n", csv_header);
+    else if (!o.json)
+        print_table_header(&o, copy_bw);
+    for (int s = 0; s < o.n_shapes; s++)
+        for (int b = 0; b < o.n_batches; b++)
+            for (int c = 0; c < o.n_contexts; c++) {
+                o.hq = o.shapes[s][0], o.hkv = o.shapes[s][1], o.d = o.shapes[s][2];
+                o.batch = o.batches[b];
+                run_context(&o, o.contexts[c], copy_bw, &res[n]);
+                if (o.csv)
+                    print_csv(stdout, &res[n]);
+                else if (!o.json)
+                    print_row(&res[n]);
+                n++;
+            }
+    if (o.json)
+        print_json(&o, res, n, copy_bw);
+    if (o.plot)
+        plot(o.plot, res, n);
+    free(res);
     return 0;
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Smoke test of resa-bench on the CPU backend: a tiny sweep runs, and its
+CSV and JSON outputs parse with one row per point and sane values.  No
+timing assertions (speed is proven by benchmarks, never by tests)."""
+import csv
+import io
+import json
+import subprocess
+import sys
+
+bench = sys.argv[1]
+args = [bench, "--backend", "cpu", "--contexts", "100,700", "--batch", "1,2",
+        "--shapes", "8/2x64,4/4x32", "--reps", "2", "--threads", "1"]
+fields = ("dense_ms", "sparse_ms", "rectify_ms", "resa_ms")
+
+out = subprocess.run(args + ["--csv"], check=True, capture_output=True, text=True).stdout
+rows = list(csv.DictReader(io.StringIO(out)))
+assert len(rows) == 8, f"expected 8 CSV rows, got {len(rows)}:\n{out}"
+for r in rows:
+    for f in fields:
+        v = float(r[f])
+        if f == "rectify_ms" and int(r["context"]) < 256:
+            # every block is attended below n_min * b = 256 tokens: nothing becomes
+            # pending, so there is no rectification to time (reported as nan)
+            assert v != v, f"{f} = {r[f]} with nothing pending in {r}"
+            continue
+        assert v > 0 and v == v, f"{f} = {r[f]} in {r}"
+    assert r["backend"] == "cpu" and r["dtype"] == "f32", r
+assert {(r["context"], r["batch"], r["hq"], r["hkv"], r["d"]) for r in rows} == {
+    (c, b, hq, hkv, d) for c in ("100", "700") for b in ("1", "2")
+    for hq, hkv, d in (("8", "2", "64"), ("4", "4", "32"))}, rows
+
+doc = json.loads(subprocess.run(args + ["--json"], check=True, capture_output=True,
+                                text=True).stdout)
+assert len(doc["points"]) == 8 and all(p["resa_ms"] > 0 for p in doc["points"]), doc
+
+table = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+assert table.count("\n") >= 8 + 4, table
+bad = subprocess.run([bench, "--batch", "0"], capture_output=True, text=True)
+assert bad.returncode == 2 and "usage" in bad.stderr, bad
+print("check_bench: 1 passed, 0 failed")
