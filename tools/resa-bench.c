@@ -40,6 +40,7 @@ typedef struct opts {
     int dtype; /* -1: backend default (f32 on CPU, bf16 on CUDA) */
     int csv, json;
     const char *plot;
+    int modes; /* bits: 1 dense, 2 sparse, 4 rectify */
 } opts;
 
 /* One measured point. */
@@ -299,11 +300,15 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     fprintf(stderr, "resa-bench: context %lld, batch %d, heads %d/%d, d %d: timing\n",
             (long long)ctx_len, o->batch, o->hq, o->hkv, o->d);
     int reps = o->reps;
-    CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SELECT_FRACTION, 1.0));
-    double dense = measure(B, RESA_MODE_DECODE, 1, reps);
+    double dense = NAN, sparse = NAN;
+    if (o->modes & 1) {
+        CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SELECT_FRACTION, 1.0));
+        dense = measure(B, RESA_MODE_DECODE, 1, reps);
+    }
     CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SELECT_FRACTION, o->fraction));
-    double sparse = measure(B, RESA_MODE_DECODE, 1, reps);
-    for (int32_t t = 0; t < f; t++) { /* f committed sparse steps make f tokens pending */
+    if (o->modes & 2)
+        sparse = measure(B, RESA_MODE_DECODE, 1, reps);
+    for (int32_t t = 0; (o->modes & 4) && t < f; t++) { /* f sparse steps: f tokens pending */
         begin(B, RESA_MODE_DECODE, 1);
         CHECK(resa_ctx_step_attend(B->ctx, 0, B->q[t % 4], B->k, B->v, B->out, 0));
         CHECK(resa_ctx_step_end(B->ctx, 0));
@@ -312,7 +317,9 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     int64_t pending = 0;
     CHECK(resa_seq_pending(B->ctx, B->seqs[0], &pending));
     double rect = NAN, resa = sparse;
-    if (pending == f) {
+    if (!(o->modes & 4))
+        resa = NAN; /* the ReSA step includes rectification: not measured */
+    if ((o->modes & 4) && pending == f) {
         rect = measure(B, RESA_MODE_RECTIFY, f, reps / 2 + 1);
         resa = sparse + rect / (double)f;
     }
@@ -473,7 +480,7 @@ static void usage(void)
             "                  [--batch 1,8] [--heads HQ/HKV] [--dim D]\n"
             "                  [--shapes 32/8x128,28/4x128,16/2x256] [--dtype f32|f16|bf16]\n"
             "                  [--fraction R] [--interval F] [--reps N] [--threads N]\n"
-            "                  [--csv | --json] [--plot FILE.png]\n");
+            "                  [--modes dense,sparse,rectify] [--csv | --json] [--plot FILE.png]\n");
     exit(2);
 }
 
@@ -503,6 +510,7 @@ int main(int argc, char **argv)
     o.interval = 32;
     o.fraction = 0.1;
     o.dtype = -1;
+    o.modes = 7;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--csv")) {
@@ -556,6 +564,12 @@ int main(int argc, char **argv)
             o.threads = atoi(val);
         else if (!strcmp(a, "--plot"))
             o.plot = val;
+        else if (!strcmp(a, "--modes")) {
+            o.modes = (strstr(val, "dense") ? 1 : 0) | (strstr(val, "sparse") ? 2 : 0) |
+                      (strstr(val, "rectify") ? 4 : 0);
+            if (!o.modes)
+                usage();
+        }
         else
             usage();
     }
