@@ -415,9 +415,17 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     const resa_dev_entry &e = a.entries[a.decode_ids[i]];
     const int n = e.n_select, per = (n + splits - 1) / splits;
     const int lo = s * per, hi = min(n, lo + per);
-    if (lo >= hi)
-        return; // the combine reads only the non-empty splits
+    if (lo >= hi) { // the combine reads only the non-empty splits
+        pdl_wait();
+        pdl_trigger();
+        return;
+    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // The queries were written before the layer began: staged while the
+    // select kernel finishes; the chosen list only after it has.
+    stage_queries<T, D>(a, e.row, h, q_tile);
+    pdl_wait();
+    pdl_trigger(); // the combine may launch; it waits for our partials
 
     Chunk c;
     c.list = (const int32_t *)a.ws_select + (size_t)pair * Dm.max_seq_blocks;
@@ -442,7 +450,6 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
         cp_async_commit();
     }
 
-    stage_queries<T, D>(a, e.row, h, q_tile);
     __syncthreads();
     const uint32_t q_s = smem_addr(q_tile);
     constexpr int QN = C::kQInRegs ? D / 16 : 1;
@@ -519,6 +526,7 @@ __global__ void __launch_bounds__(128) combine(resa_cuda_layer_args a, int split
     const int g = Dm.group;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int item = blockIdx.x * 4 + warp;
+    pdl_wait(); // attend_split's partials
     if (item >= a.n_decode * Dm.hkv * g)
         return; // no CTA barrier below
     const int pair = item / g, r = item % g;
@@ -600,9 +608,16 @@ cudaError_t launch(const resa_cuda_layer_args *a)
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess)
         return err;
-    attend_split<T, D><<<dim3(splits, pairs), kThreads, smem, a->stream>>>(*a, parts);
+    // Both programmatic dependents of the kernel before them (common.cuh).
+    err = launch_pdl(attend_split<T, D>, dim3(splits, pairs), dim3(kThreads), smem, a->stream, *a,
+                     parts);
+    if (err != cudaSuccess)
+        return err;
     const int items = pairs * a->dims.group;
-    combine<T, D><<<(items + 3) / 4, 128, 4 * splits * sizeof(float), a->stream>>>(*a, splits, parts);
+    err = launch_pdl(combine<T, D>, dim3((items + 3) / 4), dim3(128), 4 * splits * sizeof(float),
+                     a->stream, *a, splits, (const float *)parts);
+    if (err != cudaSuccess)
+        return err;
     return cudaGetLastError();
 }
 

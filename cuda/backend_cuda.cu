@@ -219,6 +219,7 @@ resa_status cuda_pool_create(resa_ctx *ctx)
     for (int i = 0; i < 3; i++)
         if (ws[i])
             TRY(cudaMalloc(wp[i], ws[i]), "lock: cudaMalloc(workspace)");
+    TRY(resa_cuda_select_init(&D, st->ws_select, st->stream), "lock: resa_cuda_select_init");
     return RESA_OK;
 }
 

@@ -7,6 +7,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+#include <utility>
 
 #include "kernels.h"
 #include "resa.h"
@@ -38,6 +41,69 @@ __device__ __forceinline__ int entry_of_row(const resa_dev_entry *e, int n_entri
             hi = mid - 1;
     }
     return lo;
+}
+
+// Programmatic dependent launch (sm_90+; no-ops on older targets).  A kernel
+// launched with launch_pdl may start while the previous kernel of the stream
+// still runs: it must not read anything that kernel (or one before it, back to
+// the last plain launch) writes, and must not write global memory, before
+// pdl_wait(), which returns once the previous grid has completed and its
+// writes are visible.  Every kernel launched with launch_pdl calls pdl_wait()
+// in every CTA, so completion chains: grid N done implies grid N-1 done.
+__device__ __forceinline__ void pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next kernel of the stream launch now (its pdl_wait still waits for
+// this grid's completion); without it the next launch begins at our exit.
+__device__ __forceinline__ void pdl_trigger()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Whether the current device takes programmatic dependent launches (compute
+// capability >= 9.0), asked once per device; RESA_CUDA_NO_PDL=1 turns them off
+// (for A/B timing).
+inline bool pdl_supported()
+{
+    static int cache[64]; // 0 unknown, 1 no, 2 yes (benign race: same value)
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
+        return false;
+    if (cache[dev] == 0) {
+        int major = 0;
+        const char *off = getenv("RESA_CUDA_NO_PDL");
+        const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
+                            cudaSuccess &&
+                        major >= 9 && !(off && off[0] == '1');
+        cache[dev] = ok ? 2 : 1;
+    }
+    return cache[dev] == 2;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent
+// launch of the previous kernel of the stream where the device supports it.
+template <typename... P, typename... A>
+cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, A &&...args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    if (pdl_supported()) {
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 
 } // namespace resa

@@ -79,6 +79,13 @@ size_t resa_cuda_select_workspace(const resa_cuda_dims *dims);
 size_t resa_cuda_sparse_workspace(const resa_cuda_dims *dims);
 size_t resa_cuda_dense_workspace(const resa_cuda_dims *dims);
 
+/* select_blocks.cu: once, after ws_select is allocated (resa_cuda_select_workspace
+ * bytes) and before any launch that uses it: zeroes the part of the select
+ * workspace that must be zero between launches (the top-n arrival counters;
+ * the launches leave it zero again).  Enqueues on stream and waits for it. */
+cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select,
+                                  cudaStream_t stream);
+
 /* kv_write.cu: stores the K/V rows of every entry and recomputes the
  * summaries of the blocks they touch (over valid positions < end). */
 cudaError_t resa_cuda_kv_write(const resa_cuda_layer_args *a);

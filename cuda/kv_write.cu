@@ -18,6 +18,7 @@ using namespace resa;
 template <typename T>
 __global__ void write_rows(resa_cuda_layer_args a)
 {
+    pdl_trigger(); // the summaries kernel may launch; it waits for our writes
     const int warps = blockDim.x / 32;
     const int64_t item = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -61,6 +62,8 @@ __device__ void summarize_block(const T *k, T *kmin, T *kmax, int d, int n_valid
 template <typename T>
 __global__ void summarize_touched(resa_cuda_layer_args a)
 {
+    pdl_wait(); // write_rows' rows
+    pdl_trigger();
     const int warps = blockDim.x / 32;
     const int64_t item = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
     const resa_cuda_dims &D = a.dims;
@@ -73,6 +76,42 @@ __global__ void summarize_touched(resa_cuda_layer_args a)
     const int64_t first = (int64_t)blk << D.log2_b;
     const int n_valid = (int)min((int64_t)D.b, e.valid - first);
     const size_t s = ((size_t)page * D.hkv + head) * D.d;
+    summarize_block<T>((const T *)a.k + s * D.b, (T *)a.kmin + s, (T *)a.kmax + s, D.d, n_valid);
+}
+
+// Decode-only steps (every entry one DECODE row): one warp per (row, head)
+// stores the row, then recomputes the summary of the block holding it (the
+// only block that row touches), so one launch does both.
+template <typename T>
+__global__ void write_decode(resa_cuda_layer_args a)
+{
+    pdl_trigger(); // select_blocks may launch; it waits for our writes
+    const int warps = blockDim.x / 32;
+    const int64_t item = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const resa_cuda_dims &D = a.dims;
+    if (item >= a.n_rows * D.hkv)
+        return;
+    const int64_t row = item / D.hkv;
+    const int head = (int)(item % D.hkv);
+    const resa_dev_entry &e = a.entries[entry_of_row(a.entries, a.n_entries, row)];
+    const int64_t pos = e.start + (row - e.row);
+    const int64_t blk = pos >> D.log2_b;
+    const int32_t page = a.page_tables[(size_t)e.slot * D.max_seq_blocks + blk];
+    const size_t s = ((size_t)page * D.hkv + head) * D.d; // summary of (page, head)
+    const size_t dst = (s * D.b) + (size_t)(pos & (D.b - 1)) * D.d;
+    const size_t src = ((size_t)row * D.hkv + head) * D.d;
+    const int chunks = D.d * (int)sizeof(T) / 16; // d is a multiple of 8
+    for (int c = lane; c < 2 * chunks; c += 32) {
+        const bool is_v = c >= chunks;
+        const int cc = is_v ? c - chunks : c;
+        const uint4 *from = (const uint4 *)((const T *)(is_v ? a.v_in : a.k_in) + src) + cc;
+        uint4 *to = (uint4 *)((T *)(is_v ? a.v : a.k) + dst) + cc;
+        *to = *from;
+    }
+    __syncwarp(); // the row's K is visible to every lane of the warp
+    const int64_t first = blk << D.log2_b;
+    const int n_valid = (int)min((int64_t)D.b, e.valid - first);
     summarize_block<T>((const T *)a.k + s * D.b, (T *)a.kmin + s, (T *)a.kmax + s, D.d, n_valid);
 }
 
@@ -98,12 +137,27 @@ cudaError_t resa_cuda_kv_write(const resa_cuda_layer_args *a)
 {
     const int64_t rows = a->n_rows * a->dims.hkv;
     const int64_t touched = (int64_t)a->n_touched * a->dims.hkv;
-    RESA_DISPATCH_DTYPE(a->dims.kv_dtype, T, [&] {
+    if (rows <= 0 && touched <= 0)
+        return cudaGetLastError();
+    // Decode-only step: each entry is one DECODE row touching one block.
+    const bool decode_only = a->n_decode == a->n_entries && a->n_rows == a->n_entries &&
+                             a->n_touched == a->n_entries;
+    // The first kernel of the layer is a plain launch: its inputs come from
+    // the host's kernels, which know nothing of programmatic launches.
+    cudaError_t err = RESA_DISPATCH_DTYPE(a->dims.kv_dtype, T, [&] {
+        if (decode_only) {
+            write_decode<T><<<(unsigned)((rows + kWarps - 1) / kWarps), kWarps * 32, 0, a->stream>>>(*a);
+            return cudaGetLastError();
+        }
         write_rows<T><<<(unsigned)((rows + kWarps - 1) / kWarps), kWarps * 32, 0, a->stream>>>(*a);
-        summarize_touched<T>
-            <<<(unsigned)((touched + kWarps - 1) / kWarps), kWarps * 32, 0, a->stream>>>(*a);
-        return 0;
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess || touched <= 0)
+            return e;
+        return launch_pdl(summarize_touched<T>, dim3((unsigned)((touched + kWarps - 1) / kWarps)),
+                          dim3(kWarps * 32), 0, a->stream, *a);
     });
+    if (err != cudaSuccess)
+        return err;
     return cudaGetLastError();
 }
 

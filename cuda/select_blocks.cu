@@ -3,26 +3,33 @@
 // block scores from the min/max summaries, forced sink/local blocks, top-n.
 // CPU twin: lib/cpu/attention_sparse.c (choose_blocks).
 //
-// Two launches per layer, no host synchronization, no allocation:
-//  1. score_blocks: the summaries are 1/16 of the KV bytes and are read once,
-//     so this is the bandwidth-bound half.  Grid (ctas_per_pair, pairs): each
-//     CTA scores a contiguous share of one (entry, head)'s candidate blocks;
-//     d/8 lanes read one block's kmin and kmax as 16-byte vectors, several
-//     blocks per lane in flight.  Scores are stored as order-preserving uint32
-//     keys (unsigned order == float order) in the workspace.
-//  2. select_top: one CTA of 1024 threads per (entry, head), keys staged in
-//     shared memory (when max_seq_blocks <= 40960; beyond, the passes read
-//     them from global memory, where they are L2-resident).  Radix select over key - min(keys) (digits of 8 bits,
-//     most significant varying bit first, shared-memory histograms, early
-//     exit once a whole bin is taken) finds the threshold key T and how many
-//     keys equal to T to take; then an index-ordered pass takes every forced
-//     block, every key > T and the lowest-index keys == T (the CPU's tie
-//     rule: score desc, then lower index), writing the list ascending and,
-//     when recording, the bitmap.  O(M) per pass, a handful of passes, no sort.
+// One launch per layer (score_select), no host synchronization, no allocation:
+//  - scores: the summaries are 1/16 of the KV bytes and are read once, so
+//    this is the bandwidth-bound half.  Grid (ctas_per_pair, pairs) of 1024
+//    threads, one CTA per SM, one wave: each CTA scores a contiguous share of
+//    one (entry, head)'s candidate blocks; d/8 lanes read one block's kmin and
+//    kmax as 16-byte vectors, several blocks per lane in flight.  Scores are
+//    stored as order-preserving uint32 keys (unsigned order == float order)
+//    in the workspace.
+//  - top-n, in the same launch: the last CTA of an (entry, head) to finish
+//    its share (an arrival counter per pair in the workspace, which that CTA
+//    sets back to zero, so graph replays need no reset) stages the pair's
+//    keys in shared memory (when max_seq_blocks <= 40960; beyond, the passes
+//    read them from global memory, where they are L2-resident).  Radix select
+//    over key - min(keys) (digits of 8 bits, most significant varying bit
+//    first, shared-memory histograms, early exit once a whole bin is taken)
+//    finds the threshold key T and how many keys equal to T to take; then an
+//    index-ordered pass takes every forced block, every key > T and the
+//    lowest-index keys == T (the CPU's tie rule: score desc, then lower
+//    index), writing the list ascending and, when recording, the bitmap.
+//    O(M) per pass, a handful of passes, no sort.
+//  - launched as a programmatic dependent of kv_write's last kernel
+//    (common.cuh: pdl_wait before the summaries are read).
 //
 // Workspace (resa_cuda_select_workspace):
-//   lists [max_seqs][hkv][max_seq_blocks] int32  (resa_cuda_sel_list)
-//   keys  [max_seqs][hkv][max_seq_blocks] uint32 (scores as ordered keys)
+//   lists    [max_seqs][hkv][max_seq_blocks] int32  (resa_cuda_sel_list)
+//   keys     [max_seqs][hkv][max_seq_blocks] uint32 (scores as ordered keys)
+//   counters [max_seqs][hkv] uint32: zero at rest (resa_cuda_select_init once)
 #include <limits.h>
 
 #include "common.cuh"
@@ -31,10 +38,9 @@ namespace {
 
 using namespace resa;
 
-constexpr int kScoreThreads = 256;
+constexpr int kScoreThreads = 1024;   // also the top-n tail's threads
 constexpr int kScoreUnroll = 4;       // blocks per lane group in flight per step
-constexpr int kScoreCtasPerSm = 4;    // resident at 62 registers: the grid is one full wave
-constexpr int kSelectThreads = 1024;
+constexpr int kScoreCtasPerSm = 1;    // 1024 threads at <= 64 registers: the grid is one full wave
 constexpr size_t kKeysSmemMax = 160 * 1024; // keys staged in shared memory up to 40960 blocks
 
 // One (decode entry, KV head) as both kernels see it.
@@ -140,63 +146,6 @@ __device__ __forceinline__ float group_sum(float s)
     for (int o = W / 2; o > 0; o >>= 1)
         s += __shfl_xor_sync(0xffffffffu, s, o);
     return s;
-}
-
-// (The min-blocks hint matters: without it ptxas keeps 32 registers and
-// serializes the loads of a step, leaving one block per lane in flight.)
-template <typename T, int D>
-__global__ void __launch_bounds__(kScoreThreads, 2)
-score_blocks(resa_cuda_layer_args a, uint32_t *keys)
-{
-    constexpr int TD = D / 8;                 // lanes per block: 16 bytes of kmin + kmax each
-    constexpr int G = kScoreThreads / TD;     // blocks per CTA per unrolled slot
-    constexpr int STEP = G * kScoreUnroll;
-    __shared__ float qp[D];
-    const resa_cuda_dims &Dm = a.dims;
-    const int i = blockIdx.y / Dm.hkv, h = blockIdx.y % Dm.hkv;
-    const Pair p = load_pair(a, i);
-    if (p.n >= p.M || p.k <= 0)
-        return; // everything or only forced blocks: no score needed
-    const int ncand = p.cand_hi - p.cand_lo;
-    const int per = (ncand + gridDim.x - 1) / gridDim.x;
-    const int lo = p.cand_lo + blockIdx.x * per, hi = min(p.cand_hi, lo + per);
-    if (lo >= hi)
-        return;
-    pooled_query<T, D>(a, p.row, h, qp);
-
-    const int sub = threadIdx.x % TD, grp = threadIdx.x / TD;
-    float q[8];
-#pragma unroll
-    for (int e = 0; e < 8; e++)
-        q[e] = qp[sub * 8 + e];
-    const int32_t *pt = a.page_tables + (size_t)p.slot * Dm.max_seq_blocks;
-    const T *kmin = (const T *)a.kmin + (size_t)h * D + sub * 8;
-    const T *kmax = (const T *)a.kmax + (size_t)h * D + sub * 8;
-    const size_t page_stride = (size_t)Dm.hkv * D;
-    uint32_t *out = keys + ((size_t)i * Dm.hkv + h) * Dm.max_seq_blocks;
-
-    // Uniform trip count across the CTA so that the shuffles see full warps.
-    for (int base = lo; base < hi; base += STEP) {
-        // Loads are unconditional (past the end: the last block again) so
-        // that all 2 * kScoreUnroll of them are in flight at once.
-        int page[kScoreUnroll];
-#pragma unroll
-        for (int u = 0; u < kScoreUnroll; u++)
-            page[u] = __ldg(pt + min(base + u * G + grp, hi - 1));
-        uint4 mn[kScoreUnroll], mx[kScoreUnroll];
-#pragma unroll
-        for (int u = 0; u < kScoreUnroll; u++) {
-            mn[u] = load_stream(kmin + (size_t)page[u] * page_stride);
-            mx[u] = load_stream(kmax + (size_t)page[u] * page_stride);
-        }
-#pragma unroll
-        for (int u = 0; u < kScoreUnroll; u++) {
-            const float s = group_sum<TD>(score8<T>(q, mn[u], mx[u]));
-            const int j = base + u * G + grp;
-            if (sub == 0 && j < hi)
-                out[j] = order_key(s);
-        }
-    }
 }
 
 // ---- select_top ----
@@ -359,7 +308,7 @@ __device__ void compact(const uint32_t *keys, const Pair &p, Threshold th, int32
     const int w0 = min(p.M, warp * seg), w1 = min(p.M, w0 + seg);
     auto flags = [&](int j, bool &eq, bool &sure) {
         const bool in = j < w1, cand = in && j >= p.cand_lo && j < p.cand_hi;
-        const uint32_t key = cand ? keys[j] : 0u;
+        const uint32_t key = cand && keys ? keys[j] : 0u; // no keys: k <= 0, none taken
         eq = cand && key == th.key;
         sure = (in && !cand) || (cand && key > th.key);
     };
@@ -410,15 +359,15 @@ __device__ void take_all(int M, int32_t *list, uint32_t *bits, int sel_words)
         }
 }
 
-template <bool kSmemKeys>
-__global__ void __launch_bounds__(kSelectThreads, 1) select_top(resa_cuda_layer_args a, const uint32_t *keys)
+// The top-n of one (entry, head) by one CTA, once every score of it is in
+// `kg` (global, written by this grid: read through L2 after the acquire
+// fence); keys_s: shared staging of max_seq_blocks keys, or null.
+__device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pair,
+                            const uint32_t *kg, uint32_t *keys_s)
 {
-    extern __shared__ uint32_t keys_s[];
     const resa_cuda_dims &Dm = a.dims;
-    const int i = blockIdx.x / Dm.hkv, h = blockIdx.x % Dm.hkv;
-    const Pair p = load_pair(a, i);
-    const size_t at = ((size_t)i * Dm.hkv + h) * Dm.max_seq_blocks;
-    int32_t *list = (int32_t *)a.ws_select + at;
+    const int h = pair % Dm.hkv;
+    int32_t *list = (int32_t *)a.ws_select + (size_t)pair * Dm.max_seq_blocks;
     uint32_t *bits = a.selection
                          ? a.selection + ((size_t)p.slot * Dm.n_layers * Dm.hkv + h) * Dm.sel_words
                          : nullptr;
@@ -426,15 +375,120 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_top(resa_cuda_layer_
         take_all(p.M, list, bits, Dm.sel_words);
         return;
     }
-    const uint32_t *kp = keys + at;
-    if (kSmemKeys) { // one coalesced read from L2; the passes then stay on chip
-        for (int j = p.cand_lo + threadIdx.x; j < p.cand_hi; j += blockDim.x)
-            keys_s[j] = kp[j];
-        __syncthreads();
-        kp = keys_s;
+    const uint32_t *kp = nullptr; // k <= 0: only forced blocks, no key is read
+    if (p.k > 0) {
+        kp = kg;
+        if (keys_s) { // one read from L2, 8 loads in flight per thread
+            constexpr int U = 8;
+            for (int j0 = p.cand_lo + threadIdx.x; j0 < p.cand_hi; j0 += U * blockDim.x) {
+                uint32_t v[U];
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const int j = j0 + u * blockDim.x;
+                    v[u] = j < p.cand_hi ? __ldcg(kg + j) : 0u;
+                }
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const int j = j0 + u * blockDim.x;
+                    if (j < p.cand_hi)
+                        keys_s[j] = v[u];
+                }
+            }
+            __syncthreads();
+            kp = keys_s;
+        }
     }
     const Threshold th = radix_threshold(kp, p.cand_lo, p.cand_hi, p.k);
     compact(kp, p, th, list, bits, Dm.sel_words);
+}
+
+// Grid (ctas_per_pair, pairs).  Each CTA scores a contiguous share of one
+// (entry, head)'s candidate blocks into `keys`; with kTop, the last CTA of
+// the pair to finish (counted in counters[pair], which it sets back to zero
+// for the next launch) runs the top-n over all of them.  Pairs that need no
+// score (n >= M, or only forced blocks) are selected by their CTA 0 alone.
+// (The 64-register cap of 1024 threads at 1 CTA/SM keeps 4 blocks per lane
+// in flight; dynamic shared memory: the keys staging of the tail.)
+template <typename T, int D, bool kTop>
+__global__ void __launch_bounds__(kScoreThreads, 1)
+score_select(resa_cuda_layer_args a, uint32_t *keys, uint32_t *counters, int stage_keys)
+{
+    constexpr int TD = D / 8;                 // lanes per block: 16 bytes of kmin + kmax each
+    constexpr int G = kScoreThreads / TD;     // blocks per CTA per unrolled slot
+    constexpr int STEP = G * kScoreUnroll;
+    extern __shared__ uint32_t keys_s[];
+    __shared__ float qp[D];
+    __shared__ int s_last;
+    const resa_cuda_dims &Dm = a.dims;
+    const int pair = blockIdx.y;
+    const int i = pair / Dm.hkv, h = pair % Dm.hkv;
+    const Pair p = load_pair(a, i); // step metadata: written before the layer began
+    uint32_t *out = keys + (size_t)pair * Dm.max_seq_blocks;
+    if (p.n >= p.M || p.k <= 0) { // everything or only forced blocks: no score needed
+        pdl_wait();
+        pdl_trigger();
+        if (kTop && blockIdx.x == 0)
+            select_tail(a, p, pair, out, nullptr);
+        return;
+    }
+    pooled_query<T, D>(a, p.row, h, qp); // the queries: written before the layer began
+    pdl_wait(); // the summaries of this step's writes
+    pdl_trigger();
+    const int ncand = p.cand_hi - p.cand_lo;
+    const int per = (ncand + gridDim.x - 1) / gridDim.x;
+    const int lo = p.cand_lo + blockIdx.x * per, hi = min(p.cand_hi, lo + per);
+
+    const int sub = threadIdx.x % TD, grp = threadIdx.x / TD;
+    float q[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++)
+        q[e] = qp[sub * 8 + e];
+    const int32_t *pt = a.page_tables + (size_t)p.slot * Dm.max_seq_blocks;
+    const T *kmin = (const T *)a.kmin + (size_t)h * D + sub * 8;
+    const T *kmax = (const T *)a.kmax + (size_t)h * D + sub * 8;
+    const size_t page_stride = (size_t)Dm.hkv * D;
+
+    // Uniform trip count across the CTA so that the shuffles see full warps.
+    for (int base = lo; base < hi; base += STEP) {
+        // Loads are unconditional (past the end: the last block again) so
+        // that all 2 * kScoreUnroll of them are in flight at once.
+        int page[kScoreUnroll];
+#pragma unroll
+        for (int u = 0; u < kScoreUnroll; u++)
+            page[u] = __ldg(pt + min(base + u * G + grp, hi - 1));
+        uint4 mn[kScoreUnroll], mx[kScoreUnroll];
+#pragma unroll
+        for (int u = 0; u < kScoreUnroll; u++) {
+            mn[u] = load_stream(kmin + (size_t)page[u] * page_stride);
+            mx[u] = load_stream(kmax + (size_t)page[u] * page_stride);
+        }
+#pragma unroll
+        for (int u = 0; u < kScoreUnroll; u++) {
+            const float s = group_sum<TD>(score8<T>(q, mn[u], mx[u]));
+            const int j = base + u * G + grp;
+            if (sub == 0 && j < hi)
+                out[j] = order_key(s);
+        }
+    }
+    if (!kTop)
+        return;
+    // Last CTA of the pair (the threadFenceReduction pattern): release our
+    // keys, count, and the last one acquires everyone's.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned prev = atomicAdd(counters + pair, 1u);
+        const int last = prev == gridDim.x - 1;
+        if (last) {
+            counters[pair] = 0u; // every CTA of this launch has counted: ready for the next
+            __threadfence();
+        }
+        s_last = last;
+    }
+    __syncthreads();
+    if (!s_last)
+        return;
+    select_tail(a, p, pair, out, stage_keys ? keys_s : nullptr);
 }
 
 size_t list_elems(const resa_cuda_dims *D)
@@ -442,30 +496,75 @@ size_t list_elems(const resa_cuda_dims *D)
     return (size_t)D->max_seqs * D->hkv * D->max_seq_blocks;
 }
 
-template <typename T>
-cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys)
+size_t counters_offset(const resa_cuda_dims *D)
+{
+    return 2 * list_elems(D) * sizeof(int32_t); // after lists and keys
+}
+
+// Shared staging of the keys for the top-n tail, when it fits (0: none).
+size_t keys_smem(const resa_cuda_dims &D)
+{
+    const size_t smem = (size_t)D.max_seq_blocks * sizeof(uint32_t);
+    return smem <= kKeysSmemMax ? smem : 0;
+}
+
+// CTAs per (entry, head): one wave over the chip from the shape alone
+// (rounded down: a second, nearly empty wave would double the tail), at most
+// one per 64 blocks of the longest possible sequence.
+dim3 score_grid(const resa_cuda_dims &D, int n_decode)
+{
+    const int pairs = n_decode * D.hkv;
+    const int want = max(D.num_sms, 1) * kScoreCtasPerSm / pairs;
+    return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
+}
+
+template <typename T, int D, bool kTop>
+cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
+                           uint32_t *counters)
+{
+    const size_t smem = kTop ? keys_smem(a->dims) : 0;
+    if (smem > 48 * 1024) {
+        cudaError_t err = cudaFuncSetAttribute(score_select<T, D, kTop>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)smem);
+        if (err != cudaSuccess)
+            return err;
+    }
+    return launch_pdl(score_select<T, D, kTop>, grid, dim3(kScoreThreads), smem, a->stream, *a,
+                      keys, counters, smem > 0 ? 1 : 0);
+}
+
+template <typename T, bool kTop>
+cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
+                         uint32_t *counters)
 {
     switch (a->dims.d) {
     case 64:
-        score_blocks<T, 64><<<grid, kScoreThreads, 0, a->stream>>>(*a, keys);
-        break;
+        return launch_score_d<T, 64, kTop>(a, grid, keys, counters);
     case 128:
-        score_blocks<T, 128><<<grid, kScoreThreads, 0, a->stream>>>(*a, keys);
-        break;
+        return launch_score_d<T, 128, kTop>(a, grid, keys, counters);
     case 256:
-        score_blocks<T, 256><<<grid, kScoreThreads, 0, a->stream>>>(*a, keys);
-        break;
+        return launch_score_d<T, 256, kTop>(a, grid, keys, counters);
     default:
         return cudaErrorInvalidValue;
     }
-    return cudaSuccess;
 }
 
 } // namespace
 
 size_t resa_cuda_select_workspace(const resa_cuda_dims *dims)
 {
-    return 2 * list_elems(dims) * sizeof(int32_t); // lists, then keys
+    // lists, keys, then one arrival counter per (entry, head), zero between launches
+    return counters_offset(dims) + (size_t)dims->max_seqs * dims->hkv * sizeof(uint32_t);
+}
+
+cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select, cudaStream_t stream)
+{
+    cudaError_t err = cudaMemsetAsync((char *)ws_select + counters_offset(dims), 0,
+                                      (size_t)dims->max_seqs * dims->hkv * sizeof(uint32_t), stream);
+    if (err != cudaSuccess)
+        return err;
+    return cudaStreamSynchronize(stream);
 }
 
 cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
@@ -474,27 +573,12 @@ cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
         return cudaGetLastError();
     const resa_cuda_dims &D = a->dims;
     uint32_t *keys = (uint32_t *)a->ws_select + list_elems(&D);
-    const int pairs = a->n_decode * D.hkv;
-    // CTAs per (entry, head): one wave over the chip from the shape alone
-    // (rounded down: a second, nearly empty wave would double the tail), at
-    // most one per 64 blocks of the longest possible sequence.
-    const int want = max(D.num_sms, 1) * kScoreCtasPerSm / pairs;
-    const int per_pair = max(1, min(want, (D.max_seq_blocks + 63) / 64));
-    const dim3 grid(per_pair, pairs);
-    cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] { return launch_score<T>(a, grid, keys); });
+    uint32_t *counters = (uint32_t *)((char *)a->ws_select + counters_offset(&D));
+    const dim3 grid = score_grid(D, a->n_decode);
+    cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] {
+        return launch_score<T, true>(a, grid, keys, counters);
+    });
     if (err != cudaSuccess)
         return err;
-    const size_t smem = (size_t)D.max_seq_blocks * sizeof(uint32_t);
-    if (smem <= kKeysSmemMax) {
-        if (smem > 48 * 1024) {
-            err = cudaFuncSetAttribute(select_top<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem);
-            if (err != cudaSuccess)
-                return err;
-        }
-        select_top<true><<<pairs, kSelectThreads, smem, a->stream>>>(*a, keys);
-    } else { // keys stay in global memory (L2-resident: written just before)
-        select_top<false><<<pairs, kSelectThreads, 0, a->stream>>>(*a, keys);
-    }
     return cudaGetLastError();
 }

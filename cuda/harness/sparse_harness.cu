@@ -3,8 +3,8 @@
 // cuda/attention_sparse.cu (not part of the library build).
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90,code=sm_90 -I include -I lib -I cuda
-//        cuda/harness/sparse_harness.cu cuda/attention_sparse.cu -o h
-// (select_blocks.cu is included below, so that its two kernels can be timed apart.)
+//        cuda/harness/sparse_harness.cu cuda/attention_sparse.cu cuda/kv_write.cu -o h
+// (select_blocks.cu is included below, so that its scores can be timed apart.)
 //   ./h check     correctness against a float64 CPU reference
 //   ./h quick     4 small checks (for compute-sanitizer)
 //   ./h time      timings (H200-sized: needs ~10 GB of device memory)
@@ -262,6 +262,7 @@ static Result run_case(const Case &c, uint64_t seed)
     CK(cudaMalloc(&ws_sp, wsp));
     CK(cudaMemset(ws_sel, 0xFF, wsel)); // poison: -1 indices, NaN partials
     CK(cudaMemset(ws_sp, 0xFF, wsp));
+    CK(resa_cuda_select_init(&D, ws_sel, 0));
 
     resa_cuda_layer_args a{};
     a.dims = D;
@@ -285,9 +286,17 @@ static Result run_case(const Case &c, uint64_t seed)
     a.ws_select = ws_sel;
     a.ws_sparse = ws_sp;
     a.stream = 0;
-    CK(resa_cuda_select_blocks(&a));
-    CK(resa_cuda_attention_sparse(&a));
-    CK(cudaDeviceSynchronize());
+    // Twice, lists and output poisoned in between: the second launch shows
+    // that the first left the select workspace ready (arrival counters zero).
+    for (int rep = 0; rep < 2; rep++) {
+        CK(resa_cuda_select_blocks(&a));
+        CK(resa_cuda_attention_sparse(&a));
+        CK(cudaDeviceSynchronize());
+        if (rep == 0) {
+            CK(cudaMemset(ws_sel, 0xFF, counters_offset(&D)));
+            CK(cudaMemcpy(dout, out_poison.data(), out_poison.size() * 2, cudaMemcpyHostToDevice));
+        }
+    }
 
     std::vector<uint16_t> out = dev_download((const uint16_t *)dout, out_poison.size());
     std::vector<int32_t> lists = dev_download((const int32_t *)ws_sel, (size_t)nd * c.hkv * D.max_seq_blocks);
@@ -572,32 +581,27 @@ static double copy_bandwidth()
     return 2.0 * bytes / (median(t) * 1e-3) / 1e9; // read + written
 }
 
-enum What { kLayer, kSelectOnly, kAttendOnly, kScoreOnly, kTopOnly };
+enum What { kLayer, kSelectOnly, kAttendOnly, kScoreOnly, kStep };
 
-// One of the two kernels of resa_cuda_select_blocks, launched as it does.
-static cudaError_t select_part(const resa_cuda_layer_args &a, What w)
+// The scores of resa_cuda_select_blocks alone (its kernel without the top-n tail).
+static cudaError_t select_part(const resa_cuda_layer_args &a)
 {
     const resa_cuda_dims &D = a.dims;
     uint32_t *keys = (uint32_t *)a.ws_select + list_elems(&D);
-    const int pairs = a.n_decode * D.hkv;
-    if (w == kScoreOnly) {
-        const int want = std::max(D.num_sms, 1) * kScoreCtasPerSm / pairs;
-        const dim3 grid(std::max(1, std::min(want, (D.max_seq_blocks + 63) / 64)), pairs);
-        return RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] { return launch_score<T>(&a, grid, keys); });
-    }
-    const size_t smem = (size_t)D.max_seq_blocks * sizeof(uint32_t);
-    if (smem > 48 * 1024) // only ever raise the limit, as the library does
-        cudaFuncSetAttribute(select_top<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    select_top<true><<<pairs, kSelectThreads, smem, a.stream>>>(a, keys);
-    return cudaGetLastError();
+    uint32_t *counters = (uint32_t *)((char *)a.ws_select + counters_offset(&D));
+    const dim3 grid = score_grid(D, a.n_decode);
+    return RESA_DISPATCH_DTYPE(D.kv_dtype, T,
+                               [&] { return launch_score<T, false>(&a, grid, keys, counters); });
 }
 
 static cudaError_t enqueue_e(const resa_cuda_layer_args &a, What w)
 {
     cudaError_t e = cudaSuccess;
-    if (w == kScoreOnly || w == kTopOnly)
-        return select_part(a, w);
-    if (w != kAttendOnly)
+    if (w == kScoreOnly)
+        return select_part(a);
+    if (w == kStep) // the whole decode step of a layer: writes, select, attention
+        e = resa_cuda_kv_write(&a);
+    if (e == cudaSuccess && w != kAttendOnly)
         e = resa_cuda_select_blocks(&a);
     if (e == cudaSuccess && w != kSelectOnly)
         e = resa_cuda_attention_sparse(&a);
@@ -712,10 +716,23 @@ static void time_case(int batch, int64_t len, double copy_gbs)
     int32_t *pt = dev_upload(perm); // slot s: perm[s*M .. s*M + M)
     void *ws_sel, *ws_sp;
     CK(cudaMalloc(&ws_sel, resa_cuda_select_workspace(&D)));
+    CK(resa_cuda_select_init(&D, ws_sel, 0));
     CK(cudaMalloc(&ws_sp, resa_cuda_sparse_workspace(&D)));
     std::vector<int32_t> ids(batch);
     std::iota(ids.begin(), ids.end(), 0);
     int32_t *dids = dev_upload(ids);
+    // the step's new K/V rows (one per entry) and the blocks they touch
+    uint16_t *kin, *vin;
+    CK(cudaMalloc(&kin, (size_t)batch * hkv * d * 2));
+    CK(cudaMalloc(&vin, (size_t)batch * hkv * d * 2));
+    fill_random<<<64, 256>>>(kin, (size_t)batch * hkv * d, 6, 1);
+    fill_random<<<64, 256>>>(vin, (size_t)batch * hkv * d, 7, 1);
+    std::vector<int32_t> tch(2 * batch);
+    for (int e = 0; e < batch; e++) {
+        tch[2 * e] = e;
+        tch[2 * e + 1] = (int32_t)((len - 1) / b);
+    }
+    int32_t *dtch = dev_upload(tch);
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
 
@@ -746,23 +763,27 @@ static void time_case(int batch, int64_t len, double copy_gbs)
             a.out = out;
             a.ws_select = ws_sel;
             a.ws_sparse = ws_sp;
+            a.k_in = kin;
+            a.v_in = vin;
+            a.touched = dtch;
+            a.n_touched = batch;
             args.push_back(a);
         }
         const float t_layer = time_graphs(args, kLayer, st);
         const float t_sel = time_graphs(args, kSelectOnly, st);
         const float t_att = time_graphs(args, kAttendOnly, st);
         const float t_score = dense ? 0.0f : time_graphs(args, kScoreOnly, st);
-        const float t_top = dense ? 0.0f : time_graphs(args, kTopOnly, st);
+        const float t_step = time_graphs(args, kStep, st);
         const double heads = (double)batch * hkv;
         const double b_sum = dense ? 0.0 : heads * M * 2.0 * d * 2;
         const double b_pages = heads * n * (double)b * d * 2 * 2;
         const double bytes = b_sum + b_pages;
         const double gbs = bytes / (t_layer * 1e-3) / 1e9;
-        printf("TIME batch %d x %6lld %-6s n=%5d/%5d rot=%2d: layer %7.1f us = select %6.1f (score %6.1f,"
-               " top %5.1f) + attend %7.1f | read %7.1f MB %5.0f GB/s = %5.1f%% of copy"
+        printf("TIME batch %d x %6lld %-6s n=%5d/%5d rot=%2d: step %7.1f us | layer %7.1f us = select %6.1f (score %6.1f)"
+               " + attend %7.1f | read %7.1f MB %5.0f GB/s = %5.1f%% of copy"
                " [score %3.0f%%, attend %3.0f%%]\n",
-               batch, (long long)len, dense ? "dense" : "sparse", n, M, R, t_layer * 1e3, t_sel * 1e3,
-               t_score * 1e3, t_top * 1e3, t_att * 1e3, bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
+               batch, (long long)len, dense ? "dense" : "sparse", n, M, R, t_step * 1e3, t_layer * 1e3, t_sel * 1e3,
+               t_score * 1e3, t_att * 1e3, bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
                dense ? 0.0 : 100.0 * b_sum / (t_score * 1e-3) / 1e9 / copy_gbs,
                100.0 * b_pages / (t_att * 1e-3) / 1e9 / copy_gbs);
         for (auto p : dents)
@@ -770,7 +791,7 @@ static void time_case(int batch, int64_t len, double copy_gbs)
     }
     CK(cudaStreamDestroy(st));
     for (void *p : {(void *)k, (void *)v, (void *)mn, (void *)mx, (void *)q, (void *)out, (void *)pt,
-                    ws_sel, ws_sp, (void *)dids})
+                    ws_sel, ws_sp, (void *)dids, (void *)kin, (void *)vin, (void *)dtch})
         CK(cudaFree(p));
 }
 
