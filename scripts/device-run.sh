@@ -54,6 +54,12 @@ if [[ $phases == *profile* ]]; then
   grep -E "^  [a-z_]+.*\(|gpu__time|dram__throughput|dram__bytes|sm__throughput|hmma|grid_size" \
     "$OUT/ncu-sparse.txt" "$OUT/ncu-rectify.txt" | sed 's#.*/##' | head -60
 fi
+if [[ $phases == *e2e* ]]; then
+  say "end to end: Qwen2.5-7B-shaped decoder (random weights), dense / sparse / ReSA"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  $build/examples/resa-e2e --contexts ${RESA_E2E_CONTEXTS:-16384,65536,131072,262144} \
+    --batch ${RESA_E2E_BATCH:-1,8} --steps ${RESA_E2E_STEPS:-64} 2>&1 | tee "$OUT/e2e.txt" | tail -40
+fi
 if [[ $phases == all || $phases == *bench* ]]; then
   say "benchmarks: resa-bench (CUDA) and PyTorch SDPA peers, same card, same run"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0

@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: MIT
+// resa-e2e: weights, activations and the forward pass.
+#include <cmath>
+
+#include "model.h"
+
+namespace {
+
+// Weight elements of one layer, in arena order.
+size_t layer_elems(const ModelDims &m)
+{
+    size_t h = m.hidden, qkv = m.qkv(), qd = (size_t)m.hq * m.d, i = m.inter;
+    return 2 * h + qkv * h + qkv + h * qd + 2 * i * h + h * i;
+}
+
+// Y[M][N] (bf16 or fp32) = X[M][K] (row stride ldx) * W[N][K]^T: bf16 in, fp32 accumulate.
+void gemm(cublasHandle_t blas, const bf16 *w, const bf16 *x, int64_t ldx, void *y,
+          cudaDataType_t ytype, int M, int N, int K)
+{
+    const float one = 1.0f, zero = 0.0f;
+    CB(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, K, x,
+                    CUDA_R_16BF, (int)ldx, &zero, y, ytype, N, CUBLAS_COMPUTE_32F,
+                    CUBLAS_GEMM_DEFAULT));
+}
+
+} // namespace
+
+size_t model_param_elems(const ModelDims &m)
+{
+    return layer_elems(m) * m.layers + 2 * (size_t)m.vocab * m.hidden + m.hidden;
+}
+
+void model_init(Model &m, cudaStream_t s)
+{
+    const ModelDims &D = m.dims;
+    if (D.layers > 64) {
+        std::fprintf(stderr, "resa-e2e: at most 64 layers\n");
+        std::exit(1);
+    }
+    m.arena_elems = model_param_elems(D);
+    CK(cudaMalloc(&m.arena, m.arena_elems * sizeof(bf16)));
+    bf16 *p = m.arena;
+    uint64_t tensor = 0;
+    // uniform with standard deviation `sd` around `center`
+    auto take = [&](size_t n, float center, float sd) {
+        bf16 *t = p;
+        p += n;
+        launch_init_uniform(t, n, kSeed + 0x1000 * ++tensor, center, sd * 1.7320508f, s);
+        return t;
+    };
+    const size_t h = D.hidden, qkv = D.qkv(), qd = (size_t)D.hq * D.d, in = D.inter;
+    for (int l = 0; l < D.layers; l++) {
+        Layer &L = m.layers[l];
+        L.ln1 = take(h, 1.0f, 0.05f);
+        L.ln2 = take(h, 1.0f, 0.05f);
+        L.w_qkv = take(qkv * h, 0.0f, 1.0f / std::sqrt((float)h));
+        L.b_qkv = take(qkv, 0.0f, 0.05f);
+        L.w_o = take(h * qd, 0.0f, 1.0f / std::sqrt((float)qd));
+        L.w_gu = take(2 * in * h, 0.0f, 1.0f / std::sqrt((float)h));
+        L.w_down = take(h * in, 0.0f, 1.0f / std::sqrt((float)in));
+    }
+    m.emb = take((size_t)D.vocab * h, 0.0f, 1.0f);
+    m.lm_head = take((size_t)D.vocab * h, 0.0f, 1.0f / std::sqrt((float)h));
+    m.final_norm = take(h, 1.0f, 0.05f);
+    if ((size_t)(p - m.arena) != m.arena_elems) {
+        std::fprintf(stderr, "resa-e2e: internal error: weight arena layout\n");
+        std::exit(1);
+    }
+    CK(cudaStreamSynchronize(s));
+}
+
+void model_free(Model &m)
+{
+    CK(cudaFree(m.arena));
+    m.arena = nullptr;
+}
+
+size_t acts_bytes(const ModelDims &m, int tmax, int max_out)
+{
+    size_t h = m.hidden, row = 4 * h + 2 * (h + (size_t)m.qkv() + (size_t)m.hq * m.d +
+                                            2 * (size_t)m.hkv * m.d + h + h +
+                                            2 * (size_t)m.inter + m.inter) + 8;
+    return row * tmax + 4 * (size_t)m.vocab * max_out + 16 * 256;
+}
+
+void acts_alloc(Acts &a, const ModelDims &m, int tmax, int max_out)
+{
+    a.tmax = tmax;
+    a.max_out = max_out;
+    size_t t = tmax, h = m.hidden;
+    CK(cudaMalloc(&a.x, t * h * sizeof(float)));
+    CK(cudaMalloc(&a.xn, t * h * sizeof(bf16)));
+    CK(cudaMalloc(&a.qkv, t * m.qkv() * sizeof(bf16)));
+    CK(cudaMalloc(&a.q, t * m.hq * m.d * sizeof(bf16)));
+    CK(cudaMalloc(&a.k, t * m.hkv * m.d * sizeof(bf16)));
+    CK(cudaMalloc(&a.v, t * m.hkv * m.d * sizeof(bf16)));
+    CK(cudaMalloc(&a.attn, t * m.hq * m.d * sizeof(bf16)));
+    CK(cudaMalloc(&a.tmp, t * h * sizeof(bf16)));
+    CK(cudaMalloc(&a.gu, t * 2 * m.inter * sizeof(bf16)));
+    CK(cudaMalloc(&a.act, t * m.inter * sizeof(bf16)));
+    CK(cudaMalloc(&a.logits, (size_t)max_out * m.vocab * sizeof(float)));
+    CK(cudaMalloc(&a.rows_tok, t * sizeof(int)));
+    CK(cudaMalloc(&a.rows_pos, t * sizeof(int)));
+}
+
+void acts_free(Acts &a)
+{
+    void *ptrs[] = {a.x, a.xn, a.qkv, a.q, a.k, a.v, a.attn, a.tmp, a.gu, a.act, a.logits,
+                    a.rows_tok, a.rows_pos};
+    for (void *p : ptrs)
+        CK(cudaFree(p));
+    a = Acts{};
+}
+
+void model_forward(const Model &m, const Acts &a, cublasHandle_t blas, cudaStream_t s,
+                   const Pass &p)
+{
+    const ModelDims &D = m.dims;
+    const int T = p.rows, H = D.hidden, qd = D.hq * D.d;
+    if (T < 1 || T > a.tmax || p.rows_per_seq < 1 || T % p.rows_per_seq) {
+        std::fprintf(stderr, "resa-e2e: internal error: %d rows in groups of %d (at most %d)\n",
+                     T, p.rows_per_seq, a.tmax);
+        std::exit(1);
+    }
+    launch_embed(m.emb, p.tok, p.pos, T, H, a.x, p.hist, p.hist_stride, p.seq_base,
+                 p.rows_per_seq, s);
+    launch_add_rmsnorm(a.x, nullptr, m.layers[0].ln1, a.xn, T, H, D.eps, s);
+    for (int l = 0; l < D.layers; l++) {
+        const Layer &L = m.layers[l];
+        gemm(blas, L.w_qkv, a.xn, H, a.qkv, CUDA_R_16BF, T, D.qkv(), H);
+        launch_bias_rope(a.qkv, L.b_qkv, p.pos, a.q, a.k, a.v, T, D.hq, D.hkv, D.d, D.rope_theta,
+                         s);
+        if (p.ctx) // store K/V of these rows, attention over the cache (libresa)
+            CR(p.ctx, resa_ctx_step_attend(p.ctx, l, a.q, a.k, a.v, a.attn, 0));
+        gemm(blas, L.w_o, a.attn, qd, a.tmp, CUDA_R_16BF, T, H, qd);
+        launch_add_rmsnorm(a.x, a.tmp, L.ln2, a.xn, T, H, D.eps, s);
+        gemm(blas, L.w_gu, a.xn, H, a.gu, CUDA_R_16BF, T, 2 * D.inter, H);
+        launch_swiglu(a.gu, a.act, T, D.inter, s);
+        gemm(blas, L.w_down, a.act, D.inter, a.tmp, CUDA_R_16BF, T, H, D.inter);
+        bool last = l + 1 == D.layers;
+        if (last && !p.logits) { // rectification: K/V are all it needs; logits discarded
+            break;
+        }
+        launch_add_rmsnorm(a.x, a.tmp, last ? m.final_norm : m.layers[l + 1].ln1, a.xn, T, H,
+                           D.eps, s);
+    }
+    if (!p.logits)
+        return;
+    // LM head over the last row of each group only: rows rows_per_seq - 1, 2 rows_per_seq - 1, ...
+    const int n_out = T / p.rows_per_seq;
+    if (n_out > a.max_out) {
+        std::fprintf(stderr, "resa-e2e: internal error: %d logit rows (at most %d)\n", n_out,
+                     a.max_out);
+        std::exit(1);
+    }
+    gemm(blas, m.lm_head, a.xn + (size_t)(p.rows_per_seq - 1) * H, (int64_t)H * p.rows_per_seq,
+         a.logits, CUDA_R_32F, n_out, D.vocab, H);
+    launch_argmax(a.logits, n_out, D.vocab, p.tok_out, p.pos_adv, p.pos_add, s);
+}

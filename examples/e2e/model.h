@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: MIT
+// resa-e2e: a Qwen2.5-7B-shaped decoder with random bf16 weights.  The host
+// side of the model: weights, activations and one forward pass over a batch
+// of rows; attention is delegated to libresa (resa_ctx_step_attend).
+#pragma once
+
+#include "kernels.h"
+
+struct Layer {
+    bf16 *ln1, *ln2;   // [hidden]
+    bf16 *w_qkv;       // [(hq + 2 hkv) d][hidden], rows q | k | v
+    bf16 *b_qkv;       // [(hq + 2 hkv) d]
+    bf16 *w_o;         // [hidden][hq d]
+    bf16 *w_gu;        // [2 inter][hidden], rows gate | up
+    bf16 *w_down;      // [hidden][inter]
+};
+
+struct Model {
+    ModelDims dims;
+    bf16 *arena = nullptr;
+    size_t arena_elems = 0;
+    Layer layers[64];
+    bf16 *emb = nullptr, *lm_head = nullptr, *final_norm = nullptr;
+};
+
+// Parameter count of the model (elements).
+size_t model_param_elems(const ModelDims &m);
+// Allocates and fills the weights on the device (hash kernel, kSeed).
+void model_init(Model &m, cudaStream_t s);
+void model_free(Model &m);
+
+// Activations for up to `tmax` rows, logits for up to `max_out` rows.
+struct Acts {
+    int tmax = 0, max_out = 0;
+    float *x = nullptr;                              // residual stream, fp32
+    bf16 *xn = nullptr, *qkv = nullptr, *q = nullptr, *k = nullptr, *v = nullptr;
+    bf16 *attn = nullptr, *tmp = nullptr, *gu = nullptr, *act = nullptr;
+    float *logits = nullptr;
+    int *rows_tok = nullptr, *rows_pos = nullptr;    // rows of prefill / rectification
+};
+size_t acts_bytes(const ModelDims &m, int tmax, int max_out);
+void acts_alloc(Acts &a, const ModelDims &m, int tmax, int max_out);
+void acts_free(Acts &a);
+
+// One forward pass over `rows` rows = n_seqs consecutive groups of
+// rows_per_seq rows (one group per batch entry of the libresa step).
+struct Pass {
+    int rows = 0, rows_per_seq = 1;
+    const int *tok = nullptr, *pos = nullptr; // device [rows]
+    int *hist = nullptr;                      // token history to record into (or NULL)
+    int64_t hist_stride = 0;
+    int seq_base = 0;                         // batch index of the first group
+    resa_ctx *ctx = nullptr;                  // NULL: attention calls left out
+    bool logits = true;                       // final norm, LM head, argmax of each group's last row
+    int *tok_out = nullptr;                   // [rows / rows_per_seq] sampled tokens
+    int *pos_adv = nullptr;                   // positions advanced by pos_add after sampling
+    int pos_add = 0;
+};
+void model_forward(const Model &m, const Acts &a, cublasHandle_t blas, cudaStream_t s,
+                   const Pass &p);
