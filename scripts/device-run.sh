@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|bench] ...
-# Results go to $OUT (default ./device-out): logs, CSV tables.
+#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|bench|sweep] ...
+# Results go to $OUT (default ./device-out): CSV tables and reports, the logs
+# packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
 # machine has none installed.
 set -uo pipefail
@@ -60,6 +61,14 @@ if [[ $phases == *e2e* ]]; then
   $build/examples/resa-e2e --contexts ${RESA_E2E_CONTEXTS:-16384,65536,131072,262144} \
     --batch ${RESA_E2E_BATCH:-1,8} --steps ${RESA_E2E_STEPS:-64} 2>&1 | tee "$OUT/e2e.txt" | tail -40
 fi
+if [[ $phases == *sweep* ]]; then
+  say "resa-bench sweep: shapes, contexts, batches (CSV)"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  $build/tools/resa-bench --backend cuda --batch ${RESA_SWEEP_BATCH:-1,8} \
+    --shapes ${RESA_SWEEP_SHAPES:-32/8x128,28/4x128,16/2x256} \
+    --contexts ${RESA_SWEEP_CONTEXTS:-4096,16384,32768,65536,131072,262144} \
+    --reps ${RESA_SWEEP_REPS:-10} --csv 2>/dev/null | tee "$OUT/sweep.csv"
+fi
 if [[ $phases == all || $phases == *bench* ]]; then
   say "benchmarks: resa-bench (CUDA) and PyTorch SDPA peers, same card, same run"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
@@ -69,4 +78,11 @@ if [[ $phases == all || $phases == *bench* ]]; then
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
   say "ratios (tools/compare.py)"
   python3 tools/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
+fi
+
+# pack the logs (the device tool brings back at most 8 files)
+logs=$(cd "$OUT" && ls *.log ncu-*.txt 2>/dev/null)
+if [ -n "$logs" ]; then
+  tag=$(echo "$phases" | tr -c 'a-z0-9\n' '-')
+  (cd "$OUT" && tar czf "logs-$tag.tgz" $logs && rm -f $logs)
 fi
