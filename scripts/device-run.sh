@@ -76,6 +76,9 @@ if [[ $phases == all || $phases == *bench* ]]; then
     --reps 30 --csv 2>/dev/null | tee "$OUT/resa-bench.csv"
   python3 tools/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
+  # FlashInfer, when it is installed (or carried as wheels): same CSV rows
+  python3 tools/flashinfer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
+    2>>"$OUT/peer-errors.log" | grep -v '^peer,\|^#' >>"$OUT/peers.csv"
   say "ratios (tools/compare.py)"
   python3 tools/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
 fi
