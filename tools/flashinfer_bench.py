@@ -18,32 +18,11 @@ import sys
 try:
     import torch
     import flashinfer
+    from peer_bench import timed  # CUDA-graph replays timed with events
 except ImportError as e:
     print(f"# flashinfer_bench: FlashInfer not available here ({e}); no FlashInfer rows",
           file=sys.stderr)
     sys.exit(0)
-
-
-def median_ms(fn, reps):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main():
@@ -76,7 +55,7 @@ def main():
                                                                   use_tensor_cores=tc)
                 w.plan(indptr, indices, last, hq, hkv, d, page, data_type=dt)
                 try:
-                    ms = median_ms(lambda: w.run(q, cache), a.reps)
+                    ms = timed(lambda: w.run(q, cache), a.reps)
                 except Exception as e:  # a configuration FlashInfer refuses
                     print(f"# flashinfer {'tc' if tc else 'cuda-core'} L={L} B={B}: {e}",
                           file=sys.stderr)
