@@ -130,6 +130,10 @@ resa_status cuda_check_config(resa_ctx *ctx, const resa_layout *lo)
     if (lo->b < 8 || lo->b > 64)
         return fail(ctx, RESA_ERR_NOT_SUPPORTED,
                     "lock: the CUDA backend supports RESA_PARAM_BLOCK_SIZE 8 to 64, not %d", lo->b);
+    if ((int64_t)lo->max_seq_blocks * lo->b >= ((int64_t)1 << 31))
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "lock: the CUDA kernels index positions with 32 bits; "
+                    "RESA_PARAM_MAX_SEQ_TOKENS must stay below 2^31");
     if (lo->group > 16)
         return fail(ctx, RESA_ERR_NOT_SUPPORTED,
                     "lock: the CUDA backend supports groups of up to 16 query heads per KV head, "
