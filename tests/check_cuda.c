@@ -371,13 +371,8 @@ int main(void)
     tcase_add_test(tc, test_cuda_capacity);
     tcase_add_test(tc, test_cuda_graph_replay);
     suite_add_tcase(su, tc);
-    SRunner *sr = srunner_create(su);
     /* CUDA cannot be used in a child forked after the parent touched it
      * (th_cuda_usable did), so the GPU tests run in-process; meson's
      * timeout bounds them. */
-    srunner_set_fork_status(sr, CK_NOFORK);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return th_run_suite(su, 0);
 }

@@ -108,6 +108,17 @@ void th_opts_default(th_opts *o)
 static cuda_shim g_cu;
 static int g_cu_state; /* 0 unknown, 1 usable, -1 not */
 
+int th_run_suite(Suite *s, int fork)
+{
+    SRunner *sr = srunner_create(s);
+    if (!fork)
+        srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+
 int th_cuda_usable(void)
 {
     if (g_cu_state == 0)

@@ -108,6 +108,10 @@ void th_prefill(th *t, th_seq *s, int64_t n, int32_t chunk, int kv_only);
 /* Random inputs in the IO dtype (exactly the values the reference reads). */
 void th_fill(th *t, void *buf, size_t n, double scale);
 
+/* Runs a suite (forking each test when fork is 1, in-process when 0) and
+ * returns the process exit status: EXIT_SUCCESS when nothing failed. */
+int th_run_suite(Suite *s, int fork);
+
 /* 1 when the CUDA backend and libcudart are usable here (GPU tests skip otherwise). */
 int th_cuda_usable(void);
 
