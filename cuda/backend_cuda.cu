@@ -27,6 +27,7 @@ struct cuda_state {
     cudaStream_t stream;
     resa_cuda_dims dims;
     void *k, *v, *kmin, *kmax;        // the pool, layer-major (lib/internal.h)
+    int8_t *kexp;                     // fp8 summaries' scale exponents, or NULL
     uint32_t *selection;              // RECORD_SELECTION bitmaps or NULL
     int32_t *page_tables;             // [max_seqs][max_seq_blocks]
     char *d_meta;                     // the step's metadata on the device
@@ -76,6 +77,8 @@ size_t sum_elems_per_layer(const resa_cuda_dims &D)
 {
     return (size_t)D.n_pages * D.hkv * D.d;
 }
+// Bytes per summary element: the KV dtype's 2, or 1 for fp8 summaries.
+size_t sum_elt(const resa_cuda_dims &D) { return D.sum_fp8 ? 1 : 2; }
 
 __global__ void scatter_pages(int32_t *tables, const int32_t *pairs, int32_t n)
 {
@@ -147,7 +150,7 @@ void cuda_pool_destroy(resa_ctx *ctx)
     if (!st)
         return;
     cudaStreamSynchronize(st->stream); // nothing may still read what we free
-    void *dev[] = {st->k, st->v, st->kmin, st->kmax, st->selection, st->page_tables,
+    void *dev[] = {st->k, st->v, st->kmin, st->kmax, st->kexp, st->selection, st->page_tables,
                    st->d_meta, st->ws_select, st->ws_sparse, st->ws_dense};
     for (void *p : dev)
         if (p)
@@ -185,15 +188,19 @@ resa_status cuda_pool_create(resa_ctx *ctx)
     D.max_seq_blocks = lo->max_seq_blocks;
     D.sel_words = lo->sel_words;
     D.kv_dtype = lo->kv_dtype;
+    D.sum_fp8 = lo->sum_fp8;
     D.max_step_tokens = lo->max_step_tokens;
     D.num_sms = st->num_sms;
 
     const size_t kv = kv_elems_per_layer(D) * D.n_layers * 2;
-    const size_t sum = sum_elems_per_layer(D) * D.n_layers * 2;
+    const size_t sum = sum_elems_per_layer(D) * D.n_layers * sum_elt(D);
     TRY(cudaMalloc(&st->k, kv), "lock: cudaMalloc(K pool)");
     TRY(cudaMalloc(&st->v, kv), "lock: cudaMalloc(V pool)");
     TRY(cudaMalloc(&st->kmin, sum), "lock: cudaMalloc(summaries)");
     TRY(cudaMalloc(&st->kmax, sum), "lock: cudaMalloc(summaries)");
+    if (D.sum_fp8)
+        TRY(cudaMalloc(&st->kexp, sum_elems_per_layer(D) / D.d * D.n_layers),
+            "lock: cudaMalloc(summary scales)");
     if (ctx->cfg.record_selection) {
         size_t bytes = (size_t)D.max_seqs * D.n_layers * D.hkv * D.sel_words * sizeof(uint32_t);
         TRY(cudaMalloc(&st->selection, bytes), "lock: cudaMalloc(selection record)");
@@ -244,13 +251,15 @@ resa_status cuda_copy_pages(resa_ctx *ctx, int32_t n, const int32_t *dst, const 
 {
     cuda_state *st = state(ctx);
     const resa_cuda_dims &D = st->dims;
-    const size_t kv_page = (size_t)D.hkv * D.b * D.d * 2, sum_page = (size_t)D.hkv * D.d * 2;
+    const size_t kv_page = (size_t)D.hkv * D.b * D.d * 2;
+    const size_t sum_page = (size_t)D.hkv * D.d * (D.sum_fp8 ? 1 : 2), exp_page = (size_t)D.hkv;
     for (int32_t i = 0; i < n; i++)
         for (int32_t l = 0; l < D.n_layers; l++) {
             size_t to = ((size_t)l * D.n_pages + dst[i]), from = ((size_t)l * D.n_pages + src[i]);
-            char *bases[4] = {(char *)st->k, (char *)st->v, (char *)st->kmin, (char *)st->kmax};
-            for (int a = 0; a < 4; a++) {
-                size_t bytes = a < 2 ? kv_page : sum_page;
+            char *bases[5] = {(char *)st->k, (char *)st->v, (char *)st->kmin, (char *)st->kmax,
+                              (char *)st->kexp};
+            for (int a = 0; a < (st->kexp ? 5 : 4); a++) {
+                size_t bytes = a < 2 ? kv_page : a < 4 ? sum_page : exp_page;
                 TRY(cudaMemcpyAsync(bases[a] + to * bytes, bases[a] + from * bytes, bytes,
                                     cudaMemcpyDeviceToDevice, st->stream),
                     "copy_pages: cudaMemcpyAsync");
@@ -265,7 +274,7 @@ resa_status cuda_refresh_summaries(resa_ctx *ctx, const int32_t *pages, int64_t 
     cuda_state *st = state(ctx);
     // pages points into the host page tables; the device holds the same row
     const size_t slot = (size_t)(pages - ctx->page_tables) / ctx->lo.max_seq_blocks;
-    TRY(resa_cuda_refresh_summaries(&st->dims, st->k, st->kmin, st->kmax,
+    TRY(resa_cuda_refresh_summaries(&st->dims, st->k, st->kmin, st->kmax, st->kexp,
                                     st->page_tables + slot * st->dims.max_seq_blocks, lo, hi,
                                     valid, st->stream),
         "resa_cuda_refresh_summaries");
@@ -401,12 +410,13 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     }
     const resa_cuda_dims &D = st->dims;
     resa_cuda_layer_args a = st->step;
-    const size_t kv_off = kv_elems_per_layer(D) * layer * 2, sum_off = sum_elems_per_layer(D) * layer * 2;
+    const size_t kv_off = kv_elems_per_layer(D) * layer * 2, sum_off = sum_elems_per_layer(D) * layer * sum_elt(D);
     a.layer = layer;
     a.k = (char *)st->k + kv_off;
     a.v = (char *)st->v + kv_off;
     a.kmin = (char *)st->kmin + sum_off;
     a.kmax = (char *)st->kmax + sum_off;
+    a.kexp = st->kexp ? st->kexp + sum_elems_per_layer(D) / D.d * layer : NULL;
     a.selection = st->selection ? st->selection + (size_t)layer * D.hkv * D.sel_words : NULL;
     a.q = q;
     a.k_in = k;

@@ -27,6 +27,7 @@ typedef struct resa_cuda_dims {
     int32_t n_layers, hq, hkv, group, d, b, log2_b;
     int32_t n_pages, max_seqs, max_seq_blocks, sel_words;
     int32_t kv_dtype;            /* resa_dtype: RESA_DTYPE_F16 or RESA_DTYPE_BF16 (== IO dtype) */
+    int32_t sum_fp8;             /* summaries in fp8 e4m3 + kexp (lib/summary_fp8.h), else kv_dtype */
     int64_t max_step_tokens;
     int32_t num_sms;
 } resa_cuda_dims;
@@ -46,11 +47,13 @@ typedef struct resa_dev_entry {
 } resa_dev_entry;
 
 /* Everything one layer of a step needs.  Pool pointers are already offset to
- * this layer: k/v [n_pages][hkv][b][d], kmin/kmax [n_pages][hkv][d]. */
+ * this layer: k/v [n_pages][hkv][b][d], kmin/kmax [n_pages][hkv][d] (kv dtype,
+ * or bytes with sum_fp8), kexp [n_pages][hkv] (sum_fp8 only, else NULL). */
 typedef struct resa_cuda_layer_args {
     resa_cuda_dims dims;
     int32_t layer;
     void *k, *v, *kmin, *kmax;
+    int8_t *kexp;
     uint32_t *selection;         /* [hkv][sel_words] bitmaps of slot 0 of this layer,
                                     stride per slot n_layers*hkv*sel_words; NULL = off */
     const int32_t *page_tables;  /* [max_seqs][max_seq_blocks] */
@@ -93,8 +96,9 @@ cudaError_t resa_cuda_kv_write(const resa_cuda_layer_args *a);
  * positions [lo, hi), over valid positions < valid, every layer (pool base
  * pointers, not offset to a layer).  For step cancellation. */
 cudaError_t resa_cuda_refresh_summaries(const resa_cuda_dims *dims, void *k, void *kmin,
-                                        void *kmax, const int32_t *d_pages, int64_t lo,
-                                        int64_t hi, int64_t valid, cudaStream_t stream);
+                                        void *kmax, int8_t *kexp, const int32_t *d_pages,
+                                        int64_t lo, int64_t hi, int64_t valid,
+                                        cudaStream_t stream);
 /* select_blocks.cu: for every DECODE entry and KV head: pooled query, block
  * scores, budget with forced blocks, top-n; writes the chosen block indices
  * (ascending) to the workspace and, when a->selection, the bitmap. */

@@ -6,10 +6,12 @@
 // copies), then the summaries of every touched block recomputed over its
 // valid positions (one warp per (block, head)), exactly as the CPU does: a
 // block's summary is min/max of the stored keys, so it is exact in the KV
-// dtype and rectification and cancellation need no special case.
+// dtype (or rounded outward to fp8, RESA_SUMMARY_FP8_E4M3) and rectification
+// and cancellation need no special case.
 #include <float.h>
 
 #include "common.cuh"
+#include "summary_fp8.h"
 
 namespace {
 
@@ -43,20 +45,53 @@ __global__ void write_rows(resa_cuda_layer_args a)
 }
 
 // min/max of the valid keys of one block of one head: lanes own dimensions.
+// Called by a whole warp.  The summary at element offset s of the layer is
+// stored exactly in T, or (fp8) rounded outward with the block's scale
+// exponent, by the same codec as the CPU (lib/summary_fp8.h).
 template <typename T>
-__device__ void summarize_block(const T *k, T *kmin, T *kmax, int d, int n_valid)
+__device__ void summarize_block(const resa_cuda_dims &D, const T *k, void *kmin, void *kmax,
+                                int8_t *kexp, size_t s, int n_valid)
 {
-    const int lane = threadIdx.x % 32;
-    for (int j = lane; j < d; j += 32) {
+    constexpr int R = RESA_MAX_HEAD_DIM / 32; // dimensions per lane, at most
+    const int lane = threadIdx.x % 32, d = D.d;
+    k += s * D.b;
+    float mnv[R], mxv[R], amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+        const int j = lane + 32 * i;
         float mn = FLT_MAX, mx = -FLT_MAX;
-        for (int t = 0; t < n_valid; t++) {
-            float x = to_f32(k[(size_t)t * d + j]);
-            mn = fminf(mn, x);
-            mx = fmaxf(mx, x);
-        }
-        kmin[j] = from_f32<T>(mn); // exact: mn is a stored value
-        kmax[j] = from_f32<T>(mx);
+        if (j < d)
+            for (int t = 0; t < n_valid; t++) {
+                float x = to_f32(k[(size_t)t * d + j]);
+                mn = fminf(mn, x);
+                mx = fmaxf(mx, x);
+            }
+        mnv[i] = mn;
+        mxv[i] = mx;
+        if (j < d)
+            amax = fmaxf(amax, fmaxf(fabsf(mn), fabsf(mx)));
     }
+    if (!D.sum_fp8) {
+#pragma unroll
+        for (int i = 0; i < R; i++)
+            if (lane + 32 * i < d) {
+                ((T *)kmin)[s + lane + 32 * i] = from_f32<T>(mnv[i]); // exact: stored values
+                ((T *)kmax)[s + lane + 32 * i] = from_f32<T>(mxv[i]);
+            }
+        return;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const int e = resa_fp8_scale_exp(amax);
+#pragma unroll
+    for (int i = 0; i < R; i++)
+        if (lane + 32 * i < d) {
+            ((uint8_t *)kmin)[s + lane + 32 * i] = resa_e4m3_round(mnv[i], e, 0);
+            ((uint8_t *)kmax)[s + lane + 32 * i] = resa_e4m3_round(mxv[i], e, 1);
+        }
+    if (lane == 0)
+        kexp[s / d] = (int8_t)e;
 }
 
 template <typename T>
@@ -76,7 +111,7 @@ __global__ void summarize_touched(resa_cuda_layer_args a)
     const int64_t first = (int64_t)blk << D.log2_b;
     const int n_valid = (int)min((int64_t)D.b, e.valid - first);
     const size_t s = ((size_t)page * D.hkv + head) * D.d;
-    summarize_block<T>((const T *)a.k + s * D.b, (T *)a.kmin + s, (T *)a.kmax + s, D.d, n_valid);
+    summarize_block<T>(D, (const T *)a.k, a.kmin, a.kmax, a.kexp, s, n_valid);
 }
 
 // Decode-only steps (every entry one DECODE row): one warp per (row, head)
@@ -112,12 +147,13 @@ __global__ void write_decode(resa_cuda_layer_args a)
     __syncwarp(); // the row's K is visible to every lane of the warp
     const int64_t first = blk << D.log2_b;
     const int n_valid = (int)min((int64_t)D.b, e.valid - first);
-    summarize_block<T>((const T *)a.k + s * D.b, (T *)a.kmin + s, (T *)a.kmax + s, D.d, n_valid);
+    summarize_block<T>(D, (const T *)a.k, a.kmin, a.kmax, a.kexp, s, n_valid);
 }
 
 template <typename T>
-__global__ void summarize_range(resa_cuda_dims D, const T *k, T *kmin, T *kmax,
-                                const int32_t *pages, int64_t first_block, int64_t valid)
+__global__ void summarize_range(resa_cuda_dims D, const T *k, void *kmin, void *kmax,
+                                int8_t *kexp, const int32_t *pages, int64_t first_block,
+                                int64_t valid)
 {
     const int head = blockIdx.z;
     const int64_t blk = first_block + blockIdx.x;
@@ -126,7 +162,7 @@ __global__ void summarize_range(resa_cuda_dims D, const T *k, T *kmin, T *kmax,
     const int64_t first = blk << D.log2_b;
     const int n_valid = (int)min((int64_t)D.b, valid - first);
     const size_t s = (((size_t)layer * D.n_pages + page) * D.hkv + head) * D.d;
-    summarize_block<T>(k + s * D.b, kmin + s, kmax + s, D.d, n_valid);
+    summarize_block<T>(D, k, kmin, kmax, kexp, s, n_valid);
 }
 
 constexpr int kWarps = 8;
@@ -162,14 +198,15 @@ cudaError_t resa_cuda_kv_write(const resa_cuda_layer_args *a)
 }
 
 cudaError_t resa_cuda_refresh_summaries(const resa_cuda_dims *dims, void *k, void *kmin,
-                                        void *kmax, const int32_t *d_pages, int64_t lo,
-                                        int64_t hi, int64_t valid, cudaStream_t stream)
+                                        void *kmax, int8_t *kexp, const int32_t *d_pages,
+                                        int64_t lo, int64_t hi, int64_t valid,
+                                        cudaStream_t stream)
 {
     const int64_t first = lo >> dims->log2_b, last = (hi - 1) >> dims->log2_b;
     dim3 grid((unsigned)(last - first + 1), (unsigned)dims->n_layers, (unsigned)dims->hkv);
     RESA_DISPATCH_DTYPE(dims->kv_dtype, T, [&] {
-        summarize_range<T><<<grid, 32, 0, stream>>>(*dims, (const T *)k, (T *)kmin,
-                                                               (T *)kmax, d_pages, first, valid);
+        summarize_range<T><<<grid, 32, 0, stream>>>(*dims, (const T *)k, kmin, kmax, kexp,
+                                                    d_pages, first, valid);
         return 0;
     });
     return cudaGetLastError();

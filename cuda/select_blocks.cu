@@ -30,9 +30,11 @@
 //   lists    [max_seqs][hkv][max_seq_blocks] int32  (resa_cuda_sel_list)
 //   keys     [max_seqs][hkv][max_seq_blocks] uint32 (scores as ordered keys)
 //   counters [max_seqs][hkv] uint32: zero at rest (resa_cuda_select_init once)
+#include <cuda_fp8.h>
 #include <limits.h>
 
 #include "common.cuh"
+#include "summary_fp8.h"
 
 namespace {
 
@@ -98,6 +100,30 @@ __device__ __forceinline__ void unpack8(uint4 v, float out[8], __nv_bfloat16)
     }
 }
 
+// fp8 summaries (RESA_SUMMARY_FP8_E4M3, lib/summary_fp8.h): 8 dimensions are
+// 8 bytes, in v.x and v.y.  e4m3 -> f16 is exact, so the hardware conversion
+// (sm_89+) gives the codec's resa_e4m3_to_f32 values.
+struct fp8_e4m3 {
+    uint8_t bits;
+};
+__device__ __forceinline__ void unpack8(uint4 v, float out[8], fp8_e4m3)
+{
+    const uint32_t w[2] = {v.x, v.y};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const __nv_fp8x2_storage_t pair = (__nv_fp8x2_storage_t)(w[i / 2] >> (16 * (i % 2)));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        const __half2 h(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3));
+        const float2 f = __half22float2(h);
+#else
+        const float2 f = make_float2(resa_e4m3_to_f32((uint8_t)(pair & 0xff)),
+                                     resa_e4m3_to_f32((uint8_t)(pair >> 8)));
+#endif
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
 // Streaming 16-byte load: summaries are read once per step, keep them out of L1.
 // Not volatile, so that the scheduler may hoist all loads of a step together.
 __device__ __forceinline__ uint4 load_stream(const void *p)
@@ -107,6 +133,20 @@ __device__ __forceinline__ uint4 load_stream(const void *p)
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
+}
+// The same for the 8 bytes of fp8 summaries (in .x, .y).
+__device__ __forceinline__ uint4 load_stream8(const void *p)
+{
+    uint4 v = make_uint4(0, 0, 0, 0);
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+template <typename S> __device__ __forceinline__ uint4 load_summary8(const S *p)
+{
+    if constexpr (sizeof(S) == 1)
+        return load_stream8(p);
+    else
+        return load_stream(p);
 }
 
 // Pooled query of the group: mean of the g query vectors, unscaled, fp32.
@@ -409,11 +449,12 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
 // score (n >= M, or only forced blocks) are selected by their CTA 0 alone.
 // (The 64-register cap of 1024 threads at 1 CTA/SM keeps 4 blocks per lane
 // in flight; dynamic shared memory: the keys staging of the tail.)
-template <typename T, int D, bool kTop>
+template <typename T, typename S, int D, bool kTop>
 __global__ void __launch_bounds__(kScoreThreads, 1)
 score_select(resa_cuda_layer_args a, uint32_t *keys, uint32_t *counters, int stage_keys)
 {
-    constexpr int TD = D / 8;                 // lanes per block: 16 bytes of kmin + kmax each
+    constexpr int TD = D / 8;                 // lanes per block: 8 dimensions of kmin + kmax each
+    constexpr bool F8 = sizeof(S) == 1;       // S: summary element, T or fp8_e4m3
     constexpr int G = kScoreThreads / TD;     // blocks per CTA per unrolled slot
     constexpr int STEP = G * kScoreUnroll;
     extern __shared__ uint32_t keys_s[];
@@ -444,8 +485,9 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, uint32_t *counters, int sta
     for (int e = 0; e < 8; e++)
         q[e] = qp[sub * 8 + e];
     const int32_t *pt = a.page_tables + (size_t)p.slot * Dm.max_seq_blocks;
-    const T *kmin = (const T *)a.kmin + (size_t)h * D + sub * 8;
-    const T *kmax = (const T *)a.kmax + (size_t)h * D + sub * 8;
+    const S *kmin = (const S *)a.kmin + (size_t)h * D + sub * 8;
+    const S *kmax = (const S *)a.kmax + (size_t)h * D + sub * 8;
+    const int8_t *kexp = a.kexp + h; // F8: the scale exponent of (page, h) at page * hkv
     const size_t page_stride = (size_t)Dm.hkv * D;
 
     // Uniform trip count across the CTA so that the shuffles see full warps.
@@ -457,14 +499,18 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, uint32_t *counters, int sta
         for (int u = 0; u < kScoreUnroll; u++)
             page[u] = __ldg(pt + min(base + u * G + grp, hi - 1));
         uint4 mn[kScoreUnroll], mx[kScoreUnroll];
+        int ex[kScoreUnroll];
 #pragma unroll
         for (int u = 0; u < kScoreUnroll; u++) {
-            mn[u] = load_stream(kmin + (size_t)page[u] * page_stride);
-            mx[u] = load_stream(kmax + (size_t)page[u] * page_stride);
+            mn[u] = load_summary8(kmin + (size_t)page[u] * page_stride);
+            mx[u] = load_summary8(kmax + (size_t)page[u] * page_stride);
+            ex[u] = F8 ? __ldg(kexp + (size_t)page[u] * Dm.hkv) : 0;
         }
 #pragma unroll
         for (int u = 0; u < kScoreUnroll; u++) {
-            const float s = group_sum<TD>(score8<T>(q, mn[u], mx[u]));
+            float s = group_sum<TD>(score8<S>(q, mn[u], mx[u]));
+            if (F8)
+                s = ldexpf(s, ex[u]); // 2^e * sum, as the CPU (exact scaling)
             const int j = base + u * G + grp;
             if (sub == 0 && j < hi)
                 out[j] = order_key(s);
@@ -518,33 +564,33 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
     return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
 }
 
-template <typename T, int D, bool kTop>
+template <typename T, typename S, int D, bool kTop>
 cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
                            uint32_t *counters)
 {
     const size_t smem = kTop ? keys_smem(a->dims) : 0;
     if (smem > 48 * 1024) {
-        cudaError_t err = cudaFuncSetAttribute(score_select<T, D, kTop>,
+        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, kTop>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)smem);
         if (err != cudaSuccess)
             return err;
     }
-    return launch_pdl(score_select<T, D, kTop>, grid, dim3(kScoreThreads), smem, a->stream, *a,
+    return launch_pdl(score_select<T, S, D, kTop>, grid, dim3(kScoreThreads), smem, a->stream, *a,
                       keys, counters, smem > 0 ? 1 : 0);
 }
 
-template <typename T, bool kTop>
+template <typename T, typename S, bool kTop>
 cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
                          uint32_t *counters)
 {
     switch (a->dims.d) {
     case 64:
-        return launch_score_d<T, 64, kTop>(a, grid, keys, counters);
+        return launch_score_d<T, S, 64, kTop>(a, grid, keys, counters);
     case 128:
-        return launch_score_d<T, 128, kTop>(a, grid, keys, counters);
+        return launch_score_d<T, S, 128, kTop>(a, grid, keys, counters);
     case 256:
-        return launch_score_d<T, 256, kTop>(a, grid, keys, counters);
+        return launch_score_d<T, S, 256, kTop>(a, grid, keys, counters);
     default:
         return cudaErrorInvalidValue;
     }
@@ -576,7 +622,8 @@ cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
     uint32_t *counters = (uint32_t *)((char *)a->ws_select + counters_offset(&D));
     const dim3 grid = score_grid(D, a->n_decode);
     cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] {
-        return launch_score<T, true>(a, grid, keys, counters);
+        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true>(a, grid, keys, counters)
+                         : launch_score<T, T, true>(a, grid, keys, counters);
     });
     if (err != cudaSuccess)
         return err;

@@ -113,6 +113,17 @@ typedef enum resa_dtype {
     RESA_DTYPE_BF16 = 2     /* bfloat16 */
 } resa_dtype;
 
+/* How the block summaries (per block and KV head, the element-wise min and
+ * max of its keys) are stored; RESA_PARAM_SUMMARY_FORMAT. */
+typedef enum resa_summary_format {
+    RESA_SUMMARY_KV_DTYPE = 0, /* in the KV dtype: exact, 2 d elements per block and head */
+    RESA_SUMMARY_FP8_E4M3 = 1  /* fp8 e4m3 with one power-of-two scale per block and head,
+                                  rounded outward (min down, max up) so the block score
+                                  stays an upper bound; 2 d + 1 bytes, half the scoring
+                                  traffic of a 16-bit cache.  The chosen blocks may differ
+                                  from the exact summaries' where scores are close. */
+} resa_summary_format;
+
 /* What one sequence does in a step (see resa_ctx_step_begin). */
 typedef enum resa_mode {
     RESA_MODE_APPEND    = 0, /* n >= 1 new tokens (prompt/chunk): store K/V, dense causal attention */
@@ -144,6 +155,7 @@ typedef enum resa_param {
     RESA_PARAM_MAX_SEQUENCES    = 107, /* default 64,    [1, 65535] live sequences */
     RESA_PARAM_MAX_SEQ_TOKENS   = 108, /* default 0 = MAX_TOKENS: longest sequence */
     RESA_PARAM_MAX_STEP_TOKENS  = 109, /* default 8192:  tokens in one step, all sequences */
+    RESA_PARAM_SUMMARY_FORMAT   = 110, /* default RESA_SUMMARY_KV_DTYPE (resa_summary_format) */
     /* ReSA method */
     RESA_PARAM_BLOCK_SIZE       = 200, /* default 16,    power of two in [1, 256] (locks) */
     RESA_PARAM_SELECT_FRACTION  = 201, /* f64, default 0.1, [0, 1]: r, fraction of blocks attended */

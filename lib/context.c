@@ -298,6 +298,8 @@ static resa_status layout_from_config(resa_ctx *ctx, resa_layout *lo)
     lo->io_dtype = (resa_dtype)c->io_dtype;
     lo->kv_elt = resa_dtype_size(lo->kv_dtype);
     lo->io_elt = resa_dtype_size(lo->io_dtype);
+    lo->sum_fp8 = c->summary_format == RESA_SUMMARY_FP8_E4M3;
+    lo->sum_elt = lo->sum_fp8 ? 1 : lo->kv_elt;
     return RESA_OK;
 }
 

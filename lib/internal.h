@@ -27,7 +27,7 @@ extern "C" {
 typedef struct resa_config {
     int64_t n_layers, n_q_heads, n_kv_heads, head_dim;
     int64_t kv_dtype, io_dtype;
-    int64_t max_tokens, max_seqs, max_seq_tokens, max_step_tokens;
+    int64_t max_tokens, max_seqs, max_seq_tokens, max_step_tokens, summary_format;
     int64_t block_size;
     double select_fraction;
     int64_t min_blocks, local_blocks, sink_blocks, rectify_interval;
@@ -45,13 +45,18 @@ typedef struct resa_layout {
     int64_t max_step_tokens;
     resa_dtype kv_dtype, io_dtype;
     size_t kv_elt, io_elt;   /* bytes per element */
+    int32_t sum_fp8;         /* RESA_SUMMARY_FP8_E4M3 (lib/summary_fp8.h) */
+    size_t sum_elt;          /* bytes per summary element: kv_elt, or 1 with sum_fp8 */
 } resa_layout;
 
 /*
  * KV pool layout, identical on every backend (only the memory space differs):
  *   K, V:        [layer][page][kv_head][b][d]       (kv_dtype)
  *   kmin, kmax:  [layer][page][kv_head][d]          (kv_dtype; min/max of the
- *                valid keys of the block, exact, so the KV dtype loses nothing)
+ *                valid keys of the block, exact, so the KV dtype loses nothing;
+ *                or, with sum_fp8, e4m3 bytes rounded outward)
+ *   kexp:        [layer][page][kv_head]             (sum_fp8 only: int8 scale
+ *                exponent of the block's fp8 summary; index = summary offset / d)
  *   selection:   [seq_slot][layer][kv_head][sel_words] bits (RECORD_SELECTION)
  */
 static inline size_t resa_kv_offset(const resa_layout *lo, int32_t layer, int32_t page,

@@ -34,6 +34,8 @@ static const param_row rows[] = {
     INT_ROW(RESA_PARAM_MAX_SEQUENCES, max_seqs, 1, 64, 1, 65535),
     INT_ROW(RESA_PARAM_MAX_SEQ_TOKENS, max_seq_tokens, 1, 0, 0, (double)(1ll << 40)),
     INT_ROW(RESA_PARAM_MAX_STEP_TOKENS, max_step_tokens, 1, 8192, 1, (double)(1ll << 30)),
+    INT_ROW(RESA_PARAM_SUMMARY_FORMAT, summary_format, 1, RESA_SUMMARY_KV_DTYPE,
+            RESA_SUMMARY_KV_DTYPE, RESA_SUMMARY_FP8_E4M3),
     INT_ROW(RESA_PARAM_BLOCK_SIZE, block_size, 1, RESA_DEFAULT_BLOCK_SIZE, 1, 256),
     REAL_ROW(RESA_PARAM_SELECT_FRACTION, select_fraction, 0, 0.1, 0.0, 1.0),
     INT_ROW(RESA_PARAM_SELECT_MIN_BLOCKS, min_blocks, 0, 16, 0, (double)(1ll << 30)),

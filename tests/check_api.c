@@ -92,6 +92,8 @@ static const pinfo params[] = {
     {RESA_PARAM_MAX_SEQUENCES, "RESA_PARAM_MAX_SEQUENCES", 0, 1, 64, 1, 65535},
     {RESA_PARAM_MAX_SEQ_TOKENS, "RESA_PARAM_MAX_SEQ_TOKENS", 0, 1, -1 /* 0 or MAX_TOKENS */, NAN, NAN},
     {RESA_PARAM_MAX_STEP_TOKENS, "RESA_PARAM_MAX_STEP_TOKENS", 0, 1, 8192, NAN, NAN},
+    {RESA_PARAM_SUMMARY_FORMAT, "RESA_PARAM_SUMMARY_FORMAT", 0, 1, RESA_SUMMARY_KV_DTYPE,
+     RESA_SUMMARY_KV_DTYPE, RESA_SUMMARY_FP8_E4M3},
     {RESA_PARAM_BLOCK_SIZE, "RESA_PARAM_BLOCK_SIZE", 0, 1, 16, 1, 256},
     {RESA_PARAM_SELECT_FRACTION, "RESA_PARAM_SELECT_FRACTION", 1, 0, 0.1, 0, 1},
     {RESA_PARAM_SELECT_MIN_BLOCKS, "RESA_PARAM_SELECT_MIN_BLOCKS", 0, 0, 16, 0, 1 << 30},
@@ -188,7 +190,7 @@ START_TEST(test_param_defaults_and_bounds)
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "value", resa_ctx_get_param(c, RESA_PARAM_HEAD_DIM, NULL));
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "value",
           resa_ctx_get_param_f64(c, RESA_PARAM_SOFTMAX_SCALE, NULL));
-    static const int bogus[] = {-1, 0, 99, 110, 207, 302, 999, 1001, 123456};
+    static const int bogus[] = {-1, 0, 99, 111, 207, 302, 999, 1001, 123456};
     for (int i = 0; i < 9; i++) {
         resa_param bp = (resa_param)bogus[i];
         TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "param", resa_ctx_set_param(c, bp, 1));

@@ -31,6 +31,16 @@ assert {(r["context"], r["batch"], r["hq"], r["hkv"], r["d"]) for r in rows} == 
     (c, b, hq, hkv, d) for c in ("100", "700") for b in ("1", "2")
     for hq, hkv, d in (("8", "2", "64"), ("4", "4", "32"))}, rows
 
+# fp8 summaries: the column says so and the bytes to read shrink
+fp8 = list(csv.DictReader(io.StringIO(subprocess.run(
+    args + ["--csv", "--summary", "fp8", "--modes", "sparse"], check=True,
+    capture_output=True, text=True).stdout)))
+assert len(fp8) == 8 and all(r["summary"] == "fp8" for r in fp8), fp8
+assert all(r["summary"] == "kv" for r in rows), rows
+kv_bytes = {(r["context"], r["batch"], r["hq"], r["d"]): float(r["sparse_bytes"]) for r in rows}
+for r in fp8:
+    assert float(r["sparse_bytes"]) < kv_bytes[(r["context"], r["batch"], r["hq"], r["d"])], r
+
 doc = json.loads(subprocess.run(args + ["--json"], check=True, capture_output=True,
                                 text=True).stdout)
 assert len(doc["points"]) == 8 and all(p["resa_ms"] > 0 for p in doc["points"]), doc

@@ -77,6 +77,7 @@ START_TEST(test_cuda_decode)
     snprintf(name, sizeof name, "cuda_decode_%d", _i);
     ref_params p;
     cuda_params(&p, 2 * c->g, 2, c->d, c->dt, 2);
+    p.summary_fp8 = _i % 2; /* fp8 summaries on every other case */
     th t;
     cuda_init(&t, name, &p, c->len + 4096);
     th_seq s;
@@ -108,6 +109,7 @@ START_TEST(test_cuda_mixed_batch)
 {
     ref_params p;
     cuda_params(&p, 8, 2, 128, _i ? RESA_DTYPE_F16 : RESA_DTYPE_BF16, 3);
+    p.summary_fp8 = _i; /* f16 with fp8 summaries: their refresh on fork and rectify */
     p.min_blocks = 2;
     p.interval = 5;
     th t;

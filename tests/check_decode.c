@@ -2,7 +2,8 @@
 /*
  * Sparse decode against the float64 reference: contexts of 0 to 5000
  * tokens, head dims 64/128/256, group sizes 1/2/4/7/8, dtypes f32/f16/bf16,
- * block sizes 1 to 256; selection, budget and forced blocks; SELECT_FRACTION 1
+ * block sizes 1 to 256, exact and fp8 summaries; selection, budget and forced
+ * blocks; SELECT_FRACTION 1
  * equals dense attention; softmax scale; thread counts.
  */
 #include <stdlib.h>
@@ -51,13 +52,17 @@ static void prefill(th *t, th_seq *s, int64_t len)
     }
 }
 
+/* Loop index i < N_CASES: exact summaries; i >= N_CASES: the same case with
+ * fp8 summaries (RESA_SUMMARY_FP8_E4M3), whose selection the reference
+ * derives from its own e4m3 table. */
 START_TEST(test_decode_case)
 {
-    const dcase *c = &cases[_i];
+    const dcase *c = &cases[_i % N_CASES];
     char name[64];
     snprintf(name, sizeof name, "decode_case_%d", _i);
     ref_params p;
     ref_params_default(&p);
+    p.summary_fp8 = _i >= N_CASES;
     p.n_layers = c->layers;
     p.hq = c->hq;
     p.hkv = c->hkv;
@@ -345,7 +350,7 @@ static Suite *suite(void)
     Suite *s = suite_create("decode");
     TCase *tc = tcase_create("decode");
     tcase_set_timeout(tc, 600);
-    tcase_add_loop_test(tc, test_decode_case, 0, N_CASES);
+    tcase_add_loop_test(tc, test_decode_case, 0, 2 * N_CASES);
     tcase_add_loop_test(tc, test_budget_random, 0, 2);
     tcase_add_test(tc, test_budget_exact_decimal);
     tcase_add_test(tc, test_fraction_one_is_dense);

@@ -36,6 +36,7 @@ START_TEST(test_random_session)
     p.local_blocks = ref_rng_range(&pick, 1, 3);
     p.sink_blocks = ref_rng_range(&pick, 0, 2);
     p.interval = ref_rng_range(&pick, 0, 12);
+    p.summary_fp8 = (int32_t)ref_rng_range(&pick, 0, 1);
     th_opts o;
     th_opts_default(&o);
     o.max_seqs = MAXQ;

@@ -198,6 +198,8 @@ void th_init(th *t, const char *test_name, const ref_params *p, const th_opts *o
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_MAX_STEP_TOKENS, t->o.max_step_tokens));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_THREADS, t->o.threads));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_RECORD_SELECTION, t->o.record));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_SUMMARY_FORMAT,
+                              p->summary_fp8 ? RESA_SUMMARY_FP8_E4M3 : RESA_SUMMARY_KV_DTYPE));
     th_push_method(t);
     free(g_dir);
     g_dir = malloc(sizeof(double) * (size_t)p->d);

@@ -320,6 +320,56 @@ void ref_block_minmax(const ref_params *p, const ref_seq *s, int32_t layer, int3
     }
 }
 
+double ref_e4m3_value(uint8_t byte)
+{
+    int e = (byte >> 3) & 15, m = byte & 7;
+    if (e == 15 && m == 7)
+        return NAN;
+    double mag = e == 0 ? ldexp(m / 8.0, -6) : ldexp(1.0 + m / 8.0, e - 7);
+    return (byte & 0x80) ? -mag : mag;
+}
+
+int ref_fp8_scale(double amax)
+{
+    if (!(amax > 0))
+        return 0;
+    int s = -200;
+    while (amax > 448.0 * ldexp(1.0, s))
+        s++;
+    return s < -128 ? -128 : s > 127 ? 127 : s;
+}
+
+double ref_e4m3_outward(double x, int s, int up)
+{
+    double y = ldexp(x, -s), best = up ? INFINITY : -INFINITY;
+    for (int b = 0; b < 256; b++) { /* the nearest representable value on the chosen side */
+        double v = ref_e4m3_value((uint8_t)b);
+        if (isnan(v))
+            continue;
+        if (up ? (v >= y && v < best) : (v <= y && v > best))
+            best = v;
+    }
+    return ldexp(best, s);
+}
+
+void ref_block_summary(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                       int64_t blk, int64_t valid, double *kmin, double *kmax, int *exp_out)
+{
+    ref_block_minmax(p, s, layer, h, blk, valid, kmin, kmax);
+    if (!p->summary_fp8)
+        return;
+    double amax = 0;
+    for (int32_t j = 0; j < p->d; j++)
+        amax = fmax(amax, fmax(fabs(kmin[j]), fabs(kmax[j])));
+    int e = ref_fp8_scale(amax);
+    for (int32_t j = 0; j < p->d; j++) {
+        kmin[j] = ref_e4m3_outward(kmin[j], e, 0);
+        kmax[j] = ref_e4m3_outward(kmax[j], e, 1);
+    }
+    if (exp_out)
+        *exp_out = e;
+}
+
 void ref_pooled_query(const ref_params *p, const void *q, int64_t row, int32_t h, double *qp)
 {
     int32_t g = p->hq / p->hkv;
@@ -340,7 +390,7 @@ void ref_block_scores(const ref_params *p, const ref_seq *s, int32_t layer, int3
     double *mn = malloc(sizeof(double) * (size_t)p->d);
     double *mx = malloc(sizeof(double) * (size_t)p->d);
     for (int64_t i = 0; i < M; i++) {
-        ref_block_minmax(p, s, layer, h, i, valid, mn, mx);
+        ref_block_summary(p, s, layer, h, i, valid, mn, mx, NULL);
         double sc = 0, mg = 0;
         for (int32_t j = 0; j < p->d; j++) {
             double a = qp[j] * mx[j], c = qp[j] * mn[j];

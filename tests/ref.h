@@ -22,6 +22,7 @@ typedef struct ref_params {
     int64_t local_blocks, sink_blocks;
     int64_t interval;      /* f */
     double scale;          /* 0 = 1/sqrt(d) */
+    int32_t summary_fp8;   /* RESA_PARAM_SUMMARY_FORMAT = RESA_SUMMARY_FP8_E4M3 */
 } ref_params;
 
 /* The defaults documented in resa.h (shape: 1 layer, 1/1 heads, d 128, f32). */
@@ -79,6 +80,18 @@ void ref_commit(ref_seq *s, int32_t mode, int64_t n, int64_t n_select, int64_t n
 /* Element-wise min/max of the stored keys of block blk over positions < valid. */
 void ref_block_minmax(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
                       int64_t blk, int64_t valid, double *kmin, double *kmax);
+/* ---- fp8 e4m3 summaries, from the OCP FP8 definition (a table, not bit tricks) ---- */
+/* Value of an e4m3 byte (bias 7, 3 mantissa bits, 0x7f/0xff NaN). */
+double ref_e4m3_value(uint8_t byte);
+/* Smallest integer s with amax <= 448 * 2^s, clamped to [-128, 127]; 0 for amax 0. */
+int ref_fp8_scale(double amax);
+/* x * 2^-s rounded to the e4m3 value toward +inf (up) or -inf (!up), times 2^s. */
+double ref_e4m3_outward(double x, int s, int up);
+/* The summary the library keeps: ref_block_minmax, then with p->summary_fp8
+ * each min rounded down and max rounded up to e4m3 under the block's scale
+ * (*exp_out, if not NULL). */
+void ref_block_summary(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                       int64_t blk, int64_t valid, double *kmin, double *kmax, int *exp_out);
 /* Pooled query of KV head h from the q rows (IO dtype, [rows][hq][d]) at row. */
 void ref_pooled_query(const ref_params *p, const void *q, int64_t row, int32_t h, double *qp);
 /* Scores of blocks [0, M) over positions < valid.  Also returns in *mag (if

@@ -41,6 +41,22 @@ double wb_kv(const resa_ctx *ctx, int32_t id, int is_v, int32_t layer, int64_t p
     return ref_load(lo->kv_dtype, is_v ? v : k, at);
 }
 
+/* The summary element at offset so as a value: the KV dtype, or an fp8 byte
+ * times 2^(its block's exponent), decoded by the test's own e4m3 table. */
+static void stored_summary(const resa_ctx *ctx, const void *mn, const void *mx, size_t so,
+                           double *smin, double *smax)
+{
+    const resa_layout *lo = &ctx->lo;
+    if (!lo->sum_fp8) {
+        *smin = ref_load(lo->kv_dtype, mn, so);
+        *smax = ref_load(lo->kv_dtype, mx, so);
+        return;
+    }
+    int e = resa_cpu_pool_kexp(ctx)[so / (size_t)lo->d];
+    *smin = ldexp(ref_e4m3_value(((const uint8_t *)mn)[so]), e);
+    *smax = ldexp(ref_e4m3_value(((const uint8_t *)mx)[so]), e);
+}
+
 static void check_summaries(th *t, int32_t id, const ref_seq *r)
 {
     const resa_ctx *ctx = t->ctx;
@@ -68,20 +84,30 @@ static void check_summaries(th *t, int32_t id, const ref_seq *r)
                         b = x > b ? x : b;
                     }
                     size_t so = resa_summary_offset(lo, l, page, h) + (size_t)j;
-                    double smin = ref_load(lo->kv_dtype, mn, so), smax = ref_load(lo->kv_dtype, mx, so);
-                    TCHECK(smin == a && smax == b,
+                    double smin, smax;
+                    stored_summary(ctx, mn, mx, so, &smin, &smax);
+                    if (lo->sum_fp8) /* outward: the box holds every stored key */
+                        TCHECK(smin <= a && smax >= b,
+                               "seq %d layer %d block %lld head %d dim %d: fp8 summary "
+                               "[%.9g, %.9g] does not hold the stored keys [%.9g, %.9g]",
+                               id, l, (long long)blk, h, j, smin, smax, a, b);
+                    else
+                        TCHECK(smin == a && smax == b,
                            "seq %d layer %d block %lld head %d dim %d: summary [%.9g, %.9g], "
                            "stored keys give [%.9g, %.9g] (length %lld)",
                            id, l, (long long)blk, h, j, smin, smax, a, b, (long long)q->length);
                 }
                 if (r) {
-                    ref_block_minmax(&t->p, r, l, h, blk, r->len, rmin, rmax);
+                    ref_block_summary(&t->p, r, l, h, blk, r->len, rmin, rmax, NULL);
                     size_t so = resa_summary_offset(lo, l, page, h);
-                    for (int32_t j = 0; j < lo->d; j++)
-                        TCHECK(ref_load(lo->kv_dtype, mn, so + (size_t)j) == rmin[j] &&
-                                   ref_load(lo->kv_dtype, mx, so + (size_t)j) == rmax[j],
-                               "seq %d layer %d block %lld head %d dim %d: summary differs "
-                               "from the reference", id, l, (long long)blk, h, j);
+                    for (int32_t j = 0; j < lo->d; j++) {
+                        double smin, smax;
+                        stored_summary(ctx, mn, mx, so + (size_t)j, &smin, &smax);
+                        TCHECK(smin == rmin[j] && smax == rmax[j],
+                               "seq %d layer %d block %lld head %d dim %d: summary [%.9g, %.9g] "
+                               "differs from the reference [%.9g, %.9g]", id, l, (long long)blk,
+                               h, j, smin, smax, rmin[j], rmax[j]);
+                    }
                 }
             }
     free(rmin);
@@ -129,18 +155,22 @@ void wb_snap_take(const resa_ctx *ctx, int32_t id, wb_snap *s)
     s->pages = malloc(sizeof(int32_t) * (size_t)(q->n_pages + 1));
     memcpy(s->pages, q->pages, sizeof(int32_t) * (size_t)q->n_pages);
     size_t kvb = (size_t)lo->hkv * (size_t)lo->b * (size_t)lo->d * lo->kv_elt;
-    size_t smb = (size_t)lo->hkv * (size_t)lo->d * lo->kv_elt;
-    s->page_bytes = (size_t)lo->n_layers * (2 * kvb + 2 * smb);
+    size_t smb = (size_t)lo->hkv * (size_t)lo->d * lo->sum_elt;
+    size_t exb = lo->sum_fp8 ? (size_t)lo->hkv : 0;
+    const int8_t *kexp = resa_cpu_pool_kexp(ctx);
+    s->page_bytes = (size_t)lo->n_layers * (2 * kvb + 2 * smb + exb);
     s->bytes = malloc(s->page_bytes * (size_t)(q->n_pages + 1));
     unsigned char *o = s->bytes;
     for (int32_t i = 0; i < q->n_pages; i++)
         for (int32_t l = 0; l < lo->n_layers; l++) {
             size_t ko = resa_kv_offset(lo, l, q->pages[i], 0) * lo->kv_elt;
-            size_t so = resa_summary_offset(lo, l, q->pages[i], 0) * lo->kv_elt;
+            size_t so = resa_summary_offset(lo, l, q->pages[i], 0);
             memcpy(o, (char *)k + ko, kvb), o += kvb;
             memcpy(o, (char *)v + ko, kvb), o += kvb;
-            memcpy(o, (char *)mn + so, smb), o += smb;
-            memcpy(o, (char *)mx + so, smb), o += smb;
+            memcpy(o, (char *)mn + so * lo->sum_elt, smb), o += smb;
+            memcpy(o, (char *)mx + so * lo->sum_elt, smb), o += smb;
+            if (exb)
+                memcpy(o, kexp + so / (size_t)lo->d, exb), o += exb;
         }
 }
 

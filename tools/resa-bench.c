@@ -38,6 +38,7 @@ typedef struct opts {
     int32_t batch, hq, hkv, d, reps, threads, interval; /* the point being measured */
     double fraction;
     int dtype; /* -1: backend default (f32 on CPU, bf16 on CUDA) */
+    int summary; /* RESA_PARAM_SUMMARY_FORMAT */
     int csv, json;
     const char *plot;
     int modes; /* bits: 1 dense, 2 sparse, 4 rectify */
@@ -47,7 +48,7 @@ typedef struct opts {
 typedef struct result {
     int64_t context;
     int32_t batch, hq, hkv, d;
-    const char *backend, *dtype;
+    const char *backend, *dtype, *summary;
     double dense_ms, sparse_ms, rectify_ms, resa_ms;
     double dense_bytes, sparse_bytes;  /* bytes each step must read */
     double dense_gbps, sparse_gbps, dense_pct, sparse_pct; /* pct of copy bandwidth, or -1 */
@@ -270,6 +271,7 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_MAX_SEQ_TOKENS, per_seq));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_NUM_THREADS, o->threads));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_RECTIFY_INTERVAL, f));
+    CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_SUMMARY_FORMAT, o->summary));
     for (int32_t i = 0; i < o->batch; i++)
         CHECK(resa_seq_create(B->ctx, &B->seqs[i]));
 
@@ -342,7 +344,12 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     res->rectify_ms = rect * 1e3;
     res->resa_ms = resa * 1e3;
     res->dense_bytes = per_head * 2.0 * (double)(ctx_len + 1);
-    res->sparse_bytes = per_head * (2.0 * (double)M + 2.0 * 16.0 * (double)n_sel);
+    /* summaries: kmin and kmax in the KV dtype, or fp8 bytes plus one exponent */
+    double sum_bytes = o->summary == RESA_SUMMARY_FP8_E4M3
+                           ? (2.0 * o->d + 1.0) * o->batch * o->hkv * (double)M
+                           : per_head * 2.0 * (double)M;
+    res->sparse_bytes = sum_bytes + per_head * 2.0 * 16.0 * (double)n_sel;
+    res->summary = o->summary == RESA_SUMMARY_FP8_E4M3 ? "fp8" : "kv";
     res->dense_gbps = res->dense_bytes / dense * 1e-9;
     res->sparse_gbps = res->sparse_bytes / sparse * 1e-9;
     res->dense_pct = copy_bw > 0 ? 100.0 * res->dense_bytes / dense / copy_bw : -1;
@@ -359,11 +366,12 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
 
 static void print_table_header(const opts *o, double copy_bw)
 {
-    printf("# resa-bench %s, backend %s, r %.3g, f %d, one layer, medians of %d\n"
+    printf("# resa-bench %s, backend %s, r %.3g, f %d, summaries %s, one layer, medians of %d\n"
            "# dense = RESA_MODE_DECODE with r = 1 on the same kernels; resa = sparse + "
            "rectify/f;\n# %%copy = bytes the step must read / time / device copy bandwidth%s\n",
            resa_version_string(), o->backend == RESA_BACKEND_CPU ? "cpu" : "cuda/auto",
-           o->fraction, o->interval > 0 ? o->interval : 32, o->reps,
+           o->fraction, o->interval > 0 ? o->interval : 32,
+           o->summary == RESA_SUMMARY_FP8_E4M3 ? "fp8" : "kv", o->reps,
            copy_bw > 0 ? "" : " (no GPU: not measured)");
     if (copy_bw > 0)
         printf("# device copy bandwidth (read + write): %.0f GB/s\n", copy_bw * 1e-9);
@@ -385,15 +393,16 @@ static void print_row(const result *r)
 
 static const char *csv_header =
     "context,batch,hq,hkv,d,backend,dtype,dense_ms,sparse_ms,rectify_ms,resa_ms,speedup,"
-    "dense_bytes,sparse_bytes,dense_GBps,sparse_GBps,dense_pct_copy_bw,sparse_pct_copy_bw";
+    "dense_bytes,sparse_bytes,dense_GBps,sparse_GBps,dense_pct_copy_bw,sparse_pct_copy_bw,"
+    "summary";
 
 static void print_csv(FILE *f, const result *r)
 {
-    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%.4f,%.4f,%.4f,%.4f,%.3f,%.0f,%.0f,%.1f,%.1f,%.1f,%.1f\n",
+    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%.4f,%.4f,%.4f,%.4f,%.3f,%.0f,%.0f,%.1f,%.1f,%.1f,%.1f,%s\n",
             (long long)r->context, r->batch, r->hq, r->hkv, r->d, r->backend, r->dtype,
             r->dense_ms, r->sparse_ms, r->rectify_ms, r->resa_ms, r->dense_ms / r->resa_ms,
             r->dense_bytes, r->sparse_bytes, r->dense_gbps, r->sparse_gbps, r->dense_pct,
-            r->sparse_pct);
+            r->sparse_pct, r->summary);
     fflush(f);
 }
 
@@ -415,11 +424,12 @@ static void print_json(const opts *o, const result *r, int n, double copy_bw)
     for (int i = 0; i < n; i++) {
         char b1[32], b2[32];
         printf("  {\"context\": %lld, \"batch\": %d, \"hq\": %d, \"hkv\": %d, \"d\": %d, "
-               "\"backend\": \"%s\", \"dtype\": \"%s\", \"dense_ms\": %.4f, \"sparse_ms\": %.4f, "
+               "\"backend\": \"%s\", \"dtype\": \"%s\", \"summary\": \"%s\", "
+               "\"dense_ms\": %.4f, \"sparse_ms\": %.4f, "
                "\"rectify_ms\": %s, \"resa_ms\": %.4f, \"speedup\": %.3f, "
                "\"dense_GBps\": %.1f, \"sparse_GBps\": %.1f, \"sparse_pct_copy_bw\": %s}%s\n",
                (long long)r[i].context, r[i].batch, r[i].hq, r[i].hkv, r[i].d, r[i].backend,
-               r[i].dtype, r[i].dense_ms, r[i].sparse_ms,
+               r[i].dtype, r[i].summary, r[i].dense_ms, r[i].sparse_ms,
                jnum(b1, sizeof b1, r[i].rectify_ms, "%.4f"), r[i].resa_ms,
                r[i].dense_ms / r[i].resa_ms, r[i].dense_gbps, r[i].sparse_gbps,
                jnum(b2, sizeof b2, r[i].sparse_pct, "%.1f"), i + 1 < n ? "," : "");
@@ -479,7 +489,8 @@ static void usage(void)
             "usage: resa-bench [--backend cpu|cuda|auto] [--contexts 4096,16384,65536]\n"
             "                  [--batch 1,8] [--heads HQ/HKV] [--dim D]\n"
             "                  [--shapes 32/8x128,28/4x128,16/2x256] [--dtype f32|f16|bf16]\n"
-            "                  [--fraction R] [--interval F] [--reps N] [--threads N]\n"
+            "                  [--fraction R] [--interval F] [--summary kv|fp8]\n"
+            "                  [--reps N] [--threads N]\n"
             "                  [--modes dense,sparse,rectify] [--csv | --json] [--plot FILE.png]\n");
     exit(2);
 }
@@ -556,7 +567,11 @@ int main(int argc, char **argv)
                       : !strcmp(val, "bf16") ? RESA_DTYPE_BF16 : RESA_DTYPE_F32;
         else if (!strcmp(a, "--fraction"))
             o.fraction = atof(val);
-        else if (!strcmp(a, "--interval"))
+        else if (!strcmp(a, "--summary")) {
+            if (strcmp(val, "kv") && strcmp(val, "fp8"))
+                usage();
+            o.summary = !strcmp(val, "fp8") ? RESA_SUMMARY_FP8_E4M3 : RESA_SUMMARY_KV_DTYPE;
+        } else if (!strcmp(a, "--interval"))
             o.interval = atoi(val);
         else if (!strcmp(a, "--reps"))
             o.reps = atoi(val);

@@ -90,6 +90,8 @@ void Point::setup()
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_HEAD_DIM, D.d));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_KV_DTYPE, RESA_DTYPE_BF16));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_IO_DTYPE, RESA_DTYPE_BF16));
+    CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_SUMMARY_FORMAT,
+                               o.fp8_summaries ? RESA_SUMMARY_FP8_E4M3 : RESA_SUMMARY_KV_DTYPE));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_MAX_SEQUENCES, batch));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_MAX_TOKENS, seq_cap * batch));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_MAX_SEQ_TOKENS, seq_cap));

@@ -19,6 +19,7 @@ struct Options {
     int chunk = 8192;        // random K/V fill: tokens per APPEND_KV step
     int interval = 32;       // ReSA rectification interval f
     double fraction = 0.1;   // ReSA selected fraction r
+    bool fp8_summaries = false; // RESA_SUMMARY_FP8_E4M3 instead of bf16 block summaries
     int agree = 8;           // greedy tokens compared with the dense mode
     bool csv = false;
 };

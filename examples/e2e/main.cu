@@ -23,7 +23,8 @@ void usage()
 {
     std::fprintf(stderr,
                  "usage: resa-e2e [--contexts 16384,65536,131072,262144] [--batch 1,8]\n"
-                 "                [--steps N] [--warmup N] [--modes dense,sparse,resa] [--csv]\n");
+                 "                [--steps N] [--warmup N] [--modes dense,sparse,resa]\n"
+                 "                [--summary kv|fp8] [--csv]\n");
     std::exit(2);
 }
 
@@ -77,6 +78,10 @@ Options parse(int argc, char **argv)
             o.batches.clear();
             for (auto &s : split(v))
                 o.batches.push_back((int)parse_long(s, 1, 4096));
+        } else if (!std::strcmp(a, "--summary")) {
+            if (std::strcmp(v, "kv") && std::strcmp(v, "fp8"))
+                usage();
+            o.fp8_summaries = !std::strcmp(v, "fp8");
         } else if (!std::strcmp(a, "--steps")) {
             o.steps = (int)parse_long(v, 1, 1 << 20);
         } else if (!std::strcmp(a, "--warmup")) {
@@ -94,6 +99,13 @@ Options parse(int argc, char **argv)
     }
     if (o.contexts.empty() || o.batches.empty() || o.modes.empty())
         usage();
+    // ReSA's per-token time needs at least one measured rectification.
+    if (std::find(o.modes.begin(), o.modes.end(), "resa") != o.modes.end() &&
+        o.steps < o.interval) {
+        std::fprintf(stderr, "resa-e2e: --steps %d is below the rectification interval %d\n",
+                     o.steps, o.interval);
+        std::exit(2);
+    }
     return o;
 }
 
@@ -133,21 +145,24 @@ void report(const Options &o, long ctx, int batch, const std::vector<ModeResult>
                     rs.empty() ? 0.0 : rs[0].prefill_s, "mode", "ms/token", "tokens/s",
                     "attn%", "rect%", "rest%", "rects", "rect_ms", "vs_dense", "agree");
     for (const auto &r : rs) {
-        const double ms = r.total_ms / o.steps, tps = batch * o.steps / (r.total_ms * 1e-3);
-        const double rest = r.rest_ms * o.steps;
-        const double attn = std::max(0.0, r.total_ms - r.rect_ms - rest);
+        // Steady state: the decode steps' own time per token plus exactly one
+        // rectification per `interval` tokens, whatever number of them fell
+        // inside the measured window (48 steps hold one or two of them).
+        const double rect_each = r.n_rect ? r.rect_ms / r.n_rect : 0.0;
+        const double rect_tok = r.mode == "resa" ? rect_each / o.interval : 0.0;
+        const double ms = (r.total_ms - r.rect_ms) / o.steps + rect_tok;
+        const double tps = batch * 1e3 / ms;
+        const double attn = std::max(0.0, ms - rect_tok - r.rest_ms);
         const double speed = dense && dense_ms > 0 ? dense_ms / ms : 0;
         int compared = 0, agree = dense ? agreeing(*dense, r, batch, per_seq, o.agree, &compared) : 0;
         if (o.csv)
             std::printf("%ld,%d,%s,%.4f,%.2f,%.2f,%.2f,%.2f,%d,%.4f,%.3f,%d,%d\n", ctx, batch,
-                        r.mode.c_str(), ms, tps, 100 * attn / r.total_ms,
-                        100 * r.rect_ms / r.total_ms, 100 * rest / r.total_ms, r.n_rect,
-                        r.n_rect ? r.rect_ms / r.n_rect : 0.0, speed, agree, compared);
+                        r.mode.c_str(), ms, tps, 100 * attn / ms, 100 * rect_tok / ms,
+                        100 * r.rest_ms / ms, r.n_rect, rect_each, speed, agree, compared);
         else
             std::printf("%-7s %10.3f %11.1f %8.1f %8.1f %8.1f %7d %10.3f %8.2fx %d/%d\n",
-                        r.mode.c_str(), ms, tps, 100 * attn / r.total_ms,
-                        100 * r.rect_ms / r.total_ms, 100 * rest / r.total_ms, r.n_rect,
-                        r.n_rect ? r.rect_ms / r.n_rect : 0.0, speed, agree, compared);
+                        r.mode.c_str(), ms, tps, 100 * attn / ms, 100 * rect_tok / ms,
+                        100 * r.rest_ms / ms, r.n_rect, rect_each, speed, agree, compared);
     }
     std::fflush(stdout);
 }
@@ -188,15 +203,17 @@ int main(int argc, char **argv)
                     "18944, vocab 152064), random bf16 weights (%.2f GB), greedy decoding\n",
                     weights * 1e-9);
         std::printf("# modes: dense = DECODE with r = 1; sparse = r %.2g, never rectified; "
-                    "resa = r %.2g, rectified every %d tokens\n",
-                    o.fraction, o.fraction, o.interval);
+                    "resa = r %.2g, rectified every %d tokens; block summaries %s\n",
+                    o.fraction, o.fraction, o.interval,
+                    o.fp8_summaries ? "fp8 e4m3 (RESA_SUMMARY_FP8_E4M3)" : "bf16 (exact)");
         std::printf("# context: random K/V through RESA_MODE_APPEND_KV (chunks of %d) up to "
                     "context - %d, then %d prompt tokens prefilled through the model "
                     "(a full 256K prefill would cost too much GPU time)\n",
                     o.chunk, o.prompt, o.prompt);
         std::printf("# timing: CUDA events over %d decode steps after %d warm-up steps; each "
                     "step is one CUDA graph replay (all layers); rectification steps run "
-                    "eagerly and are included\n",
+                    "eagerly, are timed apart and counted as one per interval: ms/token = "
+                    "decode time per step + rect_ms / interval\n",
                     o.steps, o.warmup);
         std::printf("# split: rest = the same graph captured without the step_attend calls, "
                     "replayed alone; rect = events around each rectification step; attn = "

@@ -6,6 +6,7 @@
  * CUDA twins: cuda/select_blocks.cu (scores and selection) and
  * cuda/attention_sparse.cu (attention).
  */
+#include <math.h>
 #include <string.h>
 
 #include "../dtype.h"
@@ -108,7 +109,18 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
     for (int32_t i = sink; i < local_from; i++) {
         size_t at = resa_summary_offset(L, job->layer, e->pages[i], head);
         const float *mn, *mx;
-        if (L->kv_dtype == RESA_DTYPE_F32) {
+        float scale = 1.0f;
+        if (L->sum_fp8) {
+            const uint8_t *qmin = (const uint8_t *)job->st->kmin + at;
+            const uint8_t *qmax = (const uint8_t *)job->st->kmax + at;
+            for (int32_t j = 0; j < d; j++) {
+                sc->kmin[j] = job->st->e4m3[qmin[j]];
+                sc->kmax[j] = job->st->e4m3[qmax[j]];
+            }
+            scale = ldexpf(1.0f, job->st->kexp[at / (size_t)d]); /* applied once per block */
+            mn = sc->kmin;
+            mx = sc->kmax;
+        } else if (L->kv_dtype == RESA_DTYPE_F32) {
             mn = (const float *)job->st->kmin + at;
             mx = (const float *)job->st->kmax + at;
         } else {
@@ -117,7 +129,7 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
             mn = sc->kmin;
             mx = sc->kmax;
         }
-        sc->score[i] = block_score(sc->qp, mn, mx, d);
+        sc->score[i] = scale * block_score(sc->qp, mn, mx, d);
         sc->order[n_cand++] = i;
     }
     select_top(sc->order, n_cand, n - forced, sc->score);

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "../backend.h"
+#include "../summary_fp8.h"
 #include "cpu.h"
 
 static int32_t cpu_available(void)
@@ -51,6 +52,7 @@ static void cpu_pool_destroy(resa_ctx *ctx)
     resa_free(ctx, st->v);
     resa_free(ctx, st->kmin);
     resa_free(ctx, st->kmax);
+    resa_free(ctx, st->kexp);
     resa_free(ctx, st->selection);
     resa_free(ctx, st->items);
     memset(st, 0, sizeof *st);
@@ -106,9 +108,13 @@ static resa_status cpu_pool_create(resa_ctx *ctx)
         return resa_fail(ctx, RESA_ERR_OUT_OF_MEMORY, "lock: the KV pool size overflows size_t");
     st->k = resa_alloc(ctx, kv_bytes);
     st->v = resa_alloc(ctx, kv_bytes);
-    st->kmin = resa_alloc(ctx, sum_elems * L->kv_elt);
-    st->kmax = resa_alloc(ctx, sum_elems * L->kv_elt);
-    if (!st->k || !st->v || !st->kmin || !st->kmax)
+    st->kmin = resa_alloc(ctx, sum_elems * L->sum_elt);
+    st->kmax = resa_alloc(ctx, sum_elems * L->sum_elt);
+    if (L->sum_fp8)
+        st->kexp = resa_alloc(ctx, sum_elems / (size_t)L->d);
+    for (int i = 0; i < 256; i++)
+        st->e4m3[i] = resa_e4m3_to_f32((uint8_t)i);
+    if (!st->k || !st->v || !st->kmin || !st->kmax || (L->sum_fp8 && !st->kexp))
         return resa_fail(ctx, RESA_ERR_OUT_OF_MEMORY,
                          "lock: cannot allocate the KV pool (%zu bytes for K and for V)", kv_bytes);
     if (ctx->cfg.record_selection) {
@@ -164,17 +170,20 @@ static resa_status cpu_copy_pages(resa_ctx *ctx, int32_t n, const int32_t *dst,
     resa_cpu_state *st = ctx->impl;
     const resa_layout *L = &ctx->lo;
     size_t kv = (size_t)L->hkv * L->b * L->d * L->kv_elt;
-    size_t sum = (size_t)L->hkv * L->d * L->kv_elt;
+    size_t sum = (size_t)L->hkv * L->d * L->sum_elt;
     for (int32_t i = 0; i < n; i++)
         for (int32_t l = 0; l < L->n_layers; l++) {
             size_t to = resa_kv_offset(L, l, dst[i], 0) * L->kv_elt;
             size_t from = resa_kv_offset(L, l, src[i], 0) * L->kv_elt;
             memcpy((char *)st->k + to, (char *)st->k + from, kv);
             memcpy((char *)st->v + to, (char *)st->v + from, kv);
-            to = resa_summary_offset(L, l, dst[i], 0) * L->kv_elt;
-            from = resa_summary_offset(L, l, src[i], 0) * L->kv_elt;
-            memcpy((char *)st->kmin + to, (char *)st->kmin + from, sum);
-            memcpy((char *)st->kmax + to, (char *)st->kmax + from, sum);
+            to = resa_summary_offset(L, l, dst[i], 0);
+            from = resa_summary_offset(L, l, src[i], 0);
+            memcpy((char *)st->kmin + to * L->sum_elt, (char *)st->kmin + from * L->sum_elt, sum);
+            memcpy((char *)st->kmax + to * L->sum_elt, (char *)st->kmax + from * L->sum_elt, sum);
+            if (st->kexp)
+                memcpy(st->kexp + to / (size_t)L->d, st->kexp + from / (size_t)L->d,
+                       (size_t)L->hkv);
         }
     return RESA_OK;
 }
@@ -271,6 +280,11 @@ void resa_cpu_pool_views(const resa_ctx *ctx, void **k, void **v, void **kmin, v
     *v = st->v;
     *kmin = st->kmin;
     *kmax = st->kmax;
+}
+
+const int8_t *resa_cpu_pool_kexp(const resa_ctx *ctx)
+{
+    return ((const resa_cpu_state *)ctx->impl)->kexp;
 }
 
 static const resa_backend_ops cpu_ops = {

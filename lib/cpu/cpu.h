@@ -34,6 +34,8 @@ typedef struct resa_cpu_item {
 
 typedef struct resa_cpu_state {
     void *k, *v, *kmin, *kmax;   /* the pool, layout in internal.h */
+    int8_t *kexp;                /* fp8 summaries' scale exponents, or NULL */
+    float e4m3[256];             /* resa_e4m3_to_f32 of every byte: decoding by table */
     uint32_t *selection;         /* RECORD_SELECTION bitmaps, or NULL */
     resa_threadpool *tp;
     resa_cpu_scratch *scratch;   /* [n_scratch], one per worker */
@@ -92,5 +94,7 @@ RESA_HIDDEN void resa_cpu_store_output(const resa_cpu_job *job, const resa_step_
 /* For white-box tests: the pool's arrays. */
 RESA_HIDDEN void resa_cpu_pool_views(const resa_ctx *ctx, void **k, void **v, void **kmin,
                                      void **kmax);
+/* fp8 summaries' scale exponents (lib/internal.h: kexp), or NULL. */
+RESA_HIDDEN const int8_t *resa_cpu_pool_kexp(const resa_ctx *ctx);
 
 #endif

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "../dtype.h"
+#include "../summary_fp8.h"
 #include "cpu.h"
 
 static inline void *elt(void *base, size_t index, size_t size)
@@ -43,8 +44,13 @@ void resa_cpu_refresh_summaries(const resa_ctx *ctx, const resa_cpu_state *st, i
             }
         }
         size_t sbase = resa_summary_offset(L, layer, page, head);
-        resa_store_f32(st->kmin, L->kv_dtype, sbase, d, mn); /* exact: stored values */
-        resa_store_f32(st->kmax, L->kv_dtype, sbase, d, mx);
+        if (L->sum_fp8) {
+            resa_fp8_summary_encode(mn, mx, d, (uint8_t *)st->kmin + sbase,
+                                    (uint8_t *)st->kmax + sbase, st->kexp + sbase / (size_t)d);
+        } else {
+            resa_store_f32(st->kmin, L->kv_dtype, sbase, d, mn); /* exact: stored values */
+            resa_store_f32(st->kmax, L->kv_dtype, sbase, d, mx);
+        }
     }
 }
 
