@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|bench|sweep] ...
+#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|bench|params|sweep] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -59,7 +59,19 @@ if [[ $phases == *e2e* ]]; then
   say "end to end: Qwen2.5-7B-shaped decoder (random weights), dense / sparse / ReSA"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   $build/examples/resa-e2e --contexts ${RESA_E2E_CONTEXTS:-16384,65536,131072,262144} \
-    --batch ${RESA_E2E_BATCH:-1,8} --steps ${RESA_E2E_STEPS:-64} 2>&1 | tee "$OUT/e2e.txt" | tail -40
+    --batch ${RESA_E2E_BATCH:-1,max} --steps ${RESA_E2E_STEPS:-64} \
+    --summary ${RESA_E2E_SUMMARY:-kv} 2>&1 | tee "$OUT/e2e-${RESA_E2E_SUMMARY:-kv}.txt" | tail -40
+fi
+if [[ $phases == *params* ]]; then
+  say "resa-bench: method parameters (summary format, dtype, r, f) at 1 x 32K, 8 x 64K, 8 x 256K"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  pb() { $build/tools/resa-bench --backend cuda --batch 1,8 --contexts 32768,65536,262144 \
+           --reps ${RESA_PARAMS_REPS:-15} --csv "$@" 2>/dev/null; }
+  { pb --summary kv; pb --summary fp8 | tail -n +2; pb --dtype f16 | tail -n +2
+    pb --dtype f16 --summary fp8 | tail -n +2
+    for r in 0.05 0.2; do pb --fraction $r --modes sparse | tail -n +2; done
+    for f in 16 64; do pb --interval $f --modes rectify,sparse | tail -n +2; done
+  } | tee "$OUT/params.csv" | cut -d, -f1,2,7,9-12,19-21
 fi
 if [[ $phases == *sweep* ]]; then
   say "resa-bench sweep: shapes, contexts, batches (CSV)"

@@ -49,6 +49,8 @@ typedef struct result {
     int64_t context;
     int32_t batch, hq, hkv, d;
     const char *backend, *dtype, *summary;
+    double fraction;
+    int32_t interval;
     double dense_ms, sparse_ms, rectify_ms, resa_ms;
     double dense_bytes, sparse_bytes;  /* bytes each step must read */
     double dense_gbps, sparse_gbps, dense_pct, sparse_pct; /* pct of copy bandwidth, or -1 */
@@ -350,6 +352,8 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
                            : per_head * 2.0 * (double)M;
     res->sparse_bytes = sum_bytes + per_head * 2.0 * 16.0 * (double)n_sel;
     res->summary = o->summary == RESA_SUMMARY_FP8_E4M3 ? "fp8" : "kv";
+    res->fraction = o->fraction;
+    res->interval = f;
     res->dense_gbps = res->dense_bytes / dense * 1e-9;
     res->sparse_gbps = res->sparse_bytes / sparse * 1e-9;
     res->dense_pct = copy_bw > 0 ? 100.0 * res->dense_bytes / dense / copy_bw : -1;
@@ -394,15 +398,15 @@ static void print_row(const result *r)
 static const char *csv_header =
     "context,batch,hq,hkv,d,backend,dtype,dense_ms,sparse_ms,rectify_ms,resa_ms,speedup,"
     "dense_bytes,sparse_bytes,dense_GBps,sparse_GBps,dense_pct_copy_bw,sparse_pct_copy_bw,"
-    "summary";
+    "summary,fraction,interval";
 
 static void print_csv(FILE *f, const result *r)
 {
-    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%.4f,%.4f,%.4f,%.4f,%.3f,%.0f,%.0f,%.1f,%.1f,%.1f,%.1f,%s\n",
+    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%.4f,%.4f,%.4f,%.4f,%.3f,%.0f,%.0f,%.1f,%.1f,%.1f,%.1f,%s,%g,%d\n",
             (long long)r->context, r->batch, r->hq, r->hkv, r->d, r->backend, r->dtype,
             r->dense_ms, r->sparse_ms, r->rectify_ms, r->resa_ms, r->dense_ms / r->resa_ms,
             r->dense_bytes, r->sparse_bytes, r->dense_gbps, r->sparse_gbps, r->dense_pct,
-            r->sparse_pct, r->summary);
+            r->sparse_pct, r->summary, r->fraction, r->interval);
     fflush(f);
 }
 

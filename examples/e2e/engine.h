@@ -14,7 +14,8 @@ struct Options {
     std::vector<int> batches{1, 8};
     std::vector<std::string> modes{"dense", "sparse", "resa"};
     int steps = 64;          // measured decode steps per mode
-    int warmup = 4;          // decode steps before the measurement (the first one captures)
+    int warmup = 36;         // decode steps before the measurement (the first one captures;
+                             // > interval, so one rectification runs cold before timing)
     int prompt = 512;        // tokens prefilled through the model
     int chunk = 8192;        // random K/V fill: tokens per APPEND_KV step
     int interval = 32;       // ReSA rectification interval f

@@ -22,7 +22,7 @@ namespace {
 void usage()
 {
     std::fprintf(stderr,
-                 "usage: resa-e2e [--contexts 16384,65536,131072,262144] [--batch 1,8]\n"
+                 "usage: resa-e2e [--contexts 16384,65536,131072,262144] [--batch 1,8,max]\n"
                  "                [--steps N] [--warmup N] [--modes dense,sparse,resa]\n"
                  "                [--summary kv|fp8] [--csv]\n");
     std::exit(2);
@@ -76,8 +76,8 @@ Options parse(int argc, char **argv)
                 o.contexts.push_back(parse_long(s, 2L * o.prompt, 1L << 30));
         } else if (!std::strcmp(a, "--batch")) {
             o.batches.clear();
-            for (auto &s : split(v))
-                o.batches.push_back((int)parse_long(s, 1, 4096));
+            for (auto &s : split(v)) // "max": the largest batch that fits (0 here)
+                o.batches.push_back(s == "max" ? 0 : (int)parse_long(s, 1, 4096));
         } else if (!std::strcmp(a, "--summary")) {
             if (std::strcmp(v, "kv") && std::strcmp(v, "fp8"))
                 usage();
@@ -230,14 +230,15 @@ int main(int argc, char **argv)
     auto fits = [&](long ctx, int batch) {
         return weights + point_bytes(m.dims, ctx, batch, o) + overhead <= free_b;
     };
-    for (long ctx : o.contexts) {
+    auto largest = [&](long ctx) {
         int best = 0;
         while (best < 4096 && fits(ctx, best + 1))
             best++;
-        if (o.csv)
-            continue;
-        std::printf("# context %ld: largest batch that fits: %d\n", ctx, best);
-    }
+        return best;
+    };
+    for (long ctx : o.contexts)
+        if (!o.csv)
+            std::printf("# context %ld: largest batch that fits: %d\n", ctx, largest(ctx));
     if (o.csv)
         std::printf("context,batch,mode,ms_per_token,tokens_per_s,attn_pct,rect_pct,rest_pct,"
                     "rect_steps,rect_ms_each,speedup_vs_dense,agree,compared\n");
@@ -245,9 +246,12 @@ int main(int argc, char **argv)
 
     model_init(m, s);
     for (long ctx : o.contexts)
-        for (int batch : o.batches) {
+        for (int want : o.batches) {
+            const int batch = want ? want : largest(ctx);
+            if (want == 0 && !o.csv)
+                std::printf("\n(batch %d: the largest that fits at context %ld)", batch, ctx);
             size_t need = weights + point_bytes(m.dims, ctx, batch, o) + overhead;
-            if (!fits(ctx, batch)) {
+            if (batch < 1 || !fits(ctx, batch)) {
                 std::fprintf(o.csv ? stderr : stdout,
                              "%sskipped: context %ld batch %d needs %.1f GiB, %.1f GiB free\n",
                              o.csv ? "resa-e2e: " : "\n", ctx, batch, gib(need), gib(free_b));
