@@ -88,9 +88,14 @@ if [[ $phases == all || $phases == *bench* ]]; then
     --reps 30 --csv 2>/dev/null | tee "$OUT/resa-bench.csv"
   python3 tools/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
-  # FlashInfer, when it is installed (or carried as wheels): same CSV rows
-  python3 tools/flashinfer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
-    2>>"$OUT/peer-errors.log" | grep -v '^peer,\|^#' >>"$OUT/peers.csv"
+  # FlashInfer: installed, or carried as a pruned archive in .whl/
+  # (scripts/flashinfer-setup.sh; carry .whl); same CSV rows.  Its comments
+  # (version, first plan() time, or why it could not run) go to the log.
+  ( source scripts/flashinfer-setup.sh
+    PYTHONUNBUFFERED=1 timeout ${RESA_FLASHINFER_TIMEOUT:-300} python3 tools/flashinfer_bench.py \
+      --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --reps 20 ) \
+    2>>"$OUT/peer-errors.log" | tee "$OUT/flashinfer.txt" | grep -v '^peer,\|^#' >>"$OUT/peers.csv"
+  grep '^#' "$OUT/flashinfer.txt"
   say "ratios (tools/compare.py)"
   python3 tools/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
 fi

@@ -4,25 +4,82 @@
 
 Same CSV rows as peer_bench.py (peer,op,context,batch,ms), so compare.py
 takes both.  Page size 16 (libresa's block), NHD layout, bf16, pages of each
-sequence scattered over the pool.  Times: CUDA-event medians of CUDA-graph
-replays (plan() outside the graph, as an engine does).
+sequence scattered over the pool.  Rows: "flashinfer" (the CUDA-core decode
+kernel) and "flashinfer-tc" (use_tensor_cores=True, the fa2 prefill kernel).
+Times: CUDA-event medians of CUDA-graph replays (plan() outside the graph, as
+an engine does).  Each configuration is first checked against a float32
+reference on one sequence; a configuration off by more than bf16 allows
+gets no row.
 
-FlashInfer is not installed on the device machine and its wheel (101 MB,
-flashinfer-python 0.7.4, plus about ten dependencies) is larger than what the
-device tool carries in one call (64 MiB); without it this script says so and
-exits 0, so the one-call device script keeps going.
+FlashInfer is not on the device machine (no network there).  It travels as one
+pruned archive in .whl/ (scripts/flashinfer-setup.sh makes it here and unpacks
+it there to /tmp/fi-site, with ahead-of-time sm_90a builds of the modules this
+runs for head_dim 64/128/256; others are JIT-compiled with nvcc, offline, into
+/tmp/fi-ws).  This script looks in /tmp/fi-site (or $FI_SITE) itself when
+flashinfer is not importable.  Without FlashInfer it says why (on stdout, as a
+'#' line, and on stderr) and exits 0, so the one-call device script keeps going.
 """
 import argparse
+import os
 import sys
+import time
+
+
+def _say(msg):
+    """A '#' line on stdout (kept by whoever reads the CSV) and on stderr."""
+    print(f"# flashinfer_bench: {msg}", flush=True)
+    print(f"# flashinfer_bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _import_flashinfer():
+    """Import flashinfer, from /tmp/fi-site when it is not installed.  Before
+    the import (FlashInfer reads these once): the JIT cache under /tmp and the
+    arch list of this card only, so a JIT compile builds one target."""
+    import torch
+    site = os.environ.get("FI_SITE", "/tmp/fi-site")
+    if os.path.isdir(os.path.join(site, "flashinfer")) and site not in sys.path:
+        try:
+            import importlib.util
+            found = importlib.util.find_spec("flashinfer") is not None
+        except Exception:
+            found = False
+        if not found:
+            sys.path.insert(0, site)
+    os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", "/tmp/fi-ws")
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        os.environ.setdefault("FLASHINFER_CUDA_ARCH_LIST", f"{major}.{minor}")
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 8))
+    # the JIT runs `ninja` and nvcc: this Python's bin (pip's ninja) and CUDA's
+    path = os.environ.get("PATH", "")
+    cuda = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    for d in (os.path.dirname(sys.executable), os.path.join(cuda, "bin")):
+        if d not in path.split(os.pathsep) and os.path.isdir(d):
+            path += os.pathsep + d
+    os.environ["PATH"] = path
+    import flashinfer
+    return torch, flashinfer
+
 
 try:
-    import torch
-    import flashinfer
+    torch, flashinfer = _import_flashinfer()
     from peer_bench import timed  # CUDA-graph replays timed with events
-except ImportError as e:
-    print(f"# flashinfer_bench: FlashInfer not available here ({e}); no FlashInfer rows",
-          file=sys.stderr)
+except Exception as e:  # ImportError, or a broken install's own error
+    _say(f"FlashInfer not available here ({type(e).__name__}: {e}); no FlashInfer rows"
+         " (carry .whl and `source scripts/flashinfer-setup.sh` first)")
     sys.exit(0)
+
+
+def reference(q, cache, indices, pages_per_seq, L, b, hq, hkv, d):
+    """float32 decode attention of sequence b, from the gathered pages."""
+    pages = indices[b * pages_per_seq:(b + 1) * pages_per_seq].long()
+    kv = cache[pages].float()                           # [p, 2, page, hkv, d]
+    k = kv[:, 0].reshape(-1, hkv, d)[:L]                # [L, hkv, d]
+    v = kv[:, 1].reshape(-1, hkv, d)[:L]
+    g = hq // hkv
+    qb = q[b].float().view(hkv, g, d)                   # [hkv, g, d]
+    s = torch.einsum("hgd,lhd->hgl", qb, k) / d ** 0.5
+    return torch.einsum("hgl,lhd->hgd", s.softmax(-1), v).reshape(hq, d)
 
 
 def main():
@@ -35,11 +92,18 @@ def main():
     a = ap.parse_args()
     hq, hkv = (int(x) for x in a.heads.split("/"))
     d, page = a.dim, 16
+    if not torch.cuda.is_available():
+        _say("no CUDA device; no FlashInfer rows")
+        return
     dev, dt = torch.device("cuda"), torch.bfloat16
-    print(f"# flashinfer_bench: flashinfer {flashinfer.__version__}, "
-          f"{torch.cuda.get_device_name(0)}, heads {hq}/{hkv}, d {d}, page {page}")
-    print("peer,op,context,batch,ms")
+    print(f"# flashinfer_bench: flashinfer {flashinfer.__version__} "
+          f"({os.path.dirname(flashinfer.__file__)}), torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name(0)}, heads {hq}/{hkv}, d {d}, page {page}, "
+          f"JIT cache {os.environ.get('FLASHINFER_WORKSPACE_BASE')}, "
+          f"arch {os.environ.get('FLASHINFER_CUDA_ARCH_LIST')}", flush=True)
+    print("peer,op,context,batch,ms", flush=True)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    first_plan = {}
     for B in (int(x) for x in a.batch.split(",")):
         for L in (int(x) for x in a.contexts.split(",")):
             pages_per_seq = (L + page - 1) // page
@@ -50,19 +114,34 @@ def main():
             last = torch.full((B,), L - (pages_per_seq - 1) * page, device=dev,
                               dtype=torch.int32)
             q = torch.randn(B, hq, d, device=dev, dtype=dt)
+            ref = reference(q, cache, indices, pages_per_seq, L, B - 1, hq, hkv, d)
             for tc in (False, True):
-                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD",
-                                                                  use_tensor_cores=tc)
-                w.plan(indptr, indices, last, hq, hkv, d, page, data_type=dt)
-                try:
-                    ms = timed(lambda: w.run(q, cache), a.reps)
-                except Exception as e:  # a configuration FlashInfer refuses
-                    print(f"# flashinfer {'tc' if tc else 'cuda-core'} L={L} B={B}: {e}",
-                          file=sys.stderr)
-                    continue
                 name = "flashinfer-tc" if tc else "flashinfer"
-                print(f"{name},decode,{L},{B},{ms:.4f}")
-                sys.stdout.flush()
+                try:
+                    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                        ws, "NHD", use_tensor_cores=tc)
+                    t = time.time()
+                    # q_data_type too: data_type= alone leaves q at float16 in 0.6.x
+                    w.plan(indptr, indices, last, hq, hkv, d, page,
+                           q_data_type=dt, kv_data_type=dt)
+                    if tc not in first_plan:  # loads (AOT) or JIT-compiles the module
+                        first_plan[tc] = time.time() - t
+                        print(f"# {name}: first plan() {first_plan[tc]:.1f} s "
+                              "(module load or JIT compile)", flush=True)
+                    out = w.run(q, cache)
+                    torch.cuda.synchronize()
+                    err = ((out[B - 1].float() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:  # bf16 operands: 1e-3..1e-2; NaN fails
+                        _say(f"{name} L={L} B={B}: rel. error {err:.2e} vs float32; no row")
+                        continue
+                    ms = timed(lambda: w.run(q, cache), a.reps)
+                except Exception as e:  # a configuration FlashInfer refuses, a failed JIT
+                    msg = str(e).strip().splitlines()
+                    _say(f"{name} L={L} B={B}: {type(e).__name__}: "
+                         + " | ".join(msg[-12:]))
+                    continue
+                print(f"# {name} L={L} B={B}: rel. error {err:.1e}", flush=True)
+                print(f"{name},decode,{L},{B},{ms:.4f}", flush=True)
             del cache
             torch.cuda.empty_cache()
 
