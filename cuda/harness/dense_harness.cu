@@ -1,20 +1,30 @@
 // SPDX-License-Identifier: MIT
-// Standalone check and benchmark of cuda/attention_dense.cu (not part of the
-// library build).
+// Standalone check and benchmark of cuda/attention_dense.cu and, on a compute
+// capability 9.0 GPU, its wgmma path cuda/attention_dense_sm90.cu (not part of
+// the library build).  cuda/harness/dense_run.sh has the build lines:
 //
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DRESA_CUDA_SM90A=1
+//        -I include -I lib -I cuda -c cuda/attention_dense_sm90.cu -o sm90.o
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90,code=sm_90 -I include -I lib -I cuda
-//        cuda/harness/dense_harness.cu cuda/attention_dense.cu -o dh
+//        cuda/harness/dense_harness.cu cuda/attention_dense.cu sm90.o -o dh
 //   ./dh check    correctness against a float64 CPU reference
-//   ./dh quick    two small checks (for compute-sanitizer)
-//   ./dh time     timings (needs ~9 GB of device memory)
+//   ./dh quick    three small checks (for compute-sanitizer)
+//   ./dh time     timings (needs ~20 GB of device memory)
 //   ./dh          both
+//
+// Both paths: every d = 128 case runs the mma.sync kernel (RESA_CUDA_NO_WGMMA=1)
+// and the wgmma kernel (RESA_CUDA_WGMMA=1) where the GPU has it, each from
+// NaN-poisoned output and workspace, against one float64 reference.
 //
 // check: paged pools with shuffled page tables, NaN in every unused page, in
 // every position past a sequence's end and in every page-table entry past it
 // (-1); entries (0,1) (0,37) (0,1000) (5000,32) (70000,32) (300,2048) in one
 // call; every g in {1,2,4,7,8,16}, d in {64,128,256}, f16 and bf16, block
-// sizes 8..64; rectify-only steps (many splits).  Output poisoned with NaN;
-// every row is checked for NaN, and sampled rows (all heads) against float64.
+// sizes 8..64; rectify-only steps (many splits); d = 128 extras: 32/8 and
+// 28/4 heads with 8 rectifications at contexts off the 16-token grid, prefill
+// chunks at odd offsets (row counts off the 128 grid), one rectification cut
+// into 64 splits.  Output poisoned with NaN; every row is checked for NaN, and
+// sampled rows (all heads) against float64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -73,6 +83,22 @@ static double from_bits(uint16_t b, int dtype)
     return (double)__half2float(__half(r));
 }
 static const uint16_t NAN_BITS = 0x7FC0; // NaN in bf16; also NaN in f16 (exp all ones)
+
+// ---- the two paths ----
+bool resa_cuda_dense_sm90_built(); // attention_dense_sm90.cu
+static bool g_wgmma = false;       // the wgmma path exists here (set in main)
+static const char *PATH_NAME[2] = {"mma", "wgmma"};
+static void use_path(int wgmma)
+{
+    if (wgmma) {
+        unsetenv("RESA_CUDA_NO_WGMMA");
+        setenv("RESA_CUDA_WGMMA", "1", 1);
+    } else {
+        setenv("RESA_CUDA_NO_WGMMA", "1", 1);
+    }
+}
+static int n_paths(int d) { return d == 128 && g_wgmma ? 2 : 1; }
+static double g_worst[2] = {0, 0};
 
 // pool element (page, head, off, dim): hashed value if off < limit[page], else NaN
 __global__ void fill_pool(uint16_t *k, uint16_t *v, const int32_t *limit, int64_t n_pages, int hkv,
@@ -315,15 +341,20 @@ static bool check_one(Setup &s, const char *label)
     setup(s);
     decode_all(s);
     const size_t out_elems = (size_t)s.n_rows * s.hq * s.d;
-    CK(cudaMemset(s.dout, 0xFF, out_elems * 2)); // NaN poison
-    CK(resa_cuda_attention_dense(&s.a));
-    CK(cudaDeviceSynchronize());
-    std::vector<uint16_t> out(out_elems);
-    CK(cudaMemcpy(out.data(), s.dout, out_elems * 2, cudaMemcpyDeviceToHost));
-    size_t nan_count = 0;
-    for (size_t i = 0; i < out_elems; i++)
-        if (std::isnan(from_bits(out[i], s.dtype)))
-            nan_count++;
+    const int np = n_paths(s.d);
+    std::vector<std::vector<uint16_t>> out(np, std::vector<uint16_t>(out_elems));
+    size_t nan_count[2] = {0, 0};
+    for (int path = 0; path < np; path++) {
+        use_path(path);
+        CK(cudaMemset(s.dout, 0xFF, out_elems * 2)); // NaN poison
+        CK(cudaMemset(s.dws, 0xFF, resa_cuda_dense_workspace(&s.a.dims)));
+        CK(resa_cuda_attention_dense(&s.a));
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(out[path].data(), s.dout, out_elems * 2, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < out_elems; i++)
+            if (std::isnan(from_bits(out[path][i], s.dtype)))
+                nan_count[path]++;
+    }
     // sampled tokens: all for short entries, else first, last and 4 random
     std::vector<std::pair<int, int>> items; // (entry, token)
     for (int ei = 0; ei < (int)s.ents.size(); ei++) {
@@ -339,7 +370,7 @@ static bool check_one(Setup &s, const char *label)
         }
     }
     const int nthreads = std::max(1u, std::thread::hardware_concurrency());
-    std::vector<double> num(nthreads, 0), den(nthreads, 0);
+    std::vector<double> num(2 * nthreads, 0), den(nthreads, 0);
     std::vector<std::thread> th;
     const size_t jobs = items.size() * s.hq;
     for (int w = 0; w < nthreads; w++)
@@ -351,26 +382,34 @@ static bool check_one(Setup &s, const char *label)
                 reference(s, it.first, it.second, h, ref.data(), sc);
                 const size_t at = ((size_t)(s.dev[it.first].row + it.second) * s.hq + h) * s.d;
                 for (int i = 0; i < s.d; i++) {
-                    double got = from_bits(out[at + i], s.dtype);
-                    double diff = got - ref[i];
-                    num[w] += std::isnan(got) ? 1e30 : diff * diff;
+                    for (int path = 0; path < np; path++) {
+                        double got = from_bits(out[path][at + i], s.dtype);
+                        double diff = got - ref[i];
+                        num[2 * w + path] += std::isnan(got) ? 1e30 : diff * diff;
+                    }
                     den[w] += ref[i] * ref[i];
                 }
             }
         });
     for (auto &t : th)
         t.join();
-    double n2 = 0, d2 = 0;
-    for (int w = 0; w < nthreads; w++) {
-        n2 += num[w];
-        d2 += den[w];
+    bool ok_all = true;
+    for (int path = 0; path < np; path++) {
+        double n2 = 0, d2 = 0;
+        for (int w = 0; w < nthreads; w++) {
+            n2 += num[2 * w + path];
+            d2 += den[w];
+        }
+        const double rel = std::sqrt(n2 / d2);
+        const bool ok = nan_count[path] == 0 && rel < 1e-2;
+        g_worst[path] = std::max(g_worst[path], std::isnan(rel) ? 1e30 : rel);
+        ok_all = ok_all && ok;
+        printf("%-4s %-5s %-46s d=%3d g=%2d hkv=%d b=%2d rows=%6lld  rel_l2=%.2e nan=%zu\n",
+               ok ? "ok" : "FAIL", PATH_NAME[path], label, s.d, s.g, s.hkv, s.b,
+               (long long)s.n_rows, rel, nan_count[path]);
     }
-    const double rel = std::sqrt(n2 / d2);
-    const bool ok = nan_count == 0 && rel < 1e-2;
-    printf("%-4s %-44s d=%3d g=%2d b=%2d rows=%6lld  rel_l2=%.2e nan=%zu\n", ok ? "ok" : "FAIL",
-           label, s.d, s.g, s.b, (long long)s.n_rows, rel, nan_count);
     teardown(s);
-    return ok;
+    return ok_all;
 }
 
 static int run_checks(bool quick)
@@ -379,6 +418,11 @@ static int run_checks(bool quick)
     const std::vector<Ent> mixed = {{0, 1}, {0, 37}, {0, 1000}, {5000, 32}, {70000, 32}, {300, 2048}};
     const std::vector<Ent> rect = {{5000, 32}, {70000, 32}, {100, 32}, {31, 32}, {4096, 32}};
     const std::vector<Ent> small = {{0, 1}, {0, 37}, {17, 5}, {1000, 32}};
+    // 8 rectifications at contexts off the 16-token grid; prefill chunks at odd
+    // offsets (row counts off the 128 grid for every g)
+    const std::vector<Ent> rect8 = {{4999, 32}, {70001, 32}, {100, 32}, {31, 32},
+                                    {12345, 32}, {40000, 32}, {7, 32}, {2047, 32}};
+    const std::vector<Ent> chunks = {{1000, 300}, {4077, 517}, {0, 129}, {33, 1}, {9001, 64}};
     auto one = [&](int dtype, int d, int g, int b, int hkv, const std::vector<Ent> &ents,
                    const char *name) {
         Setup s;
@@ -398,6 +442,7 @@ static int run_checks(bool quick)
     };
     if (quick) {
         one(RESA_DTYPE_BF16, 128, 4, 16, 2, small, "small");
+        one(RESA_DTYPE_F16, 128, 7, 16, 1, rect, "rectify (split-KV)");
         one(RESA_DTYPE_F16, 64, 7, 16, 2, rect, "rectify");
     } else {
         for (int dtype : {RESA_DTYPE_BF16, RESA_DTYPE_F16})
@@ -411,8 +456,21 @@ static int run_checks(bool quick)
                 for (int g : {1, 4, 7})
                     one(dtype, d, g, 16, 2, rect, "rectify x5 (split-KV)");
         one(RESA_DTYPE_BF16, 128, 4, 16, 8, rect, "rectify x5, hkv 8");
+        for (int dtype : {RESA_DTYPE_BF16, RESA_DTYPE_F16}) {
+            one(dtype, 128, 4, 16, 8, rect8, "rectify x8, 32/8 heads");
+            one(dtype, 128, 7, 16, 4, rect8, "rectify x8, 28/4 heads");
+            one(dtype, 128, 4, 16, 2, chunks, "prefill chunks + decode-size entries");
+            one(dtype, 128, 7, 16, 4, chunks, "prefill chunks, 28/4 heads");
+            one(dtype, 128, 4, 16, 1, {{100003, 32}}, "one rectification, 64 splits");
+        }
+        one(RESA_DTYPE_BF16, 128, 7, 8, 4, rect8, "rectify x8, 28/4 heads, b 8");
+        one(RESA_DTYPE_BF16, 128, 4, 64, 8, chunks, "prefill chunks, b 64");
     }
-    printf("checks: %d/%d passed\n", total - fails, total);
+    printf("checks: %d/%d passed (cases; d = 128 ones on %d path(s)); worst rel_l2 mma %.2e",
+           total - fails, total, g_wgmma ? 2 : 1, g_worst[0]);
+    if (g_wgmma)
+        printf(", wgmma %.2e", g_worst[1]);
+    printf("\n");
     return fails;
 }
 
@@ -445,74 +503,87 @@ static void run_timing()
 {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
-    printf("\ntiming on %s (%d SMs), median of 20 after 3 warm-ups\n", prop.name,
+    printf("\ntiming on %s (%d SMs), median of 20 after 3 warm-ups, bf16, d 128, b 16\n", prop.name,
            prop.multiProcessorCount);
-    printf("%-34s %9s %9s %10s %8s %9s\n", "case", "time_us", "MB", "GFLOP", "TB/s", "TFLOP/s");
-    const int hq = 32, hkv = 8, d = 128;
-    for (int64_t L : {32768LL, 262144LL})
-        for (int B : {1, 8}) {
-            Setup s;
-            s.dtype = RESA_DTYPE_BF16;
-            s.d = d;
-            s.g = hq / hkv;
-            s.b = 16;
-            s.hkv = hkv;
-            s.seed = rnd();
-            s.qs = 2.0f;
-            for (int i = 0; i < B; i++)
-                s.ents.push_back({L - 32, 32});
-            setup(s);
-            // quick sanity on the last row of the first sequence, 2 heads
+    struct tcase {
+        const char *name;
+        int hq, hkv;
+        std::vector<Ent> ents;
+    };
+    auto rect = [](int batch, int64_t len) { return std::vector<Ent>(batch, Ent{len - 32, 32}); };
+    const std::vector<tcase> cases = {
+        {"rectify 1x32K 32/8", 32, 8, rect(1, 32768)},
+        {"rectify 8x32K 32/8", 32, 8, rect(8, 32768)},
+        {"rectify 1x256K 32/8", 32, 8, rect(1, 262144)},
+        {"rectify 8x256K 32/8", 32, 8, rect(8, 262144)},
+        {"rectify 8x256K 28/4", 28, 4, rect(8, 262144)},
+        {"prefill 2048 at 30K..32K 32/8", 32, 8, {{30720, 2048}}},
+        {"prefill 8192 at 0 32/8", 32, 8, {{0, 8192}}},
+    };
+    const int d = 128;
+    printf("%-30s %-5s %9s %8s %9s %9s\n", "case", "path", "time_us", "TB/s", "TFLOP/s", "rel_l2");
+    std::vector<std::string> summary;
+    for (const tcase &c : cases) {
+        Setup s;
+        s.dtype = RESA_DTYPE_BF16;
+        s.d = d;
+        s.g = c.hq / c.hkv;
+        s.b = 16;
+        s.hkv = c.hkv;
+        s.seed = rnd();
+        s.qs = 2.0f;
+        s.ents = c.ents;
+        setup(s);
+        double bytes = 2.0 * s.n_rows * c.hq * d * 2, flop = 0;
+        for (const Ent &e : c.ents) {
+            bytes += (double)(e.start + e.n) * c.hkv * d * 2 * 2;
+            for (int t = 0; t < e.n; t++)
+                flop += 4.0 * c.hq * d * (double)(e.start + t + 1);
+        }
+        float ms_path[2] = {0, 0};
+        for (int path = 0; path < n_paths(d); path++) {
+            use_path(path);
             CK(cudaMemset(s.dout, 0xFF, (size_t)s.n_rows * s.hq * d * 2));
-            float ms = time_it(s);
+            const float ms = ms_path[path] = time_it(s);
+            // sanity: last token of the first entry, first and last head
             std::vector<uint16_t> out((size_t)s.n_rows * s.hq * d);
             CK(cudaMemcpy(out.data(), s.dout, out.size() * 2, cudaMemcpyDeviceToHost));
             double n2 = 0, d2 = 0;
             std::vector<double> ref(d), sc;
-            for (int h : {0, 31}) {
-                reference(s, 0, 31, h, ref.data(), sc);
+            const int t = c.ents[0].n - 1;
+            for (int h : {0, c.hq - 1}) {
+                reference(s, 0, t, h, ref.data(), sc);
                 for (int i = 0; i < d; i++) {
-                    double got = from_bits(out[((size_t)31 * hq + h) * d + i], s.dtype);
+                    double got = from_bits(out[((size_t)t * c.hq + h) * d + i], s.dtype);
                     n2 += std::isnan(got) ? 1e30 : (got - ref[i]) * (got - ref[i]);
                     d2 += ref[i] * ref[i];
                 }
             }
-            const double bytes = (double)B * L * hkv * d * 2 * 2 + 2.0 * s.n_rows * hq * d * 2;
-            double flop = 0;
-            for (int t = 0; t < 32; t++)
-                flop += 4.0 * hq * d * (double)(L - 32 + t + 1) * B;
-            char name[64];
-            snprintf(name, sizeof name, "rectify B=%d L=%lldK (rel %.1e)", B, (long long)(L / 1024),
-                     std::sqrt(n2 / d2));
-            printf("%-34s %9.1f %9.1f %10.1f %8.2f %9.1f\n", name, ms * 1e3, bytes / 1e6, flop / 1e9,
-                   bytes / (ms * 1e-3) / 1e12, flop / (ms * 1e-3) / 1e12);
-            teardown(s);
+            printf("%-30s %-5s %9.1f %8.2f %9.1f %9.1e\n", c.name, PATH_NAME[path], ms * 1e3,
+                   bytes / (ms * 1e-3) / 1e12, flop / (ms * 1e-3) / 1e12, std::sqrt(n2 / d2));
         }
-    for (int n : {8192}) {
-        Setup s;
-        s.dtype = RESA_DTYPE_BF16;
-        s.d = d;
-        s.g = hq / hkv;
-        s.b = 16;
-        s.hkv = hkv;
-        s.seed = rnd();
-        s.qs = 2.0f;
-        s.ents.push_back({0, n});
-        setup(s);
-        float ms = time_it(s);
-        const double bytes = (double)n * hkv * d * 2 * 2 + 2.0 * n * hq * d * 2;
-        const double flop = 4.0 * hq * d * (double)n * (n + 1) / 2;
-        char name[64];
-        snprintf(name, sizeof name, "prefill n=%d start 0 causal", n);
-        printf("%-34s %9.1f %9.1f %10.1f %8.2f %9.1f\n", name, ms * 1e3, bytes / 1e6, flop / 1e9,
-               bytes / (ms * 1e-3) / 1e12, flop / (ms * 1e-3) / 1e12);
+        char line[160];
+        snprintf(line, sizeof line, "%-30s %9.1f %7.1f %9.1f %7.1f %7.2fx", c.name, ms_path[0] * 1e3,
+                 flop / (ms_path[0] * 1e-3) / 1e12, ms_path[1] * 1e3,
+                 ms_path[1] > 0 ? flop / (ms_path[1] * 1e-3) / 1e12 : 0.0,
+                 ms_path[1] > 0 ? ms_path[0] / ms_path[1] : 0.0);
+        summary.push_back(line);
         teardown(s);
     }
+    printf("\n%-30s %9s %7s %9s %7s %8s\n", "case (us, TFLOP/s)", "mma", "TF", "wgmma", "TF", "speedup");
+    for (const auto &l : summary)
+        printf("%s\n", l.c_str());
 }
 
 int main(int argc, char **argv)
 {
     const std::string mode = argc > 1 ? argv[1] : "all";
+    int major = 0, minor = 0;
+    CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+    CK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
+    g_wgmma = resa_cuda_dense_sm90_built() && major == 9 && minor == 0;
+    printf("compute capability %d.%d, wgmma path built: %d -> paths: mma%s\n", major, minor,
+           (int)resa_cuda_dense_sm90_built(), g_wgmma ? " + wgmma" : " only");
     int fails = 0;
     if (mode == "check" || mode == "all")
         fails += run_checks(false);
