@@ -17,22 +17,31 @@ namespace {
 
 using namespace resa;
 
+// The (row, KV head) a warp of a write kernel stores: where it goes.
+struct row_slot {
+    const resa_dev_entry *e;
+    int64_t pos;  // position of the row in its sequence
+    size_t s;     // summary offset of (page, head): the K/V block starts at s * b
+};
+
+// Stores K and V of one (row, KV head) into its page with 16-byte copies by
+// the lanes of one warp; false for a warp past the last item (warp-uniform).
 template <typename T>
-__global__ void write_rows(resa_cuda_layer_args a)
+__device__ __forceinline__ bool store_row(const resa_cuda_layer_args &a, row_slot *out)
 {
-    pdl_trigger(); // the summaries kernel may launch; it waits for our writes
     const int warps = blockDim.x / 32;
     const int64_t item = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const resa_cuda_dims &D = a.dims;
     if (item >= a.n_rows * D.hkv)
-        return;
+        return false;
     const int64_t row = item / D.hkv;
     const int head = (int)(item % D.hkv);
     const resa_dev_entry &e = a.entries[entry_of_row(a.entries, a.n_entries, row)];
     const int64_t pos = e.start + (row - e.row);
     const int32_t page = a.page_tables[(size_t)e.slot * D.max_seq_blocks + (pos >> D.log2_b)];
-    const size_t dst = (((size_t)page * D.hkv + head) * D.b + (pos & (D.b - 1))) * D.d;
+    const size_t s = ((size_t)page * D.hkv + head) * D.d;
+    const size_t dst = s * D.b + (size_t)(pos & (D.b - 1)) * D.d;
     const size_t src = ((size_t)row * D.hkv + head) * D.d;
     const int chunks = D.d * (int)sizeof(T) / 16; // d is a multiple of 8
     for (int c = lane; c < 2 * chunks; c += 32) {
@@ -42,6 +51,16 @@ __global__ void write_rows(resa_cuda_layer_args a)
         uint4 *to = (uint4 *)((T *)(is_v ? a.v : a.k) + dst) + cc;
         *to = *from;
     }
+    *out = row_slot{&e, pos, s};
+    return true;
+}
+
+template <typename T>
+__global__ void write_rows(resa_cuda_layer_args a)
+{
+    pdl_trigger(); // the summaries kernel may launch; it waits for our writes
+    row_slot r;
+    store_row<T>(a, &r);
 }
 
 // min/max of the valid keys of one block of one head: lanes own dimensions.
@@ -121,33 +140,13 @@ template <typename T>
 __global__ void write_decode(resa_cuda_layer_args a)
 {
     pdl_trigger(); // select_blocks may launch; it waits for our writes
-    const int warps = blockDim.x / 32;
-    const int64_t item = (int64_t)blockIdx.x * warps + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    const resa_cuda_dims &D = a.dims;
-    if (item >= a.n_rows * D.hkv)
+    row_slot r;
+    if (!store_row<T>(a, &r))
         return;
-    const int64_t row = item / D.hkv;
-    const int head = (int)(item % D.hkv);
-    const resa_dev_entry &e = a.entries[entry_of_row(a.entries, a.n_entries, row)];
-    const int64_t pos = e.start + (row - e.row);
-    const int64_t blk = pos >> D.log2_b;
-    const int32_t page = a.page_tables[(size_t)e.slot * D.max_seq_blocks + blk];
-    const size_t s = ((size_t)page * D.hkv + head) * D.d; // summary of (page, head)
-    const size_t dst = (s * D.b) + (size_t)(pos & (D.b - 1)) * D.d;
-    const size_t src = ((size_t)row * D.hkv + head) * D.d;
-    const int chunks = D.d * (int)sizeof(T) / 16; // d is a multiple of 8
-    for (int c = lane; c < 2 * chunks; c += 32) {
-        const bool is_v = c >= chunks;
-        const int cc = is_v ? c - chunks : c;
-        const uint4 *from = (const uint4 *)((const T *)(is_v ? a.v_in : a.k_in) + src) + cc;
-        uint4 *to = (uint4 *)((T *)(is_v ? a.v : a.k) + dst) + cc;
-        *to = *from;
-    }
     __syncwarp(); // the row's K is visible to every lane of the warp
-    const int64_t first = blk << D.log2_b;
-    const int n_valid = (int)min((int64_t)D.b, e.valid - first);
-    summarize_block<T>(D, (const T *)a.k, a.kmin, a.kmax, a.kexp, s, n_valid);
+    const int64_t first = (r.pos >> a.dims.log2_b) << a.dims.log2_b;
+    const int n_valid = (int)min((int64_t)a.dims.b, r.e->valid - first);
+    summarize_block<T>(a.dims, (const T *)a.k, a.kmin, a.kmax, a.kexp, r.s, n_valid);
 }
 
 template <typename T>
