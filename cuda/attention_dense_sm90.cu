@@ -10,10 +10,11 @@
 //    tile's Q (BM = 128 rows x 128) once, then streams the split's K/V tiles
 //    of BN = 128 keys through a STAGES-deep ring in shared memory with
 //    cp.async, 16 bytes a copy, each key's page from the page table (pages of
-//    b tokens: no tensor-map tiles).  A stage completes on its "full"
-//    mbarrier (cp.async.mbarrier.arrive.noinc, one arrival per producer
-//    thread) and is refilled once its "empty" mbarrier has one arrival from
-//    every consumer warp.
+//    b tokens: no tensor-map tiles; a tile's entries are loaded one per lane,
+//    a tile ahead, and reach the copying threads by shuffles).  A stage
+//    completes on its "full" mbarrier (cp.async.mbarrier.arrive.noinc, one
+//    arrival per producer thread) and is refilled once its "empty" mbarrier
+//    has one arrival from every consumer warp.
 //  - Warpgroups 1 and 2, the consumers (setmaxnreg up to 232), own 64 rows
 //    each.  S = Q K^T is a chain of wgmma m64n128k16 with both operands in
 //    shared memory; the online softmax runs on the accumulator registers
@@ -215,11 +216,23 @@ __global__ void __launch_bounds__(HTHREADS, 1) dense_wgmma_kernel(const dense_pa
         cp_async_arrive(bar_q);
         // K/V: thread -> chunk tid % 16 of keys tid / 16 + 8 i; keys past kend
         // are zero-filled (their pages may not exist)
-        const int c = tid & 15, key0 = tid >> 4;
+        const int c = tid & 15, key0 = tid >> 4, lane = tid & 31;
         const int32_t *ptab = p.page_tables + (size_t)e.slot * p.max_seq_blocks;
         const T *kpool = static_cast<const T *>(p.k);
         const T *vpool = static_cast<const T *>(p.v);
         const int64_t kend = sp.kend;
+        // Page-table entries: one load per lane and tile, for key kl of the
+        // tile (a warp's keys are {2 warp, 2 warp + 1} + 8 i: 32 keys, one per
+        // lane; key0 + 8 i is lane 2 i + lane / 16's), issued a tile ahead so
+        // that its latency hides behind the wait for a free stage; the copies
+        // take their page by shuffle.  (A dependent __ldg per key put 16 load
+        // latencies a tile on the path from a free stage to a full one.)
+        const int kl = 2 * (tid >> 5) + (lane & 1) + 8 * (lane >> 1);
+        auto lookup = [&](int kt) -> int32_t {
+            const int64_t pos = (int64_t)kt * HBN + kl;
+            return (kt < kt_end && pos < kend) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+        };
+        int32_t pg = lookup(kt_begin);
         int stage = 0;
         uint32_t phase = 0;
         for (int kt = kt_begin; kt < kt_end; kt++) {
@@ -231,19 +244,15 @@ __global__ void __launch_bounds__(HTHREADS, 1) dense_wgmma_kernel(const dense_pa
                 const int key = key0 + 8 * i;
                 const int64_t pos = kb + key;
                 const bool ok = pos < kend;
-                const T *ks = kpool, *vs = vpool;
-                if (ok) {
-                    const int32_t page = __ldg(ptab + (pos >> p.log2_b));
-                    const size_t off =
-                        (((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1))) * HD + c * 8;
-                    ks += off;
-                    vs += off;
-                }
+                const int32_t page = __shfl_sync(0xffffffffu, pg, 2 * i + (lane >> 4));
+                const size_t off =
+                    (((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1))) * HD + c * 8;
                 const uint32_t so = sw128(key, c, HBN);
-                cp_async16(dK + so, ks, ok ? 16 : 0);
-                cp_async16(dV + so, vs, ok ? 16 : 0);
+                cp_async16(dK + so, ok ? kpool + off : kpool, ok ? 16 : 0);
+                cp_async16(dV + so, ok ? vpool + off : vpool, ok ? 16 : 0);
             }
             cp_async_arrive(bar_full + 8 * stage);
+            pg = lookup(kt + 1);
             if (++stage == HSTAGES) {
                 stage = 0;
                 phase ^= 1;
@@ -308,7 +317,10 @@ __global__ void __launch_bounds__(HTHREADS, 1) dense_wgmma_kernel(const dense_pa
         for (int kk = 0; kk < HBN / 16; kk++)
             pack_p<T>(s, kk, pa + 4 * kk);
     };
-    // cp.async writes are generic-proxy stores; wgmma reads through the async proxy
+    // cp.async writes are generic-proxy stores; wgmma reads through the async
+    // proxy.  Fenced here, once a tile with no wgmma of this warpgroup in
+    // flight (measured free); fencing in the producer after its copies land
+    // instead was 10-21% slower (cuda/harness/NOTES.md, v3)
     auto fence_async = [] { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); };
 
     mbar_wait(bar_q, 0);

@@ -9,7 +9,9 @@
 //        cuda/harness/dense_harness.cu cuda/attention_dense.cu sm90.o -o dh
 //   ./dh check    correctness against a float64 CPU reference
 //   ./dh quick    three small checks (for compute-sanitizer)
-//   ./dh time     timings (needs ~20 GB of device memory)
+//   ./dh time     timings (needs ~20 GB of device memory); DH_TIME_CASES=a,b
+//                 times only the cases whose names hold a or b,
+//                 DH_TIME_PATHS=wgmma the wgmma path alone
 //   ./dh          both
 //
 // Both paths: every d = 128 case runs the mma.sync kernel (RESA_CUDA_NO_WGMMA=1)
@@ -523,7 +525,30 @@ static void run_timing()
     const int d = 128;
     printf("%-30s %-5s %9s %8s %9s %9s\n", "case", "path", "time_us", "TB/s", "TFLOP/s", "rel_l2");
     std::vector<std::string> summary;
+    // DH_TIME_CASES: comma-separated substrings, a case runs if its name holds
+    // one (default all); DH_TIME_PATHS=wgmma times the wgmma path alone
+    const char *only = getenv("DH_TIME_CASES");
+    const char *tp = getenv("DH_TIME_PATHS");
+    const int first_path = tp && !strcmp(tp, "wgmma") && g_wgmma ? 1 : 0;
+    auto wanted = [&](const char *name) {
+        if (!only || !*only)
+            return true;
+        std::string list = only;
+        size_t at = 0;
+        while (at <= list.size()) {
+            size_t end = list.find(',', at);
+            if (end == std::string::npos)
+                end = list.size();
+            const std::string item = list.substr(at, end - at);
+            if (!item.empty() && strstr(name, item.c_str()))
+                return true;
+            at = end + 1;
+        }
+        return false;
+    };
     for (const tcase &c : cases) {
+        if (!wanted(c.name))
+            continue;
         Setup s;
         s.dtype = RESA_DTYPE_BF16;
         s.d = d;
@@ -541,7 +566,7 @@ static void run_timing()
                 flop += 4.0 * c.hq * d * (double)(e.start + t + 1);
         }
         float ms_path[2] = {0, 0};
-        for (int path = 0; path < n_paths(d); path++) {
+        for (int path = first_path; path < n_paths(d); path++) {
             use_path(path);
             CK(cudaMemset(s.dout, 0xFF, (size_t)s.n_rows * s.hq * d * 2));
             const float ms = ms_path[path] = time_it(s);
@@ -564,7 +589,7 @@ static void run_timing()
         }
         char line[160];
         snprintf(line, sizeof line, "%-30s %9.1f %7.1f %9.1f %7.1f %7.2fx", c.name, ms_path[0] * 1e3,
-                 flop / (ms_path[0] * 1e-3) / 1e12, ms_path[1] * 1e3,
+                 ms_path[0] > 0 ? flop / (ms_path[0] * 1e-3) / 1e12 : 0.0, ms_path[1] * 1e3,
                  ms_path[1] > 0 ? flop / (ms_path[1] * 1e-3) / 1e12 : 0.0,
                  ms_path[1] > 0 ? ms_path[0] / ms_path[1] : 0.0);
         summary.push_back(line);
