@@ -34,7 +34,7 @@ fi
 if [[ $phases == all || $phases == *sanitize* ]]; then
   say "compute-sanitizer memcheck and racecheck (GPU tests)"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
-  for tool in memcheck racecheck; do
+  for tool in ${RESA_SANITIZE_TOOLS:-memcheck racecheck}; do
     RESA_TEST_QUICK=1 CK_FORK=no timeout ${RESA_SANITIZE_TIMEOUT:-240} \
       compute-sanitizer --tool $tool --error-exitcode 99 \
       $build/tests/check_cuda >"$OUT/sanitize-$tool.log" 2>&1
@@ -84,8 +84,10 @@ fi
 if [[ $phases == all || $phases == *bench* ]]; then
   say "benchmarks: resa-bench (CUDA) and PyTorch SDPA peers, same card, same run"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
-  $build/tools/resa-bench --backend cuda --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
-    --reps 30 --csv 2>/dev/null | tee "$OUT/resa-bench.csv"
+  { $build/tools/resa-bench --backend cuda --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
+      --reps 30 --csv 2>/dev/null
+    $build/tools/resa-bench --backend cuda --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
+      --reps 30 --csv --summary fp8 2>/dev/null | tail -n +2; } | tee "$OUT/resa-bench.csv"
   python3 tools/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
   # FlashInfer: installed, or carried as a pruned archive in .whl/

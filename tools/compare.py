@@ -30,7 +30,7 @@ def main():
         c = [p for op in ops for p in peers.get((L, B, op), [])]
         return min(c) if c else (float("nan"), "-")
 
-    print(f"{'context':>8} {'batch':>5} {'resa_ms':>9} {'best_dense_ms':>14} {'resa/best':>9} "
+    print(f"{'context':>8} {'batch':>5} {'summary':>7} {'resa_ms':>9} {'best_dense_ms':>14} {'resa/best':>9} "
           f"{'dense/peer':>10} {'rect/sdpa':>9} {'rect/nomask':>11} {'sparse_%bw':>10}")
     for r in ours:
         L, B = int(r["context"]), int(r["batch"])
@@ -39,7 +39,7 @@ def main():
         sr, _ = best(L, B, "rectify", "rectify-lr")
         sn, _ = best(L, B, "rectify-nomask")
         best_dense = min(dense, sd)
-        print(f"{L:>8} {B:>5} {resa:>9.4f} {best_dense:>9.4f} ({'ours' if dense <= sd else sd_name}) "
+        print(f"{L:>8} {B:>5} {r.get('summary', 'kv'):>7} {resa:>9.4f} {best_dense:>9.4f} ({'ours' if dense <= sd else sd_name}) "
               f"{best_dense / resa:>8.2f}x {dense / sd:>9.2f}x {rect / sr:>8.2f}x {rect / sn:>10.2f}x "
               f"{float(r['sparse_pct_copy_bw']):>9.1f}%")
     print("(x > 1 in dense/peer and rect/sdpa means ours is slower; resa/best is the speedup)")
