@@ -79,6 +79,8 @@ size_t sum_elems_per_layer(const resa_cuda_dims &D)
 }
 // Bytes per summary element: the KV dtype's 2, or 1 for fp8 summaries.
 size_t sum_elt(const resa_cuda_dims &D) { return D.sum_fp8 ? 1 : 2; }
+// fp8 summaries' scale exponents per layer: one byte per (page, KV head).
+size_t exp_elems_per_layer(const resa_cuda_dims &D) { return (size_t)D.n_pages * D.hkv; }
 
 __global__ void scatter_pages(int32_t *tables, const int32_t *pairs, int32_t n)
 {
@@ -199,7 +201,7 @@ resa_status cuda_pool_create(resa_ctx *ctx)
     TRY(cudaMalloc(&st->kmin, sum), "lock: cudaMalloc(summaries)");
     TRY(cudaMalloc(&st->kmax, sum), "lock: cudaMalloc(summaries)");
     if (D.sum_fp8)
-        TRY(cudaMalloc(&st->kexp, sum_elems_per_layer(D) / D.d * D.n_layers),
+        TRY(cudaMalloc(&st->kexp, exp_elems_per_layer(D) * D.n_layers),
             "lock: cudaMalloc(summary scales)");
     if (ctx->cfg.record_selection) {
         size_t bytes = (size_t)D.max_seqs * D.n_layers * D.hkv * D.sel_words * sizeof(uint32_t);
@@ -252,7 +254,7 @@ resa_status cuda_copy_pages(resa_ctx *ctx, int32_t n, const int32_t *dst, const 
     cuda_state *st = state(ctx);
     const resa_cuda_dims &D = st->dims;
     const size_t kv_page = (size_t)D.hkv * D.b * D.d * 2;
-    const size_t sum_page = (size_t)D.hkv * D.d * (D.sum_fp8 ? 1 : 2), exp_page = (size_t)D.hkv;
+    const size_t sum_page = (size_t)D.hkv * D.d * sum_elt(D), exp_page = (size_t)D.hkv;
     for (int32_t i = 0; i < n; i++)
         for (int32_t l = 0; l < D.n_layers; l++) {
             size_t to = ((size_t)l * D.n_pages + dst[i]), from = ((size_t)l * D.n_pages + src[i]);
@@ -416,7 +418,7 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     a.v = (char *)st->v + kv_off;
     a.kmin = (char *)st->kmin + sum_off;
     a.kmax = (char *)st->kmax + sum_off;
-    a.kexp = st->kexp ? st->kexp + sum_elems_per_layer(D) / D.d * layer : NULL;
+    a.kexp = st->kexp ? st->kexp + exp_elems_per_layer(D) * layer : NULL;
     a.selection = st->selection ? st->selection + (size_t)layer * D.hkv * D.sel_words : NULL;
     a.q = q;
     a.k_in = k;

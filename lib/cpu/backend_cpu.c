@@ -110,10 +110,11 @@ static resa_status cpu_pool_create(resa_ctx *ctx)
     st->v = resa_alloc(ctx, kv_bytes);
     st->kmin = resa_alloc(ctx, sum_elems * L->sum_elt);
     st->kmax = resa_alloc(ctx, sum_elems * L->sum_elt);
-    if (L->sum_fp8)
+    if (L->sum_fp8) {
         st->kexp = resa_alloc(ctx, sum_elems / (size_t)L->d);
-    for (int i = 0; i < 256; i++)
-        st->e4m3[i] = resa_e4m3_to_f32((uint8_t)i);
+        for (int i = 0; i < 256; i++)
+            st->e4m3[i] = resa_e4m3_to_f32((uint8_t)i);
+    }
     if (!st->k || !st->v || !st->kmin || !st->kmax || (L->sum_fp8 && !st->kexp))
         return resa_fail(ctx, RESA_ERR_OUT_OF_MEMORY,
                          "lock: cannot allocate the KV pool (%zu bytes for K and for V)", kv_bytes);

@@ -35,7 +35,7 @@ typedef struct resa_cpu_item {
 typedef struct resa_cpu_state {
     void *k, *v, *kmin, *kmax;   /* the pool, layout in internal.h */
     int8_t *kexp;                /* fp8 summaries' scale exponents, or NULL */
-    float e4m3[256];             /* resa_e4m3_to_f32 of every byte: decoding by table */
+    float e4m3[256];             /* fp8 summaries: resa_e4m3_to_f32 of every byte, a table */
     uint32_t *selection;         /* RECORD_SELECTION bitmaps, or NULL */
     resa_threadpool *tp;
     resa_cpu_scratch *scratch;   /* [n_scratch], one per worker */
