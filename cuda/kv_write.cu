@@ -80,6 +80,7 @@ __device__ void summarize_block(const resa_cuda_dims &D, const T *k, void *kmin,
         const int j = lane + 32 * i;
         float mn = FLT_MAX, mx = -FLT_MAX;
         if (j < d)
+#pragma unroll 8 // independent loads in flight: the rows were just written (L2)
             for (int t = 0; t < n_valid; t++) {
                 float x = to_f32(k[(size_t)t * d + j]);
                 mn = fminf(mn, x);
@@ -87,8 +88,6 @@ __device__ void summarize_block(const resa_cuda_dims &D, const T *k, void *kmin,
             }
         mnv[i] = mn;
         mxv[i] = mx;
-        if (j < d)
-            amax = fmaxf(amax, fmaxf(fabsf(mn), fabsf(mx)));
     }
     if (!D.sum_fp8) {
 #pragma unroll
@@ -99,6 +98,10 @@ __device__ void summarize_block(const resa_cuda_dims &D, const T *k, void *kmin,
             }
         return;
     }
+#pragma unroll
+    for (int i = 0; i < R; i++)
+        if (lane + 32 * i < d)
+            amax = fmaxf(amax, fmaxf(fabsf(mnv[i]), fabsf(mxv[i])));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));

@@ -43,14 +43,15 @@ if [[ $phases == all || $phases == *sanitize* ]]; then
   done
 fi
 if [[ $phases == *profile* ]]; then
-  say "ncu: the kernels of one sparse decode step and one rectification, 8 x 256K"
+  # RESA_PROFILE_ARGS: extra resa-bench flags, e.g. "--shapes 28/4x128 --summary fp8"
+  say "ncu: the kernels of one sparse decode step and one rectification, 8 x 256K ${RESA_PROFILE_ARGS:-}"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,launch__grid_size
-  ncu --clock-control none --metrics $metrics -k 'regex:score|select|attend|combine|topn' -c 6 \
-    $build/tools/resa-bench --backend cuda --batch 8 --contexts 262144 --modes sparse --reps 1 \
+  ncu --clock-control none --metrics $metrics -k 'regex:write_decode|score|select|attend|combine|topn' -c 8 \
+    $build/tools/resa-bench --backend cuda --batch 8 --contexts 262144 --modes sparse --reps 1 ${RESA_PROFILE_ARGS:-} \
     >"$OUT/ncu-sparse.txt" 2>&1
   ncu --clock-control none --metrics $metrics -k 'regex:dense_' -c 2 \
-    $build/tools/resa-bench --backend cuda --batch 8 --contexts 262144 --modes rectify --reps 1 \
+    $build/tools/resa-bench --backend cuda --batch 8 --contexts 262144 --modes rectify --reps 1 ${RESA_PROFILE_ARGS:-} \
     >"$OUT/ncu-rectify.txt" 2>&1
   grep -E "^  [a-z_]+.*\(|gpu__time|dram__throughput|dram__bytes|sm__throughput|hmma|grid_size" \
     "$OUT/ncu-sparse.txt" "$OUT/ncu-rectify.txt" | sed 's#.*/##' | head -60

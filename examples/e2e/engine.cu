@@ -49,7 +49,7 @@ float elapsed_ms(cudaEvent_t a, cudaEvent_t b)
 // Everything one (context, batch) point owns.
 struct Point {
     const Model &m;
-    cublasHandle_t blas;
+    Gemms &g;
     cudaStream_t s;
     const Options &o;
     long ctx_len;
@@ -66,8 +66,8 @@ struct Point {
     bf16 *fill_k = nullptr, *fill_v = nullptr; // one chunk of random K/V
     std::vector<int32_t> seqs;
 
-    Point(const Model &m_, cublasHandle_t b_, cudaStream_t s_, const Options &o_, long c, int n)
-        : m(m_), blas(b_), s(s_), o(o_), ctx_len(c), batch(n)
+    Point(const Model &m_, Gemms &g_, cudaStream_t s_, const Options &o_, long c, int n)
+        : m(m_), g(g_), s(s_), o(o_), ctx_len(c), batch(n)
     {
     }
 
@@ -99,6 +99,11 @@ void Point::setup()
     CR(ctx, resa_ctx_set_stream(ctx, (void *)s));
 
     acts_alloc(a, D, act_rows(batch, o), batch);
+    // the timed passes: decode (batch rows, logits) and rectification
+    // (interval rows per sequence, no logits); the prefill keeps the default
+    model_tune_gemms(m, a, g, batch, 1, true);
+    if (std::find(o.modes.begin(), o.modes.end(), "resa") != o.modes.end())
+        model_tune_gemms(m, a, g, batch * o.interval, o.interval, false);
     CK(cudaMalloc(&d_tok, batch * sizeof(int)));
     CK(cudaMalloc(&d_pos, batch * sizeof(int)));
     CK(cudaMalloc(&d_scratch, batch * sizeof(int)));
@@ -163,7 +168,7 @@ void Point::fill_and_prefill(ModeResult &r)
         p.seq_base = b;
         p.ctx = ctx;
         p.tok_out = d_tok + b;
-        model_forward(m, a, blas, s, p);
+        model_forward(m, a, g, s, p);
         CR(ctx, resa_ctx_step_end(ctx, 0));
     }
     std::vector<int> pos(batch, (int)ctx_len); // the first decode feeds position ctx
@@ -224,7 +229,7 @@ void Point::rectify(const std::vector<int> &due, cudaEvent_t e0, cudaEvent_t e1)
     p.pos = a.rows_pos;
     p.ctx = ctx;
     p.logits = false;
-    model_forward(m, a, blas, s, p);
+    model_forward(m, a, g, s, p);
     CR(ctx, resa_ctx_step_end(ctx, 0));
     if (e1)
         CK(cudaEventRecord(e1, s));
@@ -268,14 +273,14 @@ ModeResult Point::run_mode(const std::string &mode)
             // begin outside the capture; every layer's step_attend inside one graph
             CR(ctx, resa_ctx_step_begin(ctx, batch, seqs.data(), modes.data(), ones.data(), 0));
             CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-            model_forward(m, a, blas, s, decode_pass(true));
+            model_forward(m, a, g, s, decode_pass(true));
             CK(cudaStreamEndCapture(s, &graph));
             CK(cudaGraphInstantiate(&exec, graph, 0));
             CK(cudaGraphLaunch(exec, s));
             CR(ctx, resa_ctx_step_end(ctx, 0));
             // the same step without the attention calls, for the time split
             CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-            model_forward(m, a, blas, s, decode_pass(false));
+            model_forward(m, a, g, s, decode_pass(false));
             CK(cudaStreamEndCapture(s, &graph_na));
             CK(cudaGraphInstantiate(&exec_na, graph_na, 0));
         } else {
@@ -347,10 +352,10 @@ size_t point_bytes(const ModelDims &m, long ctx, int batch, const Options &o)
     return kv + summaries + tables + select + other + host_side + margin;
 }
 
-std::vector<ModeResult> run_point(const Model &m, cublasHandle_t blas, cudaStream_t s,
-                                  const Options &o, long ctx, int batch)
+std::vector<ModeResult> run_point(const Model &m, Gemms &g, cudaStream_t s, const Options &o,
+                                  long ctx, int batch)
 {
-    Point p(m, blas, s, o, ctx, batch);
+    Point p(m, g, s, o, ctx, batch);
     p.setup();
     std::vector<ModeResult> out;
     for (const std::string &mode : o.modes) {

@@ -40,5 +40,6 @@ struct ModeResult {
 size_t point_bytes(const ModelDims &m, long ctx, int batch, const Options &o);
 
 // Runs every mode of o.modes at one point; results in o.modes order.
-std::vector<ModeResult> run_point(const Model &m, cublasHandle_t blas, cudaStream_t s,
-                                  const Options &o, long ctx, int batch);
+// Matrix products through `g`, tuned for this point's row counts first.
+std::vector<ModeResult> run_point(const Model &m, Gemms &g, cudaStream_t s, const Options &o,
+                                  long ctx, int batch);

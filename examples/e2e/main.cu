@@ -167,6 +167,30 @@ void report(const Options &o, long ctx, int batch, const std::vector<ModeResult>
     std::fflush(stdout);
 }
 
+// The matrix products tuned for the last point (tunings from `first` on):
+// per matrix, cublasGemmEx's default against the algorithm kept.
+void report_gemms(const Options &o, const Gemms &g, size_t first, int layers)
+{
+    const std::vector<GemmTuning> &t = g.tunings();
+    if (first >= t.size())
+        return;
+    FILE *f = o.csv ? stderr : stdout;
+    double def = 0, best = 0;
+    for (size_t i = first; i < t.size(); i++) {
+        const GemmTuning &r = t[i];
+        const int n = r.name == "lm_head" ? 1 : layers;
+        def += n * r.default_us;
+        best += n * r.best_us;
+        std::fprintf(f, "# gemm %-8s %4d x %6d x %5d: default %8.1f us (%4.0f GB/s), best of %2d "
+                        "cuBLASLt %8.1f us (%4.0f GB/s)\n",
+                     r.name.c_str(), r.shape.M, r.shape.N, r.shape.K, r.default_us,
+                     r.bytes / r.default_us * 1e-3, r.candidates, r.best_us,
+                     r.bytes / r.best_us * 1e-3);
+    }
+    std::fprintf(f, "# gemm total of these shapes per forward pass: default %.3f ms, kept %.3f ms\n",
+                 def * 1e-3, best * 1e-3);
+}
+
 } // namespace
 
 int main(int argc, char **argv)
@@ -190,6 +214,7 @@ int main(int argc, char **argv)
     void *blas_ws = nullptr;
     CK(cudaMalloc(&blas_ws, blas_ws_bytes));
     CB(cublasSetWorkspace(blas, blas_ws, blas_ws_bytes));
+    Gemms *gemms = new Gemms(blas, s, 64ull << 20);
 
     size_t free_b = 0, total_b = 0;
     CK(cudaMemGetInfo(&free_b, &total_b));
@@ -257,9 +282,13 @@ int main(int argc, char **argv)
                              o.csv ? "resa-e2e: " : "\n", ctx, batch, gib(need), gib(free_b));
                 continue;
             }
-            report(o, ctx, batch, run_point(m, blas, s, o, ctx, batch));
+            const size_t tuned = gemms->tunings().size();
+            const std::vector<ModeResult> rs = run_point(m, *gemms, s, o, ctx, batch);
+            report_gemms(o, *gemms, tuned, m.dims.layers);
+            report(o, ctx, batch, rs);
         }
     model_free(m);
+    delete gemms;
     CB(cublasDestroy(blas));
     CK(cudaFree(blas_ws));
     CK(cudaStreamDestroy(s));

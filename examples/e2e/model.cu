@@ -13,16 +13,6 @@ size_t layer_elems(const ModelDims &m)
     return 2 * h + qkv * h + qkv + h * qd + 2 * i * h + h * i;
 }
 
-// Y[M][N] (bf16 or fp32) = X[M][K] (row stride ldx) * W[N][K]^T: bf16 in, fp32 accumulate.
-void gemm(cublasHandle_t blas, const bf16 *w, const bf16 *x, int64_t ldx, void *y,
-          cudaDataType_t ytype, int M, int N, int K)
-{
-    const float one = 1.0f, zero = 0.0f;
-    CB(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, K, x,
-                    CUDA_R_16BF, (int)ldx, &zero, y, ytype, N, CUBLAS_COMPUTE_32F,
-                    CUBLAS_GEMM_DEFAULT));
-}
-
 } // namespace
 
 size_t model_param_elems(const ModelDims &m)
@@ -112,8 +102,29 @@ void acts_free(Acts &a)
     a = Acts{};
 }
 
-void model_forward(const Model &m, const Acts &a, cublasHandle_t blas, cudaStream_t s,
-                   const Pass &p)
+void model_tune_gemms(const Model &m, const Acts &a, Gemms &g, int rows, int rows_per_seq,
+                      bool logits)
+{
+    const ModelDims &D = m.dims;
+    const int H = D.hidden, qd = D.hq * D.d;
+    std::vector<const bf16 *> qkv, o, gu, down;
+    for (int l = 0; l < D.layers; l++) {
+        qkv.push_back(m.layers[l].w_qkv);
+        o.push_back(m.layers[l].w_o);
+        gu.push_back(m.layers[l].w_gu);
+        down.push_back(m.layers[l].w_down);
+    }
+    // the products of model_forward, with its operands as scratch
+    g.tune("qkv", {rows, D.qkv(), H, H, CUDA_R_16BF}, qkv, a.xn, a.qkv);
+    g.tune("o", {rows, H, qd, qd, CUDA_R_16BF}, o, a.attn, a.tmp);
+    g.tune("gate_up", {rows, 2 * D.inter, H, H, CUDA_R_16BF}, gu, a.xn, a.gu);
+    g.tune("down", {rows, H, D.inter, D.inter, CUDA_R_16BF}, down, a.act, a.tmp);
+    if (logits)
+        g.tune("lm_head", {rows / rows_per_seq, D.vocab, H, (int64_t)H * rows_per_seq, CUDA_R_32F},
+               {m.lm_head}, a.xn + (size_t)(rows_per_seq - 1) * H, a.logits);
+}
+
+void model_forward(const Model &m, const Acts &a, const Gemms &g, cudaStream_t s, const Pass &p)
 {
     const ModelDims &D = m.dims;
     const int T = p.rows, H = D.hidden, qd = D.hq * D.d;
@@ -127,16 +138,16 @@ void model_forward(const Model &m, const Acts &a, cublasHandle_t blas, cudaStrea
     launch_add_rmsnorm(a.x, nullptr, m.layers[0].ln1, a.xn, T, H, D.eps, s);
     for (int l = 0; l < D.layers; l++) {
         const Layer &L = m.layers[l];
-        gemm(blas, L.w_qkv, a.xn, H, a.qkv, CUDA_R_16BF, T, D.qkv(), H);
+        g.run(L.w_qkv, a.xn, H, a.qkv, CUDA_R_16BF, T, D.qkv(), H);
         launch_bias_rope(a.qkv, L.b_qkv, p.pos, a.q, a.k, a.v, T, D.hq, D.hkv, D.d, D.rope_theta,
                          s);
         if (p.ctx) // store K/V of these rows, attention over the cache (libresa)
             CR(p.ctx, resa_ctx_step_attend(p.ctx, l, a.q, a.k, a.v, a.attn, 0));
-        gemm(blas, L.w_o, a.attn, qd, a.tmp, CUDA_R_16BF, T, H, qd);
+        g.run(L.w_o, a.attn, qd, a.tmp, CUDA_R_16BF, T, H, qd);
         launch_add_rmsnorm(a.x, a.tmp, L.ln2, a.xn, T, H, D.eps, s);
-        gemm(blas, L.w_gu, a.xn, H, a.gu, CUDA_R_16BF, T, 2 * D.inter, H);
+        g.run(L.w_gu, a.xn, H, a.gu, CUDA_R_16BF, T, 2 * D.inter, H);
         launch_swiglu(a.gu, a.act, T, D.inter, s);
-        gemm(blas, L.w_down, a.act, D.inter, a.tmp, CUDA_R_16BF, T, H, D.inter);
+        g.run(L.w_down, a.act, D.inter, a.tmp, CUDA_R_16BF, T, H, D.inter);
         bool last = l + 1 == D.layers;
         if (last && !p.logits) { // rectification: K/V are all it needs; logits discarded
             break;
@@ -153,7 +164,7 @@ void model_forward(const Model &m, const Acts &a, cublasHandle_t blas, cudaStrea
                      a.max_out);
         std::exit(1);
     }
-    gemm(blas, m.lm_head, a.xn + (size_t)(p.rows_per_seq - 1) * H, (int64_t)H * p.rows_per_seq,
+    g.run(m.lm_head, a.xn + (size_t)(p.rows_per_seq - 1) * H, (int64_t)H * p.rows_per_seq,
          a.logits, CUDA_R_32F, n_out, D.vocab, H);
     launch_argmax(a.logits, n_out, D.vocab, p.tok_out, p.pos_adv, p.pos_add, s);
 }

@@ -4,6 +4,7 @@
 // of rows; attention is delegated to libresa (resa_ctx_step_attend).
 #pragma once
 
+#include "gemm.h"
 #include "kernels.h"
 
 struct Layer {
@@ -56,5 +57,8 @@ struct Pass {
     int *pos_adv = nullptr;                   // positions advanced by pos_add after sampling
     int pos_add = 0;
 };
-void model_forward(const Model &m, const Acts &a, cublasHandle_t blas, cudaStream_t s,
-                   const Pass &p);
+void model_forward(const Model &m, const Acts &a, const Gemms &g, cudaStream_t s, const Pass &p);
+// Tunes the matrix products of a forward pass over `rows` rows in groups of
+// rows_per_seq (with the LM head when `logits`); before capturing that pass.
+void model_tune_gemms(const Model &m, const Acts &a, Gemms &g, int rows, int rows_per_seq,
+                      bool logits);
