@@ -24,9 +24,9 @@
 //    list -> page-table -> data chain never stalls the pipeline.
 //  - The 4 warps' (m, l, acc) merge in shared memory; one partial per CTA
 //    goes to ws_sparse.
-// combine: one warp per (entry, head, query row) merges the non-empty splits
-// (lanes over splits for the weights, then lanes over d) and writes out in
-// the IO dtype.
+// combine: one CTA per (entry, head, query row) merges the non-empty splits
+// (lanes over splits for the weights, then the 4 warps over splits and lanes
+// over d) and writes out in the IO dtype.
 //
 // Supported: d in {64, 128, 256}; group 1..16; b any power of two >= 8.
 #include <math.h>
@@ -517,18 +517,22 @@ __device__ __forceinline__ void store_row(T *dst, const float v[PER])
         ((uint32_t *)dst)[x] = u.w[x];
 }
 
+// One CTA per (entry, head, query row).  Every warp finds the running max M
+// and the sum L over all splits in one pass (lanes over splits, each lane an
+// online max/sum, then a rescaling warp reduction); then warp w sums the
+// splits w, w + 4, ... weighted by 2^(m_s - M) (lanes over d), and the 4
+// sums meet in shared memory.  At batch 1 an (entry, head) has up to ~130
+// splits: no loop here is a chain of dependent L2 round trips.
 template <typename T, int D>
-__global__ void __launch_bounds__(128) combine(resa_cuda_layer_args a, int splits, const float *parts)
+__global__ void __launch_bounds__(kThreads) combine(resa_cuda_layer_args a, int splits, const float *parts)
 {
     constexpr int PER = D / 32; // dims per lane
-    extern __shared__ float weights[]; // [4 warps][splits]
+    __shared__ float sums[kWarps - 1][D];
     const resa_cuda_dims &Dm = a.dims;
     const int g = Dm.group;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int item = blockIdx.x * 4 + warp;
+    const int item = blockIdx.x; // grid: exactly n_decode * hkv * g
     pdl_wait(); // attend_split's partials
-    if (item >= a.n_decode * Dm.hkv * g)
-        return; // no CTA barrier below
     const int pair = item / g, r = item % g;
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
     const resa_dev_entry &e = a.entries[a.decode_ids[i]];
@@ -536,42 +540,50 @@ __global__ void __launch_bounds__(128) combine(resa_cuda_layer_args a, int split
     const int used = (n + per - 1) / per;
     const int stride = 2 * kRows + g * D;
     const float *p = parts + (size_t)pair * splits * stride;
-    // lanes over splits for (m, l): no serial chain of loads at batch 1
-    float M = -INFINITY;
-    for (int s = lane; s < used; s += 32)
-        M = fmaxf(M, p[(size_t)s * stride + 2 * r]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float L = 0.0f;
-    float *w = weights + warp * splits;
+    float M = -INFINITY, L = 0.0f; // this lane's splits: L relative to M
+#pragma unroll 4
     for (int s = lane; s < used; s += 32) {
-        const float f = exp2f(p[(size_t)s * stride + 2 * r] - M);
-        L += p[(size_t)s * stride + 2 * r + 1] * f;
-        w[s] = f;
+        const float m_s = p[(size_t)s * stride + 2 * r], l_s = p[(size_t)s * stride + 2 * r + 1];
+        const float m_new = fmaxf(M, m_s);
+        L = L * exp2f(M - m_new) + l_s * exp2f(m_s - m_new); // M = -inf: 0 * 0
+        M = m_new;
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        L += __shfl_xor_sync(0xffffffffu, L, o);
-    __syncwarp();
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m_o = __shfl_xor_sync(0xffffffffu, M, o), l_o = __shfl_xor_sync(0xffffffffu, L, o);
+        const float m_new = fmaxf(M, m_o); // finite: split 0 always has keys
+        L = (M == -INFINITY ? 0.0f : L * exp2f(M - m_new)) +
+            (m_o == -INFINITY ? 0.0f : l_o * exp2f(m_o - m_new));
+        M = m_new;
+    }
     float acc[PER];
 #pragma unroll
     for (int x = 0; x < PER; x++)
         acc[x] = 0.0f;
     const float *pa = p + 2 * kRows + r * D + lane * PER;
 #pragma unroll 4
-    for (int s = 0; s < used; s++) {
+    for (int s = warp; s < used; s += kWarps) {
         float v[PER];
         load_floats<PER>(pa + (size_t)s * stride, v);
-        const float f = w[s];
+        const float f = exp2f(p[(size_t)s * stride + 2 * r] - M);
 #pragma unroll
         for (int x = 0; x < PER; x++)
             acc[x] += v[x] * f;
     }
+    if (warp > 0)
+#pragma unroll
+        for (int x = 0; x < PER; x++)
+            sums[warp - 1][lane * PER + x] = acc[x];
+    __syncthreads();
+    if (warp > 0)
+        return;
     const float inv = 1.0f / L;
 #pragma unroll
-    for (int x = 0; x < PER; x++)
+    for (int x = 0; x < PER; x++) {
+        for (int v = 0; v < kWarps - 1; v++)
+            acc[x] += sums[v][lane * PER + x];
         acc[x] *= inv;
+    }
     store_row<T, PER>((T *)a.out + ((size_t)e.row * Dm.hq + (size_t)h * g + r) * D + lane * PER,
                       acc);
 }
@@ -614,8 +626,8 @@ cudaError_t launch(const resa_cuda_layer_args *a)
     if (err != cudaSuccess)
         return err;
     const int items = pairs * a->dims.group;
-    err = launch_pdl(combine<T, D>, dim3((items + 3) / 4), dim3(128), 4 * splits * sizeof(float),
-                     a->stream, *a, splits, (const float *)parts);
+    err = launch_pdl(combine<T, D>, dim3(items), dim3(kThreads), 0, a->stream, *a, splits,
+                     (const float *)parts);
     if (err != cudaSuccess)
         return err;
     return cudaGetLastError();
