@@ -7,29 +7,43 @@
 //  - scores: the summaries are 1/16 of the KV bytes and are read once, so
 //    this is the bandwidth-bound half.  Grid (ctas_per_pair, pairs) of 1024
 //    threads, one CTA per SM, one wave: each CTA scores a contiguous share of
-//    one (entry, head)'s candidate blocks; d/8 lanes read one block's kmin and
-//    kmax as 16-byte vectors, several blocks per lane in flight.  Scores are
+//    one (entry, head)'s candidate blocks; a group of lanes reads one block's
+//    kmin and kmax as 16-byte vectors (8 dimensions a lane for 16-bit
+//    summaries, 16 for fp8), several blocks per lane in flight.  Scores are
 //    stored as order-preserving uint32 keys (unsigned order == float order)
-//    in the workspace.
+//    in the workspace, and each CTA merges the min and max of its keys into
+//    its pair's cells with two global atomics.
 //  - top-n, in the same launch: the last CTA of an (entry, head) to finish
-//    its share (an arrival counter per pair in the workspace, which that CTA
-//    sets back to zero, so graph replays need no reset) stages the pair's
-//    keys in shared memory (when max_seq_blocks <= 40960; beyond, the passes
-//    read them from global memory, where they are L2-resident).  Radix select
-//    over key - min(keys) (digits of 8 bits, most significant varying bit
-//    first, shared-memory histograms, early exit once a whole bin is taken)
-//    finds the threshold key T and how many keys equal to T to take; then an
-//    index-ordered pass takes every forced block, every key > T and the
-//    lowest-index keys == T (the CPU's tie rule: score desc, then lower
-//    index), writing the list ascending and, when recording, the bitmap.
-//    O(M) per pass, a handful of passes, no sort.
+//    its share (an arrival count in the pair's cells, which that CTA sets
+//    back to zero with the key range, so graph replays need no reset) runs
+//    it alone.  Warp w owns a 32-aligned segment of the pair's blocks
+//    throughout.  Pass 1 reads the keys once from L2, staging them in shared
+//    memory (when max_seq_blocks <= 40960; beyond, the passes read them from
+//    global memory, where they are L2-resident), into a 2048-bin histogram
+//    over the key range: bins linear in the score when the range is finite
+//    (clustered scores spread whatever their exponents), else linear in the
+//    key; any monotone binning keeps each bin one interval of keys.  The bin
+//    of the k-th largest key is found by a block scan; a filter sweep then
+//    counts the keys of higher bins as taken (per warp segment) and moves the
+//    bin's keys with their indices to a shared buffer (typically ~10-30
+//    keys).  Further passes (histogram, pick, filter) run over that buffer
+//    alone, or over all keys of the bin's key range if it overflows 1024;
+//    a set of <= 32 keys is ranked by one warp, which yields the threshold
+//    key T, the last index jT taken among keys == T (the CPU's tie rule:
+//    score desc, then lower index) and the remaining per-segment counts; a
+//    set of equal keys is resolved by one index-ordered counting sweep.
+//    Finally one sweep writes the list ascending (warp w from the sum of the
+//    counts of segments < w) and, when recording, the bitmap: a block is
+//    taken if forced, if key > T, or if key == T and index <= jT.
+//    Typically 3 sweeps over the keys (histogram+stage, filter, write) and
+//    ~7 barriers; no sort.
 //  - launched as a programmatic dependent of kv_write's last kernel
 //    (common.cuh: pdl_wait before the summaries are read).
 //
 // Workspace (resa_cuda_select_workspace):
 //   lists    [max_seqs][hkv][max_seq_blocks] int32  (resa_cuda_sel_list)
 //   keys     [max_seqs][hkv][max_seq_blocks] uint32 (scores as ordered keys)
-//   counters [max_seqs][hkv] uint32: zero at rest (resa_cuda_select_init once)
+//   cells    [max_seqs][hkv] PairCells: zero at rest (resa_cuda_select_init once)
 #include <cuda_fp8.h>
 #include <limits.h>
 
@@ -41,9 +55,16 @@ namespace {
 using namespace resa;
 
 constexpr int kScoreThreads = 1024;   // also the top-n tail's threads
-constexpr int kScoreUnroll = 4;       // blocks per lane group in flight per step
+constexpr int kScoreUnroll = 4;       // 8-dimension lane groups: blocks in flight per step (fp8 at
+                                      // 16 dimensions: 2, the same 64 bytes a lane)
 constexpr int kScoreCtasPerSm = 1;    // 1024 threads at <= 64 registers: the grid is one full wave
 constexpr size_t kKeysSmemMax = 160 * 1024; // keys staged in shared memory up to 40960 blocks
+
+// Per (entry, head), zero between launches: the arrival count of the score
+// CTAs and the range of their keys (minimum complemented, so zero = empty).
+struct PairCells {
+    uint32_t count, not_min, max, pad;
+};
 
 // One (decode entry, KV head) as both kernels see it.
 struct Pair {
@@ -134,21 +155,6 @@ __device__ __forceinline__ uint4 load_stream(const void *p)
                  : "l"(p));
     return v;
 }
-// The same for the 8 bytes of fp8 summaries (in .x, .y).
-__device__ __forceinline__ uint4 load_stream8(const void *p)
-{
-    uint4 v = make_uint4(0, 0, 0, 0);
-    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-    return v;
-}
-template <typename S> __device__ __forceinline__ uint4 load_summary8(const S *p)
-{
-    if constexpr (sizeof(S) == 1)
-        return load_stream8(p);
-    else
-        return load_stream(p);
-}
-
 // Pooled query of the group: mean of the g query vectors, unscaled, fp32.
 template <typename T, int D>
 __device__ void pooled_query(const resa_cuda_layer_args &a, int64_t row, int h, float *qp)
@@ -178,6 +184,15 @@ __device__ __forceinline__ float score8(const float q[8], uint4 mn, uint4 mx)
     return s;
 }
 
+// The same over 16 fp8 dimensions (one 16-byte load of kmin and of kmax):
+// the lane's two halves in order, so the sum is the one of two score8 calls
+// added together.
+__device__ __forceinline__ float score16(const float q[16], uint4 mn, uint4 mx)
+{
+    return score8<fp8_e4m3>(q, mn, mx) +
+           score8<fp8_e4m3>(q + 8, make_uint4(mn.z, mn.w, 0, 0), make_uint4(mx.z, mx.w, 0, 0));
+}
+
 // Sum over aligned groups of W lanes.
 template <int W>
 __device__ __forceinline__ float group_sum(float s)
@@ -188,11 +203,28 @@ __device__ __forceinline__ float group_sum(float s)
     return s;
 }
 
-// ---- select_top ----
+// ---- top-n tail ----
 
-struct Threshold {
-    uint32_t key;    // take keys > key ...
-    int32_t eq_take; // ... and the eq_take lowest-index keys == key
+constexpr int kWarps = kScoreThreads / 32;
+constexpr int kBins = 2 * kScoreThreads; // 11-bit digits: two bins per thread in pick_bin
+constexpr int kCap = kScoreThreads;      // candidate buffer: one entry per thread
+constexpr int kResolve = 32;             // candidate sets this small: one warp finishes
+static_assert(kWarps == 32, "one lane per warp in the warp-level scans");
+
+// Shared state of the tail (static: ~25 KB, next to the dynamic keys staging).
+struct TailShared {
+    uint32_t hist[kBins];
+    uint32_t ckey[2][kCap]; // candidate buffers (ping-pong): key, block index
+    int32_t cidx[2][kCap];
+    int seg_take[kWarps];   // per warp segment: blocks known to be taken so far
+    uint32_t wsum[kWarps];  // scan scratch
+    uint32_t lo, hi;        // key range of the candidate set (from the score CTAs, then per pass)
+    uint32_t nlo, nhi;      // key range of the chosen bin, built by filter()
+    int ndst;               // entries appended to the destination buffer
+    int bin, need, cnt;     // pick_bin's answer
+    uint32_t T;             // threshold: take keys > T ...
+    int jT;                 // ... and keys == T at block index <= jT
+    int last;               // this CTA runs the tail
 };
 
 __device__ __forceinline__ unsigned lanemask_lt()
@@ -213,178 +245,299 @@ __device__ __forceinline__ uint32_t warp_scan(uint32_t x)
     return x;
 }
 
-// Sum of v over the warps before this one (v given by lane 0 of each warp).
-// Two barriers; s_cnt may be reused after it returns.
-__device__ __forceinline__ int warps_before(int v, int *s_cnt)
+// Sum of the kWarps values v[0 .. warp) (v in shared memory, one per warp),
+// for every lane of the calling warp: one load and one warp scan, no barrier.
+__device__ __forceinline__ uint32_t warps_before(const uint32_t *v)
 {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t incl = warp_scan(v[lane]);
+    const uint32_t prev = __shfl_sync(0xffffffffu, incl, max(warp - 1, 0));
+    return warp > 0 ? prev : 0u;
+}
+
+// The score a key stands for (inverse of order_key).
+__device__ __forceinline__ float key_value(uint32_t k)
+{
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// A monotone map of the keys in [lo, hi] onto kBins bins (key1 <= key2 ->
+// bin1 <= bin2, so every bin holds one interval of keys).  Linear in the
+// score where lo and hi are finite and apart (clustered scores spread over
+// the bins whatever their exponents and signs), else linear in the key
+// (each such pass shrinks the range 2048-fold: at most 3 passes to one key).
+struct Binner {
+    uint32_t lo;
+    float vlo, scale;
+    uint64_t mul;
+    bool flt;
+    __device__ __forceinline__ int operator()(uint32_t key) const
+    {
+        if (flt) // v - vlo >= 0 and * scale are rounded monotonically; vhi lands on kBins
+            return min(__float2int_rz(__fmul_rn(__fsub_rn(key_value(key), vlo), scale)), kBins - 1);
+        return (int)(((uint64_t)(key - lo) * mul) >> 32); // < kBins for key <= hi
+    }
+};
+
+__device__ __forceinline__ Binner make_binner(uint32_t lo, uint32_t hi, bool allow_float)
+{
+    Binner b;
+    b.lo = lo;
+    b.mul = ((uint64_t)kBins << 32) / ((uint64_t)(hi - lo) + 1u);
+    b.vlo = key_value(lo);
+    const float vhi = key_value(hi), w = vhi - b.vlo;
+    b.scale = (float)kBins / w;
+    b.flt = allow_float && isfinite(b.vlo) && isfinite(vhi) && w > 0.0f && isfinite(w) &&
+            isfinite(b.scale) && b.scale > 0.0f;
+    return b;
+}
+
+// Warp w's blocks: [w0, w1), 32-aligned; its candidates [c0, c1) within them.
+struct Seg {
+    int seg, w0, w1, c0, c1;
+};
+__device__ __forceinline__ Seg warp_seg(const Pair &p)
+{
+    Seg s;
     const int warp = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0)
-        s_cnt[warp] = v;
-    __syncthreads();
-    int sum = 0;
-    for (int w = 0; w < warp; w++)
-        sum += s_cnt[w];
-    __syncthreads();
-    return sum;
+    s.seg = ((p.M + kWarps - 1) / kWarps + 31) & ~31;
+    s.w0 = min(p.M, warp * s.seg);
+    s.w1 = min(p.M, s.w0 + s.seg);
+    s.c0 = max(s.w0, p.cand_lo);
+    s.c1 = max(s.c0, min(s.w1, p.cand_hi));
+    return s;
 }
 
-// Smallest and largest candidate key.  Scores of one head share a few
-// exponents, so radix passes over key - min start at the first bit that
-// actually varies instead of spending a pass on the common exponent.
-__device__ void key_range(const uint32_t *keys, int lo, int hi, uint32_t *out_min, uint32_t *out_max)
+// f(j, key, in) for j in [s0, s1) of the calling warp, 32 lanes at a time,
+// U loads in flight; every lane calls f the same number of times (in: j < s1).
+template <bool kGlobal, typename F>
+__device__ __forceinline__ void sweep(const uint32_t *src, int s0, int s1, F f)
 {
-    __shared__ uint32_t s_min[32], s_max[32];
-    uint32_t mn = 0xffffffffu, mx = 0u;
-    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-        const uint32_t k = keys[j];
-        mn = min(mn, k);
-        mx = max(mx, k);
+    constexpr int U = 4; // 8 spills under the 64-register cap
+    const int lane = threadIdx.x & 31;
+    for (int base = s0; base < s1; base += 32 * U) {
+        uint32_t v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int j = base + u * 32 + lane;
+            v[u] = j < s1 ? (kGlobal ? __ldcg(src + j) : src[j]) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            f(base + u * 32 + lane, v[u], base + u * 32 + lane < s1);
     }
-    mn = __reduce_min_sync(0xffffffffu, mn);
-    mx = __reduce_max_sync(0xffffffffu, mx);
-    if ((threadIdx.x & 31) == 0) {
-        s_min[threadIdx.x >> 5] = mn;
-        s_max[threadIdx.x >> 5] = mx;
-    }
-    __syncthreads();
-    mn = 0xffffffffu;
-    mx = 0u;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
-        mn = min(mn, s_min[w]);
-        mx = max(mx, s_max[w]);
-    }
-    *out_min = mn;
-    *out_max = mx;
+}
+template <typename F>
+__device__ __forceinline__ void sweep_any(const uint32_t *src, bool global, int s0, int s1, F f)
+{
+    if (global)
+        sweep<true>(src, s0, s1, f);
+    else
+        sweep<false>(src, s0, s1, f);
 }
 
-// Histogram of the digit (x >> shift) & (2^width - 1) of x = key - base over
-// the keys whose bits of x above shift + width equal `prefix`.
-__device__ void digit_histogram(const uint32_t *keys, int lo, int hi, uint32_t base,
-                                uint32_t prefix, uint32_t mask, int shift, int width,
-                                uint32_t *hist)
+// The bin holding the need-th largest key of the histogram, the count still
+// needed inside it and its size (ts.bin, ts.need, ts.cnt); zeroes the
+// histogram for the next pass and resets the filter's outputs.  2 barriers.
+__device__ void pick_bin(TailShared &ts, int need)
 {
-    for (int t = threadIdx.x; t < 256; t += blockDim.x)
-        hist[t] = 0;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int b0 = kBins - 1 - 2 * t; // t ascending = bins descending: b0, then b0 - 1
+    const uint32_t c0 = ts.hist[b0], c1 = ts.hist[b0 - 1];
+    ts.hist[b0] = 0u; // only this thread reads these two bins here
+    ts.hist[b0 - 1] = 0u;
+    const uint32_t s = c0 + c1, incl = warp_scan(s);
+    if (lane == 31)
+        ts.wsum[warp] = incl;
+    if (t == 0) {
+        ts.nlo = 0xffffffffu;
+        ts.nhi = 0u;
+        ts.ndst = 0;
+    }
     __syncthreads();
-    const uint32_t dmask = (1u << width) - 1u;
-    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-        const uint32_t x = keys[j] - base;
-        if ((x & mask) == prefix)
-            atomicAdd(&hist[(x >> shift) & dmask], 1u);
+    const uint32_t excl = warps_before(ts.wsum) + incl - s, u = (uint32_t)need;
+    if (excl < u && u <= excl + c0) {
+        ts.bin = b0;
+        ts.need = need - (int)excl;
+        ts.cnt = (int)c0;
+    } else if (excl + c0 < u && u <= excl + s) {
+        ts.bin = b0 - 1;
+        ts.need = need - (int)(excl + c0);
+        ts.cnt = (int)c1;
     }
     __syncthreads();
 }
 
-// The digit whose bin holds the need-th largest key, counting from the top
-// bin; returns it with the count still needed inside that bin and the bin size.
-__device__ void pick_digit(const uint32_t *hist, int need, int *s_digit, int *s_need,
-                           int *s_cnt, uint32_t *s_warp)
+// Threshold search over the candidates [cand_lo, cand_hi) (keys in kg, global;
+// staged into keys_s on the first pass when keys_s): sets ts.T, ts.jT so that
+// exactly k candidates satisfy key > T || (key == T && j <= jT) (the CPU's
+// order: score desc, then lower index), and adds every taken candidate to
+// ts.seg_take of its warp segment.  Each pass: histogram of the candidate set
+// (first pass: all candidates, straight from L2), the bin of the k-th key,
+// then a filter that counts the keys of higher bins as taken and moves the
+// bin's keys (with their indices) to a shared buffer; later passes run over
+// that buffer only (over all keys in the bin's key range if it overflows).
+// A set of <= 32 keys is finished by one warp; a set of equal keys by one
+// index-ordered sweep.
+__device__ void find_threshold(TailShared &ts, const Pair &p, const Seg &sg, const uint32_t *kg,
+                               uint32_t *keys_s)
 {
-    const int t = threadIdx.x, lane = t & 31;
-    uint32_t cnt = 0, incl = 0;
-    if (t < 256) {
-        cnt = hist[255 - t]; // t ascending = digits descending
-        incl = warp_scan(cnt);
-        if (lane == 31)
-            s_warp[t >> 5] = incl;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const bool stage = keys_s != nullptr;
+    const uint32_t *kp = stage ? keys_s : kg; // all keys, after the first pass
+    uint32_t lo = ts.lo, hi = ts.hi;
+    int n_set = p.cand_hi - p.cand_lo, need = p.k;
+    int src = -1; // candidate set: -1 all keys in [lo, hi], else buffer src
+    for (int pass = 0;; pass++) {
+        if (pass > 0 && (lo == hi || (src >= 0 && n_set <= kResolve)))
+            break;
+        const Binner bn = make_binner(lo, hi, pass < 2);
+        // histogram
+        if (pass == 0) {
+            sweep<true>(kg, sg.c0, sg.c1, [&](int j, uint32_t key, bool in) {
+                if (in) {
+                    if (stage)
+                        keys_s[j] = key;
+                    atomicAdd(&ts.hist[bn(key)], 1u);
+                }
+            });
+        } else if (src < 0) {
+            sweep_any(kp, !stage, sg.c0, sg.c1, [&](int, uint32_t key, bool in) {
+                if (in && key >= lo && key <= hi)
+                    atomicAdd(&ts.hist[bn(key)], 1u);
+            });
+        } else if (t < n_set) {
+            atomicAdd(&ts.hist[bn(ts.ckey[src][t])], 1u);
+        }
+        __syncthreads();
+        pick_bin(ts, need);
+        const int bin = ts.bin, cnt = ts.cnt;
+        need = ts.need;
+        const int dst = cnt <= kCap ? (src < 0 ? 0 : 1 - src) : -1;
+        // filter: higher bins are taken; the bin's keys form the next set
+        uint32_t mn = 0xffffffffu, mx = 0u;
+        auto keep = [&](int j, uint32_t key, bool hit) {
+            if (hit) {
+                mn = min(mn, key);
+                mx = max(mx, key);
+            }
+            if (dst >= 0) {
+                const unsigned bal = __ballot_sync(0xffffffffu, hit);
+                if (bal) {
+                    int at = 0;
+                    if (lane == 0)
+                        at = atomicAdd(&ts.ndst, __popc(bal));
+                    at = __shfl_sync(0xffffffffu, at, 0) + __popc(bal & lanemask_lt());
+                    if (hit) {
+                        ts.ckey[dst][at] = key;
+                        ts.cidx[dst][at] = j;
+                    }
+                }
+            }
+        };
+        if (src < 0) {
+            int above = 0;
+            sweep_any(kp, !stage, sg.c0, sg.c1, [&](int j, uint32_t key, bool in) {
+                const bool inr = in && key >= lo && key <= hi;
+                const int b = inr ? bn(key) : -1;
+                above += __popc(__ballot_sync(0xffffffffu, b > bin));
+                keep(j, key, b == bin);
+            });
+            if (lane == 0)
+                ts.seg_take[warp] += above; // this warp's entry alone
+        } else {
+            // one entry per thread; warps past the set skip (warp-uniform)
+            if ((t & ~31) < n_set) {
+                const bool in = t < n_set;
+                const uint32_t key = in ? ts.ckey[src][t] : 0u;
+                const int j = in ? ts.cidx[src][t] : 0;
+                const int b = in ? bn(key) : -1;
+                if (b > bin)
+                    atomicAdd(&ts.seg_take[j / sg.seg], 1);
+                keep(j, key, b == bin);
+            }
+        }
+        mn = __reduce_min_sync(0xffffffffu, mn);
+        mx = __reduce_max_sync(0xffffffffu, mx);
+        if (lane == 0 && mx >= mn) {
+            atomicMin(&ts.nlo, mn);
+            atomicMax(&ts.nhi, mx);
+        }
+        __syncthreads();
+        lo = ts.nlo;
+        hi = ts.nhi;
+        n_set = cnt;
+        src = dst;
+    }
+    if (src >= 0 && n_set <= kResolve) {
+        // one warp: rank the <= 32 keys left, need-th largest is T
+        if (warp == 0) {
+            const bool v = lane < n_set;
+            const uint32_t key = v ? ts.ckey[src][lane] : 0u;
+            const int j = v ? ts.cidx[src][lane] : INT_MAX;
+            int gt = 0, eq = 0;
+            for (int i = 0; i < n_set; i++) {
+                const uint32_t o = __shfl_sync(0xffffffffu, key, i);
+                gt += o > key;
+                eq += o == key;
+            }
+            const unsigned hit = __ballot_sync(0xffffffffu, v && gt < need && need <= gt + eq);
+            const int at = __ffs(hit) - 1; // hit != 0: the set holds the need-th key
+            const uint32_t T = __shfl_sync(0xffffffffu, key, at);
+            const int eq_take = need - __shfl_sync(0xffffffffu, gt, at);
+            const int eq_all = __shfl_sync(0xffffffffu, eq, at);
+            const bool tie = v && key == T;
+            int rank = 0; // ties before this one by index
+            for (int i = 0; i < n_set; i++) {
+                const uint32_t o = __shfl_sync(0xffffffffu, key, i);
+                const int oj = __shfl_sync(0xffffffffu, j, i);
+                rank += o == T && oj < j;
+            }
+            const bool tie_take = tie && rank < eq_take;
+            const int jT = eq_take >= eq_all ? INT_MAX : __reduce_max_sync(0xffffffffu, tie_take ? j : -1);
+            if (v && (key > T || tie_take))
+                atomicAdd(&ts.seg_take[j / sg.seg], 1);
+            if (lane == 0) {
+                ts.T = T;
+                ts.jT = jT;
+            }
+        }
+        __syncthreads();
+        return;
+    }
+    // lo == hi: the set is every key == lo; take the `need` lowest-index ones
+    const uint32_t T = lo;
+    int n_eq = 0;
+    sweep_any(kp, !stage, sg.c0, sg.c1, [&](int, uint32_t key, bool in) {
+        n_eq += __popc(__ballot_sync(0xffffffffu, in && key == T));
+    });
+    if (lane == 0)
+        ts.wsum[warp] = (uint32_t)n_eq;
+    if (t == 0) {
+        ts.T = T;
+        ts.jT = INT_MAX;
     }
     __syncthreads();
-    if (t < 256) {
-        for (int w = 0; w < (t >> 5); w++)
-            incl += s_warp[w];
-        if (incl >= (uint32_t)need && incl - cnt < (uint32_t)need) {
-            *s_digit = 255 - t;
-            *s_need = need - (int)(incl - cnt);
-            *s_cnt = (int)cnt;
+    const int before = (int)warps_before(ts.wsum);
+    if (lane == 0)
+        ts.seg_take[warp] += min(max(need - before, 0), n_eq);
+    if (need < n_set && before < need && need <= before + n_eq) { // the last tie taken is here
+        int r = need - before;
+        for (int base = sg.c0; base < sg.c1; base += 32) {
+            const int j = base + lane;
+            unsigned bal = __ballot_sync(0xffffffffu, j < sg.c1 && kp[j] == T);
+            const int c = __popc(bal);
+            if (r <= c) {
+                for (int i = 1; i < r; i++)
+                    bal &= bal - 1;
+                if (lane == 0)
+                    ts.jT = base + __ffs(bal) - 1;
+                break;
+            }
+            r -= c;
         }
     }
     __syncthreads();
-}
-
-// Radix select of the k-th largest key among [lo, hi): digits of up to 8
-// bits of key - min, most significant first, over the bits that vary only;
-// stops as soon as every key of the chosen bin is taken.
-__device__ Threshold radix_threshold(const uint32_t *keys, int lo, int hi, int k)
-{
-    __shared__ uint32_t hist[256];
-    __shared__ uint32_t s_warp[8];
-    __shared__ int s_digit, s_need, s_cnt;
-    if (k <= 0)
-        return {0xffffffffu, 0};
-    if (k >= hi - lo)
-        return {0u, INT_MAX};
-    uint32_t kmin, kmax;
-    key_range(keys, lo, hi, &kmin, &kmax);
-    uint32_t prefix = 0, mask = 0;
-    int need = k;
-    for (int rem = 32 - __clz((int)(kmax - kmin)); rem > 0;) {
-        const int width = min(rem, 8), shift = rem - width;
-        digit_histogram(keys, lo, hi, kmin, prefix, mask, shift, width, hist);
-        pick_digit(hist, need, &s_digit, &s_need, &s_cnt, s_warp);
-        const int digit = s_digit, left = s_need, cnt = s_cnt;
-        __syncthreads(); // everyone has read the picks before the next pass
-        prefix |= (uint32_t)digit << shift;
-        mask |= ((1u << width) - 1u) << shift;
-        need = left;
-        rem = shift;
-        if (left == cnt) // the whole bin is taken: every key >= this prefix
-            return {kmin + prefix, INT_MAX};
-    }
-    return {kmin + prefix, need}; // all bits fixed (or all keys equal)
-}
-
-// Index-ordered selection.  Warp w owns a contiguous, 32-aligned range of
-// [0, M); three sweeps over it with ballots (count keys == T; count the
-// taken; write) and one exclusive scan over warps between sweeps, so the
-// whole pass costs four barriers whatever M is.  A block is taken if forced,
-// if its key > T, or if its key == T and fewer than eq_take equal keys come
-// before it.  One warp step of 32 blocks is one bitmap word.
-__device__ void compact(const uint32_t *keys, const Pair &p, Threshold th, int32_t *list,
-                        uint32_t *bits, int sel_words)
-{
-    __shared__ int s_cnt[32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int seg = ((p.M + nw - 1) / nw + 31) & ~31;
-    const int w0 = min(p.M, warp * seg), w1 = min(p.M, w0 + seg);
-    auto flags = [&](int j, bool &eq, bool &sure) {
-        const bool in = j < w1, cand = in && j >= p.cand_lo && j < p.cand_hi;
-        const uint32_t key = cand && keys ? keys[j] : 0u; // no keys: k <= 0, none taken
-        eq = cand && key == th.key;
-        sure = (in && !cand) || (cand && key > th.key);
-    };
-    int n_eq = 0;
-    for (int base = w0; base < w1; base += 32) {
-        bool eq, sure;
-        flags(base + lane, eq, sure);
-        n_eq += __popc(__ballot_sync(0xffffffffu, eq));
-    }
-    const int eq_first = warps_before(n_eq, s_cnt);
-    int n_take = 0;
-    for (int base = w0, eq_at = eq_first; base < w1; base += 32) {
-        bool eq, sure;
-        flags(base + lane, eq, sure);
-        const unsigned beq = __ballot_sync(0xffffffffu, eq);
-        const bool take = sure || (eq && eq_at + __popc(beq & lanemask_lt()) < th.eq_take);
-        n_take += __popc(__ballot_sync(0xffffffffu, take));
-        eq_at += __popc(beq);
-    }
-    int pos = warps_before(n_take, s_cnt);
-    for (int base = w0, eq_at = eq_first; base < w1; base += 32) {
-        bool eq, sure;
-        flags(base + lane, eq, sure);
-        const unsigned beq = __ballot_sync(0xffffffffu, eq);
-        const bool take = sure || (eq && eq_at + __popc(beq & lanemask_lt()) < th.eq_take);
-        const unsigned bt = __ballot_sync(0xffffffffu, take);
-        if (take)
-            list[pos + __popc(bt & lanemask_lt())] = base + lane;
-        if (bits && lane == 0)
-            bits[base >> 5] = bt;
-        pos += __popc(bt);
-        eq_at += __popc(beq);
-    }
-    if (bits)
-        for (int w = (p.M + 31) / 32 + threadIdx.x; w < sel_words; w += blockDim.x)
-            bits[w] = 0u;
 }
 
 // n >= M: every block, in order.
@@ -401,9 +554,11 @@ __device__ void take_all(int M, int32_t *list, uint32_t *bits, int sel_words)
 
 // The top-n of one (entry, head) by one CTA, once every score of it is in
 // `kg` (global, written by this grid: read through L2 after the acquire
-// fence); keys_s: shared staging of max_seq_blocks keys, or null.
+// fence) and ts.lo / ts.hi hold their key range; keys_s: shared staging of
+// max_seq_blocks keys, or null.  One index-ordered write sweep at the end:
+// warp w writes its segment's taken blocks at sum(seg_take[< w]).
 __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pair,
-                            const uint32_t *kg, uint32_t *keys_s)
+                            const uint32_t *kg, uint32_t *keys_s, TailShared &ts)
 {
     const resa_cuda_dims &Dm = a.dims;
     const int h = pair % Dm.hkv;
@@ -415,51 +570,73 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
         take_all(p.M, list, bits, Dm.sel_words);
         return;
     }
-    const uint32_t *kp = nullptr; // k <= 0: only forced blocks, no key is read
-    if (p.k > 0) {
-        kp = kg;
-        if (keys_s) { // one read from L2, 8 loads in flight per thread
-            constexpr int U = 8;
-            for (int j0 = p.cand_lo + threadIdx.x; j0 < p.cand_hi; j0 += U * blockDim.x) {
-                uint32_t v[U];
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const int j = j0 + u * blockDim.x;
-                    v[u] = j < p.cand_hi ? __ldcg(kg + j) : 0u;
-                }
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const int j = j0 + u * blockDim.x;
-                    if (j < p.cand_hi)
-                        keys_s[j] = v[u];
-                }
-            }
-            __syncthreads();
-            kp = keys_s;
-        }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const Seg sg = warp_seg(p);
+    const int ncand = p.cand_hi - p.cand_lo;
+    // 0: only forced blocks; 1: every block; 2: threshold on the keys
+    const int mode = p.k <= 0 ? 0 : p.k >= ncand ? 1 : 2;
+    if (lane == 0) // forced blocks of the segment (all of it in mode 1)
+        ts.seg_take[warp] = (sg.w1 - sg.w0) - (mode == 1 ? 0 : sg.c1 - sg.c0);
+    __syncthreads();
+    const uint32_t *kp = nullptr;
+    bool global = false;
+    if (mode == 2) {
+        find_threshold(ts, p, sg, kg, keys_s);
+        kp = keys_s ? keys_s : kg;
+        global = keys_s == nullptr;
     }
-    const Threshold th = radix_threshold(kp, p.cand_lo, p.cand_hi, p.k);
-    compact(kp, p, th, list, bits, Dm.sel_words);
+    const uint32_t T = mode == 2 ? ts.T : 0u;
+    const int jT = mode == 2 ? ts.jT : 0;
+    int pos = (int)warps_before((const uint32_t *)ts.seg_take);
+    auto write = [&](int j, uint32_t key, bool in) {
+        const bool cand = j >= p.cand_lo && j < p.cand_hi;
+        const bool take = in && (!cand || mode == 1 || (mode == 2 && (key > T || (key == T && j <= jT))));
+        const unsigned bt = __ballot_sync(0xffffffffu, take);
+        if (take)
+            list[pos + __popc(bt & lanemask_lt())] = j;
+        if (bits && lane == 0 && j < sg.w1)
+            bits[j >> 5] = bt;
+        pos += __popc(bt);
+    };
+    // keys are read at candidates only (mode 2); the segment is 32-aligned,
+    // so each 32-step of the sweep is one bitmap word
+    if (mode == 2)
+        sweep_any(kp, global, sg.w0, sg.w1, [&](int j, uint32_t, bool in) {
+            const bool cand = in && j >= p.cand_lo && j < p.cand_hi;
+            const uint32_t key = cand ? (global ? __ldcg(kp + j) : kp[j]) : 0u;
+            write(j, key, in);
+        });
+    else
+        for (int base = sg.w0; base < sg.w1; base += 32)
+            write(base + lane, 0u, base + lane < sg.w1);
+    if (bits)
+        for (int w = (p.M + 31) / 32 + threadIdx.x; w < Dm.sel_words; w += blockDim.x)
+            bits[w] = 0u;
 }
 
 // Grid (ctas_per_pair, pairs).  Each CTA scores a contiguous share of one
-// (entry, head)'s candidate blocks into `keys`; with kTop, the last CTA of
-// the pair to finish (counted in counters[pair], which it sets back to zero
-// for the next launch) runs the top-n over all of them.  Pairs that need no
-// score (n >= M, or only forced blocks) are selected by their CTA 0 alone.
-// (The 64-register cap of 1024 threads at 1 CTA/SM keeps 4 blocks per lane
-// in flight; dynamic shared memory: the keys staging of the tail.)
-template <typename T, typename S, int D, bool kTop>
+// (entry, head)'s candidate blocks into `keys` and merges the share's key
+// range into cells[pair]; with kTop, the last CTA of the pair to finish
+// (counted in cells[pair].count; it sets the cells back to zero for the next
+// launch) runs the top-n over all of them.  Pairs that need no score
+// (n >= M, or only forced blocks) are selected by their CTA 0 alone.
+// (The 64-register cap of 1024 threads at 1 CTA/SM keeps 64 bytes of
+// summaries per lane in flight; dynamic shared memory: the keys staging of
+// the tail.)  V: summary dimensions per lane, 8 (16-byte loads of 16-bit
+// summaries) or 16 (16-byte loads of fp8 summaries).
+template <typename T, typename S, int D, int V, bool kTop>
 __global__ void __launch_bounds__(kScoreThreads, 1)
-score_select(resa_cuda_layer_args a, uint32_t *keys, uint32_t *counters, int stage_keys)
+score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage_keys)
 {
-    constexpr int TD = D / 8;                 // lanes per block: 8 dimensions of kmin + kmax each
     constexpr bool F8 = sizeof(S) == 1;       // S: summary element, T or fp8_e4m3
+    static_assert(V == (F8 ? 16 : 8), "a lane reads 16 bytes of kmin and of kmax");
+    constexpr int TD = D / V;                 // lanes per block
+    constexpr int U = V == 16 ? kScoreUnroll / 2 : kScoreUnroll; // blocks per lane in flight
     constexpr int G = kScoreThreads / TD;     // blocks per CTA per unrolled slot
-    constexpr int STEP = G * kScoreUnroll;
+    constexpr int STEP = G * U;
     extern __shared__ uint32_t keys_s[];
     __shared__ float qp[D];
-    __shared__ int s_last;
+    __shared__ TailShared ts;
     const resa_cuda_dims &Dm = a.dims;
     const int pair = blockIdx.y;
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
@@ -469,7 +646,7 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, uint32_t *counters, int sta
         pdl_wait();
         pdl_trigger();
         if (kTop && blockIdx.x == 0)
-            select_tail(a, p, pair, out, nullptr);
+            select_tail(a, p, pair, out, nullptr, ts);
         return;
     }
     pooled_query<T, D>(a, p.row, h, qp); // the queries: written before the layer began
@@ -480,61 +657,92 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, uint32_t *counters, int sta
     const int lo = p.cand_lo + blockIdx.x * per, hi = min(p.cand_hi, lo + per);
 
     const int sub = threadIdx.x % TD, grp = threadIdx.x / TD;
-    float q[8];
+    float q[V];
 #pragma unroll
-    for (int e = 0; e < 8; e++)
-        q[e] = qp[sub * 8 + e];
+    for (int e = 0; e < V; e++)
+        q[e] = qp[sub * V + e];
     const int32_t *pt = a.page_tables + (size_t)p.slot * Dm.max_seq_blocks;
-    const S *kmin = (const S *)a.kmin + (size_t)h * D + sub * 8;
-    const S *kmax = (const S *)a.kmax + (size_t)h * D + sub * 8;
+    const S *kmin = (const S *)a.kmin + (size_t)h * D + sub * V;
+    const S *kmax = (const S *)a.kmax + (size_t)h * D + sub * V;
     const int8_t *kexp = a.kexp + h; // F8: the scale exponent of (page, h) at page * hkv
     const size_t page_stride = (size_t)Dm.hkv * D;
+    uint32_t kmn = 0xffffffffu, kmx = 0u; // range of the keys this thread stores
 
     // Uniform trip count across the CTA so that the shuffles see full warps.
     for (int base = lo; base < hi; base += STEP) {
         // Loads are unconditional (past the end: the last block again) so
-        // that all 2 * kScoreUnroll of them are in flight at once.
-        int page[kScoreUnroll];
+        // that all 2 * U of them are in flight at once.
+        int page[U];
 #pragma unroll
-        for (int u = 0; u < kScoreUnroll; u++)
+        for (int u = 0; u < U; u++)
             page[u] = __ldg(pt + min(base + u * G + grp, hi - 1));
-        uint4 mn[kScoreUnroll], mx[kScoreUnroll];
-        int ex[kScoreUnroll];
+        uint4 mn[U], mx[U];
+        int ex[U];
 #pragma unroll
-        for (int u = 0; u < kScoreUnroll; u++) {
-            mn[u] = load_summary8(kmin + (size_t)page[u] * page_stride);
-            mx[u] = load_summary8(kmax + (size_t)page[u] * page_stride);
+        for (int u = 0; u < U; u++) {
+            mn[u] = load_stream(kmin + (size_t)page[u] * page_stride);
+            mx[u] = load_stream(kmax + (size_t)page[u] * page_stride);
             ex[u] = F8 ? __ldg(kexp + (size_t)page[u] * Dm.hkv) : 0;
         }
 #pragma unroll
-        for (int u = 0; u < kScoreUnroll; u++) {
-            float s = group_sum<TD>(score8<S>(q, mn[u], mx[u]));
+        for (int u = 0; u < U; u++) {
+            float s;
+            if constexpr (V == 16)
+                s = score16(q, mn[u], mx[u]);
+            else
+                s = score8<S>(q, mn[u], mx[u]);
+            s = group_sum<TD>(s);
             if (F8)
                 s = ldexpf(s, ex[u]); // 2^e * sum, as the CPU (exact scaling)
             const int j = base + u * G + grp;
-            if (sub == 0 && j < hi)
-                out[j] = order_key(s);
+            if (sub == 0 && j < hi) {
+                const uint32_t key = order_key(s);
+                out[j] = key;
+                kmn = min(kmn, key);
+                kmx = max(kmx, key);
+            }
         }
     }
     if (!kTop)
         return;
-    // Last CTA of the pair (the threadFenceReduction pattern): release our
-    // keys, count, and the last one acquires everyone's.
+    // Last CTA of the pair (the threadFenceReduction pattern): merge our key
+    // range, release our keys, count, and the last one acquires everyone's.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    kmn = __reduce_min_sync(0xffffffffu, kmn);
+    kmx = __reduce_max_sync(0xffffffffu, kmx);
+    if (lane == 0) {
+        ts.wsum[warp] = kmn;
+        ts.seg_take[warp] = (int)kmx;
+    }
+    for (int t = threadIdx.x; t < kBins; t += blockDim.x)
+        ts.hist[t] = 0u; // the tail's first histogram
     __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        const unsigned prev = atomicAdd(counters + pair, 1u);
-        const int last = prev == gridDim.x - 1;
-        if (last) {
-            counters[pair] = 0u; // every CTA of this launch has counted: ready for the next
+    if (warp == 0) {
+        kmn = __reduce_min_sync(0xffffffffu, ts.wsum[lane]);
+        kmx = __reduce_max_sync(0xffffffffu, (uint32_t)ts.seg_take[lane]);
+        if (lane == 0) {
+            PairCells *c = cells + pair;
+            if (kmx >= kmn) { // zero at rest: the minimum is kept complemented
+                atomicMax(&c->not_min, ~kmn);
+                atomicMax(&c->max, kmx);
+            }
             __threadfence();
+            const unsigned prev = atomicAdd(&c->count, 1u);
+            const int last = prev == gridDim.x - 1;
+            if (last) { // every CTA of this launch has counted: reset for the next
+                __threadfence();
+                ts.lo = ~atomicExch(&c->not_min, 0u);
+                ts.hi = atomicExch(&c->max, 0u);
+                c->count = 0u;
+                __threadfence();
+            }
+            ts.last = last;
         }
-        s_last = last;
     }
     __syncthreads();
-    if (!s_last)
+    if (!ts.last)
         return;
-    select_tail(a, p, pair, out, stage_keys ? keys_s : nullptr);
+    select_tail(a, p, pair, out, stage_keys ? keys_s : nullptr, ts);
 }
 
 size_t list_elems(const resa_cuda_dims *D)
@@ -545,6 +753,11 @@ size_t list_elems(const resa_cuda_dims *D)
 size_t counters_offset(const resa_cuda_dims *D)
 {
     return 2 * list_elems(D) * sizeof(int32_t); // after lists and keys
+}
+
+size_t cells_bytes(const resa_cuda_dims *D)
+{
+    return (size_t)D->max_seqs * D->hkv * sizeof(PairCells);
 }
 
 // Shared staging of the keys for the top-n tail, when it fits (0: none).
@@ -564,33 +777,44 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
     return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
 }
 
-template <typename T, typename S, int D, bool kTop>
+template <typename T, typename S, int D, int V, bool kTop>
 cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
-                           uint32_t *counters)
+                           PairCells *cells)
 {
     const size_t smem = kTop ? keys_smem(a->dims) : 0;
-    if (smem > 48 * 1024) {
-        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, kTop>,
+    if (smem > 0) {
+        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, V, kTop>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)smem);
         if (err != cudaSuccess)
             return err;
     }
-    return launch_pdl(score_select<T, S, D, kTop>, grid, dim3(kScoreThreads), smem, a->stream, *a,
-                      keys, counters, smem > 0 ? 1 : 0);
+    return launch_pdl(score_select<T, S, D, V, kTop>, grid, dim3(kScoreThreads), smem, a->stream,
+                      *a, keys, cells, smem > 0 ? 1 : 0);
+}
+
+// fp8 summaries: 16 dimensions per lane (one 16-byte load of kmin and of
+// kmax per lane and block; 8 dimensions at 8-byte loads measured ~2 us slower
+// at 8 x 256K, cuda/harness/NOTES.md); 16-bit summaries: 8.
+template <typename T, typename S, int D, bool kTop>
+cudaError_t launch_score_v(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
+                           PairCells *cells)
+{
+    constexpr int V = sizeof(S) == 1 ? 16 : 8;
+    return launch_score_d<T, S, D, V, kTop>(a, grid, keys, cells);
 }
 
 template <typename T, typename S, bool kTop>
 cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
-                         uint32_t *counters)
+                         PairCells *cells)
 {
     switch (a->dims.d) {
     case 64:
-        return launch_score_d<T, S, 64, kTop>(a, grid, keys, counters);
+        return launch_score_v<T, S, 64, kTop>(a, grid, keys, cells);
     case 128:
-        return launch_score_d<T, S, 128, kTop>(a, grid, keys, counters);
+        return launch_score_v<T, S, 128, kTop>(a, grid, keys, cells);
     case 256:
-        return launch_score_d<T, S, 256, kTop>(a, grid, keys, counters);
+        return launch_score_v<T, S, 256, kTop>(a, grid, keys, cells);
     default:
         return cudaErrorInvalidValue;
     }
@@ -600,14 +824,14 @@ cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *key
 
 size_t resa_cuda_select_workspace(const resa_cuda_dims *dims)
 {
-    // lists, keys, then one arrival counter per (entry, head), zero between launches
-    return counters_offset(dims) + (size_t)dims->max_seqs * dims->hkv * sizeof(uint32_t);
+    // lists, keys, then the cells of every (entry, head), zero between launches
+    return counters_offset(dims) + cells_bytes(dims);
 }
 
 cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select, cudaStream_t stream)
 {
     cudaError_t err = cudaMemsetAsync((char *)ws_select + counters_offset(dims), 0,
-                                      (size_t)dims->max_seqs * dims->hkv * sizeof(uint32_t), stream);
+                                      cells_bytes(dims), stream);
     if (err != cudaSuccess)
         return err;
     return cudaStreamSynchronize(stream);
@@ -619,11 +843,11 @@ cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
         return cudaGetLastError();
     const resa_cuda_dims &D = a->dims;
     uint32_t *keys = (uint32_t *)a->ws_select + list_elems(&D);
-    uint32_t *counters = (uint32_t *)((char *)a->ws_select + counters_offset(&D));
+    PairCells *cells = (PairCells *)((char *)a->ws_select + counters_offset(&D));
     const dim3 grid = score_grid(D, a->n_decode);
     cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] {
-        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true>(a, grid, keys, counters)
-                         : launch_score<T, T, true>(a, grid, keys, counters);
+        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true>(a, grid, keys, cells)
+                         : launch_score<T, T, true>(a, grid, keys, cells);
     });
     if (err != cudaSuccess)
         return err;

@@ -7,6 +7,9 @@
 // (select_blocks.cu is included below, so that its scores can be timed apart.)
 //   ./h check     correctness against a float64 CPU reference
 //   ./h quick     4 small checks (for compute-sanitizer)
+//   ./h topn      the top-n tail alone on crafted keys (ties, outliers, inf,
+//                 NaN-like keys, all equal) against a CPU sort (also in check)
+//   ./h topn-time the tail alone, M 16384, back-to-back launches
 //   ./h time      timings (H200-sized: needs ~10 GB of device memory)
 //   ./h           both
 //
@@ -581,6 +584,247 @@ static double copy_bandwidth()
     return 2.0 * bytes / (median(t) * 1e-3) / 1e9; // read + written
 }
 
+
+// ---- topn: the top-n tail alone, on crafted keys, against a CPU sort ----
+
+// One CTA per pair (dims.hkv = 1, so pair = slot); key range given.
+__global__ void __launch_bounds__(kScoreThreads, 1)
+topn_kernel(resa_cuda_layer_args a, const uint32_t *keys, const int *Ms, const int *ns,
+            const uint32_t *range, int stage)
+{
+    extern __shared__ uint32_t keys_s[];
+    __shared__ TailShared ts;
+    const int pair = blockIdx.x;
+    Pair p;
+    p.slot = pair;
+    p.M = Ms[pair];
+    p.n = ns[pair];
+    p.row = 0;
+    const int sink = min(max(a.sink_blocks, 0), p.M);
+    const int local_from = p.M - min(max(a.local_blocks, 0), p.M);
+    p.cand_lo = sink;
+    p.cand_hi = max(local_from, sink);
+    p.k = p.n - (sink + (p.M - p.cand_hi));
+    if (threadIdx.x == 0) {
+        ts.lo = range[2 * pair];
+        ts.hi = range[2 * pair + 1];
+    }
+    for (int t = threadIdx.x; t < kBins; t += blockDim.x)
+        ts.hist[t] = 0u; // as score_select does before its arrival barrier
+    __syncthreads();
+    select_tail(a, p, pair, keys + (size_t)pair * a.dims.max_seq_blocks, stage ? keys_s : nullptr, ts);
+}
+
+static uint32_t host_key(float s)
+{
+    if (s == 0.0f)
+        s = 0.0f;
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static double gauss(Rng &r)
+{
+    double u = (r.next() >> 11) * (1.0 / 9007199254740992.0) + 1e-300, v = (r.next() >> 11) * (1.0 / 9007199254740992.0);
+    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+
+static uint32_t gen_key(Rng &r, int dist)
+{
+    switch (dist) {
+    case 0: return host_key((float)(40.0 + 4.0 * gauss(r)));
+    case 1: return host_key((float)(5.0 + 20.0 * gauss(r)));
+    case 2: return (uint32_t)r.next();
+    case 3: return host_key((float)r.below(5));
+    case 4: return host_key(1.5f);
+    case 5: return r.below(500) == 0 ? host_key(r.below(2) ? 1e30f : -1e30f) : host_key((float)gauss(r));
+    case 6: return host_key((float)(std::round(gauss(r) * 64.0) / 64.0));
+    case 7: return host_key((float)exp(20.0 * gauss(r)) * (r.below(2) ? 1.0f : -1.0f));
+    default: return r.below(50) == 0 ? host_key(r.below(2) ? INFINITY : -INFINITY) : host_key((float)gauss(r));
+    }
+}
+static const int kDists = 9;
+
+// P pairs of lengths Ms, budgets ns, distributions; returns failures.
+static int topn_case(const std::vector<int> &Ms, const std::vector<int> &ns, const std::vector<int> &dists,
+                     int sink, int local, int record, int maxM, uint64_t seed, bool verbose)
+{
+    const int P = (int)Ms.size();
+    Rng rng(seed);
+    resa_cuda_dims D{};
+    D.n_layers = 1;
+    D.hkv = 1;
+    D.max_seqs = P;
+    D.max_seq_blocks = maxM;
+    D.sel_words = (maxM + 31) / 32;
+    std::vector<uint32_t> keys((size_t)P * maxM, 0xA5A5A5A5u), range(2 * P);
+    for (int i = 0; i < P; i++) {
+        const int cl = std::min(sink, Ms[i]), ch = std::max(Ms[i] - std::min(local, Ms[i]), cl);
+        uint32_t mn = 0xffffffffu, mx = 0;
+        for (int j = cl; j < ch; j++) {
+            const uint32_t k = gen_key(rng, dists[i]);
+            keys[(size_t)i * maxM + j] = k;
+            mn = std::min(mn, k);
+            mx = std::max(mx, k);
+        }
+        range[2 * i] = mn;
+        range[2 * i + 1] = mx;
+    }
+    uint32_t *dk = dev_upload(keys), *dr = dev_upload(range);
+    int *dM = dev_upload(Ms), *dn = dev_upload(ns);
+    int32_t *dl;
+    CK(cudaMalloc(&dl, (size_t)P * maxM * 4));
+    CK(cudaMemset(dl, 0xFF, (size_t)P * maxM * 4));
+    uint32_t *dsel = nullptr;
+    if (record)
+        dsel = dev_upload(std::vector<uint32_t>((size_t)P * D.sel_words, 0xDEADBEEFu));
+    resa_cuda_layer_args a{};
+    a.dims = D;
+    a.ws_select = dl;
+    a.selection = dsel;
+    a.sink_blocks = sink;
+    a.local_blocks = local;
+    const size_t smem = keys_smem(D);
+    CK(cudaFuncSetAttribute(topn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    topn_kernel<<<P, kScoreThreads, smem>>>(a, dk, dM, dn, dr, smem > 0);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    std::vector<int32_t> lists = dev_download(dl, (size_t)P * maxM);
+    std::vector<uint32_t> sel;
+    if (record)
+        sel = dev_download(dsel, (size_t)P * D.sel_words);
+    int fails = 0;
+    for (int i = 0; i < P; i++) {
+        const int M = Ms[i], n = ns[i];
+        const int cl = std::min(sink, M), ch = std::max(M - std::min(local, M), cl);
+        std::vector<int> want;
+        if (n >= M) {
+            for (int j = 0; j < M; j++)
+                want.push_back(j);
+        } else {
+            const int k = n - (cl + (M - ch));
+            std::vector<int> c;
+            for (int j = cl; j < ch; j++)
+                c.push_back(j);
+            const uint32_t *K = &keys[(size_t)i * maxM];
+            std::sort(c.begin(), c.end(), [&](int x, int y) { return K[x] != K[y] ? K[x] > K[y] : x < y; });
+            for (int j = 0; j < cl; j++)
+                want.push_back(j);
+            for (int j = ch; j < M; j++)
+                want.push_back(j);
+            for (int t = 0; t < k && t < (int)c.size(); t++)
+                want.push_back(c[t]);
+            std::sort(want.begin(), want.end());
+        }
+        bool ok = true;
+        const int32_t *L = &lists[(size_t)i * maxM];
+        for (size_t t = 0; t < want.size(); t++)
+            ok &= L[t] == want[t];
+        if (record) {
+            std::vector<uint32_t> w(D.sel_words, 0);
+            for (int j : want)
+                w[j >> 5] |= 1u << (j & 31);
+            for (int x = 0; x < D.sel_words; x++)
+                ok &= sel[(size_t)i * D.sel_words + x] == w[x];
+        }
+        if (!ok) {
+            fails++;
+            printf("    FAIL topn: pair %d M %d n %d dist %d sink %d local %d maxM %d\n", i, M, n, dists[i],
+                   sink, local, maxM);
+        } else if (verbose)
+            printf("    ok topn: pair %d M %d n %d dist %d\n", i, M, n, dists[i]);
+    }
+    for (void *p : {(void *)dk, (void *)dr, (void *)dM, (void *)dn, (void *)dl, (void *)dsel})
+        if (p)
+            CK(cudaFree(p));
+    return fails;
+}
+
+static int check_topn()
+{
+    const int Mv[] = {1, 2, 5, 31, 33, 100, 1000, 1025, 2048, 5000, 16384, 40000, 45000};
+    int cases = 0, fails = 0;
+    Rng rng(99);
+    for (int mi = 0; mi < (int)(sizeof Mv / sizeof Mv[0]); mi++)
+        for (int sv = 0; sv < 4; sv++) {
+            const int sink = sv == 1 ? 2 : sv == 3 ? 70000 : 0, local = sv == 0 ? 1 : sv == 1 ? 3 : sv == 2 ? 0 : 5;
+            std::vector<int> Ms, ns, ds;
+            for (int dd = 0; dd < kDists; dd++)
+                for (int nv = 0; nv < 3; nv++) {
+                    const int M = Mv[mi];
+                    Ms.push_back(M);
+                    ns.push_back(nv == 0 ? std::max(1, (int)std::ceil(0.1 * M)) : nv == 1 ? 1 + rng.below(M) : std::min(M, 1 + sink + local + rng.below(3)));
+                    ds.push_back(dd);
+                }
+            const int maxM = Mv[mi] > 40960 || (sv & 1) ? std::max(Mv[mi] + 3, 41000) : Mv[mi] + 3;
+            fails += topn_case(Ms, ns, ds, sink, local, sv != 2, maxM, 1000 + cases, false);
+            cases += (int)Ms.size();
+        }
+    printf("topn: %d pairs, %d failures\n", cases, fails);
+    return fails ? 1 : 0;
+}
+
+// The tail alone, M = 16384, n = 1639, pairs 4 (batch 1, 4 KV heads) and 32.
+static void time_topn()
+{
+    for (int P : {4, 32})
+        for (int dist : {0, 1, 6}) {
+            const int M = 16384, maxM = M;
+            std::vector<int> Ms(P, M), ns(P, 1639), ds(P, dist);
+            Rng rng(5);
+            std::vector<uint32_t> keys((size_t)P * maxM), range(2 * P);
+            for (int i = 0; i < P; i++) {
+                uint32_t mn = 0xffffffffu, mx = 0;
+                for (int j = 0; j < M - 1; j++) {
+                    const uint32_t k = gen_key(rng, dist);
+                    keys[(size_t)i * maxM + j] = k;
+                    mn = std::min(mn, k);
+                    mx = std::max(mx, k);
+                }
+                range[2 * i] = mn;
+                range[2 * i + 1] = mx;
+            }
+            resa_cuda_dims D{};
+            D.n_layers = 1;
+            D.hkv = 1;
+            D.max_seqs = P;
+            D.max_seq_blocks = maxM;
+            D.sel_words = (maxM + 31) / 32;
+            uint32_t *dk = dev_upload(keys), *dr = dev_upload(range);
+            int *dM = dev_upload(Ms), *dn = dev_upload(ns);
+            int32_t *dl;
+            CK(cudaMalloc(&dl, (size_t)P * maxM * 4));
+            uint32_t *dsel = dev_upload(std::vector<uint32_t>((size_t)P * D.sel_words, 0));
+            resa_cuda_layer_args a{};
+            a.dims = D;
+            a.ws_select = dl;
+            a.selection = dsel;
+            a.local_blocks = 1;
+            const size_t smem = keys_smem(D);
+            CK(cudaFuncSetAttribute(topn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+            cudaEvent_t e0, e1;
+            CK(cudaEventCreate(&e0));
+            CK(cudaEventCreate(&e1));
+            for (int w = 0; w < 10; w++)
+                topn_kernel<<<P, kScoreThreads, smem>>>(a, dk, dM, dn, dr, 1);
+            const int N = 200;
+            CK(cudaEventRecord(e0));
+            for (int w = 0; w < N; w++)
+                topn_kernel<<<P, kScoreThreads, smem>>>(a, dk, dM, dn, dr, 1);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            printf("TIME topn tail alone: %2d pairs M %d n 1639 dist %d: %.2f us per launch (back to back)\n", P,
+                   M, dist, ms * 1e3 / N);
+            for (void *p : {(void *)dk, (void *)dr, (void *)dM, (void *)dn, (void *)dl, (void *)dsel})
+                CK(cudaFree(p));
+            CK(cudaEventDestroy(e0));
+            CK(cudaEventDestroy(e1));
+        }
+}
+
 enum What { kLayer, kSelectOnly, kAttendOnly, kScoreOnly, kStep };
 
 // The scores of resa_cuda_select_blocks alone (its kernel without the top-n tail).
@@ -588,10 +832,10 @@ static cudaError_t select_part(const resa_cuda_layer_args &a)
 {
     const resa_cuda_dims &D = a.dims;
     uint32_t *keys = (uint32_t *)a.ws_select + list_elems(&D);
-    uint32_t *counters = (uint32_t *)((char *)a.ws_select + counters_offset(&D));
+    PairCells *cells = (PairCells *)((char *)a.ws_select + counters_offset(&D));
     const dim3 grid = score_grid(D, a.n_decode);
     return RESA_DISPATCH_DTYPE(D.kv_dtype, T,
-                               [&] { return launch_score<T, false>(&a, grid, keys, counters); });
+                               [&] { return launch_score<T, T, false>(&a, grid, keys, cells); });
 }
 
 static cudaError_t enqueue_e(const resa_cuda_layer_args &a, What w)
@@ -806,6 +1050,10 @@ int main(int argc, char **argv)
     int rc = 0;
     if (!strcmp(mode, "quick"))
         rc |= check_quick();
+    if (!strcmp(mode, "topn") || !strcmp(mode, "check") || !strcmp(mode, "all"))
+        rc |= check_topn();
+    if (!strcmp(mode, "topn-time"))
+        time_topn();
     if (!strcmp(mode, "check") || !strcmp(mode, "all"))
         rc |= check_all();
     if (!strcmp(mode, "time") || !strcmp(mode, "all")) {
