@@ -598,14 +598,10 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
             bits[j >> 5] = bt;
         pos += __popc(bt);
     };
-    // keys are read at candidates only (mode 2); the segment is 32-aligned,
-    // so each 32-step of the sweep is one bitmap word
+    // the segment is 32-aligned, so each 32-step of the sweep is one bitmap
+    // word; the keys of forced blocks (never scored) are loaded and ignored
     if (mode == 2)
-        sweep_any(kp, global, sg.w0, sg.w1, [&](int j, uint32_t, bool in) {
-            const bool cand = in && j >= p.cand_lo && j < p.cand_hi;
-            const uint32_t key = cand ? (global ? __ldcg(kp + j) : kp[j]) : 0u;
-            write(j, key, in);
-        });
+        sweep_any(kp, global, sg.w0, sg.w1, [&](int j, uint32_t key, bool in) { write(j, key, in); });
     else
         for (int base = sg.w0; base < sg.w1; base += 32)
             write(base + lane, 0u, base + lane < sg.w1);
