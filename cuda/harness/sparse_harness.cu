@@ -646,30 +646,43 @@ static uint32_t gen_key(Rng &r, int dist)
 }
 static const int kDists = 9;
 
-// P pairs of lengths Ms, budgets ns, distributions; returns failures.
-static int topn_case(const std::vector<int> &Ms, const std::vector<int> &ns, const std::vector<int> &dists,
-                     int sink, int local, int record, int maxM, uint64_t seed, bool verbose)
+// Dimensions of a top-n launch: P pairs of one KV head, up to maxM blocks.
+static resa_cuda_dims topn_dims(int P, int maxM)
 {
-    const int P = (int)Ms.size();
-    Rng rng(seed);
     resa_cuda_dims D{};
     D.n_layers = 1;
     D.hkv = 1;
     D.max_seqs = P;
     D.max_seq_blocks = maxM;
     D.sel_words = (maxM + 31) / 32;
+    return D;
+}
+
+// Keys of distribution `dist` at row[lo, hi); their range to range2[0..1]
+// (as the score CTAs would merge it).
+static void fill_keys(Rng &rng, int dist, int lo, int hi, uint32_t *row, uint32_t *range2)
+{
+    uint32_t mn = 0xffffffffu, mx = 0;
+    for (int j = lo; j < hi; j++) {
+        row[j] = gen_key(rng, dist);
+        mn = std::min(mn, row[j]);
+        mx = std::max(mx, row[j]);
+    }
+    range2[0] = mn;
+    range2[1] = mx;
+}
+
+// P pairs of lengths Ms, budgets ns, distributions; returns failures.
+static int topn_case(const std::vector<int> &Ms, const std::vector<int> &ns, const std::vector<int> &dists,
+                     int sink, int local, int record, int maxM, uint64_t seed, bool verbose)
+{
+    const int P = (int)Ms.size();
+    Rng rng(seed);
+    const resa_cuda_dims D = topn_dims(P, maxM);
     std::vector<uint32_t> keys((size_t)P * maxM, 0xA5A5A5A5u), range(2 * P);
     for (int i = 0; i < P; i++) {
         const int cl = std::min(sink, Ms[i]), ch = std::max(Ms[i] - std::min(local, Ms[i]), cl);
-        uint32_t mn = 0xffffffffu, mx = 0;
-        for (int j = cl; j < ch; j++) {
-            const uint32_t k = gen_key(rng, dists[i]);
-            keys[(size_t)i * maxM + j] = k;
-            mn = std::min(mn, k);
-            mx = std::max(mx, k);
-        }
-        range[2 * i] = mn;
-        range[2 * i + 1] = mx;
+        fill_keys(rng, dists[i], cl, ch, &keys[(size_t)i * maxM], &range[2 * i]);
     }
     uint32_t *dk = dev_upload(keys), *dr = dev_upload(range);
     int *dM = dev_upload(Ms), *dn = dev_upload(ns);
@@ -774,23 +787,9 @@ static void time_topn()
             std::vector<int> Ms(P, M), ns(P, 1639), ds(P, dist);
             Rng rng(5);
             std::vector<uint32_t> keys((size_t)P * maxM), range(2 * P);
-            for (int i = 0; i < P; i++) {
-                uint32_t mn = 0xffffffffu, mx = 0;
-                for (int j = 0; j < M - 1; j++) {
-                    const uint32_t k = gen_key(rng, dist);
-                    keys[(size_t)i * maxM + j] = k;
-                    mn = std::min(mn, k);
-                    mx = std::max(mx, k);
-                }
-                range[2 * i] = mn;
-                range[2 * i + 1] = mx;
-            }
-            resa_cuda_dims D{};
-            D.n_layers = 1;
-            D.hkv = 1;
-            D.max_seqs = P;
-            D.max_seq_blocks = maxM;
-            D.sel_words = (maxM + 31) / 32;
+            for (int i = 0; i < P; i++) // the last block is the local one
+                fill_keys(rng, dist, 0, M - 1, &keys[(size_t)i * maxM], &range[2 * i]);
+            const resa_cuda_dims D = topn_dims(P, maxM);
             uint32_t *dk = dev_upload(keys), *dr = dev_upload(range);
             int *dM = dev_upload(Ms), *dn = dev_upload(ns);
             int32_t *dl;
