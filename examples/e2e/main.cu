@@ -168,25 +168,37 @@ void report(const Options &o, long ctx, int batch, const std::vector<ModeResult>
 }
 
 // The matrix products tuned for the last point (tunings from `first` on):
-// per matrix, cublasGemmEx's default against the algorithm kept.
+// per matrix, cublasGemmEx's default against the configuration kept, how
+// many cuBLASLt configurations were timed (of how many valid ones), which
+// kind was kept, and what the search cost.
 void report_gemms(const Options &o, const Gemms &g, size_t first, int layers)
 {
     const std::vector<GemmTuning> &t = g.tunings();
     if (first >= t.size())
         return;
     FILE *f = o.csv ? stderr : stdout;
-    double def = 0, best = 0;
+    double def = 0, best = 0, tune_ms = 0;
     for (size_t i = first; i < t.size(); i++) {
         const GemmTuning &r = t[i];
         const int n = r.name == "lm_head" ? 1 : layers;
         def += n * r.default_us;
         best += n * r.best_us;
-        std::fprintf(f, "# gemm %-8s %4d x %6d x %5d: default %8.1f us (%4.0f GB/s), best of %2d "
-                        "cuBLASLt %8.1f us (%4.0f GB/s)\n",
+        tune_ms += r.tune_ms;
+        char kept[48];
+        if (!r.lt)
+            std::snprintf(kept, sizeof kept, "(default kept)");
+        else if (r.splits > 1)
+            std::snprintf(kept, sizeof kept, "(split-K %d)", r.splits);
+        else
+            std::snprintf(kept, sizeof kept, "(no split)");
+        std::fprintf(f, "# gemm %-8s %4d x %6d x %5d: default %8.1f us (%4.0f GB/s), best of %3d "
+                        "cuBLASLt %-14s %8.1f us (%4.0f GB/s); %d valid, %d failed the check, "
+                        "%.0f ms\n",
                      r.name.c_str(), r.shape.M, r.shape.N, r.shape.K, r.default_us,
-                     r.bytes / r.default_us * 1e-3, r.candidates, r.best_us,
-                     r.bytes / r.best_us * 1e-3);
+                     r.bytes / r.default_us * 1e-3, r.candidates, kept, r.best_us,
+                     r.bytes / r.best_us * 1e-3, r.valid, r.rejected, r.tune_ms);
     }
+    std::fprintf(f, "# gemm tuning of these shapes: %.2f s\n", tune_ms * 1e-3);
     std::fprintf(f, "# gemm total of these shapes per forward pass: default %.3f ms, kept %.3f ms\n",
                  def * 1e-3, best * 1e-3);
 }
