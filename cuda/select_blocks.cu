@@ -618,14 +618,15 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
 // (n >= M, or only forced blocks) are selected by their CTA 0 alone.
 // (The 64-register cap of 1024 threads at 1 CTA/SM keeps 64 bytes of
 // summaries per lane in flight; dynamic shared memory: the keys staging of
-// the tail.)  V: summary dimensions per lane, 8 (16-byte loads of 16-bit
-// summaries) or 16 (16-byte loads of fp8 summaries).
-template <typename T, typename S, int D, int V, bool kTop>
+// the tail.)  A lane reads 16 bytes of kmin and of kmax per block: V = 8
+// dimensions of 16-bit summaries or 16 of fp8 ones (fp8 at 8 dimensions and
+// 8-byte loads measured ~2 us slower at 8 x 256K, cuda/harness/NOTES.md).
+template <typename T, typename S, int D, bool kTop>
 __global__ void __launch_bounds__(kScoreThreads, 1)
 score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage_keys)
 {
     constexpr bool F8 = sizeof(S) == 1;       // S: summary element, T or fp8_e4m3
-    static_assert(V == (F8 ? 16 : 8), "a lane reads 16 bytes of kmin and of kmax");
+    constexpr int V = F8 ? 16 : 8;            // summary dimensions per lane
     constexpr int TD = D / V;                 // lanes per block
     constexpr int U = V == 16 ? kScoreUnroll / 2 : kScoreUnroll; // blocks per lane in flight
     constexpr int G = kScoreThreads / TD;     // blocks per CTA per unrolled slot
@@ -773,31 +774,20 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
     return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
 }
 
-template <typename T, typename S, int D, int V, bool kTop>
+template <typename T, typename S, int D, bool kTop>
 cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
                            PairCells *cells)
 {
     const size_t smem = kTop ? keys_smem(a->dims) : 0;
     if (smem > 0) {
-        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, V, kTop>,
+        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, kTop>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)smem);
         if (err != cudaSuccess)
             return err;
     }
-    return launch_pdl(score_select<T, S, D, V, kTop>, grid, dim3(kScoreThreads), smem, a->stream,
+    return launch_pdl(score_select<T, S, D, kTop>, grid, dim3(kScoreThreads), smem, a->stream,
                       *a, keys, cells, smem > 0 ? 1 : 0);
-}
-
-// fp8 summaries: 16 dimensions per lane (one 16-byte load of kmin and of
-// kmax per lane and block; 8 dimensions at 8-byte loads measured ~2 us slower
-// at 8 x 256K, cuda/harness/NOTES.md); 16-bit summaries: 8.
-template <typename T, typename S, int D, bool kTop>
-cudaError_t launch_score_v(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
-                           PairCells *cells)
-{
-    constexpr int V = sizeof(S) == 1 ? 16 : 8;
-    return launch_score_d<T, S, D, V, kTop>(a, grid, keys, cells);
 }
 
 template <typename T, typename S, bool kTop>
@@ -806,11 +796,11 @@ cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *key
 {
     switch (a->dims.d) {
     case 64:
-        return launch_score_v<T, S, 64, kTop>(a, grid, keys, cells);
+        return launch_score_d<T, S, 64, kTop>(a, grid, keys, cells);
     case 128:
-        return launch_score_v<T, S, 128, kTop>(a, grid, keys, cells);
+        return launch_score_d<T, S, 128, kTop>(a, grid, keys, cells);
     case 256:
-        return launch_score_v<T, S, 256, kTop>(a, grid, keys, cells);
+        return launch_score_d<T, S, 256, kTop>(a, grid, keys, cells);
     default:
         return cudaErrorInvalidValue;
     }
