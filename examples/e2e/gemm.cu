@@ -44,16 +44,26 @@ double ms_since(Clock::time_point t0)
 }
 
 // Algorithm configuration and capability attributes are typed (int32_t,
-// uint32_t): T must be the documented type, or the call fails.
-template <class T>
-T config_of(const cublasLtMatmulAlgo_t &a, cublasLtMatmulAlgoConfigAttributes_t attr)
+// uint32_t): T must be the documented type, or the call fails (T{} then).
+// `get`: cublasLtMatmulAlgoConfigGetAttribute or ...CapGetAttribute, which
+// share their signature.
+template <class T, class Attr>
+T algo_attr(cublasStatus_t (*get)(const cublasLtMatmulAlgo_t *, Attr, void *, size_t, size_t *),
+            const cublasLtMatmulAlgo_t &a, Attr attr)
 {
     T v{};
     size_t written = 0;
-    if (cublasLtMatmulAlgoConfigGetAttribute(&a, attr, &v, sizeof v, &written) !=
-        CUBLAS_STATUS_SUCCESS)
-        return T{};
-    return v;
+    return get(&a, attr, &v, sizeof v, &written) == CUBLAS_STATUS_SUCCESS ? v : T{};
+}
+template <class T>
+T config_of(const cublasLtMatmulAlgo_t &a, cublasLtMatmulAlgoConfigAttributes_t attr)
+{
+    return algo_attr<T>(cublasLtMatmulAlgoConfigGetAttribute, a, attr);
+}
+template <class T>
+T cap_of(const cublasLtMatmulAlgo_t &a, cublasLtMatmulAlgoCapAttributes_t attr)
+{
+    return algo_attr<T>(cublasLtMatmulAlgoCapGetAttribute, a, attr);
 }
 
 template <class T>
@@ -62,15 +72,10 @@ bool set_config(cublasLtMatmulAlgo_t &a, cublasLtMatmulAlgoConfigAttributes_t at
     return cublasLtMatmulAlgoConfigSetAttribute(&a, attr, &v, sizeof v) == CUBLAS_STATUS_SUCCESS;
 }
 
-template <class T>
-T cap_of(const cublasLtMatmulAlgo_t &a, cublasLtMatmulAlgoCapAttributes_t attr)
+// RESA_E2E_GEMM_LOG: the finalists and the output checks on stderr.
+bool gemm_log()
 {
-    T v{};
-    size_t written = 0;
-    if (cublasLtMatmulAlgoCapGetAttribute(&a, attr, &v, sizeof v, &written) !=
-        CUBLAS_STATUS_SUCCESS)
-        return T{};
-    return v;
+    return std::getenv("RESA_E2E_GEMM_LOG") != nullptr;
 }
 
 int splits_of(const cublasLtMatmulAlgo_t &a)
@@ -366,7 +371,7 @@ bool Gemms::agrees_with_default(const Plan &p, const GemmShape &sh, const bf16 *
         ok = ok && (d <= kTol * std::fabs(ref[i]) || d <= kTol * max_ref);
         max_diff = std::max(max_diff, d);
     }
-    if (std::getenv("RESA_E2E_GEMM_LOG"))
+    if (gemm_log())
         std::fprintf(stderr,
                      "resa-e2e: gemm %d x %d x %d: check %s: max |diff| %.3g, max |y| %.3g\n",
                      sh.M, sh.N, sh.K, ok ? "passed" : "FAILED", max_diff, max_ref);
@@ -407,7 +412,8 @@ void Gemms::tune(const char *name, const GemmShape &sh, const std::vector<const 
     for (int i = 0; i < n_cand; i++)
         if (cand[i].state == CUBLAS_STATUS_SUCCESS)
             pool.add(cand[i].algo, 0);
-    // tier 1: their split-K variants
+    // tier 1: their split-K variants (after all of tier 0, so that a split
+    // configuration the heuristic offers itself stays in tier 0)
     for (int i = 0; i < n_cand; i++)
         if (cand[i].state == CUBLAS_STATUS_SUCCESS)
             add_splits(pool, sh, cand[i].algo);
@@ -446,7 +452,7 @@ void Gemms::tune(const char *name, const GemmShape &sh, const std::vector<const 
     std::sort(screened.begin(), screened.end());
 
     // finalists: timed like the default, then the fastest that agrees wins
-    const bool log = std::getenv("RESA_E2E_GEMM_LOG") != nullptr;
+    const bool log = gemm_log();
     std::vector<std::pair<double, size_t>> finals;
     for (size_t k = 0; k < screened.size() && (int)k < kFinalists &&
                        screened[k].first <= kFinalSlack * screened[0].first;

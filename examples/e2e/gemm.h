@@ -11,8 +11,8 @@
 // heuristic offers ~8 candidates, few of them split K, and at N = 3584-4608
 // unsplit output tiles cannot fill 132 SMs, so tune adds split-K variants of
 // them (gemm.cu says how the search is bounded).  Timing replays each pass as
-// a CUDA graph, as the engine runs it.  Tuning runs outside graph capture, once per shape; a
-// shape never tuned runs cublasGemmEx as before.
+// a CUDA graph, as the engine runs it.  Tuning runs outside graph capture,
+// once per shape; a shape never tuned runs cublasGemmEx as before.
 #pragma once
 
 #include <cublasLt.h>
