@@ -7,14 +7,26 @@
 //
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.
 //  - Warpgroup 0, the producer (setmaxnreg down to 40 registers), loads the
-//    tile's Q (BM = 128 rows x 128) once, then streams the split's K/V tiles
-//    of BN = 128 keys through a STAGES-deep ring in shared memory with
-//    cp.async, 16 bytes a copy, each key's page from the page table (pages of
-//    b tokens: no tensor-map tiles; a tile's entries are loaded one per lane,
-//    a tile ahead, and reach the copying threads by shuffles).  A stage
-//    completes on its "full" mbarrier (cp.async.mbarrier.arrive.noinc, one
-//    arrival per producer thread) and is refilled once its "empty" mbarrier
-//    has one arrival from every consumer warp.
+//    tile's Q (BM = 128 rows x 128) once with cp.async, then streams the
+//    split's K/V tiles of BN = 128 keys through a STAGES-deep ring in shared
+//    memory.  A full tile is a few TMA copies issued by one warp: the pool of
+//    a layer is a 2-D tensor [n_pages * hkv * b rows][128], and one box of
+//    min(b, 128) rows x 64 columns covers one page's rows of one half of the
+//    head dimension, so 4 boxes a page (K and V, two halves) fill a stage,
+//    swizzled by the copy engine exactly as wgmma reads it.  The tile that
+//    ends the keys (positions past its end must read as zero: their pages may
+//    not exist, and a NaN there would survive P = 0) and the launches TMA
+//    cannot serve (b < 8, pools past 2^31 rows, RESA_CUDA_NO_TMA=1) go
+//    through cp.async, 16 bytes a copy from all 128 threads, each key's page
+//    from the page table (entries loaded one per lane, a tile ahead, reaching
+//    the copying threads by shuffles).  Why TMA: the cp.async producer spent
+//    ~24 instructions per 16-byte copy, 4096 copies a tile, on the same
+//    schedulers as the consumers' softmax; TMA made rectification 1.2-1.3x
+//    faster (cuda/harness/NOTES.md).  A stage completes on its "full"
+//    mbarrier (128 arrivals: cp.async.mbarrier.arrive.noinc per thread, or
+//    one arrive.expect_tx of the tile's bytes plus 127 plain arrivals) and is
+//    refilled once its "empty" mbarrier has one arrival from every consumer
+//    warp.
 //  - Warpgroups 1 and 2, the consumers (setmaxnreg up to 232), own 64 rows
 //    each.  S = Q K^T is a chain of wgmma m64n128k16 with both operands in
 //    shared memory; the online softmax runs on the accumulator registers
@@ -23,11 +35,17 @@
 //    A from registers and V, [key][d] in shared memory, as a transposed B).
 //    Iteration j issues S_j, then O += P_{j-1} V_{j-1}, and runs the softmax
 //    of S_j while that second product is in flight (FA3's intra-warpgroup
-//    overlap); the two consumers are not synchronized with each other, so one
-//    one's softmax also hides behind the other's products.
+//    overlap); the two consumers are not synchronized with each other, so
+//    one's softmax also hides behind the other's products (FA3's ping-pong,
+//    named barriers that make them take turns issuing, measured no gain).
 // Shared memory tiles use wgmma's 128-byte swizzle: a [rows][128] tile is two
 // [rows][64] halves of 128-byte rows, 16-byte chunk c of row r stored at chunk
 // c ^ (r & 7), every half 1024-byte aligned.
+#include <cuda.h> // CUtensorMap (the type alone: the encoder comes from the runtime)
+#include <cudaTypedefs.h>
+#include <stdint.h>
+#include <string.h>
+
 #include "attention_dense.cuh"
 
 namespace {
@@ -87,6 +105,22 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
                      : "r"(bar), "r"(parity)
                      : "memory");
     } while (!done);
+}
+// One arrival that also adds `bytes` to the transactions the phase waits for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+// TMA: the box at (column c0, row c1) of `map` to shared memory at `dst`,
+// completing its bytes on `bar`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                            uint32_t bar)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
 }
 // One arrival on `bar` once all of this thread's earlier cp.async have landed.
 __device__ __forceinline__ void cp_async_arrive(uint32_t bar)
@@ -165,8 +199,12 @@ template <typename T> __device__ __forceinline__ void wgmma_rs(float *d, const u
 
 #endif // RESA_SM90A_CODE
 
+// tma_rows: rows of one TMA box (min(b, HBN)), 0 = every tile by cp.async;
+// tmk / tmv: the layer's K and V pools as [rows][HD] tensors (unused at 0).
 template <typename T>
-__global__ void __launch_bounds__(HTHREADS, 1) dense_wgmma_kernel(const dense_params p)
+__global__ void __launch_bounds__(HTHREADS, 1)
+dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_constant__ CUtensorMap tmk,
+                   const __grid_constant__ CUtensorMap tmv)
 {
 #if RESA_SM90A_CODE
     extern __shared__ unsigned char smem_raw[];
@@ -228,17 +266,50 @@ __global__ void __launch_bounds__(HTHREADS, 1) dense_wgmma_kernel(const dense_pa
         // take their page by shuffle.  (A dependent __ldg per key put 16 load
         // latencies a tile on the path from a free stage to a full one.)
         const int kl = 2 * (tid >> 5) + (lane & 1) + 8 * (lane >> 1);
+        const int n_ops = tma_rows > 0 ? 4 * (HBN / tma_rows) : 0;
+        auto by_tma = [&](int kt) { return n_ops > 0 && (int64_t)(kt + 1) * HBN <= kend; };
         auto lookup = [&](int kt) -> int32_t {
             const int64_t pos = (int64_t)kt * HBN + kl;
-            return (kt < kt_end && pos < kend) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+            return (kt < kt_end && pos < kend && !by_tma(kt)) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
         };
-        int32_t pg = lookup(kt_begin);
+        // TMA boxes of a tile: lane l < 2 (HBN / tma_rows) copies half l & 1
+        // of box l >> 1 (tma_rows keys of one page) of K and of V, its page
+        // loaded a tile ahead like the cp.async ones (b = 8: all 32 lanes).
+        const bool tma_lane = tid < n_ops / 2;
+        auto box_page = [&](int kt) -> int32_t {
+            const int64_t pos = (int64_t)kt * HBN + (lane >> 1) * tma_rows;
+            return (kt < kt_end && tma_lane && by_tma(kt)) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+        };
+        int32_t pg = lookup(kt_begin), bp = box_page(kt_begin);
         int stage = 0;
         uint32_t phase = 0;
         for (int kt = kt_begin; kt < kt_end; kt++) {
             mbar_wait(bar_empty + 8 * stage, phase ^ 1); // the first round passes at once
             const uint32_t dK = sKV + stage * 2 * KV_BYTES, dV = dK + KV_BYTES;
             const int64_t kb = (int64_t)kt * HBN;
+            const uint32_t full = bar_full + 8 * stage;
+            if (by_tma(kt)) { // a full tile
+                if (tid == 0)
+                    mbar_arrive_expect_tx(full, 2 * KV_BYTES);
+                __syncwarp();
+                if (tma_lane) {
+                    const int box = lane >> 1, half = lane & 1;
+                    const int64_t pos = kb + box * tma_rows;
+                    const int row = (int)(((int64_t)bp * p.hkv + kvh) * p.b + (pos & (p.b - 1)));
+                    const uint32_t so = half * (HBN * 128) + box * tma_rows * 128;
+                    tma_load_2d(dK + so, &tmk, half * 64, row, full);
+                    tma_load_2d(dV + so, &tmv, half * 64, row, full);
+                }
+                if (tid != 0)
+                    mbar_arrive(full);
+                bp = box_page(kt + 1);
+                pg = lookup(kt + 1);
+                if (++stage == HSTAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+                continue;
+            }
 #pragma unroll 4
             for (int i = 0; i < HBN / 8; i++) {
                 const int key = key0 + 8 * i;
@@ -251,7 +322,7 @@ __global__ void __launch_bounds__(HTHREADS, 1) dense_wgmma_kernel(const dense_pa
                 cp_async16(dK + so, ok ? kpool + off : kpool, ok ? 16 : 0);
                 cp_async16(dV + so, ok ? vpool + off : vpool, ok ? 16 : 0);
             }
-            cp_async_arrive(bar_full + 8 * stage);
+            cp_async_arrive(full);
             pg = lookup(kt + 1);
             if (++stage == HSTAGES) {
                 stage = 0;
@@ -375,6 +446,59 @@ __global__ void __launch_bounds__(HTHREADS, 1) dense_wgmma_kernel(const dense_pa
 #endif
 }
 
+// The driver's tensor-map encoder, looked up once through the runtime (the
+// library does not link libcuda); null where the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()
+{
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+#if CUDART_VERSION >= 12050
+        const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f,
+                                                                 12000, cudaEnableDefault, &q);
+#else // deprecated from 12.5 on; the only lookup before
+        const cudaError_t err =
+            cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
+        if (err != cudaSuccess)
+            cudaGetLastError(); // a failed lookup must not surface as a later launch's error
+        if (err != cudaSuccess || q != cudaDriverEntryPointSuccess)
+            f = nullptr;
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+    }();
+    return fn;
+}
+
+// The K and V pools of this layer as TMA tensors [n_pages * hkv * b][HD] of
+// 16-bit elements, boxes of `rows` x 64 with wgmma's 128-byte swizzle.
+// Returns the box rows, or 0 where TMA cannot serve the launch: b < 8 (a box
+// must fill whole 1024-byte swizzle atoms), row coordinates past int32,
+// RESA_CUDA_NO_TMA=1 (read at every launch, for A/B measurements), or no
+// encoder.  Host-only work, no allocation: legal during graph capture.
+int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
+{
+    const resa_cuda_dims &dm = a->dims;
+    const int64_t rows = (int64_t)dm.n_pages * dm.hkv * dm.b;
+    const char *off = getenv("RESA_CUDA_NO_TMA");
+    PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (dm.b < 8 || rows <= 0 || rows > INT32_MAX || (off && off[0] == '1') || !encode)
+        return 0;
+    const int box_rows = dm.b < HBN ? dm.b : HBN;
+    const cuuint64_t dims[2] = {(cuuint64_t)HD, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)HD * 2};
+    const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+    const cuuint32_t estr[2] = {1, 1};
+    void *pools[2] = {a->k, a->v};
+    CUtensorMap *maps[2] = {tmk, tmv};
+    for (int i = 0; i < 2; i++)
+        if (encode(maps[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, pools[i], dims, strides, box, estr,
+                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+            return 0;
+    return box_rows;
+}
+
 template <typename T> cudaError_t launch_sm90(const resa_cuda_layer_args *a)
 {
     int64_t slots;
@@ -385,8 +509,12 @@ template <typename T> cudaError_t launch_sm90(const resa_cuda_layer_args *a)
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)HSMEM);
     if (err != cudaSuccess)
         return err;
+    CUtensorMap tmk, tmv;
+    memset(&tmk, 0, sizeof tmk);
+    memset(&tmv, 0, sizeof tmv);
+    const int tma_rows = make_tensor_maps(a, &tmk, &tmv);
     dim3 grid((unsigned)slots, (unsigned)p.hkv, (unsigned)p.splits);
-    dense_wgmma_kernel<T><<<grid, HTHREADS, HSMEM, a->stream>>>(p);
+    dense_wgmma_kernel<T><<<grid, HTHREADS, HSMEM, a->stream>>>(p, tma_rows, tmk, tmv);
     return launch_combine<T, HD, HBN>(p, slots, a);
 }
 

@@ -11,11 +11,12 @@
 //   ./dh quick    three small checks (for compute-sanitizer)
 //   ./dh time     timings (needs ~20 GB of device memory); DH_TIME_CASES=a,b
 //                 times only the cases whose names hold a or b,
-//                 DH_TIME_PATHS=wgmma the wgmma path alone
+//                 DH_TIME_PATHS=wgmma the wgmma paths alone
 //   ./dh          both
 //
-// Both paths: every d = 128 case runs the mma.sync kernel (RESA_CUDA_NO_WGMMA=1)
-// and the wgmma kernel (RESA_CUDA_WGMMA=1) where the GPU has it, each from
+// All paths: every d = 128 case runs the mma.sync kernel (RESA_CUDA_NO_WGMMA=1)
+// and, where the GPU has it, the wgmma kernel (RESA_CUDA_WGMMA=1) with its TMA
+// producer and with its cp.async one (RESA_CUDA_NO_TMA=1), each from
 // NaN-poisoned output and workspace, against one float64 reference.
 //
 // check: paged pools with shuffled page tables, NaN in every unused page, in
@@ -89,18 +90,24 @@ static const uint16_t NAN_BITS = 0x7FC0; // NaN in bf16; also NaN in f16 (exp al
 // ---- the two paths ----
 bool resa_cuda_dense_sm90_built(); // attention_dense_sm90.cu
 static bool g_wgmma = false;       // the wgmma path exists here (set in main)
-static const char *PATH_NAME[2] = {"mma", "wgmma"};
-static void use_path(int wgmma)
+// wgmma loads full K/V tiles with TMA; wgmma-cp is the same kernel with every
+// tile copied by cp.async (RESA_CUDA_NO_TMA=1), its fallback path.
+static const char *PATH_NAME[3] = {"mma", "wgmma", "wgmma-cp"};
+static void use_path(int path)
 {
-    if (wgmma) {
+    if (path > 0) {
         unsetenv("RESA_CUDA_NO_WGMMA");
         setenv("RESA_CUDA_WGMMA", "1", 1);
     } else {
         setenv("RESA_CUDA_NO_WGMMA", "1", 1);
     }
+    if (path == 2)
+        setenv("RESA_CUDA_NO_TMA", "1", 1);
+    else
+        unsetenv("RESA_CUDA_NO_TMA");
 }
-static int n_paths(int d) { return d == 128 && g_wgmma ? 2 : 1; }
-static double g_worst[2] = {0, 0};
+static int n_paths(int d) { return d == 128 && g_wgmma ? 3 : 1; }
+static double g_worst[3] = {0, 0, 0};
 
 // pool element (page, head, off, dim): hashed value if off < limit[page], else NaN
 __global__ void fill_pool(uint16_t *k, uint16_t *v, const int32_t *limit, int64_t n_pages, int hkv,
@@ -345,7 +352,7 @@ static bool check_one(Setup &s, const char *label)
     const size_t out_elems = (size_t)s.n_rows * s.hq * s.d;
     const int np = n_paths(s.d);
     std::vector<std::vector<uint16_t>> out(np, std::vector<uint16_t>(out_elems));
-    size_t nan_count[2] = {0, 0};
+    size_t nan_count[3] = {0, 0, 0};
     for (int path = 0; path < np; path++) {
         use_path(path);
         CK(cudaMemset(s.dout, 0xFF, out_elems * 2)); // NaN poison
@@ -372,7 +379,7 @@ static bool check_one(Setup &s, const char *label)
         }
     }
     const int nthreads = std::max(1u, std::thread::hardware_concurrency());
-    std::vector<double> num(2 * nthreads, 0), den(nthreads, 0);
+    std::vector<double> num(3 * nthreads, 0), den(nthreads, 0);
     std::vector<std::thread> th;
     const size_t jobs = items.size() * s.hq;
     for (int w = 0; w < nthreads; w++)
@@ -387,7 +394,7 @@ static bool check_one(Setup &s, const char *label)
                     for (int path = 0; path < np; path++) {
                         double got = from_bits(out[path][at + i], s.dtype);
                         double diff = got - ref[i];
-                        num[2 * w + path] += std::isnan(got) ? 1e30 : diff * diff;
+                        num[3 * w + path] += std::isnan(got) ? 1e30 : diff * diff;
                     }
                     den[w] += ref[i] * ref[i];
                 }
@@ -399,14 +406,14 @@ static bool check_one(Setup &s, const char *label)
     for (int path = 0; path < np; path++) {
         double n2 = 0, d2 = 0;
         for (int w = 0; w < nthreads; w++) {
-            n2 += num[2 * w + path];
+            n2 += num[3 * w + path];
             d2 += den[w];
         }
         const double rel = std::sqrt(n2 / d2);
         const bool ok = nan_count[path] == 0 && rel < 1e-2;
         g_worst[path] = std::max(g_worst[path], std::isnan(rel) ? 1e30 : rel);
         ok_all = ok_all && ok;
-        printf("%-4s %-5s %-46s d=%3d g=%2d hkv=%d b=%2d rows=%6lld  rel_l2=%.2e nan=%zu\n",
+        printf("%-4s %-8s %-46s d=%3d g=%2d hkv=%d b=%2d rows=%6lld  rel_l2=%.2e nan=%zu\n",
                ok ? "ok" : "FAIL", PATH_NAME[path], label, s.d, s.g, s.hkv, s.b,
                (long long)s.n_rows, rel, nan_count[path]);
     }
@@ -467,11 +474,16 @@ static int run_checks(bool quick)
         }
         one(RESA_DTYPE_BF16, 128, 7, 8, 4, rect8, "rectify x8, 28/4 heads, b 8");
         one(RESA_DTYPE_BF16, 128, 4, 64, 8, chunks, "prefill chunks, b 64");
+        // TMA boxes of a whole tile inside one page (b >= 128), and b < 8
+        // (no TMA: every tile by cp.async)
+        one(RESA_DTYPE_BF16, 128, 7, 128, 4, rect8, "rectify x8, 28/4 heads, b 128");
+        one(RESA_DTYPE_F16, 128, 4, 256, 2, chunks, "prefill chunks, b 256");
+        one(RESA_DTYPE_BF16, 128, 4, 4, 2, chunks, "prefill chunks, b 4");
     }
     printf("checks: %d/%d passed (cases; d = 128 ones on %d path(s)); worst rel_l2 mma %.2e",
-           total - fails, total, g_wgmma ? 2 : 1, g_worst[0]);
+           total - fails, total, g_wgmma ? 3 : 1, g_worst[0]);
     if (g_wgmma)
-        printf(", wgmma %.2e", g_worst[1]);
+        printf(", wgmma %.2e, wgmma-cp %.2e", g_worst[1], g_worst[2]);
     printf("\n");
     return fails;
 }
@@ -526,7 +538,7 @@ static void run_timing()
     printf("%-30s %-5s %9s %8s %9s %9s\n", "case", "path", "time_us", "TB/s", "TFLOP/s", "rel_l2");
     std::vector<std::string> summary;
     // DH_TIME_CASES: comma-separated substrings, a case runs if its name holds
-    // one (default all); DH_TIME_PATHS=wgmma times the wgmma path alone
+    // one (default all); DH_TIME_PATHS=wgmma times the wgmma paths alone
     const char *only = getenv("DH_TIME_CASES");
     const char *tp = getenv("DH_TIME_PATHS");
     const int first_path = tp && !strcmp(tp, "wgmma") && g_wgmma ? 1 : 0;
@@ -565,7 +577,7 @@ static void run_timing()
             for (int t = 0; t < e.n; t++)
                 flop += 4.0 * c.hq * d * (double)(e.start + t + 1);
         }
-        float ms_path[2] = {0, 0};
+        float ms_path[3] = {0, 0, 0};
         for (int path = first_path; path < n_paths(d); path++) {
             use_path(path);
             CK(cudaMemset(s.dout, 0xFF, (size_t)s.n_rows * s.hq * d * 2));
@@ -584,18 +596,21 @@ static void run_timing()
                     d2 += ref[i] * ref[i];
                 }
             }
-            printf("%-30s %-5s %9.1f %8.2f %9.1f %9.1e\n", c.name, PATH_NAME[path], ms * 1e3,
+            printf("%-30s %-8s %9.1f %8.2f %9.1f %9.1e\n", c.name, PATH_NAME[path], ms * 1e3,
                    bytes / (ms * 1e-3) / 1e12, flop / (ms * 1e-3) / 1e12, std::sqrt(n2 / d2));
         }
         char line[160];
-        snprintf(line, sizeof line, "%-30s %9.1f %7.1f %9.1f %7.1f %7.2fx", c.name, ms_path[0] * 1e3,
-                 ms_path[0] > 0 ? flop / (ms_path[0] * 1e-3) / 1e12 : 0.0, ms_path[1] * 1e3,
-                 ms_path[1] > 0 ? flop / (ms_path[1] * 1e-3) / 1e12 : 0.0,
+        auto tf = [&](int path) {
+            return ms_path[path] > 0 ? flop / (ms_path[path] * 1e-3) / 1e12 : 0.0;
+        };
+        snprintf(line, sizeof line, "%-30s %9.1f %7.1f %9.1f %7.1f %9.1f %7.1f %7.2fx", c.name,
+                 ms_path[0] * 1e3, tf(0), ms_path[1] * 1e3, tf(1), ms_path[2] * 1e3, tf(2),
                  ms_path[1] > 0 ? ms_path[0] / ms_path[1] : 0.0);
         summary.push_back(line);
         teardown(s);
     }
-    printf("\n%-30s %9s %7s %9s %7s %8s\n", "case (us, TFLOP/s)", "mma", "TF", "wgmma", "TF", "speedup");
+    printf("\n%-30s %9s %7s %9s %7s %9s %7s %8s\n", "case (us, TFLOP/s)", "mma", "TF", "wgmma",
+           "TF", "wgmma-cp", "TF", "speedup");
     for (const auto &l : summary)
         printf("%s\n", l.c_str());
 }
