@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
         store_rows<T, D>(p, e, slot, kvh, split, sp.sa, r0, valid, lr0, lane, o, m0, m1, l0, l1);
 }
 
-// Whether the wgmma kernel (attention_dense_sm90.cu) serves a d = 128 launch:
+// Whether the wgmma kernel (attention_dense_sm90.cu) serves a d = 128 or 256 launch:
 // the module holds its sm_90a code, the device is compute capability 9.0
 // exactly (sm_90a code runs nowhere else), and the environment allows it:
 // RESA_CUDA_NO_WGMMA=1 forces the mma.sync kernel, RESA_CUDA_WGMMA=1 asks for
@@ -296,7 +296,7 @@ inline bool wgmma_enabled()
 template <typename T, int D>
 cudaError_t launch(const resa_cuda_layer_args *a)
 {
-    if (D == 128 && wgmma_enabled())
+    if ((D == 128 || D == 256) && wgmma_enabled())
         return resa_cuda_dense_sm90(a);
     int64_t slots;
     const dense_params p = make_params(a, tile_cfg<D>::MINB, &slots);

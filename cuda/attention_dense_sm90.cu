@@ -1,19 +1,20 @@
 // SPDX-License-Identifier: MIT
 // Dense causal attention on Hopper tensor cores (sm_90a, wgmma): the d = 128
-// path of resa_cuda_attention_dense (attention_dense.cu dispatches here on a
-// compute capability 9.0 device).  Same parameters, tile slots, key splits,
+// and d = 256 path of resa_cuda_attention_dense (attention_dense.cu dispatches
+// here on a compute capability 9.0 device).  Same parameters, tile slots, key splits,
 // causal masking, outputs and fp32 partials as the mma.sync kernel; the pieces
 // they share are in attention_dense.cuh.  FlashAttention-3 style:
 //
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.
 //  - Warpgroup 0, the producer (setmaxnreg down to 40 registers), loads the
-//    tile's Q (BM = 128 rows x 128) once with cp.async, then streams the
-//    split's K/V tiles of BN = 128 keys through a STAGES-deep ring in shared
-//    memory.  A full tile is a few TMA copies issued by one warp: the pool of
-//    a layer is a 2-D tensor [n_pages * hkv * b rows][128], and one box of
-//    min(b, 128) rows x 64 columns covers one page's rows of one half of the
-//    head dimension, so 4 boxes a page (K and V, two halves) fill a stage,
-//    swizzled by the copy engine exactly as wgmma reads it.  The tile that
+//    tile's Q (BM = 128 rows x d) once with cp.async, then streams the
+//    split's K/V tiles of BN keys (d 128: 128 keys, 3 stages; d 256: 64 keys,
+//    2 stages; wg_cfg) through a ring in shared memory.  A full tile is a few
+//    TMA copies issued by one warp: the pool of a layer is a 2-D tensor
+//    [n_pages * hkv * b rows][d], and one box of min(b, BN) rows x 64 columns
+//    covers one page's rows of one 64-column block of the head dimension, so
+//    2 d / 64 boxes a page (K and V) fill a stage, swizzled by the copy
+//    engine exactly as wgmma reads it.  The tile that
 //    ends the keys (positions past its end must read as zero: their pages may
 //    not exist, and a NaN there would survive P = 0) and the launches TMA
 //    cannot serve (b < 8, pools past 2^31 rows, RESA_CUDA_NO_TMA=1) go
@@ -28,7 +29,7 @@
 //    refilled once its "empty" mbarrier has one arrival from every consumer
 //    warp.
 //  - Warpgroups 1 and 2, the consumers (setmaxnreg up to 232), own 64 rows
-//    each.  S = Q K^T is a chain of wgmma m64n128k16 with both operands in
+//    each.  S = Q K^T is a chain of wgmma m64nBNk16 with both operands in
 //    shared memory; the online softmax runs on the accumulator registers
 //    (same register layout as mma.sync, so the softmax code is shared); P,
 //    packed to 16 bits in registers, is the A operand of O += P V (wgmma with
@@ -38,9 +39,11 @@
 //    overlap); the two consumers are not synchronized with each other, so
 //    one's softmax also hides behind the other's products (FA3's ping-pong,
 //    named barriers that make them take turns issuing, measured no gain).
-// Shared memory tiles use wgmma's 128-byte swizzle: a [rows][128] tile is two
-// [rows][64] halves of 128-byte rows, 16-byte chunk c of row r stored at chunk
-// c ^ (r & 7), every half 1024-byte aligned.
+//    O is m64n128 (d 128) or m64n256 (d 256: 128 fp32 registers a thread,
+//    which is why its key tiles are 64 wide).
+// Shared memory tiles use wgmma's 128-byte swizzle: a [rows][d] tile is d / 64
+// [rows][64] column blocks of 128-byte rows, 16-byte chunk c of row r stored
+// at chunk c ^ (r & 7), every block 1024-byte aligned.
 #include <cuda.h> // CUtensorMap (the type alone: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
 #include <stdint.h>
@@ -50,13 +53,30 @@
 
 namespace {
 
-constexpr int HD = 128;                      // head dimension of this kernel
-constexpr int HBN = 128;                     // keys per K/V tile
-constexpr int HSTAGES = 3;                   // K/V ring depth
-constexpr int HTHREADS = 384;                // producer + 2 consumer warpgroups
-constexpr uint32_t Q_BYTES = BM * HD * 2;    // 32 KB
-constexpr uint32_t KV_BYTES = HBN * HD * 2;  // one K or V tile: 32 KB
-constexpr size_t HSMEM = 1024 + Q_BYTES + (size_t)HSTAGES * 2 * KV_BYTES; // + alignment slack
+constexpr int HTHREADS = 384; // producer + 2 consumer warpgroups
+
+// Per head dimension: keys per K/V tile, ring depth, and whether full tiles
+// go through TMA by default.  A stage (K and V of one tile) is 64 KB either
+// way; d 256 has a 64 KB Q tile, so two stages fit, and 64-key tiles keep O
+// (128 registers) + S + P under the consumers' 232.  d 256 copies with
+// cp.async by default: its TMA producer measured 3-6% slower
+// (cuda/harness/NOTES.md); RESA_CUDA_TMA=1 turns it on for measurements.
+template <int HD> struct wg_cfg;
+template <> struct wg_cfg<128> {
+    static constexpr int BN = 128, STAGES = 3;
+    static constexpr bool TMA = true;
+};
+template <> struct wg_cfg<256> {
+    static constexpr int BN = 64, STAGES = 2;
+    static constexpr bool TMA = false;
+};
+template <int HD> __host__ __device__ constexpr uint32_t q_bytes() { return BM * HD * 2; }
+template <int HD> __host__ __device__ constexpr uint32_t kv_bytes() { return wg_cfg<HD>::BN * HD * 2; }
+template <int HD> constexpr size_t smem_bytes() // + alignment slack
+{
+    return 1024 + q_bytes<HD>() + (size_t)wg_cfg<HD>::STAGES * 2 * kv_bytes<HD>();
+}
+static_assert(smem_bytes<128>() <= 227 * 1024 && smem_bytes<256>() <= 227 * 1024, "smem");
 
 // The kernel's code exists in the sm_90a device pass (and the host pass, which
 // only parses it); other device passes get a stub.
@@ -69,7 +89,8 @@ constexpr size_t HSMEM = 1024 + Q_BYTES + (size_t)HSTAGES * 2 * KV_BYTES; // + a
 #if RESA_SM90A_CODE
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232; // 128 * 40 + 256 * 232 <= 65536
 
-// Byte offset of (row, 16-byte chunk 0..15) in a swizzled [rows][128] tile.
+// Byte offset of (row, 16-byte chunk 0..HD/8-1) in a swizzled [rows][HD] tile
+// (HD / 64 column blocks of [rows][64], 128-byte rows).
 __device__ __forceinline__ uint32_t sw128(int row, int chunk, int rows)
 {
     return (uint32_t)((chunk >> 3) * rows * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
@@ -153,60 +174,105 @@ template <int N> __device__ __forceinline__ void reg_fence(uint32_t *r)
         asm volatile("" : "+r"(r[i])::"memory");
 }
 
-#define RESA_ACC64                                                                                 \
-    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
-    "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "   \
-    "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "    \
-    "%56, %57, %58, %59, %60, %61, %62, %63}"
+// Accumulator operand lists of wgmma m64nN (N / 2 fp32 registers a thread):
+// "{%0, ..., %(N/2 - 1)}" and the matching "+f" constraints.
+#define RESA_ACC32 "{" \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}"
+#define RESA_ACC64 "{" \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, " \
+    "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+    "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}"
+#define RESA_ACC128 "{" \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, " \
+    "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+    "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, " \
+    "%66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
+    "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, " \
+    "%98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, " \
+    "%126, %127" "}"
 #define RESA_F8(a, i)                                                                              \
-    "+f"(a[i]), "+f"(a[i + 1]), "+f"(a[i + 2]), "+f"(a[i + 3]), "+f"(a[i + 4]), "+f"(a[i + 5]),    \
-        "+f"(a[i + 6]), "+f"(a[i + 7])
-#define RESA_F64(a)                                                                                \
-    RESA_F8(a, 0), RESA_F8(a, 8), RESA_F8(a, 16), RESA_F8(a, 24), RESA_F8(a, 32), RESA_F8(a, 40),  \
-        RESA_F8(a, 48), RESA_F8(a, 56)
-#define RESA_WGMMA_SS(ty)                                                                          \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                      \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." ty "." ty " " RESA_ACC64           \
-                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                 \
-                 : RESA_F64(d)                                                                     \
+    "+f"((a)[i]), "+f"((a)[i + 1]), "+f"((a)[i + 2]), "+f"((a)[i + 3]), "+f"((a)[i + 4]),          \
+        "+f"((a)[i + 5]), "+f"((a)[i + 6]), "+f"((a)[i + 7])
+#define RESA_F32(a) RESA_F8(a, 0), RESA_F8(a, 8), RESA_F8(a, 16), RESA_F8(a, 24)
+#define RESA_F64(a) RESA_F32(a), RESA_F32(a + 32)
+#define RESA_F128(a) RESA_F64(a), RESA_F64(a + 64)
+#define RESA_STR2(x) #x
+#define RESA_STR(x) RESA_STR2(x)
+// SS: d (m64nN) = A B or d + A B, A and B K-major in shared memory; the
+// operands after the NACC accumulators are %NACC (A), %NACC+1 (B), %NACC+2 (scale-d).
+#define RESA_WGMMA_SS(n, ty, ACC, F, NACC, A1, A2)                                                 \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" RESA_STR(A2) ", 0;\n"                          \
+                 "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." ty "." ty " " ACC               \
+                 ", %" RESA_STR(NACC) ", %" RESA_STR(A1) ", p, 1, 1, 0, 0;\n}\n"                    \
+                 : F(d)                                                                            \
                  : "l"(da), "l"(db), "r"(scale_d))
-#define RESA_WGMMA_RS(ty)                                                                          \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                      \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." ty "." ty " " RESA_ACC64           \
-                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                   \
-                 : RESA_F64(d)                                                                     \
+// RS: d += A B, A (4 registers) from registers, B N-major (transposed) in
+// shared memory; operands %NACC..%NACC+3 (A), %NACC+4 (B), %NACC+5 (scale-d).
+#define RESA_WGMMA_RS(n, ty, ACC, F, A0, A1, A2, A3, A4, A5)                                      \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" RESA_STR(A5) ", 0;\n"                          \
+                 "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." ty "." ty " " ACC               \
+                 ", {%" RESA_STR(A0) ", %" RESA_STR(A1) ", %" RESA_STR(A2) ", %" RESA_STR(A3)          \
+                 "}, %" RESA_STR(A4) ", p, 1, 1, 1;\n}\n"                                           \
+                 : F(d)                                                                            \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
 
-// d (m64n128, fp32) = A B (scale_d 0) or d + A B (scale_d 1); A m64k16 and B
-// k16n128 both K-major in shared memory.
-template <typename T>
+// d (m64nN, fp32) = A B (scale_d 0) or d + A B (scale_d 1); A m64k16 and B
+// k16nN both K-major in shared memory.  N = 128 (d 128: S of 128 keys) or 64
+// (d 256: S of 64 keys).
+template <typename T, int N>
 __device__ __forceinline__ void wgmma_ss(float *d, uint64_t da, uint64_t db, int scale_d)
 {
-    if constexpr (dtype_of<T>::value == RESA_DTYPE_BF16)
-        RESA_WGMMA_SS("bf16");
-    else
-        RESA_WGMMA_SS("f16");
+    constexpr bool bf = dtype_of<T>::value == RESA_DTYPE_BF16;
+    static_assert(N == 64 || N == 128, "wgmma_ss: N");
+    if constexpr (N == 128) {
+        if constexpr (bf)
+            RESA_WGMMA_SS(128, "bf16", RESA_ACC64, RESA_F64, 64, 65, 66);
+        else
+            RESA_WGMMA_SS(128, "f16", RESA_ACC64, RESA_F64, 64, 65, 66);
+    } else {
+        if constexpr (bf)
+            RESA_WGMMA_SS(64, "bf16", RESA_ACC32, RESA_F32, 32, 33, 34);
+        else
+            RESA_WGMMA_SS(64, "f16", RESA_ACC32, RESA_F32, 32, 33, 34);
+    }
 }
 // d += A B; A m64k16 in registers (4 per thread, the m16k16 fragment of each
-// warp's 16 rows), B k16n128 N-major (transposed) in shared memory.
-template <typename T> __device__ __forceinline__ void wgmma_rs(float *d, const uint32_t *a, uint64_t db)
+// warp's 16 rows), B k16nN N-major (transposed) in shared memory.  N = 128
+// (d 128: O of 128 dimensions) or 256 (d 256).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float *d, const uint32_t *a, uint64_t db)
 {
-    if constexpr (dtype_of<T>::value == RESA_DTYPE_BF16)
-        RESA_WGMMA_RS("bf16");
-    else
-        RESA_WGMMA_RS("f16");
+    constexpr bool bf = dtype_of<T>::value == RESA_DTYPE_BF16;
+    static_assert(N == 128 || N == 256, "wgmma_rs: N");
+    if constexpr (N == 128) {
+        if constexpr (bf)
+            RESA_WGMMA_RS(128, "bf16", RESA_ACC64, RESA_F64, 64, 65, 66, 67, 68, 69);
+        else
+            RESA_WGMMA_RS(128, "f16", RESA_ACC64, RESA_F64, 64, 65, 66, 67, 68, 69);
+    } else {
+        if constexpr (bf)
+            RESA_WGMMA_RS(256, "bf16", RESA_ACC128, RESA_F128, 128, 129, 130, 131, 132, 133);
+        else
+            RESA_WGMMA_RS(256, "f16", RESA_ACC128, RESA_F128, 128, 129, 130, 131, 132, 133);
+    }
 }
 
 #endif // RESA_SM90A_CODE
 
 // tma_rows: rows of one TMA box (min(b, HBN)), 0 = every tile by cp.async;
 // tmk / tmv: the layer's K and V pools as [rows][HD] tensors (unused at 0).
-template <typename T>
+template <typename T, int HD>
 __global__ void __launch_bounds__(HTHREADS, 1)
 dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_constant__ CUtensorMap tmk,
                    const __grid_constant__ CUtensorMap tmv)
 {
 #if RESA_SM90A_CODE
+    constexpr int HBN = wg_cfg<HD>::BN, HSTAGES = wg_cfg<HD>::STAGES;
+    constexpr uint32_t Q_BYTES = q_bytes<HD>(), KV_BYTES = kv_bytes<HD>();
     extern __shared__ unsigned char smem_raw[];
     __shared__ tile_ref tref;
     __shared__ __align__(8) uint64_t bars[2 * HSTAGES + 1]; // full[s], empty[s], Q
@@ -238,13 +304,18 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     if (threadIdx.x < 128) {
         // ================= producer =================
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
-        const int tid = threadIdx.x;
+        const int tid = (int)threadIdx.x; // < 128 here
+        constexpr int CPK = HD / 8;  // 16-byte chunks per row
+        constexpr int KPP = 128 / CPK; // keys per pass of the cp.async loop
+        constexpr int KW = 32 / CPK;   // keys per warp and pass
+        constexpr int QB = HD / 64;    // 64-column blocks per row (TMA boxes per page)
         // Q: row r -> token (r0 + r) / g, head kvh * g + (r0 + r) % g; rows past
         // `valid` are zero
         const T *q = static_cast<const T *>(p.q);
 #pragma unroll 4
-        for (int i = 0; i < BM * 16 / 128; i++) {
-            const int idx = tid + 128 * i, r = idx >> 4, c = idx & 15;
+        for (int i = 0; i < BM * CPK / 128; i++) {
+            const unsigned idx = tid + 128 * i; // unsigned: / and % by CPK are shifts
+            const int r = (int)(idx / CPK), c = (int)(idx % CPK);
             const int rr = r0 + r;
             const bool ok = r < valid;
             const int t = ok ? rr / g : 0, j = ok ? rr % g : 0;
@@ -252,32 +323,37 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             cp_async16(sQ + sw128(r, c, BM), ok ? (const void *)src : p.q, ok ? 16 : 0);
         }
         cp_async_arrive(bar_q);
-        // K/V: thread -> chunk tid % 16 of keys tid / 16 + 8 i; keys past kend
-        // are zero-filled (their pages may not exist)
-        const int c = tid & 15, key0 = tid >> 4, lane = tid & 31;
+        // K/V: thread -> chunk tid % CPK of keys tid / CPK + KPP i; keys past
+        // kend are zero-filled (their pages may not exist)
+        const int c = (int)(threadIdx.x % CPK), key0 = (int)(threadIdx.x / CPK), lane = tid & 31;
         const int32_t *ptab = p.page_tables + (size_t)e.slot * p.max_seq_blocks;
         const T *kpool = static_cast<const T *>(p.k);
         const T *vpool = static_cast<const T *>(p.v);
         const int64_t kend = sp.kend;
         // Page-table entries: one load per lane and tile, for key kl of the
-        // tile (a warp's keys are {2 warp, 2 warp + 1} + 8 i: 32 keys, one per
-        // lane; key0 + 8 i is lane 2 i + lane / 16's), issued a tile ahead so
-        // that its latency hides behind the wait for a free stage; the copies
-        // take their page by shuffle.  (A dependent __ldg per key put 16 load
-        // latencies a tile on the path from a free stage to a full one.)
-        const int kl = 2 * (tid >> 5) + (lane & 1) + 8 * (lane >> 1);
-        const int n_ops = tma_rows > 0 ? 4 * (HBN / tma_rows) : 0;
-        auto by_tma = [&](int kt) { return n_ops > 0 && (int64_t)(kt + 1) * HBN <= kend; };
+        // tile (a warp's keys are KW warp + {0 .. KW-1} + KPP i; lane l holds
+        // pass l / KW's, and key0 + KPP i is lane KW i + lane / CPK's), issued
+        // a tile ahead so that its latency hides behind the wait for a free
+        // stage; the copies take their page by shuffle.  (A dependent __ldg
+        // per key put 16 load latencies a tile on the path from a free stage
+        // to a full one.)
+        const int kl = KW * (tid >> 5) + lane % KW + KPP * (lane / KW);
+        const bool kl_ok = HBN / KPP >= 32 / KW || lane / KW < HBN / KPP; // d 256: lanes < 16
+        const int n_boxes = tma_rows > 0 ? QB * (HBN / tma_rows) : 0;
+        auto by_tma = [&](int kt) { return n_boxes > 0 && (int64_t)(kt + 1) * HBN <= kend; };
         auto lookup = [&](int kt) -> int32_t {
             const int64_t pos = (int64_t)kt * HBN + kl;
-            return (kt < kt_end && pos < kend && !by_tma(kt)) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+            return (kt < kt_end && kl_ok && pos < kend && !by_tma(kt))
+                       ? __ldg(ptab + (pos >> p.log2_b))
+                       : 0;
         };
-        // TMA boxes of a tile: lane l < 2 (HBN / tma_rows) copies half l & 1
-        // of box l >> 1 (tma_rows keys of one page) of K and of V, its page
-        // loaded a tile ahead like the cp.async ones (b = 8: all 32 lanes).
-        const bool tma_lane = tid < n_ops / 2;
+        // TMA boxes of a tile: lane l < QB (HBN / tma_rows) copies column
+        // block l % QB of box l / QB (tma_rows keys of one page) of K and of
+        // V, its page loaded a tile ahead like the cp.async ones (d 128, b 8:
+        // all 32 lanes; d 256, b 16: 16).
+        const bool tma_lane = tid < n_boxes;
         auto box_page = [&](int kt) -> int32_t {
-            const int64_t pos = (int64_t)kt * HBN + (lane >> 1) * tma_rows;
+            const int64_t pos = (int64_t)kt * HBN + (lane / QB) * tma_rows;
             return (kt < kt_end && tma_lane && by_tma(kt)) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
         };
         int32_t pg = lookup(kt_begin), bp = box_page(kt_begin);
@@ -293,12 +369,12 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                     mbar_arrive_expect_tx(full, 2 * KV_BYTES);
                 __syncwarp();
                 if (tma_lane) {
-                    const int box = lane >> 1, half = lane & 1;
+                    const int box = lane / QB, cb = lane % QB;
                     const int64_t pos = kb + box * tma_rows;
                     const int row = (int)(((int64_t)bp * p.hkv + kvh) * p.b + (pos & (p.b - 1)));
-                    const uint32_t so = half * (HBN * 128) + box * tma_rows * 128;
-                    tma_load_2d(dK + so, &tmk, half * 64, row, full);
-                    tma_load_2d(dV + so, &tmv, half * 64, row, full);
+                    const uint32_t so = cb * (HBN * 128) + box * tma_rows * 128;
+                    tma_load_2d(dK + so, &tmk, cb * 64, row, full);
+                    tma_load_2d(dV + so, &tmv, cb * 64, row, full);
                 }
                 if (tid != 0)
                     mbar_arrive(full);
@@ -311,11 +387,11 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                 continue;
             }
 #pragma unroll 4
-            for (int i = 0; i < HBN / 8; i++) {
-                const int key = key0 + 8 * i;
+            for (int i = 0; i < HBN / KPP; i++) {
+                const int key = key0 + KPP * i;
                 const int64_t pos = kb + key;
                 const bool ok = pos < kend;
-                const int32_t page = __shfl_sync(0xffffffffu, pg, 2 * i + (lane >> 4));
+                const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPK);
                 const size_t off =
                     (((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1))) * HD + c * 8;
                 const uint32_t so = sw128(key, c, HBN);
@@ -357,25 +433,27 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     const float sl2 = p.scale_log2;
     const uint32_t sQw = sQ + cwg * 64 * 128; // this warpgroup's 64 rows of Q
 
-    // S = Q K^T: 8 k-steps of 16 dimensions = 32 bytes inside a 128-byte row
-    // (the swizzle is applied to the final address), the second 64 in the
-    // other half; 8-row groups 1024 bytes apart
+    // S = Q K^T: HD / 16 k-steps of 16 dimensions = 32 bytes inside a
+    // 128-byte row (the swizzle is applied to the final address), each 64
+    // dimensions in the next column block; 8-row groups 1024 bytes apart
     auto qk = [&](int stage) {
         const uint32_t sK = sKV + stage * 2 * KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
             const uint32_t dq = (kk >> 2) * (BM * 128) + (kk & 3) * 32;
             const uint32_t dk = (kk >> 2) * (HBN * 128) + (kk & 3) * 32;
-            wgmma_ss<T>(s, gmma_desc(sQw + dq, 16, 1024), gmma_desc(sK + dk, 16, 1024), kk > 0);
+            wgmma_ss<T, HBN>(s, gmma_desc(sQw + dq, 16, 1024), gmma_desc(sK + dk, 16, 1024),
+                             kk > 0);
         }
     };
-    // O += P V: 8 k-steps of 16 keys = 2048 bytes; V is N-major: 64-dimension
-    // halves HBN * 128 bytes apart (leading offset), 8-key groups 1024 apart
+    // O += P V: HBN / 16 k-steps of 16 keys = 2048 bytes; V is N-major:
+    // 64-dimension column blocks HBN * 128 bytes apart (leading offset), 8-key
+    // groups 1024 apart
     auto pv = [&](int stage) {
         const uint32_t sV = sKV + stage * 2 * KV_BYTES + KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < HBN / 16; kk++)
-            wgmma_rs<T>(o, pa + 4 * kk, gmma_desc(sV + kk * 2048, HBN * 128, 1024));
+            wgmma_rs<T, HD>(o, pa + 4 * kk, gmma_desc(sV + kk * 2048, HBN * 128, 1024));
     };
     auto softmax = [&](int kt) {
         const int kbase = kt * HBN;
@@ -471,17 +549,22 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()
 
 // The K and V pools of this layer as TMA tensors [n_pages * hkv * b][HD] of
 // 16-bit elements, boxes of `rows` x 64 with wgmma's 128-byte swizzle.
-// Returns the box rows, or 0 where TMA cannot serve the launch: b < 8 (a box
-// must fill whole 1024-byte swizzle atoms), row coordinates past int32,
-// RESA_CUDA_NO_TMA=1 (read at every launch, for A/B measurements), or no
-// encoder.  Host-only work, no allocation: legal during graph capture.
-int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
+// Returns the box rows, or 0 where TMA does not serve the launch: b < 8 (a
+// box must fill whole 1024-byte swizzle atoms), row coordinates past int32,
+// RESA_CUDA_NO_TMA=1, d 256 without RESA_CUDA_TMA=1 (both read at every
+// launch, for A/B measurements), or no encoder.  Host-only work, no
+// allocation: legal during graph capture.
+template <int HD> int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
 {
+    constexpr int HBN = wg_cfg<HD>::BN;
     const resa_cuda_dims &dm = a->dims;
     const int64_t rows = (int64_t)dm.n_pages * dm.hkv * dm.b;
-    const char *off = getenv("RESA_CUDA_NO_TMA");
+    const char *off = getenv("RESA_CUDA_NO_TMA"), *on = getenv("RESA_CUDA_TMA");
+    const bool wanted = !(off && off[0] == '1') && (wg_cfg<HD>::TMA || (on && on[0] == '1'));
+    if (dm.b < 8 || rows <= 0 || rows > INT32_MAX || !wanted)
+        return 0;
     PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-    if (dm.b < 8 || rows <= 0 || rows > INT32_MAX || (off && off[0] == '1') || !encode)
+    if (!encode)
         return 0;
     const int box_rows = dm.b < HBN ? dm.b : HBN;
     const cuuint64_t dims[2] = {(cuuint64_t)HD, (cuuint64_t)rows};
@@ -499,23 +582,33 @@ int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMa
     return box_rows;
 }
 
-template <typename T> cudaError_t launch_sm90(const resa_cuda_layer_args *a)
+template <typename T, int HD> cudaError_t launch_sm90(const resa_cuda_layer_args *a)
 {
+    constexpr size_t smem = smem_bytes<HD>();
     int64_t slots;
     const dense_params p = make_params(a, 1, &slots); // one CTA per SM (shared memory)
     if (slots <= 0)
         return cudaGetLastError();
-    cudaError_t err = cudaFuncSetAttribute(dense_wgmma_kernel<T>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)HSMEM);
+    cudaError_t err = cudaFuncSetAttribute(dense_wgmma_kernel<T, HD>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess)
         return err;
     CUtensorMap tmk, tmv;
     memset(&tmk, 0, sizeof tmk);
     memset(&tmv, 0, sizeof tmv);
-    const int tma_rows = make_tensor_maps(a, &tmk, &tmv);
+    const int tma_rows = make_tensor_maps<HD>(a, &tmk, &tmv);
     dim3 grid((unsigned)slots, (unsigned)p.hkv, (unsigned)p.splits);
-    dense_wgmma_kernel<T><<<grid, HTHREADS, HSMEM, a->stream>>>(p, tma_rows, tmk, tmv);
-    return launch_combine<T, HD, HBN>(p, slots, a);
+    dense_wgmma_kernel<T, HD><<<grid, HTHREADS, smem, a->stream>>>(p, tma_rows, tmk, tmv);
+    return launch_combine<T, HD, wg_cfg<HD>::BN>(p, slots, a);
+}
+
+template <typename T> cudaError_t launch_sm90_d(const resa_cuda_layer_args *a)
+{
+    switch (a->dims.d) {
+    case 128: return launch_sm90<T, 128>(a);
+    case 256: return launch_sm90<T, 256>(a);
+    default: return cudaErrorInvalidValue;
+    }
 }
 
 } // namespace
@@ -531,11 +624,9 @@ bool resa_cuda_dense_sm90_built()
 
 cudaError_t resa_cuda_dense_sm90(const resa_cuda_layer_args *a)
 {
-    if (a->dims.d != HD)
-        return cudaErrorInvalidValue;
     if (a->dims.kv_dtype == RESA_DTYPE_F16)
-        return launch_sm90<__half>(a);
+        return launch_sm90_d<__half>(a);
     if (a->dims.kv_dtype == RESA_DTYPE_BF16)
-        return launch_sm90<__nv_bfloat16>(a);
+        return launch_sm90_d<__nv_bfloat16>(a);
     return cudaErrorInvalidValue;
 }

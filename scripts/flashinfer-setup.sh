@@ -19,7 +19,11 @@
 # Without the archive it says so on stderr and changes nothing (status 0).
 #
 # Here, to make the archive again (needs network, pip, nvcc 13.0, and a Python
-# 3.12 that has torch, e.g. python3.12 -m venv v && v/bin/pip install torch==2.11.0):
+# 3.12 that has torch and FlashInfer's light runtime dependencies, ninja among
+# them, since FlashInfer itself is installed --no-deps; e.g.
+#   python3.12 -m venv v && v/bin/pip install torch==2.11.0 packaging numpy ninja \
+#     requests tqdm einops click tabulate nvidia-ml-py
+# then, ~5 minutes on 2 cores):
 #   FI_BUILD_PYTHON=v/bin/python scripts/flashinfer-setup.sh --build
 
 _fi_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

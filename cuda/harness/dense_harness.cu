@@ -8,16 +8,17 @@
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90,code=sm_90 -I include -I lib -I cuda
 //        cuda/harness/dense_harness.cu cuda/attention_dense.cu sm90.o -o dh
 //   ./dh check    correctness against a float64 CPU reference
-//   ./dh quick    three small checks (for compute-sanitizer)
+//   ./dh quick    four small checks (for compute-sanitizer)
 //   ./dh time     timings (needs ~20 GB of device memory); DH_TIME_CASES=a,b
 //                 times only the cases whose names hold a or b,
 //                 DH_TIME_PATHS=wgmma the wgmma paths alone
 //   ./dh          both
 //
-// All paths: every d = 128 case runs the mma.sync kernel (RESA_CUDA_NO_WGMMA=1)
-// and, where the GPU has it, the wgmma kernel (RESA_CUDA_WGMMA=1) with its TMA
-// producer and with its cp.async one (RESA_CUDA_NO_TMA=1), each from
-// NaN-poisoned output and workspace, against one float64 reference.
+// All paths: every d = 128 and d = 256 case runs the mma.sync kernel
+// (RESA_CUDA_NO_WGMMA=1) and, where the GPU has it, the wgmma kernel
+// (RESA_CUDA_WGMMA=1) with its TMA producer and with its cp.async one
+// (RESA_CUDA_NO_TMA=1), each from NaN-poisoned output and workspace, against
+// one float64 reference.
 //
 // check: paged pools with shuffled page tables, NaN in every unused page, in
 // every position past a sequence's end and in every page-table entry past it
@@ -26,7 +27,8 @@
 // sizes 8..64; rectify-only steps (many splits); d = 128 extras: 32/8 and
 // 28/4 heads with 8 rectifications at contexts off the 16-token grid, prefill
 // chunks at odd offsets (row counts off the 128 grid), one rectification cut
-// into 64 splits.  Output poisoned with NaN; every row is checked for NaN, and
+// into 64 splits, block sizes 4 (no TMA), 128 and 256; d = 256 extras: 16/2
+// heads with 8 rectifications and prefill chunks, block sizes 4..128.  Output poisoned with NaN; every row is checked for NaN, and
 // sampled rows (all heads) against float64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -90,8 +92,9 @@ static const uint16_t NAN_BITS = 0x7FC0; // NaN in bf16; also NaN in f16 (exp al
 // ---- the two paths ----
 bool resa_cuda_dense_sm90_built(); // attention_dense_sm90.cu
 static bool g_wgmma = false;       // the wgmma path exists here (set in main)
-// wgmma loads full K/V tiles with TMA; wgmma-cp is the same kernel with every
-// tile copied by cp.async (RESA_CUDA_NO_TMA=1), its fallback path.
+// wgmma loads full K/V tiles with TMA (RESA_CUDA_TMA=1, which d 256 needs: its
+// default is cp.async); wgmma-cp is the same kernel with every tile copied by
+// cp.async (RESA_CUDA_NO_TMA=1), the fallback path.
 static const char *PATH_NAME[3] = {"mma", "wgmma", "wgmma-cp"};
 static void use_path(int path)
 {
@@ -101,12 +104,15 @@ static void use_path(int path)
     } else {
         setenv("RESA_CUDA_NO_WGMMA", "1", 1);
     }
-    if (path == 2)
+    if (path == 2) {
         setenv("RESA_CUDA_NO_TMA", "1", 1);
-    else
+        unsetenv("RESA_CUDA_TMA");
+    } else {
         unsetenv("RESA_CUDA_NO_TMA");
+        setenv("RESA_CUDA_TMA", "1", 1);
+    }
 }
-static int n_paths(int d) { return d == 128 && g_wgmma ? 3 : 1; }
+static int n_paths(int d) { return (d == 128 || d == 256) && g_wgmma ? 3 : 1; }
 static double g_worst[3] = {0, 0, 0};
 
 // pool element (page, head, off, dim): hashed value if off < limit[page], else NaN
@@ -453,6 +459,7 @@ static int run_checks(bool quick)
         one(RESA_DTYPE_BF16, 128, 4, 16, 2, small, "small");
         one(RESA_DTYPE_F16, 128, 7, 16, 1, rect, "rectify (split-KV)");
         one(RESA_DTYPE_F16, 64, 7, 16, 2, rect, "rectify");
+        one(RESA_DTYPE_BF16, 256, 8, 16, 1, rect, "rectify, d 256");
     } else {
         for (int dtype : {RESA_DTYPE_BF16, RESA_DTYPE_F16})
             for (int d : {64, 128, 256})
@@ -479,8 +486,18 @@ static int run_checks(bool quick)
         one(RESA_DTYPE_BF16, 128, 7, 128, 4, rect8, "rectify x8, 28/4 heads, b 128");
         one(RESA_DTYPE_F16, 128, 4, 256, 2, chunks, "prefill chunks, b 256");
         one(RESA_DTYPE_BF16, 128, 4, 4, 2, chunks, "prefill chunks, b 4");
+        // d = 256 on the wgmma kernel (64-key tiles, 2 stages): the 16/2 shape,
+        // boxes of 8, 16, 64 (= a tile) and 128 (> a tile) rows, prefill
+        for (int dtype : {RESA_DTYPE_BF16, RESA_DTYPE_F16}) {
+            one(dtype, 256, 8, 16, 2, rect8, "rectify x8, 16/2 heads");
+            one(dtype, 256, 8, 16, 2, chunks, "prefill chunks, 16/2 heads");
+        }
+        one(RESA_DTYPE_BF16, 256, 8, 8, 2, rect8, "rectify x8, 16/2 heads, b 8");
+        one(RESA_DTYPE_F16, 256, 4, 64, 4, chunks, "prefill chunks, d 256, b 64");
+        one(RESA_DTYPE_BF16, 256, 8, 128, 2, rect8, "rectify x8, 16/2 heads, b 128");
+        one(RESA_DTYPE_BF16, 256, 2, 4, 2, chunks, "prefill chunks, d 256, b 4");
     }
-    printf("checks: %d/%d passed (cases; d = 128 ones on %d path(s)); worst rel_l2 mma %.2e",
+    printf("checks: %d/%d passed (cases; d = 128 and 256 ones on %d path(s)); worst rel_l2 mma %.2e",
            total - fails, total, g_wgmma ? 3 : 1, g_worst[0]);
     if (g_wgmma)
         printf(", wgmma %.2e, wgmma-cp %.2e", g_worst[1], g_worst[2]);
@@ -517,12 +534,13 @@ static void run_timing()
 {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
-    printf("\ntiming on %s (%d SMs), median of 20 after 3 warm-ups, bf16, d 128, b 16\n", prop.name,
+    printf("\ntiming on %s (%d SMs), median of 20 after 3 warm-ups, bf16, b 16, d 128 unless named\n", prop.name,
            prop.multiProcessorCount);
     struct tcase {
         const char *name;
         int hq, hkv;
         std::vector<Ent> ents;
+        int d = 128;
     };
     auto rect = [](int batch, int64_t len) { return std::vector<Ent>(batch, Ent{len - 32, 32}); };
     const std::vector<tcase> cases = {
@@ -533,8 +551,9 @@ static void run_timing()
         {"rectify 8x256K 28/4", 28, 4, rect(8, 262144)},
         {"prefill 2048 at 30K..32K 32/8", 32, 8, {{30720, 2048}}},
         {"prefill 8192 at 0 32/8", 32, 8, {{0, 8192}}},
+        {"rectify 8x256K 16/2 d256", 16, 2, rect(8, 262144), 256},
+        {"prefill 2048 at 30K 16/2 d256", 16, 2, {{30720, 2048}}, 256},
     };
-    const int d = 128;
     printf("%-30s %-5s %9s %8s %9s %9s\n", "case", "path", "time_us", "TB/s", "TFLOP/s", "rel_l2");
     std::vector<std::string> summary;
     // DH_TIME_CASES: comma-separated substrings, a case runs if its name holds
@@ -561,6 +580,7 @@ static void run_timing()
     for (const tcase &c : cases) {
         if (!wanted(c.name))
             continue;
+        const int d = c.d;
         Setup s;
         s.dtype = RESA_DTYPE_BF16;
         s.d = d;
