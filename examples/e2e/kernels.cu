@@ -114,32 +114,37 @@ __global__ void add_rmsnorm_k(float *x, const bf16 *delta, const bf16 *gamma, bf
         xn[row + i] = __float2bfloat16(x[row + i] * inv * __bfloat162float(gamma[i]));
 }
 
-__global__ void bias_rope_k(const bf16 *qkv, const bf16 *bias, const int *pos, bf16 *q, bf16 *k,
-                            bf16 *v, int hq, int hkv, int d, double theta)
+// One thread per (row, head, rotated pair j < d / 2).  The angle is
+// pos * inv_freq[j] in double (positions up to 2^18 times frequencies near 1
+// need ~40 bits), reduced to [-pi, pi] in double, then rotated in float:
+// one multiply, one rint and two fma in double instead of a double pow and
+// sincos per element (which made this kernel latency-bound at 8 rows).
+__global__ void bias_rope_k(const bf16 *qkv, const bf16 *bias, const int *pos,
+                            const double *inv_freq, bf16 *q, bf16 *k, bf16 *v, int hq, int hkv,
+                            int d)
 {
-    int r = blockIdx.x, half = d / 2, heads = hq + 2 * hkv;
-    const bf16 *in = qkv + (size_t)r * heads * d;
-    double p = (double)pos[r];
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
-        int h = i / half, j = i % half;
-        int c1 = h * d + j, c2 = c1 + half;
-        float x1 = __bfloat162float(in[c1]) + __bfloat162float(bias[c1]);
-        float x2 = __bfloat162float(in[c2]) + __bfloat162float(bias[c2]);
-        if (h >= hq + hkv) { // V: no rotation
-            bf16 *o = v + ((size_t)r * hkv + (h - hq - hkv)) * d;
-            o[j] = __float2bfloat16(x1);
-            o[j + half] = __float2bfloat16(x2);
-            continue;
-        }
-        // angle in double: positions up to 2^18 times frequencies near 1
-        double ang = p * pow(theta, -2.0 * j / d);
-        double sn, cs;
-        sincos(ang, &sn, &cs);
-        float c = (float)cs, s = (float)sn;
-        bf16 *o = h < hq ? q + ((size_t)r * hq + h) * d : k + ((size_t)r * hkv + (h - hq)) * d;
-        o[j] = __float2bfloat16(x1 * c - x2 * s);
-        o[j + half] = __float2bfloat16(x2 * c + x1 * s);
+    const int r = blockIdx.x, h = blockIdx.y, j = threadIdx.x, half = d / 2;
+    if (j >= half)
+        return;
+    const bf16 *in = qkv + ((size_t)r * (hq + 2 * hkv) + h) * d;
+    const int c1 = h * d + j, c2 = c1 + half;
+    const float x1 = __bfloat162float(in[j]) + __bfloat162float(bias[c1]);
+    const float x2 = __bfloat162float(in[j + half]) + __bfloat162float(bias[c2]);
+    if (h >= hq + hkv) { // V: no rotation
+        bf16 *o = v + ((size_t)r * hkv + (h - hq - hkv)) * d;
+        o[j] = __float2bfloat16(x1);
+        o[j + half] = __float2bfloat16(x2);
+        return;
     }
+    const double two_pi_hi = 6.283185307179586, two_pi_lo = 2.4492935982947064e-16;
+    const double ang = (double)pos[r] * inv_freq[j];
+    const double n = rint(ang * (1.0 / 6.283185307179586));
+    const double red = fma(-n, two_pi_lo, fma(-n, two_pi_hi, ang)); // |red| <= ~pi
+    float s, c;
+    sincosf((float)red, &s, &c);
+    bf16 *o = h < hq ? q + ((size_t)r * hq + h) * d : k + ((size_t)r * hkv + (h - hq)) * d;
+    o[j] = __float2bfloat16(x1 * c - x2 * s);
+    o[j + half] = __float2bfloat16(x2 * c + x1 * s);
 }
 
 __global__ void swiglu_k(const bf16 *gu, bf16 *act, int rows, int inter)
@@ -238,10 +243,18 @@ void launch_add_rmsnorm(float *x, const bf16 *delta, const bf16 *gamma, bf16 *xn
     CK(cudaGetLastError());
 }
 
-void launch_bias_rope(const bf16 *qkv, const bf16 *bias, const int *pos, bf16 *q, bf16 *k, bf16 *v,
-                      int rows, int hq, int hkv, int d, double theta, cudaStream_t s)
+void rope_inv_freq(double *out, int d, double theta)
 {
-    bias_rope_k<<<rows, 256, 0, s>>>(qkv, bias, pos, q, k, v, hq, hkv, d, theta);
+    for (int j = 0; j < d / 2; j++)
+        out[j] = std::pow(theta, -2.0 * j / d);
+}
+
+void launch_bias_rope(const bf16 *qkv, const bf16 *bias, const int *pos, const double *inv_freq,
+                      bf16 *q, bf16 *k, bf16 *v, int rows, int hq, int hkv, int d, cudaStream_t s)
+{
+    const dim3 grid((unsigned)rows, (unsigned)(hq + 2 * hkv));
+    bias_rope_k<<<grid, (unsigned)((d / 2 + 31) & ~31), 0, s>>>(qkv, bias, pos, inv_freq, q, k, v,
+                                                                hq, hkv, d);
     CK(cudaGetLastError());
 }
 

@@ -37,10 +37,14 @@ void launch_embed(const bf16 *emb, const int *tok, const int *pos, int rows, int
 void launch_add_rmsnorm(float *x, const bf16 *delta, const bf16 *gamma, bf16 *xn, int rows,
                         int hidden, float eps, cudaStream_t s);
 
+// RoPE's inverse frequencies theta^(-2 j / d), j < d / 2, on the host (the
+// model copies them to the device once).
+void rope_inv_freq(double *out, int d, double theta);
+
 // qkv [rows][(hq + 2 hkv) d] + bias -> q [rows][hq][d], k, v [rows][hkv][d];
-// RoPE (rotate-half, theta) on q and k at pos[r].
-void launch_bias_rope(const bf16 *qkv, const bf16 *bias, const int *pos, bf16 *q, bf16 *k, bf16 *v,
-                      int rows, int hq, int hkv, int d, double theta, cudaStream_t s);
+// RoPE (rotate-half) on q and k at pos[r], inv_freq [d / 2] on the device.
+void launch_bias_rope(const bf16 *qkv, const bf16 *bias, const int *pos, const double *inv_freq,
+                      bf16 *q, bf16 *k, bf16 *v, int rows, int hq, int hkv, int d, cudaStream_t s);
 
 // gu [rows][2 inter] (gate | up) -> act [rows][inter] = silu(gate) * up.
 void launch_swiglu(const bf16 *gu, bf16 *act, int rows, int inter, cudaStream_t s);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "kernels_check.h"
 
 namespace {
 
@@ -282,6 +283,7 @@ int main(int argc, char **argv)
     std::fflush(stdout);
 
     model_init(m, s);
+    check_small_kernels(m.dims, s);
     for (long ctx : o.contexts)
         for (int want : o.batches) {
             const int batch = want ? want : largest(ctx);

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // resa-e2e: weights, activations and the forward pass.
 #include <cmath>
+#include <vector>
 
 #include "model.h"
 
@@ -56,13 +57,20 @@ void model_init(Model &m, cudaStream_t s)
         std::fprintf(stderr, "resa-e2e: internal error: weight arena layout\n");
         std::exit(1);
     }
+    std::vector<double> inv_freq(D.d / 2);
+    rope_inv_freq(inv_freq.data(), D.d, D.rope_theta);
+    CK(cudaMalloc(&m.rope_inv_freq, inv_freq.size() * sizeof(double)));
+    CK(cudaMemcpyAsync(m.rope_inv_freq, inv_freq.data(), inv_freq.size() * sizeof(double),
+                       cudaMemcpyHostToDevice, s));
     CK(cudaStreamSynchronize(s));
 }
 
 void model_free(Model &m)
 {
     CK(cudaFree(m.arena));
+    CK(cudaFree(m.rope_inv_freq));
     m.arena = nullptr;
+    m.rope_inv_freq = nullptr;
 }
 
 size_t acts_bytes(const ModelDims &m, int tmax, int max_out)
@@ -139,8 +147,8 @@ void model_forward(const Model &m, const Acts &a, const Gemms &g, cudaStream_t s
     for (int l = 0; l < D.layers; l++) {
         const Layer &L = m.layers[l];
         g.run(L.w_qkv, a.xn, H, a.qkv, CUDA_R_16BF, T, D.qkv(), H);
-        launch_bias_rope(a.qkv, L.b_qkv, p.pos, a.q, a.k, a.v, T, D.hq, D.hkv, D.d, D.rope_theta,
-                         s);
+        launch_bias_rope(a.qkv, L.b_qkv, p.pos, m.rope_inv_freq, a.q, a.k, a.v, T, D.hq, D.hkv,
+                         D.d, s);
         if (p.ctx) // store K/V of these rows, attention over the cache (libresa)
             CR(p.ctx, resa_ctx_step_attend(p.ctx, l, a.q, a.k, a.v, a.attn, 0));
         g.run(L.w_o, a.attn, qd, a.tmp, CUDA_R_16BF, T, H, qd);

@@ -22,6 +22,7 @@ struct Model {
     size_t arena_elems = 0;
     Layer layers[64];
     bf16 *emb = nullptr, *lm_head = nullptr, *final_norm = nullptr;
+    double *rope_inv_freq = nullptr; // [d / 2], on the device
 };
 
 // Parameter count of the model (elements).
