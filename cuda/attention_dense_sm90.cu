@@ -379,26 +379,21 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                 if (tid != 0)
                     mbar_arrive(full);
                 bp = box_page(kt + 1);
-                pg = lookup(kt + 1);
-                if (++stage == HSTAGES) {
-                    stage = 0;
-                    phase ^= 1;
-                }
-                continue;
-            }
+            } else { // the last tile, or no TMA: cp.async with zero fill past kend
 #pragma unroll 4
-            for (int i = 0; i < HBN / KPP; i++) {
-                const int key = key0 + KPP * i;
-                const int64_t pos = kb + key;
-                const bool ok = pos < kend;
-                const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPK);
-                const size_t off =
-                    (((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1))) * HD + c * 8;
-                const uint32_t so = sw128(key, c, HBN);
-                cp_async16(dK + so, ok ? kpool + off : kpool, ok ? 16 : 0);
-                cp_async16(dV + so, ok ? vpool + off : vpool, ok ? 16 : 0);
+                for (int i = 0; i < HBN / KPP; i++) {
+                    const int key = key0 + KPP * i;
+                    const int64_t pos = kb + key;
+                    const bool ok = pos < kend;
+                    const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPK);
+                    const size_t off = (((size_t)page * p.hkv + kvh) * p.b +
+                                        (size_t)(pos & (p.b - 1))) * HD + c * 8;
+                    const uint32_t so = sw128(key, c, HBN);
+                    cp_async16(dK + so, ok ? kpool + off : kpool, ok ? 16 : 0);
+                    cp_async16(dV + so, ok ? vpool + off : vpool, ok ? 16 : 0);
+                }
+                cp_async_arrive(full);
             }
-            cp_async_arrive(full);
             pg = lookup(kt + 1);
             if (++stage == HSTAGES) {
                 stage = 0;
