@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 // Dense causal attention on Hopper tensor cores (sm_90a, wgmma): the d = 128
-// and d = 256 path of resa_cuda_attention_dense (attention_dense.cu dispatches
-// here on a compute capability 9.0 device).  Same parameters, tile slots, key splits,
-// causal masking, outputs and fp32 partials as the mma.sync kernel; the pieces
-// they share are in attention_dense.cuh.  FlashAttention-3 style:
+// and d = 256 path of resa_cuda_attention_dense (attention_dense.cu
+// dispatches here on a compute capability 9.0 device).  Same parameters, tile
+// slots, key splits, causal masking, outputs and fp32 partials as the
+// mma.sync kernel; the pieces they share are in attention_dense.cuh.
+// FlashAttention-3 style:
 //
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.
 //  - Warpgroup 0, the producer (setmaxnreg down to 40 registers), loads the
@@ -14,20 +15,20 @@
 //    [n_pages * hkv * b rows][d], and one box of min(b, BN) rows x 64 columns
 //    covers one page's rows of one 64-column block of the head dimension, so
 //    2 d / 64 boxes a page (K and V) fill a stage, swizzled by the copy
-//    engine exactly as wgmma reads it.  The tile that
-//    ends the keys (positions past its end must read as zero: their pages may
-//    not exist, and a NaN there would survive P = 0) and the launches TMA
-//    cannot serve (b < 8, pools past 2^31 rows, RESA_CUDA_NO_TMA=1) go
-//    through cp.async, 16 bytes a copy from all 128 threads, each key's page
-//    from the page table (entries loaded one per lane, a tile ahead, reaching
-//    the copying threads by shuffles).  Why TMA: the cp.async producer spent
-//    ~24 instructions per 16-byte copy, 4096 copies a tile, on the same
-//    schedulers as the consumers' softmax; TMA made rectification 1.2-1.3x
-//    faster (cuda/harness/NOTES.md).  A stage completes on its "full"
-//    mbarrier (128 arrivals: cp.async.mbarrier.arrive.noinc per thread, or
-//    one arrive.expect_tx of the tile's bytes plus 127 plain arrivals) and is
-//    refilled once its "empty" mbarrier has one arrival from every consumer
-//    warp.
+//    engine exactly as wgmma reads it.  Through cp.async instead, 16 bytes a
+//    copy from all 128 threads, each key's page from the page table (entries
+//    loaded one per lane, a tile ahead, reaching the copying threads by
+//    shuffles): the tile that ends the keys (positions past its end must read
+//    as zero: their pages may not exist, and a NaN there would survive
+//    P = 0), and every tile where TMA does not serve (b < 8, pools past 2^31
+//    rows, d 256 by default, RESA_CUDA_NO_TMA=1).  Why TMA: the cp.async
+//    producer spent ~24 instructions per 16-byte copy, 4096 copies a tile, on
+//    the same schedulers as the consumers' softmax; TMA made rectification at
+//    d 128 1.2-1.3x faster (cuda/harness/NOTES.md).  A stage completes on its
+//    "full" mbarrier (128 arrivals: cp.async.mbarrier.arrive.noinc per
+//    thread, or one arrive.expect_tx of the tile's bytes plus 127 plain
+//    arrivals) and is refilled once its "empty" mbarrier has one arrival from
+//    every consumer warp.
 //  - Warpgroups 1 and 2, the consumers (setmaxnreg up to 232), own 64 rows
 //    each.  S = Q K^T is a chain of wgmma m64nBNk16 with both operands in
 //    shared memory; the online softmax runs on the accumulator registers
