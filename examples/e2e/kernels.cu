@@ -138,7 +138,7 @@ __global__ void bias_rope_k(const bf16 *qkv, const bf16 *bias, const int *pos,
     }
     const double two_pi_hi = 6.283185307179586, two_pi_lo = 2.4492935982947064e-16;
     const double ang = (double)pos[r] * inv_freq[j];
-    const double n = rint(ang * (1.0 / 6.283185307179586));
+    const double n = rint(ang * (1.0 / two_pi_hi));
     const double red = fma(-n, two_pi_lo, fma(-n, two_pi_hi, ang)); // |red| <= ~pi
     float s, c;
     sincosf((float)red, &s, &c);
