@@ -9,26 +9,29 @@
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.
 //  - Warpgroup 0, the producer (setmaxnreg down to 40 registers), loads the
 //    tile's Q (BM = 128 rows x d) once with cp.async, then streams the
-//    split's K/V tiles of BN keys (d 128: 128 keys, 3 stages; d 256: 64 keys,
-//    2 stages; wg_cfg) through a ring in shared memory.  A full tile is a few
-//    TMA copies issued by one warp: the pool of a layer is a 2-D tensor
-//    [n_pages * hkv * b rows][d], and one box of min(b, BN) rows x 64 columns
-//    covers one page's rows of one 64-column block of the head dimension, so
-//    2 d / 64 boxes a page (K and V) fill a stage, swizzled by the copy
-//    engine exactly as wgmma reads it.  Through cp.async instead, 16 bytes a
-//    copy from all 128 threads, each key's page from the page table (entries
-//    loaded one per lane, a tile ahead, reaching the copying threads by
-//    shuffles): the tile that ends the keys (positions past its end must read
-//    as zero: their pages may not exist, and a NaN there would survive
-//    P = 0), and every tile where TMA does not serve (b < 8, pools past 2^31
-//    rows, d 256 by default, RESA_CUDA_NO_TMA=1).  Why TMA: the cp.async
-//    producer spent ~24 instructions per 16-byte copy, 4096 copies a tile, on
-//    the same schedulers as the consumers' softmax; TMA made rectification at
-//    d 128 1.2-1.3x faster (cuda/harness/NOTES.md).  A stage completes on its
-//    "full" mbarrier (128 arrivals: cp.async.mbarrier.arrive.noinc per
-//    thread, or one arrive.expect_tx of the tile's bytes plus 127 plain
-//    arrivals) and is refilled once its "empty" mbarrier has one arrival from
-//    every consumer warp.
+//    split's K and V tiles of BN keys (d 128: 128 keys; d 256: 64; wg_cfg)
+//    through two rings in shared memory, one for K and one for V, in the
+//    order K_{j+1}, V_j: a consumer is done with K_j once S_j is, but with
+//    V_j only after P_j V_j in the next iteration, so K slots are freed and
+//    refilled a tile earlier than V slots.  A full tile is a few TMA copies
+//    issued by one warp: the pool of a layer is a 2-D tensor [n_pages * hkv
+//    * b rows][d], and one box of min(b, BN) rows x 64 columns covers one
+//    page's rows of one 64-column block of the head dimension, so d / 64
+//    boxes a page fill a K (or V) slot, swizzled by the copy engine exactly
+//    as wgmma reads it.  Through cp.async instead, 16 bytes a copy from all
+//    128 threads, each key's page from the page table (entries loaded one
+//    per lane, two tiles ahead, reaching the copying threads by shuffles):
+//    the tile that ends the keys (positions past its end must read as zero:
+//    their pages may not exist, and a NaN there would survive P = 0), and
+//    every tile where TMA does not serve (b < 8, pools past 2^31 rows,
+//    RESA_CUDA_NO_TMA=1).  Why TMA: the cp.async producer spent ~24
+//    instructions per 16-byte copy on the same schedulers as the consumers'
+//    softmax; TMA made rectification at d 128 1.2-1.3x faster
+//    (cuda/harness/NOTES.md).  A slot completes on its "full" mbarrier (128
+//    arrivals: cp.async.mbarrier.arrive.noinc per thread, or one
+//    arrive.expect_tx of the slot's bytes plus 127 plain arrivals) and is
+//    refilled once its "empty" mbarrier has one arrival from every consumer
+//    warp.
 //  - Warpgroups 1 and 2, the consumers (setmaxnreg up to 232), own 64 rows
 //    each.  S = Q K^T is a chain of wgmma m64nBNk16 with both operands in
 //    shared memory; the online softmax runs on the accumulator registers
@@ -56,28 +59,34 @@ namespace {
 
 constexpr int HTHREADS = 384; // producer + 2 consumer warpgroups
 
-// Per head dimension: keys per K/V tile, ring depth, and whether full tiles
-// go through TMA by default.  A stage (K and V of one tile) is 64 KB either
-// way; d 256 has a 64 KB Q tile, so two stages fit, and 64-key tiles keep O
-// (128 registers) + S + P under the consumers' 232.  d 256 copies with
-// cp.async by default: its TMA producer measured 3-6% slower
-// (cuda/harness/NOTES.md); RESA_CUDA_TMA=1 turns it on for measurements.
+// Per head dimension: keys per K/V tile and the depth of the K and V rings
+// (full tiles go through TMA at both).  A K or V slot is BN keys x
+// HD (32 KB either way); d 128: Q 32 KB + 3 + 3 slots; d 256: Q 64 KB + 3 +
+// 2 slots (224 KB), and 64-key tiles keep O (128 registers) + S + P under
+// the consumers' 232.  K slots free up as soon as S is done, so a K ring of
+// three gives the loads a tile of slack at d 256 too (one shared 2-stage
+// ring made every 64-key tile wait one load latency: 3.2 -> 2.0 ms for the
+// 16/2 x 256 rectification, cuda/harness/NOTES.md v6).
 template <int HD> struct wg_cfg;
 template <> struct wg_cfg<128> {
-    static constexpr int BN = 128, STAGES = 3;
-    static constexpr bool TMA = true;
+    static constexpr int BN = 128, KSTAGES = 3, VSTAGES = 3;
+    static constexpr bool SPLIT = false;
 };
 template <> struct wg_cfg<256> {
-    static constexpr int BN = 64, STAGES = 2;
-    static constexpr bool TMA = false;
+    static constexpr int BN = 64, KSTAGES = 3, VSTAGES = 2;
+    static constexpr bool SPLIT = true;
 };
 template <int HD> __host__ __device__ constexpr uint32_t q_bytes() { return BM * HD * 2; }
 template <int HD> __host__ __device__ constexpr uint32_t kv_bytes() { return wg_cfg<HD>::BN * HD * 2; }
 template <int HD> constexpr size_t smem_bytes() // + alignment slack
 {
-    return 1024 + q_bytes<HD>() + (size_t)wg_cfg<HD>::STAGES * 2 * kv_bytes<HD>();
+    return 1024 + q_bytes<HD>() +
+           (size_t)(wg_cfg<HD>::KSTAGES + wg_cfg<HD>::VSTAGES) * kv_bytes<HD>();
 }
 static_assert(smem_bytes<128>() <= 227 * 1024 && smem_bytes<256>() <= 227 * 1024, "smem");
+static_assert((wg_cfg<128>::SPLIT || wg_cfg<128>::KSTAGES == wg_cfg<128>::VSTAGES) &&
+                  (wg_cfg<256>::SPLIT || wg_cfg<256>::KSTAGES == wg_cfg<256>::VSTAGES),
+              "a shared ring has one depth");
 
 // The kernel's code exists in the sm_90a device pass (and the host pass, which
 // only parses it); other device passes get a stub.
@@ -272,11 +281,13 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                    const __grid_constant__ CUtensorMap tmv)
 {
 #if RESA_SM90A_CODE
-    constexpr int HBN = wg_cfg<HD>::BN, HSTAGES = wg_cfg<HD>::STAGES;
+    constexpr int HBN = wg_cfg<HD>::BN, KS = wg_cfg<HD>::KSTAGES, VS = wg_cfg<HD>::VSTAGES;
+    constexpr bool SPLIT = wg_cfg<HD>::SPLIT;
     constexpr uint32_t Q_BYTES = q_bytes<HD>(), KV_BYTES = kv_bytes<HD>();
     extern __shared__ unsigned char smem_raw[];
     __shared__ tile_ref tref;
-    __shared__ __align__(8) uint64_t bars[2 * HSTAGES + 1]; // full[s], empty[s], Q
+    // K ring: full[KS], empty[KS]; V ring: full[VS], empty[VS]; Q
+    __shared__ __align__(8) uint64_t bars[2 * (KS + VS) + 1];
 
     const int slot = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     work_item w;
@@ -289,13 +300,22 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     const int r0 = w.r0, valid = w.valid;
     const int n_cwg = valid > 64 ? 2 : 1; // consumer warpgroups that own rows
     const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;
-    const uint32_t sKV = sQ + Q_BYTES; // stage s: K at sKV + 2 s KV_BYTES, V right after
-    const uint32_t bar_full = smem_u32(&bars[0]), bar_empty = smem_u32(&bars[HSTAGES]);
-    const uint32_t bar_q = smem_u32(&bars[2 * HSTAGES]);
+    const uint32_t sK0 = sQ + Q_BYTES;          // K slot s at sK0 + s KV_BYTES
+    const uint32_t sV0 = sK0 + KS * KV_BYTES;   // V slot s at sV0 + s KV_BYTES
+    // Shared ring (!SPLIT): V slot s is filled, completes and is freed with
+    // K slot s, on K's barriers.
+    const uint32_t kfull = smem_u32(&bars[0]), kempty = kfull + 8 * KS;
+    const uint32_t vfull = SPLIT ? kempty + 8 * KS : kfull;
+    const uint32_t vempty = SPLIT ? vfull + 8 * VS : kempty;
+    const uint32_t bar_q = kempty + 8 * KS + 16 * VS;
     if (threadIdx.x == 0) {
-        for (int s = 0; s < HSTAGES; s++) {
-            mbar_init(bar_full + 8 * s, 128);
-            mbar_init(bar_empty + 8 * s, 4 * n_cwg);
+        for (int s = 0; s < KS; s++) {
+            mbar_init(kfull + 8 * s, 128);
+            mbar_init(kempty + 8 * s, 4 * n_cwg);
+        }
+        for (int s = 0; SPLIT && s < VS; s++) {
+            mbar_init(vfull + 8 * s, 128);
+            mbar_init(vempty + 8 * s, 4 * n_cwg);
         }
         mbar_init(bar_q, 128);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -331,55 +351,54 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         const T *kpool = static_cast<const T *>(p.k);
         const T *vpool = static_cast<const T *>(p.v);
         const int64_t kend = sp.kend;
-        // Page-table entries: one load per lane and tile, for key kl of the
-        // tile (a warp's keys are KW warp + {0 .. KW-1} + KPP i; lane l holds
-        // pass l / KW's, and key0 + KPP i is lane KW i + lane / CPK's), issued
-        // a tile ahead so that its latency hides behind the wait for a free
-        // stage; the copies take their page by shuffle.  (A dependent __ldg
-        // per key put 16 load latencies a tile on the path from a free stage
-        // to a full one.)
+        // Page-table entries, one load per lane and tile (page_of), issued
+        // ahead so that their latency hides; cp.async tiles: for key kl of
+        // the tile (a warp's keys are KW warp + {0 .. KW-1} + KPP i; lane l
+        // holds pass l / KW's, and key0 + KPP i is lane KW i + lane / CPK's),
+        // which the copies take by shuffle.  (A dependent __ldg per key put
+        // 16 load latencies a tile on the path from a free stage to a full
+        // one.)
         const int kl = KW * (tid >> 5) + lane % KW + KPP * (lane / KW);
         const bool kl_ok = HBN / KPP >= 32 / KW || lane / KW < HBN / KPP; // d 256: lanes < 16
         const int n_boxes = tma_rows > 0 ? QB * (HBN / tma_rows) : 0;
         auto by_tma = [&](int kt) { return n_boxes > 0 && (int64_t)(kt + 1) * HBN <= kend; };
-        auto lookup = [&](int kt) -> int32_t {
-            const int64_t pos = (int64_t)kt * HBN + kl;
-            return (kt < kt_end && kl_ok && pos < kend && !by_tma(kt))
-                       ? __ldg(ptab + (pos >> p.log2_b))
-                       : 0;
-        };
-        // TMA boxes of a tile: lane l < QB (HBN / tma_rows) copies column
-        // block l % QB of box l / QB (tma_rows keys of one page) of K and of
-        // V, its page loaded a tile ahead like the cp.async ones (d 128, b 8:
-        // all 32 lanes; d 256, b 16: 16).
+        // TMA tiles: lane l < QB (HBN / tma_rows) copies column block l % QB
+        // of box l / QB (tma_rows keys of one page) and holds that box's page
+        // (d 128, b 8: all 32 lanes; d 256, b 16: 16).
         const bool tma_lane = tid < n_boxes;
-        auto box_page = [&](int kt) -> int32_t {
-            const int64_t pos = (int64_t)kt * HBN + (lane / QB) * tma_rows;
-            return (kt < kt_end && tma_lane && by_tma(kt)) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+        auto page_of = [&](int kt) -> int32_t {
+            if (kt >= kt_end)
+                return 0;
+            if (by_tma(kt)) {
+                const int64_t pos = (int64_t)kt * HBN + (lane / QB) * tma_rows;
+                return tma_lane ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+            }
+            const int64_t pos = (int64_t)kt * HBN + kl;
+            return (kl_ok && pos < kend) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
         };
-        int32_t pg = lookup(kt_begin), bp = box_page(kt_begin);
-        int stage = 0;
-        uint32_t phase = 0;
-        for (int kt = kt_begin; kt < kt_end; kt++) {
-            mbar_wait(bar_empty + 8 * stage, phase ^ 1); // the first round passes at once
-            const uint32_t dK = sKV + stage * 2 * KV_BYTES, dV = dK + KV_BYTES;
+        // K and/or V of tile kt into the slots at dK / dV, completing on
+        // `full`; pg: this lane's page-table entry of the tile (page_of).
+        // Split rings copy one tensor a call, a shared ring both in one pass
+        // (the cp.async loop then shares each key's address and page).
+        auto load = [&](int kt, bool do_k, bool do_v, uint32_t dK, uint32_t dV, uint32_t full,
+                        int32_t pg) {
             const int64_t kb = (int64_t)kt * HBN;
-            const uint32_t full = bar_full + 8 * stage;
             if (by_tma(kt)) { // a full tile
                 if (tid == 0)
-                    mbar_arrive_expect_tx(full, 2 * KV_BYTES);
+                    mbar_arrive_expect_tx(full, (do_k + do_v) * KV_BYTES);
                 __syncwarp();
                 if (tma_lane) {
                     const int box = lane / QB, cb = lane % QB;
                     const int64_t pos = kb + box * tma_rows;
-                    const int row = (int)(((int64_t)bp * p.hkv + kvh) * p.b + (pos & (p.b - 1)));
+                    const int row = (int)(((int64_t)pg * p.hkv + kvh) * p.b + (pos & (p.b - 1)));
                     const uint32_t so = cb * (HBN * 128) + box * tma_rows * 128;
-                    tma_load_2d(dK + so, &tmk, cb * 64, row, full);
-                    tma_load_2d(dV + so, &tmv, cb * 64, row, full);
+                    if (do_k)
+                        tma_load_2d(dK + so, &tmk, cb * 64, row, full);
+                    if (do_v)
+                        tma_load_2d(dV + so, &tmv, cb * 64, row, full);
                 }
                 if (tid != 0)
                     mbar_arrive(full);
-                bp = box_page(kt + 1);
             } else { // the last tile, or no TMA: cp.async with zero fill past kend
 #pragma unroll 4
                 for (int i = 0; i < HBN / KPP; i++) {
@@ -390,16 +409,51 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                     const size_t off = (((size_t)page * p.hkv + kvh) * p.b +
                                         (size_t)(pos & (p.b - 1))) * HD + c * 8;
                     const uint32_t so = sw128(key, c, HBN);
-                    cp_async16(dK + so, ok ? kpool + off : kpool, ok ? 16 : 0);
-                    cp_async16(dV + so, ok ? vpool + off : vpool, ok ? 16 : 0);
+                    if (do_k)
+                        cp_async16(dK + so, ok ? kpool + off : kpool, ok ? 16 : 0);
+                    if (do_v)
+                        cp_async16(dV + so, ok ? vpool + off : vpool, ok ? 16 : 0);
                 }
                 cp_async_arrive(full);
             }
-            pg = lookup(kt + 1);
-            if (++stage == HSTAGES) {
-                stage = 0;
-                phase ^= 1;
+        };
+        // Page-table entries run two tiles ahead of their K copy: with K
+        // slots freed early its "empty" wait rarely blocks, so an entry looked
+        // up just before its copy would put a load latency on every tile.
+        int32_t pg = page_of(kt_begin);      // tile j: V_j
+        int32_t pg1 = page_of(kt_begin + 1); // tile j + 1: K_{j+1}
+        int32_t pg2 = page_of(kt_begin + 2); // tile j + 2
+        int ks = 0, vs = 0;
+        uint32_t kph = 0, vph = 0;
+        // Split rings: order K_{j+1}, V_j (a K slot is free once S of its
+        // tile is done, a V slot only once P V of its tile is, so K runs a
+        // tile ahead).  Shared ring: K_j and V_j into one stage.
+        auto load_k = [&](int kt, int32_t tpg) {
+            mbar_wait(kempty + 8 * ks, kph ^ 1); // the first round passes at once
+            load(kt, true, !SPLIT, sK0 + ks * KV_BYTES, sV0 + ks * KV_BYTES, kfull + 8 * ks, tpg);
+            if (++ks == KS) {
+                ks = 0;
+                kph ^= 1;
             }
+        };
+        if constexpr (SPLIT)
+            load_k(kt_begin, pg);
+        for (int kt = kt_begin; kt < kt_end; kt++) {
+            if constexpr (SPLIT) {
+                if (kt + 1 < kt_end)
+                    load_k(kt + 1, pg1);
+                mbar_wait(vempty + 8 * vs, vph ^ 1);
+                load(kt, false, true, 0, sV0 + vs * KV_BYTES, vfull + 8 * vs, pg);
+                if (++vs == VS) {
+                    vs = 0;
+                    vph ^= 1;
+                }
+            } else {
+                load_k(kt, pg); // K and V of tile kt
+            }
+            pg = pg1;
+            pg1 = pg2;
+            pg2 = page_of(kt + 3);
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
         return;
@@ -432,8 +486,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     // S = Q K^T: HD / 16 k-steps of 16 dimensions = 32 bytes inside a
     // 128-byte row (the swizzle is applied to the final address), each 64
     // dimensions in the next column block; 8-row groups 1024 bytes apart
-    auto qk = [&](int stage) {
-        const uint32_t sK = sKV + stage * 2 * KV_BYTES;
+    auto qk = [&](int slot) {
+        const uint32_t sK = sK0 + slot * KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
             const uint32_t dq = (kk >> 2) * (BM * 128) + (kk & 3) * 32;
@@ -445,8 +499,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     // O += P V: HBN / 16 k-steps of 16 keys = 2048 bytes; V is N-major:
     // 64-dimension column blocks HBN * 128 bytes apart (leading offset), 8-key
     // groups 1024 apart
-    auto pv = [&](int stage) {
-        const uint32_t sV = sKV + stage * 2 * KV_BYTES + KV_BYTES;
+    auto pv = [&](int slot) {
+        const uint32_t sV = sV0 + slot * KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < HBN / 16; kk++)
             wgmma_rs<T, HD>(o, pa + 4 * kk, gmma_desc(sV + kk * 2048, HBN * 128, 1024));
@@ -468,46 +522,65 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     // instead was 10-21% slower (cuda/harness/NOTES.md, v3)
     auto fence_async = [] { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); };
 
+    // Each warp releases a K slot as soon as S of its tile is done and a V
+    // slot once P V is (one arrival per warp on the slot's "empty" barrier;
+    // a shared ring's stage is released with its V).
+    auto release = [&](uint32_t empty) {
+        __syncwarp();
+        if (lane == 0)
+            mbar_arrive(empty);
+    };
     mbar_wait(bar_q, 0);
-    int stage = 0;
-    uint32_t phase = 0;
-    mbar_wait(bar_full, 0);
+    int ks = 0, vs = 0; // K slot of tile kt, V slot of tile kt - 1
+    uint32_t kph = 0, vph = 0;
+    mbar_wait(kfull, 0);
     fence_async();
     wg_fence();
     qk(0);
     wg_commit();
     wg_wait<0>();
     reg_fence<HBN / 2>(s);
+    if constexpr (SPLIT)
+        release(kempty);
     softmax(kt_begin); // O is still zero: no rescale
     pack();
     for (int kt = kt_begin + 1; kt < kt_end; kt++) {
-        const int prev = stage;
-        if (++stage == HSTAGES) {
-            stage = 0;
-            phase ^= 1;
+        if (++ks == KS) {
+            ks = 0;
+            kph ^= 1;
         }
-        mbar_wait(bar_full + 8 * stage, phase);
+        mbar_wait(kfull + 8 * ks, kph);
+        if constexpr (SPLIT)
+            mbar_wait(vfull + 8 * vs, vph); // V of tile kt - 1 (shared ring: waited with K)
         fence_async();
         wg_fence();
-        qk(stage);
+        qk(ks);
         wg_commit();
-        pv(prev);
+        pv(vs);
         wg_commit();
         wg_wait<1>(); // S of this tile is done; P V of the previous one runs on
         reg_fence<HBN / 2>(s);
+        if constexpr (SPLIT)
+            release(kempty + 8 * ks);
         softmax(kt);
         wg_wait<0>();
         reg_fence<HD / 2>(o);
         reg_fence<HBN / 2>(s);
         reg_fence<HBN / 4>(pa);
-        __syncwarp();
-        if (lane == 0)
-            mbar_arrive(bar_empty + 8 * prev); // this warp is done with K and V of `prev`
+        release(vempty + 8 * vs);
+        if (++vs == VS) {
+            vs = 0;
+            vph ^= 1;
+        }
         scale_rows<HD / 8>(o, c0, c1);
         pack();
     }
+    if constexpr (SPLIT) {
+        mbar_wait(vfull + 8 * vs, vph);
+        fence_async();
+    }
     wg_fence();
-    pv(stage);
+    pv(vs);
     wg_commit();
     wg_wait<0>();
     reg_fence<HD / 2>(o);
@@ -547,16 +620,16 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()
 // 16-bit elements, boxes of `rows` x 64 with wgmma's 128-byte swizzle.
 // Returns the box rows, or 0 where TMA does not serve the launch: b < 8 (a
 // box must fill whole 1024-byte swizzle atoms), row coordinates past int32,
-// RESA_CUDA_NO_TMA=1, d 256 without RESA_CUDA_TMA=1 (both read at every
-// launch, for A/B measurements), or no encoder.  Host-only work, no
+// RESA_CUDA_NO_TMA=1 (read at every launch, for A/B measurements), or no
+// encoder.  Host-only work, no
 // allocation: legal during graph capture.
 template <int HD> int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
 {
     constexpr int HBN = wg_cfg<HD>::BN;
     const resa_cuda_dims &dm = a->dims;
     const int64_t rows = (int64_t)dm.n_pages * dm.hkv * dm.b;
-    const char *off = getenv("RESA_CUDA_NO_TMA"), *on = getenv("RESA_CUDA_TMA");
-    const bool wanted = !(off && off[0] == '1') && (wg_cfg<HD>::TMA || (on && on[0] == '1'));
+    const char *off = getenv("RESA_CUDA_NO_TMA");
+    const bool wanted = !(off && off[0] == '1');
     if (dm.b < 8 || rows <= 0 || rows > INT32_MAX || !wanted)
         return 0;
     PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();

@@ -92,9 +92,9 @@ static const uint16_t NAN_BITS = 0x7FC0; // NaN in bf16; also NaN in f16 (exp al
 // ---- the two paths ----
 bool resa_cuda_dense_sm90_built(); // attention_dense_sm90.cu
 static bool g_wgmma = false;       // the wgmma path exists here (set in main)
-// wgmma loads full K/V tiles with TMA (RESA_CUDA_TMA=1, which d 256 needs: its
-// default is cp.async); wgmma-cp is the same kernel with every tile copied by
-// cp.async (RESA_CUDA_NO_TMA=1), the fallback path.
+// wgmma loads full K/V tiles with TMA (its default); wgmma-cp is the same
+// kernel with every tile copied by cp.async (RESA_CUDA_NO_TMA=1), the
+// fallback path.
 static const char *PATH_NAME[3] = {"mma", "wgmma", "wgmma-cp"};
 static void use_path(int path)
 {
@@ -104,13 +104,10 @@ static void use_path(int path)
     } else {
         setenv("RESA_CUDA_NO_WGMMA", "1", 1);
     }
-    if (path == 2) {
+    if (path == 2)
         setenv("RESA_CUDA_NO_TMA", "1", 1);
-        unsetenv("RESA_CUDA_TMA");
-    } else {
+    else
         unsetenv("RESA_CUDA_NO_TMA");
-        setenv("RESA_CUDA_TMA", "1", 1);
-    }
 }
 static int n_paths(int d) { return (d == 128 || d == 256) && g_wgmma ? 3 : 1; }
 static double g_worst[3] = {0, 0, 0};
