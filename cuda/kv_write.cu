@@ -63,57 +63,91 @@ __global__ void write_rows(resa_cuda_layer_args a)
     store_row<T>(a, &r);
 }
 
-// min/max of the valid keys of one block of one head: lanes own dimensions.
-// Called by a whole warp.  The summary at element offset s of the layer is
-// stored exactly in T, or (fp8) rounded outward with the block's scale
-// exponent, by the same codec as the CPU (lib/summary_fp8.h).
+// min/max of the valid keys of one block of one head.  Called by a whole
+// warp.  Lane l reads 16-byte chunk l % C (8 dimensions; C = d / 8 chunks a
+// row, d in {64, 128, 256}) of rows l / C, l / C + 32 / C, ..., up to 8 of
+// them in flight at once, and the lanes holding the same chunk then combine
+// by shuffles: a block of 16 rows costs about one memory latency.  (A loop
+// over the rows per dimension paid one latency per 8 rows per dimension
+// group: the decode step's write kernel took ~13 us a layer at 8 x 256K,
+// docs/performance.md, e2e v7.)  The summary at element offset s of the
+// layer is stored exactly in T, or (fp8) rounded outward with the block's
+// scale exponent, by the same codec as the CPU (lib/summary_fp8.h).
 template <typename T>
 __device__ void summarize_block(const resa_cuda_dims &D, const T *k, void *kmin, void *kmax,
                                 int8_t *kexp, size_t s, int n_valid)
 {
-    constexpr int R = RESA_MAX_HEAD_DIM / 32; // dimensions per lane, at most
-    const int lane = threadIdx.x % 32, d = D.d;
-    k += s * D.b;
-    float mnv[R], mxv[R], amax = 0.0f;
+    static_assert(sizeof(T) == 2, "16-bit keys: 8 dimensions a 16-byte chunk");
+    const int lane = threadIdx.x % 32;
+    const int C = D.d / 8, c = lane % C, RP = 32 / C;
+    // plain loads: this warp may have just stored one of these rows
+    const uint4 *rows = reinterpret_cast<const uint4 *>(k + s * D.b) + c;
+    float mn[8], mx[8];
 #pragma unroll
-    for (int i = 0; i < R; i++) {
-        const int j = lane + 32 * i;
-        float mn = FLT_MAX, mx = -FLT_MAX;
-        if (j < d)
-#pragma unroll 8 // independent loads in flight: the rows were just written (L2)
-            for (int t = 0; t < n_valid; t++) {
-                float x = to_f32(k[(size_t)t * d + j]);
-                mn = fminf(mn, x);
-                mx = fmaxf(mx, x);
-            }
-        mnv[i] = mn;
-        mxv[i] = mx;
+    for (int i = 0; i < 8; i++) {
+        mn[i] = FLT_MAX;
+        mx[i] = -FLT_MAX;
     }
-    if (!D.sum_fp8) {
+    for (int t0 = lane / C; t0 < n_valid; t0 += 8 * RP) {
+        uint4 v[8];
 #pragma unroll
-        for (int i = 0; i < R; i++)
-            if (lane + 32 * i < d) {
-                ((T *)kmin)[s + lane + 32 * i] = from_f32<T>(mnv[i]); // exact: stored values
-                ((T *)kmax)[s + lane + 32 * i] = from_f32<T>(mxv[i]);
+        for (int u = 0; u < 8; u++)
+            if (t0 + u * RP < n_valid)
+                v[u] = rows[(size_t)(t0 + u * RP) * C];
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+            if (t0 + u * RP < n_valid) {
+                const T *x = reinterpret_cast<const T *>(&v[u]);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    mn[i] = fminf(mn[i], to_f32(x[i]));
+                    mx[i] = fmaxf(mx[i], to_f32(x[i]));
+                }
             }
+    }
+    for (int o = C; o < 32; o <<= 1)
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            mn[i] = fminf(mn[i], __shfl_xor_sync(0xffffffffu, mn[i], o));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], o));
+        }
+    // every lane now holds its chunk's result; lanes < C store it
+    const size_t at = s + 8 * (size_t)c;
+    if (!D.sum_fp8) {
+        if (lane < C) {
+            uint4 qn, qx;
+            T *pn = reinterpret_cast<T *>(&qn), *px = reinterpret_cast<T *>(&qx);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                pn[i] = from_f32<T>(mn[i]); // exact: stored values
+                px[i] = from_f32<T>(mx[i]);
+            }
+            *reinterpret_cast<uint4 *>((T *)kmin + at) = qn;
+            *reinterpret_cast<uint4 *>((T *)kmax + at) = qx;
+        }
         return;
     }
+    float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < R; i++)
-        if (lane + 32 * i < d)
-            amax = fmaxf(amax, fmaxf(fabsf(mnv[i]), fabsf(mxv[i])));
+    for (int i = 0; i < 8; i++)
+        amax = fmaxf(amax, fmaxf(fabsf(mn[i]), fabsf(mx[i])));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const int e = resa_fp8_scale_exp(amax);
+    if (lane < C) {
+        uint2 qn, qx;
+        uint8_t *pn = reinterpret_cast<uint8_t *>(&qn), *px = reinterpret_cast<uint8_t *>(&qx);
 #pragma unroll
-    for (int i = 0; i < R; i++)
-        if (lane + 32 * i < d) {
-            ((uint8_t *)kmin)[s + lane + 32 * i] = resa_e4m3_round(mnv[i], e, 0);
-            ((uint8_t *)kmax)[s + lane + 32 * i] = resa_e4m3_round(mxv[i], e, 1);
+        for (int i = 0; i < 8; i++) {
+            pn[i] = resa_e4m3_round(mn[i], e, 0);
+            px[i] = resa_e4m3_round(mx[i], e, 1);
         }
+        *reinterpret_cast<uint2 *>((uint8_t *)kmin + at) = qn;
+        *reinterpret_cast<uint2 *>((uint8_t *)kmax + at) = qx;
+    }
     if (lane == 0)
-        kexp[s / d] = (int8_t)e;
+        kexp[s / D.d] = (int8_t)e;
 }
 
 template <typename T>

@@ -3,6 +3,9 @@
 // loop with CUDA graph capture and replay, rectification, timing).
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+
+#include <cuda_profiler_api.h>
 
 #include "engine.h"
 
@@ -31,6 +34,15 @@ uint64_t host_mix(uint64_t x)
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
     x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
     return x ^ (x >> 31);
+}
+
+// RESA_E2E_PROFILE_STEP=k: the k-th measured decode step (graph replay, no
+// rectification) runs between cudaProfilerStart and cudaProfilerStop, so
+// that `ncu --profile-from-start off` times the kernels of one whole step.
+int profile_step()
+{
+    const char *v = std::getenv("RESA_E2E_PROFILE_STEP");
+    return v && *v ? std::atoi(v) : -1;
 }
 
 double wall_s()
@@ -284,9 +296,14 @@ ModeResult Point::run_mode(const std::string &mode)
             CK(cudaStreamEndCapture(s, &graph_na));
             CK(cudaGraphInstantiate(&exec_na, graph_na, 0));
         } else {
+            const bool profiled = step == o.warmup + profile_step();
             CR(ctx, resa_ctx_step_begin(ctx, batch, seqs.data(), modes.data(), ones.data(),
                                         RESA_STEP_REPLAY));
+            if (profiled)
+                CK(cudaProfilerStart());
             CK(cudaGraphLaunch(exec, s));
+            if (profiled)
+                CK(cudaProfilerStop());
             CR(ctx, resa_ctx_step_end(ctx, 0));
         }
         due.clear();

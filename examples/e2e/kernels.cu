@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: MIT
 // resa-e2e: the model's small kernels.
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "kernels.h"
 
@@ -95,23 +98,41 @@ __device__ float block_sum(float v, float *sh)
     return v;
 }
 
-__global__ void add_rmsnorm_k(float *x, const bf16 *delta, const bf16 *gamma, bf16 *xn,
-                              int hidden, float eps)
+// One CTA per row; each thread keeps its (at most kNormPerThread) elements
+// in registers between the sum and the scaling, and every load of a thread
+// is issued before the first store.  (Loops that stored x between loads of
+// possibly aliased delta and gamma paid one memory latency per element:
+// ~7 us a row at hidden 3584, 0.41 ms a token, docs/performance.md e2e v7.)
+constexpr int kNormPerThread = 8;
+__global__ void add_rmsnorm_k(float *__restrict__ x, const bf16 *__restrict__ delta,
+                              const bf16 *__restrict__ gamma, bf16 *__restrict__ xn, int hidden,
+                              float eps)
 {
     __shared__ float sh[32];
-    size_t row = (size_t)blockIdx.x * hidden;
+    const size_t row = (size_t)blockIdx.x * hidden;
+    float v[kNormPerThread], g[kNormPerThread];
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = x[row + i];
-        if (delta) {
-            v += __bfloat162float(delta[row + i]);
-            x[row + i] = v;
+#pragma unroll
+    for (int k = 0; k < kNormPerThread; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        v[k] = 0.0f;
+        g[k] = 0.0f;
+        if (i < hidden) {
+            v[k] = x[row + i] + (delta ? __bfloat162float(delta[row + i]) : 0.0f);
+            g[k] = __bfloat162float(gamma[i]);
         }
-        ss += v * v;
+        ss += v[k] * v[k];
     }
-    float inv = rsqrtf(block_sum(ss, sh) / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        xn[row + i] = __float2bfloat16(x[row + i] * inv * __bfloat162float(gamma[i]));
+    const float inv = rsqrtf(block_sum(ss, sh) / (float)hidden + eps);
+#pragma unroll
+    for (int k = 0; k < kNormPerThread; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < hidden) {
+            if (delta)
+                x[row + i] = v[k];
+            xn[row + i] = __float2bfloat16(v[k] * inv * g[k]);
+        }
+    }
 }
 
 // One thread per (row, head, rotated pair j < d / 2).  The angle is
@@ -159,6 +180,11 @@ __global__ void swiglu_k(const bf16 *gu, bf16 *act, int rows, int inter)
     }
 }
 
+// One CTA per row.  A thread scans its 16-byte groups of 4 logits (4 groups
+// in flight) when rows are 16-byte aligned, single logits otherwise; within a
+// thread indices only grow, so `>` keeps the lowest index of its maximum.
+// (Single 4-byte loads left the 8 rows of a batch-8 step latency-bound on 8
+// SMs: 57 us for 152064 logits a row.)
 __global__ void argmax_k(const float *logits, int vocab, int *tok_out, int *pos, int pos_add)
 {
     __shared__ float sv[1024];
@@ -166,12 +192,26 @@ __global__ void argmax_k(const float *logits, int vocab, int *tok_out, int *pos,
     const float *row = logits + (size_t)blockIdx.x * vocab;
     float best = -FLT_MAX;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = row[i];
-        if (v > best) { // NaN never wins; strided scan keeps the lowest index per thread
+    auto take = [&](float v, int i) {
+        if (v > best) { // NaN never wins
             best = v;
             bi = i;
         }
+    };
+    if (vocab % 4 == 0) {
+        const float4 *row4 = reinterpret_cast<const float4 *>(row);
+        const int n4 = vocab / 4;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+            const float4 q = row4[i];
+            take(q.x, 4 * i);
+            take(q.y, 4 * i + 1);
+            take(q.z, 4 * i + 2);
+            take(q.w, 4 * i + 3);
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+            take(row[i], i);
     }
     sv[threadIdx.x] = best;
     si[threadIdx.x] = bi;
@@ -239,7 +279,13 @@ void launch_embed(const bf16 *emb, const int *tok, const int *pos, int rows, int
 void launch_add_rmsnorm(float *x, const bf16 *delta, const bf16 *gamma, bf16 *xn, int rows,
                         int hidden, float eps, cudaStream_t s)
 {
-    add_rmsnorm_k<<<rows, 512, 0, s>>>(x, delta, gamma, xn, hidden, eps);
+    const int threads = std::max(128, (hidden + kNormPerThread - 1) / kNormPerThread + 31) & ~31;
+    if (threads > 1024) {
+        std::fprintf(stderr, "resa-e2e: hidden %d is above add_rmsnorm's %d\n", hidden,
+                     1024 * kNormPerThread);
+        std::exit(1);
+    }
+    add_rmsnorm_k<<<rows, threads, 0, s>>>(x, delta, gamma, xn, hidden, eps);
     CK(cudaGetLastError());
 }
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // resa-e2e: a start-up check of the model's small kernels (RoPE with its
-// bias, residual add + RMSNorm, SwiGLU) against float64 references on the
-// host, on random inputs at the model's sizes, outputs poisoned with NaN.
+// bias, residual add + RMSNorm with and without the add, SwiGLU, greedy
+// argmax) against float64 references on the host, on random inputs at the
+// model's sizes, outputs poisoned with NaN.
 // The timings mean nothing if these are wrong, and random weights would not
 // show it in the generated tokens.
 #include <algorithm>
@@ -134,11 +135,28 @@ double check_rmsnorm(const ModelDims &D, cudaStream_t s, Rng &r)
     float *dx = to_device(x);
     bf16 *ddelta = to_device(delta), *dgamma = to_device(gamma);
     bf16 *dxn = poisoned<bf16>((size_t)rows * n);
+    // without delta first (x must stay as it is), then with it
+    bf16 *dxn0 = poisoned<bf16>((size_t)rows * n);
+    launch_add_rmsnorm(dx, nullptr, dgamma, dxn0, rows, n, (float)D.eps, s);
+    CK(cudaStreamSynchronize(s));
+    const std::vector<float> x0 = to_host(dx, x.size());
+    const std::vector<bf16> xn0 = to_host(dxn0, x.size());
     launch_add_rmsnorm(dx, ddelta, dgamma, dxn, rows, n, (float)D.eps, s);
     CK(cudaStreamSynchronize(s));
     const std::vector<float> xo = to_host(dx, x.size());
     const std::vector<bf16> xn = to_host(dxn, x.size());
     Err ex, en;
+    for (int row = 0; row < rows; row++) {
+        double ss = 0;
+        for (int i = 0; i < n; i++)
+            ss += (double)x[(size_t)row * n + i] * x[(size_t)row * n + i];
+        const double inv = 1.0 / std::sqrt(ss / n + D.eps);
+        for (int i = 0; i < n; i++) {
+            ex.add((double)x0[(size_t)row * n + i], (double)x[(size_t)row * n + i]);
+            en.add(f64(xn0[(size_t)row * n + i]), x[(size_t)row * n + i] * inv * f64(gamma[i]));
+        }
+    }
+    CK(cudaFree(dxn0));
     for (int row = 0; row < rows; row++) {
         double ss = 0;
         std::vector<double> sum(n);
@@ -157,6 +175,49 @@ double check_rmsnorm(const ModelDims &D, cudaStream_t s, Rng &r)
     verdict("residual add", ex, 1e-6);
     verdict("RMSNorm", en, kTol);
     return std::max(ex.rel(), en.rel());
+}
+
+// Greedy sampling: random logits with the row maximum planted twice (the
+// lower index must win) and a NaN (it must never win), at the vocabulary
+// size (16-byte path) and one more (single-logit path); pos advanced.
+// Returns the number of rows checked; exits on a mismatch.
+int check_argmax(const ModelDims &D, cudaStream_t s, Rng &r)
+{
+    int checked = 0;
+    for (int vocab : {D.vocab, D.vocab + 1}) {
+        const int rows = 5;
+        std::vector<float> lg((size_t)rows * vocab);
+        for (float &v : lg)
+            v = (float)(10.0 * r.next());
+        std::vector<int> want(rows), pos0(rows);
+        for (int row = 0; row < rows; row++) {
+            float *l = &lg[(size_t)row * vocab];
+            const int a = (int)((0.5 + 0.5 * r.next()) * (vocab - 1));
+            const int b = (int)((0.5 + 0.5 * r.next()) * (vocab - 1));
+            const int nan_at = (int)((0.5 + 0.5 * r.next()) * (vocab - 1));
+            l[a] = l[b] = 11.0f;
+            if (nan_at != a && nan_at != b)
+                l[nan_at] = NAN;
+            want[row] = std::min(a, b);
+            pos0[row] = 1000 * row;
+        }
+        float *dl = to_device(lg);
+        int *dpos = to_device(pos0), *dtok = poisoned<int>(rows);
+        launch_argmax(dl, rows, vocab, dtok, dpos, 3, s);
+        CK(cudaStreamSynchronize(s));
+        const std::vector<int> tok = to_host(dtok, rows), pos = to_host(dpos, rows);
+        for (int row = 0; row < rows; row++)
+            if (tok[row] != want[row] || pos[row] != pos0[row] + 3) {
+                std::fprintf(stderr, "resa-e2e: kernel self-check failed: argmax of row %d "
+                                     "(vocab %d) gave %d (position %d), expected %d (%d)\n",
+                             row, vocab, tok[row], pos[row], want[row], pos0[row] + 3);
+                std::exit(1);
+            }
+        for (void *p : {(void *)dl, (void *)dpos, (void *)dtok})
+            CK(cudaFree(p));
+        checked += rows;
+    }
+    return checked;
 }
 
 double check_swiglu(const ModelDims &D, cudaStream_t s, Rng &r)
@@ -186,7 +247,9 @@ void check_small_kernels(const ModelDims &D, cudaStream_t s)
     Rng r{0x5eed ^ kSeed};
     const double rope = check_rope(D, s, r), norm = check_rmsnorm(D, s, r),
                  swiglu = check_swiglu(D, s, r);
+    const int argmax_rows = check_argmax(D, s, r);
     std::printf("# kernel self-check against float64: bias+RoPE %.1e (positions up to 1000003), "
-                "add+RMSNorm %.1e, SwiGLU %.1e (relative L2 error)\n",
-                rope, norm, swiglu);
+                "add+RMSNorm %.1e, SwiGLU %.1e (relative L2 error); argmax exact on %d rows "
+                "(planted ties and NaN)\n",
+                rope, norm, swiglu, argmax_rows);
 }
