@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|bench|params|sweep] ...
+#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|e2eprof|bench|params|sweep] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -56,12 +56,26 @@ if [[ $phases == *profile* ]]; then
   grep -E "^  [a-z_]+.*\(|gpu__time|dram__throughput|dram__bytes|sm__throughput|hmma|grid_size" \
     "$OUT/ncu-sparse.txt" "$OUT/ncu-rectify.txt" | sed 's#.*/##' | head -60
 fi
-if [[ $phases == *e2e* ]]; then
+if [[ ${phases//e2eprof/} == *e2e* ]]; then # (not e2eprof alone)
   say "end to end: Qwen2.5-7B-shaped decoder (random weights), dense / sparse / ReSA"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   $build/examples/resa-e2e --contexts ${RESA_E2E_CONTEXTS:-16384,65536,131072,262144} \
     --batch ${RESA_E2E_BATCH:-1,max} --steps ${RESA_E2E_STEPS:-64} \
     --summary ${RESA_E2E_SUMMARY:-kv} 2>&1 | tee "$OUT/e2e-${RESA_E2E_SUMMARY:-kv}.txt" | tail -40
+fi
+if [[ $phases == *e2eprof* ]]; then
+  # one decode step per mode under ncu (RESA_E2E_PROFILE_STEP), summed by kernel
+  say "ncu: the kernels of one resa-e2e decode step, 256K, batch 8 (dense, ReSA) and batch 1 (ReSA)"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  m=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+  for point in "8 dense,resa 2" "1 resa 1"; do
+    set -- $point
+    RESA_E2E_PROFILE_STEP=3 ncu --profile-from-start off --cache-control none --clock-control none \
+      --metrics $m --csv --print-units base $build/examples/resa-e2e --contexts 262144 --batch $1 \
+      --modes $2 --steps 32 --warmup 8 --summary ${RESA_E2E_SUMMARY:-fp8} >"$OUT/ncu-e2e-b$1.csv" 2>"$OUT/ncu-e2e-b$1.log"
+    python3 tools/ncu_step_account.py "$OUT/ncu-e2e-b$1.csv" $3 | tee "$OUT/e2e-kernels-b$1.txt"
+    rm -f "$OUT/ncu-e2e-b$1.csv"
+  done
 fi
 if [[ $phases == *params* ]]; then
   say "resa-bench: method parameters (summary format, dtype, r, f) at 1 x 32K, 8 x 64K, 8 x 256K"
