@@ -95,7 +95,8 @@ static bool g_wgmma = false;       // the wgmma path exists here (set in main)
 // wgmma loads full K/V tiles with TMA (its default); wgmma-cp is the same
 // kernel with every tile copied by cp.async (RESA_CUDA_NO_TMA=1), the
 // fallback path.
-static const char *PATH_NAME[3] = {"mma", "wgmma", "wgmma-cp"};
+constexpr int kPaths = 3;
+static const char *PATH_NAME[kPaths] = {"mma", "wgmma", "wgmma-cp"};
 static void use_path(int path)
 {
     if (path > 0) {
@@ -109,8 +110,8 @@ static void use_path(int path)
     else
         unsetenv("RESA_CUDA_NO_TMA");
 }
-static int n_paths(int d) { return (d == 128 || d == 256) && g_wgmma ? 3 : 1; }
-static double g_worst[3] = {0, 0, 0};
+static int n_paths(int d) { return (d == 128 || d == 256) && g_wgmma ? kPaths : 1; }
+static double g_worst[kPaths] = {0, 0, 0};
 
 // pool element (page, head, off, dim): hashed value if off < limit[page], else NaN
 __global__ void fill_pool(uint16_t *k, uint16_t *v, const int32_t *limit, int64_t n_pages, int hkv,
@@ -355,7 +356,7 @@ static bool check_one(Setup &s, const char *label)
     const size_t out_elems = (size_t)s.n_rows * s.hq * s.d;
     const int np = n_paths(s.d);
     std::vector<std::vector<uint16_t>> out(np, std::vector<uint16_t>(out_elems));
-    size_t nan_count[3] = {0, 0, 0};
+    size_t nan_count[kPaths] = {0, 0, 0};
     for (int path = 0; path < np; path++) {
         use_path(path);
         CK(cudaMemset(s.dout, 0xFF, out_elems * 2)); // NaN poison
@@ -382,7 +383,7 @@ static bool check_one(Setup &s, const char *label)
         }
     }
     const int nthreads = std::max(1u, std::thread::hardware_concurrency());
-    std::vector<double> num(3 * nthreads, 0), den(nthreads, 0);
+    std::vector<double> num(kPaths * nthreads, 0), den(nthreads, 0);
     std::vector<std::thread> th;
     const size_t jobs = items.size() * s.hq;
     for (int w = 0; w < nthreads; w++)
@@ -397,7 +398,7 @@ static bool check_one(Setup &s, const char *label)
                     for (int path = 0; path < np; path++) {
                         double got = from_bits(out[path][at + i], s.dtype);
                         double diff = got - ref[i];
-                        num[3 * w + path] += std::isnan(got) ? 1e30 : diff * diff;
+                        num[kPaths * w + path] += std::isnan(got) ? 1e30 : diff * diff;
                     }
                     den[w] += ref[i] * ref[i];
                 }
@@ -409,7 +410,7 @@ static bool check_one(Setup &s, const char *label)
     for (int path = 0; path < np; path++) {
         double n2 = 0, d2 = 0;
         for (int w = 0; w < nthreads; w++) {
-            n2 += num[3 * w + path];
+            n2 += num[kPaths * w + path];
             d2 += den[w];
         }
         const double rel = std::sqrt(n2 / d2);
@@ -475,7 +476,7 @@ static int run_checks(bool quick)
             one(dtype, 128, 4, 16, 2, chunks, "prefill chunks + decode-size entries");
             one(dtype, 128, 7, 16, 4, chunks, "prefill chunks, 28/4 heads");
             one(dtype, 128, 4, 16, 1, {{100003, 32}}, "one rectification, 64 splits");
-            // d = 256 on the wgmma kernel (64-key tiles, 2 stages): the 16/2 shape
+            // d = 256 on the wgmma kernel (64-key tiles, 3 K + 2 V slots): the 16/2 shape
             one(dtype, 256, 8, 16, 2, rect8, "rectify x8, 16/2 heads");
             one(dtype, 256, 8, 16, 2, chunks, "prefill chunks, 16/2 heads");
         }
@@ -493,7 +494,7 @@ static int run_checks(bool quick)
         one(RESA_DTYPE_BF16, 256, 2, 4, 2, chunks, "prefill chunks, d 256, b 4");
     }
     printf("checks: %d/%d passed (cases; d = 128 and 256 ones on %d path(s)); worst rel_l2 mma %.2e",
-           total - fails, total, g_wgmma ? 3 : 1, g_worst[0]);
+           total - fails, total, g_wgmma ? kPaths : 1, g_worst[0]);
     if (g_wgmma)
         printf(", wgmma %.2e, wgmma-cp %.2e", g_worst[1], g_worst[2]);
     printf("\n");

@@ -267,6 +267,8 @@ ModeResult Point::run_mode(const std::string &mode)
     std::vector<cudaEvent_t> rect_ev; // pairs, measured rectification steps
     std::vector<int> due;
     const int total = o.warmup + o.steps;
+    const int want_profile = profile_step(); // -1: none (read once, not every step)
+    const int profiled_step = want_profile < 0 ? -1 : o.warmup + want_profile;
     for (int step = 0; step < total; step++) {
         const bool measured = step >= o.warmup;
         if (step == o.warmup)
@@ -296,7 +298,7 @@ ModeResult Point::run_mode(const std::string &mode)
             CK(cudaStreamEndCapture(s, &graph_na));
             CK(cudaGraphInstantiate(&exec_na, graph_na, 0));
         } else {
-            const bool profiled = step == o.warmup + profile_step();
+            const bool profiled = step == profiled_step;
             CR(ctx, resa_ctx_step_begin(ctx, batch, seqs.data(), modes.data(), ones.data(),
                                         RESA_STEP_REPLAY));
             if (profiled)

@@ -145,31 +145,28 @@ double check_rmsnorm(const ModelDims &D, cudaStream_t s, Rng &r)
     CK(cudaStreamSynchronize(s));
     const std::vector<float> xo = to_host(dx, x.size());
     const std::vector<bf16> xn = to_host(dxn, x.size());
+    // the float64 reference of one launch: x (+ delta when given) and its norm
     Err ex, en;
-    for (int row = 0; row < rows; row++) {
-        double ss = 0;
-        for (int i = 0; i < n; i++)
-            ss += (double)x[(size_t)row * n + i] * x[(size_t)row * n + i];
-        const double inv = 1.0 / std::sqrt(ss / n + D.eps);
-        for (int i = 0; i < n; i++) {
-            ex.add((double)x0[(size_t)row * n + i], (double)x[(size_t)row * n + i]);
-            en.add(f64(xn0[(size_t)row * n + i]), x[(size_t)row * n + i] * inv * f64(gamma[i]));
+    auto expect = [&](const std::vector<float> &x_out, const std::vector<bf16> &xn_out,
+                      bool with_delta) {
+        for (int row = 0; row < rows; row++) {
+            double ss = 0;
+            std::vector<double> sum(n);
+            for (int i = 0; i < n; i++) {
+                const size_t at = (size_t)row * n + i;
+                sum[i] = (double)x[at] + (with_delta ? f64(delta[at]) : 0.0);
+                ss += sum[i] * sum[i];
+            }
+            const double inv = 1.0 / std::sqrt(ss / n + D.eps);
+            for (int i = 0; i < n; i++) {
+                ex.add((double)x_out[(size_t)row * n + i], sum[i]);
+                en.add(f64(xn_out[(size_t)row * n + i]), sum[i] * inv * f64(gamma[i]));
+            }
         }
-    }
+    };
+    expect(x0, xn0, false);
+    expect(xo, xn, true);
     CK(cudaFree(dxn0));
-    for (int row = 0; row < rows; row++) {
-        double ss = 0;
-        std::vector<double> sum(n);
-        for (int i = 0; i < n; i++) {
-            sum[i] = (double)x[(size_t)row * n + i] + f64(delta[(size_t)row * n + i]);
-            ss += sum[i] * sum[i];
-        }
-        const double inv = 1.0 / std::sqrt(ss / n + D.eps);
-        for (int i = 0; i < n; i++) {
-            ex.add((double)xo[(size_t)row * n + i], sum[i]);
-            en.add(f64(xn[(size_t)row * n + i]), sum[i] * inv * f64(gamma[i]));
-        }
-    }
     for (void *p : {(void *)dx, (void *)ddelta, (void *)dgamma, (void *)dxn})
         CK(cudaFree(p));
     verdict("residual add", ex, 1e-6);
