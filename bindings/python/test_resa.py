@@ -9,6 +9,8 @@ import os
 import random
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resa  # noqa: E402
 
@@ -36,31 +38,32 @@ def row(buf, r, h, heads):
 
 
 def main():
-    assert resa.version().count(".") == 2
-    with resa.Context(resa.BACKEND_CPU) as ctx:
-        for p, v in ((resa.PARAM_NUM_LAYERS, L), (resa.PARAM_NUM_Q_HEADS, HQ),
-                     (resa.PARAM_NUM_KV_HEADS, HKV), (resa.PARAM_HEAD_DIM, D),
-                     (resa.PARAM_BLOCK_SIZE, B), (resa.PARAM_MAX_TOKENS, 1024),
-                     (resa.PARAM_SELECT_MIN_BLOCKS, 3), (resa.PARAM_RECORD_SELECTION, 1),
-                     (resa.PARAM_SELECT_FRACTION, 0.25)):
+    assert resa.__version__.count(".") == 2
+    with resa.Context(resa.Backend.CPU, num_layers=L, num_q_heads=HQ, num_kv_heads=HKV,
+                      head_dim=D) as ctx:
+        for p, v in ((resa.Param.BLOCK_SIZE, B), (resa.Param.MAX_TOKENS, 1024),
+                     (resa.Param.SELECT_MIN_BLOCKS, 3), (resa.Param.RECORD_SELECTION, 1),
+                     (resa.Param.SELECT_FRACTION, 0.25)):
             ctx.set(p, v)
-        assert abs(ctx.get(resa.PARAM_SOFTMAX_SCALE) - 1 / math.sqrt(D)) < 1e-12
+        assert abs(ctx.get(resa.Param.SOFTMAX_SCALE) - 1 / math.sqrt(D)) < 1e-12
         seq = ctx.seq_create()
         try:
-            ctx.set(resa.PARAM_HEAD_DIM, 32)
+            ctx.set(resa.Param.HEAD_DIM, 32)
             raise AssertionError("a locked parameter was accepted")
-        except resa.ResaError as e:
-            assert e.name == "RESA_ERR_BAD_STATE" and "HEAD_DIM" in str(e), e
+        except resa.BadStateError as e:
+            assert "HEAD_DIM" in str(e), e
         cache = [([], []) for _ in range(L)]
         worst = 0.0
         # prompt of 37 tokens, then 3 sparse decode steps
-        for mode, n in [(resa.MODE_APPEND, 37)] + [(resa.MODE_DECODE, 1)] * 3:
+        for mode, n in [(resa.Mode.APPEND, 37)] + [(resa.Mode.DECODE, 1)] * 3:
             ctx.step_begin([seq], [mode], [n])
             qs, outs = [], []
             for layer in range(L):
                 q, k, v = rand(n * HQ * D), rand(n * HKV * D), rand(n * HKV * D)
-                out = array.array("f", [float("nan")]) * (n * HQ * D)
-                ctx.step_attend(layer, q, k, v, out)
+                out = np.full((n, HQ, D), np.nan, np.float32)
+                ctx.attend(layer, np.asarray(q).reshape(n, HQ, D), np.asarray(k).reshape(n, HKV, D),
+                           np.asarray(v).reshape(n, HKV, D), out)
+                out = out.reshape(-1)
                 for t in range(n):
                     cache[layer][0].append([row(k, t, h, HKV) for h in range(HKV)])
                     cache[layer][1].append([row(v, t, h, HKV) for h in range(HKV)])
@@ -75,7 +78,7 @@ def main():
                     for h in range(HQ):
                         kvh = h // G
                         visible = range(pos + 1)
-                        if mode == resa.MODE_DECODE:
+                        if mode == resa.Mode.DECODE:
                             chosen = ctx.selected_blocks(seq, layer, kvh)
                             assert (length - 1) // B in chosen  # the local block
                             visible = [p for b in chosen for p in range(b * B, min(length, b * B + B))]
@@ -88,8 +91,8 @@ def main():
         try:
             ctx.seq_length(seq + 1)
             raise AssertionError("an unknown sequence was accepted")
-        except resa.ResaError as e:
-            assert e.name == "RESA_ERR_INVALID_ARGUMENT" and "seq" in str(e), e
+        except resa.InvalidArgumentError as e:
+            assert "seq" in str(e), e
     print("test_resa.py: 1 passed, 0 failed (max abs error %.2g)" % worst)
 
 

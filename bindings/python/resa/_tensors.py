@@ -1,0 +1,197 @@
+# SPDX-License-Identifier: MIT
+"""Buffers in, (address, dtype, shape, device, writable) out, never a copy.
+
+describe() takes a numpy array, a torch tensor or any DLPack producer and
+returns a View of its memory; the checks against a step's expectations are in
+check().  torch is never imported here: a torch tensor can only exist when
+torch is already in sys.modules.  Every message names the argument."""
+import sys
+
+import numpy as np
+
+from . import _dlpack
+from ._enums import DType
+
+__all__ = ["View", "describe", "check", "to_dtype", "dtype_name", "numpy_dtype", "torch_dtype"]
+
+# numpy and DLPack spell the three IO types the same way
+_BY_NAME = {"float32": DType.F32, "float16": DType.F16, "bfloat16": DType.BF16}
+_NAMES = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}
+_ALIASES = {"f32": "float32", "fp32": "float32", "float": "float32", "float32": "float32",
+            "f16": "float16", "fp16": "float16", "half": "float16", "float16": "float16",
+            "bf16": "bfloat16", "bfloat16": "bfloat16"}
+_ITEMSIZE = {DType.F32: 4, DType.F16: 2, DType.BF16: 2}
+
+
+def dtype_name(dtype):
+    return _NAMES[DType(dtype)]
+
+
+class View:
+    """The memory of one argument.  `keep` holds whatever must stay alive
+    while the address is in use (a DLPack capsule)."""
+    __slots__ = ("address", "dtype", "dtype_name", "shape", "contiguous", "aligned", "device",
+                 "writable", "keep", "kind")
+
+    def __init__(self, address, dtype, dtype_name, shape, contiguous, aligned, device, writable,
+                 keep, kind):
+        self.address, self.dtype, self.dtype_name, self.shape = address, dtype, dtype_name, shape
+        self.contiguous, self.aligned, self.device, self.writable = contiguous, aligned, device, writable
+        self.keep, self.kind = keep, kind
+
+
+def _from_numpy(a):
+    dt = a.dtype
+    name = dt.name if dt.isnative else dt.str  # ">f4": a byte-swapped array is another type
+    flags = a.flags
+    return View(a.ctypes.data, _BY_NAME.get(name), name, a.shape, flags.c_contiguous,
+                flags.aligned, "cpu", flags.writeable, None, "numpy")
+
+
+_torch_dtypes = None
+
+
+def _torch_dtype_map(torch):
+    global _torch_dtypes
+    if _torch_dtypes is None:
+        _torch_dtypes = {torch.float32: DType.F32, torch.float16: DType.F16,
+                         torch.bfloat16: DType.BF16}
+    return _torch_dtypes
+
+
+def _from_torch(torch, t, name):
+    if t.layout != torch.strided:
+        raise ValueError("%s: expected a dense (strided) tensor, got layout %s" % (name, t.layout))
+    dev = t.device
+    device = "cpu" if dev.type == "cpu" else "%s:%d" % (dev.type, dev.index or 0)
+    address = t.data_ptr()
+    return View(address, _torch_dtype_map(torch).get(t.dtype), str(t.dtype).replace("torch.", ""),
+                tuple(t.shape), t.is_contiguous(), address % t.element_size() == 0, device, True,
+                None, "torch")
+
+
+def _row_major(shape, strides, itemsize):
+    """Whether element strides describe a C-contiguous layout (dimensions of
+    size 1 may have any stride, as numpy and torch agree)."""
+    if strides is None:
+        return True
+    expected = 1
+    for n, s in zip(reversed(shape), reversed(strides)):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _from_dlpack(obj, name, stream):
+    try:
+        device_type, device_id = obj.__dlpack_device__()
+    except AttributeError:
+        raise TypeError("%s: expected a numpy array, a torch tensor or a DLPack producer, got %s"
+                        % (name, type(obj).__name__)) from None
+    on_cuda = device_type in (_dlpack.KDL_CUDA, _dlpack.KDL_CUDA_MANAGED)
+    # the array API: -1 means "no synchronization"; 1 is the legacy default stream
+    e = _dlpack.export(obj, (stream or 1) if on_cuda else None)
+    if e.device_type in (_dlpack.KDL_CPU, _dlpack.KDL_CUDA_HOST):
+        device = "cpu"  # pinned host memory is host memory
+    elif e.device_type in (_dlpack.KDL_CUDA, _dlpack.KDL_CUDA_MANAGED):
+        device = "cuda:%d" % e.device_id
+    else:
+        device = "dlpack_device%d:%d" % (e.device_type, e.device_id)
+    writable = not e.read_only and not e.copied  # writing into a copy would be lost
+    return View(e.address, _BY_NAME.get(e.dtype_name), e.dtype_name, e.shape,
+                _row_major(e.shape, e.strides, e.itemsize),
+                e.address % max(e.itemsize, 1) == 0, device, writable, e, "dlpack")
+
+
+def describe(obj, name, stream=None):
+    """A View of obj's memory.  stream: the CUDA stream a DLPack producer
+    should make its data ready on (ignored for numpy and torch)."""
+    if isinstance(obj, np.ndarray):
+        return _from_numpy(obj)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return _from_torch(torch, obj, name)
+    if hasattr(obj, "__dlpack__"):
+        return _from_dlpack(obj, name, stream)
+    raise TypeError("%s: expected a numpy array, a torch tensor or a DLPack producer, got %s"
+                    % (name, type(obj).__name__))
+
+
+def _shape_text(shape):
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+def check(view, name, dtype, shape, layout, rows, device, writable=False):
+    """Raises TypeError/ValueError unless view matches: dtype (the context's
+    IO_DTYPE), device, shape ([rows, heads, d]; layout names it), C-contiguous,
+    aligned and, for outputs, writable."""
+    if view.dtype != dtype:
+        raise TypeError("%s: expected dtype %s (the context's IO_DTYPE), got %s"
+                        % (name, _NAMES[dtype], view.dtype_name))
+    if view.device != device:
+        if device == "cpu":
+            raise ValueError("%s: expected host memory (numpy array or CPU tensor) for the "
+                             "context's device cpu, got %s" % (name, view.device))
+        raise ValueError("%s: expected a CUDA tensor on %s (the context's device), got %s"
+                         % (name, device, view.device))
+    if tuple(view.shape) != shape:
+        raise ValueError("%s: expected shape %s (%s with T = %d rows of the open step), got %s"
+                         % (name, _shape_text(shape), layout, rows, _shape_text(view.shape)))
+    if not view.contiguous:
+        raise ValueError("%s: expected a C-contiguous buffer, got a strided view "
+                         "(pass a contiguous copy, e.g. .contiguous() or numpy.ascontiguousarray)"
+                         % name)
+    if not view.aligned:
+        raise ValueError("%s: address 0x%x is not aligned to its %s elements"
+                         % (name, view.address, _NAMES[dtype]))
+    if writable and not view.writable:
+        raise ValueError("%s: not writable" % name)
+
+
+def to_dtype(value, what="dtype"):
+    """DType from a DType, its int value, a name ("bf16", "float16"), a numpy
+    dtype or type (ml_dtypes.bfloat16 included) or a torch dtype."""
+    if isinstance(value, DType):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return DType(value)
+    if isinstance(value, str):
+        key = value.lower().replace("torch.", "").replace("numpy.", "")
+        if key in _ALIASES:
+            return _BY_NAME[_ALIASES[key]]
+        raise ValueError("%s: unknown dtype %r (use float32, float16 or bfloat16)" % (what, value))
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.dtype):
+        found = _torch_dtype_map(torch).get(value)
+        if found is None:
+            raise TypeError("%s: expected torch.float32, torch.float16 or torch.bfloat16, got %s"
+                            % (what, value))
+        return found
+    try:
+        name = np.dtype(value).name
+    except TypeError:
+        raise TypeError("%s: expected a resa.DType, a dtype name, a numpy or a torch dtype, got %r"
+                        % (what, value)) from None
+    if name not in _BY_NAME:
+        raise TypeError("%s: expected float32, float16 or bfloat16, got %s" % (what, name))
+    return _BY_NAME[name]
+
+
+def numpy_dtype(dtype):
+    """The numpy dtype of a DType (bfloat16 from ml_dtypes, imported here only)."""
+    dtype = DType(dtype)
+    if dtype == DType.BF16:
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_NAMES[dtype])
+
+
+def torch_dtype(dtype):
+    import torch
+    return {DType.F32: torch.float32, DType.F16: torch.float16,
+            DType.BF16: torch.bfloat16}[DType(dtype)]
+
+
+def itemsize(dtype):
+    return _ITEMSIZE[DType(dtype)]
