@@ -40,12 +40,26 @@ class View:
         self.keep, self.kind = keep, kind
 
 
+# numpy dtype -> (DType or None, its name for messages); dtype.name costs
+# microseconds per call, a dict lookup of the dtype object a fraction of one.
+_numpy_dtypes = {}
+
+
+def _numpy_dtype(dt):
+    found = _numpy_dtypes.get(dt)
+    if found is None:
+        name = dt.name if dt.isnative else dt.str  # ">f4": a byte-swapped array is another type
+        found = (_BY_NAME.get(name) if dt.isnative else None, name)
+        if len(_numpy_dtypes) < 256:  # structured dtypes could be endless: cache a few
+            _numpy_dtypes[dt] = found
+    return found
+
+
 def _from_numpy(a):
-    dt = a.dtype
-    name = dt.name if dt.isnative else dt.str  # ">f4": a byte-swapped array is another type
+    dtype, name = _numpy_dtype(a.dtype)
     flags = a.flags
-    return View(a.ctypes.data, _BY_NAME.get(name), name, a.shape, flags.c_contiguous,
-                flags.aligned, "cpu", flags.writeable, None, "numpy")
+    return View(a.ctypes.data, dtype, name, a.shape, flags.c_contiguous, flags.aligned, "cpu",
+                flags.writeable, None, "numpy")
 
 
 _torch_dtypes = None
