@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _tensors
 from ._enums import Backend, DType, Mode, Param, Reset, STEP_REPLAY, REAL_PARAMS, SummaryFormat
-from ._errors import ContextClosedError, ResaError, check
+from ._errors import ContextClosedError, ResaError, check, error_for
 from ._lib import lib
 
 __all__ = ["Context", "Step"]
@@ -125,8 +125,9 @@ class Context:
 
         handle = ctypes.c_void_p()
         status = lib.resa_ctx_create(int(backend), None, ctypes.byref(handle))
-        if status != 0:
-            check(status, None)  # raises, with the status's text (no context to ask)
+        if status != 0:  # no context to ask for details: the status's own text
+            raise error_for(status, "Context(%r): %s" % (
+                backend.name.lower(), lib.resa_status_string(status).decode()))
         self._h = handle
         self._step = None
         self._shape = None       # (layers, hq, hkv, d, io dtype), read at the first step
