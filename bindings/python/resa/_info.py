@@ -3,7 +3,7 @@
 parameter bounds, backend availability."""
 import ctypes
 
-from ._enums import Backend, Param, REAL_PARAMS
+from ._enums import REAL_PARAMS
 from ._errors import check
 from ._lib import lib
 

@@ -12,7 +12,7 @@ import numpy as np
 from . import _dlpack
 from ._enums import DType
 
-__all__ = ["View", "describe", "check", "to_dtype", "dtype_name", "numpy_dtype", "torch_dtype"]
+__all__ = ["View", "describe", "check", "to_dtype", "numpy_dtype", "torch_dtype"]
 
 # numpy and DLPack spell the three IO types the same way
 _BY_NAME = {"float32": DType.F32, "float16": DType.F16, "bfloat16": DType.BF16}
@@ -20,11 +20,6 @@ _NAMES = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}
 _ALIASES = {"f32": "float32", "fp32": "float32", "float": "float32", "float32": "float32",
             "f16": "float16", "fp16": "float16", "half": "float16", "float16": "float16",
             "bf16": "bfloat16", "bfloat16": "bfloat16"}
-_ITEMSIZE = {DType.F32: 4, DType.F16: 2, DType.BF16: 2}
-
-
-def dtype_name(dtype):
-    return _NAMES[DType(dtype)]
 
 
 class View:
@@ -205,7 +200,3 @@ def torch_dtype(dtype):
     import torch
     return {DType.F32: torch.float32, DType.F16: torch.float16,
             DType.BF16: torch.bfloat16}[DType(dtype)]
-
-
-def itemsize(dtype):
-    return _ITEMSIZE[DType(dtype)]
