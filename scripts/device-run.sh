@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|e2eprof|bench|params|sweep] ...
+#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|e2eprof|bench|params|sweep|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -16,6 +16,33 @@ phases=${1:-all}
 build=build-device
 arch=${RESA_GPU_ARCH:-90}
 say() { printf '\n== %s ==\n' "$*"; }
+# Python packages the GPU machine lacks, carried as wheels in .whl/ (its README):
+# gguf (resa-eval reads the GGUF model) and ml_dtypes (bf16 numpy arrays) where missing.
+for w in .whl/gguf-*.whl .whl/ml_dtypes-*.whl; do
+  [ -f "$w" ] || continue
+  mod=$(basename "$w" | cut -d- -f1)
+  python3 -c "import $mod" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile "$w"
+done
+# The quality model travels in parts (.model/*.part-*, under the 64 MiB a call),
+# with the texts (.model/texts).  A call's carried files do not outlive it, so
+# each part is also kept in $RESA_MODEL_STASH, which a warm machine keeps;
+# once all parts are there the model is put together and fetch-model.sh
+# checks its sha256.
+export RESA_MODELS=${RESA_MODELS:-$PWD/.model}
+stash=${RESA_MODEL_STASH:-/tmp/resa-model-stash}
+model_file=SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -d .model ]; then mkdir -p "$stash" && cp -r .model/. "$stash/"; fi
+if [ ! -f "$RESA_MODELS/$model_file" ] && ls "$stash"/*.part-* >/dev/null 2>&1; then
+  parts=$(ls "$stash"/*.part-* | wc -l)
+  if [ "$parts" -ge "${RESA_MODEL_PARTS:-2}" ]; then
+    mkdir -p "$RESA_MODELS"
+    cat "$stash"/*.part-* > "$RESA_MODELS/$model_file"
+    bash scripts/fetch-model.sh "$RESA_MODELS" || rm -f "$RESA_MODELS/$model_file"
+  else
+    echo "model: $parts part(s) of ${RESA_MODEL_PARTS:-2} in $stash; kept for the next call"
+  fi
+fi
+[ -d "$stash/texts" ] && [ ! -d "$RESA_MODELS/texts" ] && cp -r "$stash/texts" "$RESA_MODELS/"
 
 if [[ $phases == all || $phases == *build* ]]; then
   say "machine"
@@ -115,6 +142,21 @@ if [[ $phases == all || $phases == *bench* ]]; then
   grep '^#' "$OUT/flashinfer.txt"
   say "ratios (tools/compare.py)"
   python3 tools/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
+fi
+
+if [[ $phases == *quality* ]]; then
+  # needs the model (.model/, in parts) and texts (.model/texts, scripts/fetch-texts.sh)
+  say "quality on SmolLM2-135M-Instruct, CUDA bf16: resa-eval, then the lever simulation"
+  export RESA_LIBRARY=$PWD/$build/lib/libresa.so RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  export PYTHONPATH=$PWD/bindings/python${PYTHONPATH:+:$PYTHONPATH} RESA_TEXTS=${RESA_TEXTS:-$PWD/.model/texts}
+  PYTHONUNBUFFERED=1 timeout ${RESA_EVAL_TIMEOUT:-420} python3 -m resa.eval.cli --device cuda --dtype bfloat16 \
+    --out "$OUT/quality" ${RESA_EVAL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/quality.log" | tail -70
+  rm -f "$OUT/quality/steps.npz"
+  if [ -f scripts/sim-variants.json ]; then
+    PYTHONUNBUFFERED=1 timeout ${RESA_SIM_TIMEOUT:-240} python3 tools/sparse_sim.py --device cuda \
+      --tokens 8192 --start 1024 --text austen-persuasion --text debian-reference \
+      --variants "$(cat scripts/sim-variants.json)" 2>"$OUT/sim.log" | tee "$OUT/levers-sim.md"
+  fi
 fi
 
 # pack the logs (the device tool brings back at most 8 files)
