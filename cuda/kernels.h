@@ -68,6 +68,7 @@ typedef struct resa_cuda_layer_args {
     int32_t n_touched;
     int64_t n_rows;              /* rows of q, k, v, out */
     float scale;
+    float score_width;           /* w of the block score; 1 = the paper's bound */
     int32_t local_blocks, sink_blocks;
     const void *q, *k_in, *v_in; /* IO dtype, layouts of resa.h */
     void *out;

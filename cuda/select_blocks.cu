@@ -170,27 +170,36 @@ __device__ void pooled_query(const resa_cuda_layer_args &a, int64_t row, int h, 
     __syncthreads();
 }
 
-// This lane's share of sum_j max(q_j kmax_j, q_j kmin_j) over its 8 dimensions.
+// This lane's share of sum_j max(q_j kmax_j, q_j kmin_j) over its 8 dimensions
+// (w == 1, the paper's bound), or of the box centre plus w times its
+// half-width, sum_j (q_j (kmax_j + kmin_j) + w |q_j| (kmax_j - kmin_j)) / 2.
+// w is uniform over the launch, so the branch never diverges.
 template <typename T>
-__device__ __forceinline__ float score8(const float q[8], uint4 mn, uint4 mx)
+__device__ __forceinline__ float score8(const float q[8], uint4 mn, uint4 mx, float w)
 {
     float a[8], b[8];
     unpack8(mn, a, T());
     unpack8(mx, b, T());
     float s = 0.0f;
+    if (w == 1.0f) {
 #pragma unroll
-    for (int i = 0; i < 8; i++)
-        s += fmaxf(q[i] * b[i], q[i] * a[i]);
+        for (int i = 0; i < 8; i++)
+            s += fmaxf(q[i] * b[i], q[i] * a[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            s += 0.5f * (q[i] * (b[i] + a[i]) + w * fabsf(q[i]) * (b[i] - a[i]));
+    }
     return s;
 }
 
 // The same over 16 fp8 dimensions (one 16-byte load of kmin and of kmax):
 // the lane's two halves in order, so the sum is the one of two score8 calls
 // added together.
-__device__ __forceinline__ float score16(const float q[16], uint4 mn, uint4 mx)
+__device__ __forceinline__ float score16(const float q[16], uint4 mn, uint4 mx, float w)
 {
-    return score8<fp8_e4m3>(q, mn, mx) +
-           score8<fp8_e4m3>(q + 8, make_uint4(mn.z, mn.w, 0, 0), make_uint4(mx.z, mx.w, 0, 0));
+    return score8<fp8_e4m3>(q, mn, mx, w) +
+           score8<fp8_e4m3>(q + 8, make_uint4(mn.z, mn.w, 0, 0), make_uint4(mx.z, mx.w, 0, 0), w);
 }
 
 // Sum over aligned groups of W lanes.
@@ -685,9 +694,9 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage
         for (int u = 0; u < U; u++) {
             float s;
             if constexpr (V == 16)
-                s = score16(q, mn[u], mx[u]);
+                s = score16(q, mn[u], mx[u], a.score_width);
             else
-                s = score8<S>(q, mn[u], mx[u]);
+                s = score8<S>(q, mn[u], mx[u], a.score_width);
             s = group_sum<TD>(s);
             if (F8)
                 s = ldexpf(s, ex[u]); // 2^e * sum, as the CPU (exact scaling)

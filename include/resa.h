@@ -164,6 +164,10 @@ typedef enum resa_param {
     RESA_PARAM_SINK_BLOCKS      = 204, /* default 0,     [0, 2^30]: leading blocks always attended */
     RESA_PARAM_RECTIFY_INTERVAL = 205, /* default 32,    [0, 2^30]: f; 0 disables the "due" signal */
     RESA_PARAM_SOFTMAX_SCALE    = 206, /* f64, default 0 = 1/sqrt(HEAD_DIM), [0, 1e6] */
+    RESA_PARAM_SCORE_WIDTH      = 207, /* f64, default 1, [0, 1]: w in the block score
+                                          s = q.(kmax+kmin)/2 + w |q|.(kmax-kmin)/2; 1 is
+                                          the paper's upper bound sum max(q kmax, q kmin),
+                                          0 ranks blocks by the centre of their key box */
     /* execution (lock) */
     RESA_PARAM_NUM_THREADS      = 300, /* CPU worker threads, default 0 = online CPUs, [0, 1024] */
     RESA_PARAM_RECORD_SELECTION = 301, /* default 0; 1 keeps the last selection per sequence,
@@ -278,7 +282,7 @@ RESA_API resa_status resa_ctx_free_tokens(const resa_ctx *ctx, int64_t *tokens);
  * asynchronous copy on the stream); the step_attend calls of all layers only
  * enqueue kernels that read that metadata, so a host may capture them in one
  * graph.  A later step of the same shape (same number of entries, same
- * modes and token counts, same SOFTMAX_SCALE, LOCAL_BLOCKS and SINK_BLOCKS;
+ * modes and token counts, same SOFTMAX_SCALE, LOCAL_BLOCKS, SINK_BLOCKS and SCORE_WIDTH;
  * any sequences, any lengths) is begun with RESA_STEP_REPLAY, the graph is
  * launched on the context's stream instead of calling step_attend, and
  * step_end commits it.  A replay flag on a step whose shape differs from the

@@ -32,6 +32,7 @@ typedef struct resa_config {
     double select_fraction;
     int64_t min_blocks, local_blocks, sink_blocks, rectify_interval;
     double softmax_scale; /* 0 = 1/sqrt(head_dim) */
+    double score_width;   /* w of the block score (RESA_PARAM_SCORE_WIDTH) */
     int64_t num_threads, record_selection;
 } resa_config;
 
@@ -125,6 +126,7 @@ typedef struct resa_step {
     int32_t replay;       /* begun with RESA_STEP_REPLAY: no step_attend calls */
     int32_t local_blocks, sink_blocks;
     float scale;          /* softmax scale */
+    float score_width;    /* w of the block score: 1 = the paper's bound */
     resa_step_entry *entries;
 } resa_step;
 

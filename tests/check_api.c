@@ -101,6 +101,7 @@ static const pinfo params[] = {
     {RESA_PARAM_SINK_BLOCKS, "RESA_PARAM_SINK_BLOCKS", 0, 0, 0, 0, 1 << 30},
     {RESA_PARAM_RECTIFY_INTERVAL, "RESA_PARAM_RECTIFY_INTERVAL", 0, 0, 32, 0, 1 << 30},
     {RESA_PARAM_SOFTMAX_SCALE, "RESA_PARAM_SOFTMAX_SCALE", 1, 0, -1 /* effective 1/sqrt(d) */, 0, 1e6},
+    {RESA_PARAM_SCORE_WIDTH, "RESA_PARAM_SCORE_WIDTH", 1, 0, 1.0, 0, 1},
     {RESA_PARAM_NUM_THREADS, "RESA_PARAM_NUM_THREADS", 0, 1, 0, 0, 1024},
     {RESA_PARAM_RECORD_SELECTION, "RESA_PARAM_RECORD_SELECTION", 0, 1, 0, 0, 1},
 };
@@ -190,7 +191,7 @@ START_TEST(test_param_defaults_and_bounds)
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "value", resa_ctx_get_param(c, RESA_PARAM_HEAD_DIM, NULL));
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "value",
           resa_ctx_get_param_f64(c, RESA_PARAM_SOFTMAX_SCALE, NULL));
-    static const int bogus[] = {-1, 0, 99, 111, 207, 302, 999, 1001, 123456};
+    static const int bogus[] = {-1, 0, 99, 111, 208, 302, 999, 1001, 123456};
     for (int i = 0; i < 9; i++) {
         resa_param bp = (resa_param)bogus[i];
         TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "param", resa_ctx_set_param(c, bp, 1));

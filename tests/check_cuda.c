@@ -95,6 +95,12 @@ START_TEST(test_cuda_decode)
     th_push_method(&t);
     for (int i = 0; i < 3; i++)
         th_one(&t, &s, RESA_MODE_DECODE, 1);
+    t.p.score_width = 0.5; /* between the box centre and the paper's bound */
+    th_push_method(&t);
+    th_one(&t, &s, RESA_MODE_DECODE, 1);
+    t.p.score_width = 0.0; /* the box centre */
+    th_push_method(&t);
+    th_one(&t, &s, RESA_MODE_DECODE, 1);
     /* pending tokens now: rectify them (dense, overwriting) */
     if (ref_seq_pending(s.r) > 0)
         th_one(&t, &s, RESA_MODE_RECTIFY, 0);

@@ -91,6 +91,12 @@ START_TEST(test_decode_case)
     th_push_method(&t);
     for (int i = 0; i < 3; i++)
         th_one(&t, &s, RESA_MODE_DECODE, 1);
+    /* the block score between the box centre (w = 0) and the paper's bound */
+    for (int i = 0; i < 3; i++) {
+        t.p.score_width = i == 0 ? 0.0 : i == 1 ? 0.5 : ref_rng_uniform(&t.rng);
+        th_push_method(&t);
+        th_one(&t, &s, RESA_MODE_DECODE, 1);
+    }
     ref_seq_free(s.r);
     th_fini(&t);
 }
@@ -103,6 +109,7 @@ START_TEST(test_budget_random)
     static const int64_t mins[] = {0, 1, 2, 5, 16, 1000};
     static const int64_t locs[] = {1, 2, 3, 7, 1000};
     static const int64_t sinks[] = {0, 0, 1, 3, 1000};
+    static const double widths[] = {1.0, 0.0, 0.5, 0.25, 0.9};
     ref_params p;
     ref_params_default(&p);
     p.d = 64;
@@ -119,6 +126,7 @@ START_TEST(test_budget_random)
         t.p.min_blocks = mins[ref_rng_range(&t.rng, 0, 5)];
         t.p.local_blocks = locs[ref_rng_range(&t.rng, 0, 4)];
         t.p.sink_blocks = sinks[ref_rng_range(&t.rng, 0, 4)];
+        t.p.score_width = widths[ref_rng_range(&t.rng, 0, 4)];
         th_push_method(&t);
         th_one(&t, &s, RESA_MODE_DECODE, 1);
         if (step % 10 == 9)

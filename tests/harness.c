@@ -164,6 +164,7 @@ void th_push_method(th *t)
     TOK(t->ctx, resa_ctx_set_param(t->ctx, RESA_PARAM_SINK_BLOCKS, t->p.sink_blocks));
     TOK(t->ctx, resa_ctx_set_param(t->ctx, RESA_PARAM_RECTIFY_INTERVAL, t->p.interval));
     TOK(t->ctx, resa_ctx_set_param_f64(t->ctx, RESA_PARAM_SOFTMAX_SCALE, t->p.scale));
+    TOK(t->ctx, resa_ctx_set_param_f64(t->ctx, RESA_PARAM_SCORE_WIDTH, t->p.score_width));
 }
 
 static double *g_dir; /* the planted direction, [d] */

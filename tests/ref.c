@@ -20,6 +20,7 @@ void ref_params_default(ref_params *p)
     p->fraction = 0.1;
     p->min_blocks = 16;
     p->local_blocks = 1;
+    p->score_width = 1.0;
     p->sink_blocks = 0;
     p->interval = 32;
     p->scale = 0.0;
@@ -394,7 +395,10 @@ void ref_block_scores(const ref_params *p, const ref_seq *s, int32_t layer, int3
         double sc = 0, mg = 0;
         for (int32_t j = 0; j < p->d; j++) {
             double a = qp[j] * mx[j], c = qp[j] * mn[j];
-            sc += a > c ? a : c;
+            /* the box centre plus w times its half-width seen from q; at w = 1
+             * that is max(a, c), the upper bound of the paper */
+            sc += p->score_width == 1.0 ? (a > c ? a : c)
+                                        : 0.5 * (a + c) + p->score_width * 0.5 * fabs(a - c);
             mg += fabs(qp[j]) * (fabs(mx[j]) > fabs(mn[j]) ? fabs(mx[j]) : fabs(mn[j]));
         }
         scores[i] = sc;

@@ -46,6 +46,20 @@ static void select_top(int32_t *ord, int32_t n, int32_t k, const float *score)
     }
 }
 
+/* s = sum_j (q_j (kmax_j + kmin_j) / 2 + w |q_j| (kmax_j - kmin_j) / 2): the centre
+ * of the block's key box plus w times its half-width seen from q.  w = 1 is
+ * the upper bound of q.k over the block, computed as sum_j max(q_j kmax_j,
+ * q_j kmin_j) (block_score), the same value in the same order as the CUDA
+ * kernel. */
+static float block_score_width(const float *qp, const float *mn, const float *mx, int32_t d,
+                               float w)
+{
+    float s = 0.0f;
+    for (int32_t i = 0; i < d; i++)
+        s += 0.5f * (qp[i] * (mx[i] + mn[i]) + w * fabsf(qp[i]) * (mx[i] - mn[i]));
+    return s;
+}
+
 /* s = sum_j max(q_j * kmax_j, q_j * kmin_j): an upper bound of q.k over the block. */
 static inline float block_score(const float *qp, const float *mn, const float *mx, int32_t d)
 {
@@ -129,7 +143,9 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
             mn = sc->kmin;
             mx = sc->kmax;
         }
-        sc->score[i] = scale * block_score(sc->qp, mn, mx, d);
+        float w = job->step->score_width;
+        sc->score[i] = scale * (w == 1.0f ? block_score(sc->qp, mn, mx, d)
+                                          : block_score_width(sc->qp, mn, mx, d, w));
         sc->order[n_cand++] = i;
     }
     select_top(sc->order, n_cand, n - forced, sc->score);

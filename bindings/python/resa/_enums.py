@@ -65,6 +65,7 @@ class Param(enum.IntEnum):
     SINK_BLOCKS = 204
     RECTIFY_INTERVAL = 205
     SOFTMAX_SCALE = 206
+    SCORE_WIDTH = 207
     NUM_THREADS = 300
     RECORD_SELECTION = 301
     EXPERIMENTAL_1 = 1000
@@ -78,4 +79,4 @@ class Reset(enum.IntFlag):
 STEP_REPLAY = 1
 
 # Parameters set and read with the _f64 functions; every other one is int64.
-REAL_PARAMS = frozenset({Param.SELECT_FRACTION, Param.SOFTMAX_SCALE})
+REAL_PARAMS = frozenset({Param.SELECT_FRACTION, Param.SOFTMAX_SCALE, Param.SCORE_WIDTH})
