@@ -37,6 +37,8 @@ typedef struct opts {
     int n_shapes;
     int32_t batch, hq, hkv, d, reps, threads, interval; /* the point being measured */
     double fraction;
+    int32_t sink;     /* RESA_PARAM_SINK_BLOCKS of the sparse steps */
+    double width;     /* RESA_PARAM_SCORE_WIDTH of the sparse steps */
     int dtype; /* -1: backend default (f32 on CPU, bf16 on CUDA) */
     int summary; /* RESA_PARAM_SUMMARY_FORMAT */
     int csv, json;
@@ -310,6 +312,8 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
         dense = measure(B, RESA_MODE_DECODE, 1, reps);
     }
     CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SELECT_FRACTION, o->fraction));
+    CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_SINK_BLOCKS, o->sink));
+    CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SCORE_WIDTH, o->width));
     if (o->modes & 2)
         sparse = measure(B, RESA_MODE_DECODE, 1, reps);
     for (int32_t t = 0; (o->modes & 4) && t < f; t++) { /* f sparse steps: f tokens pending */
@@ -494,6 +498,7 @@ static void usage(void)
             "                  [--batch 1,8] [--heads HQ/HKV] [--dim D]\n"
             "                  [--shapes 32/8x128,28/4x128,16/2x256] [--dtype f32|f16|bf16]\n"
             "                  [--fraction R] [--interval F] [--summary kv|fp8]\n"
+            "                  [--sink N] [--width W]   (sparse steps: SINK_BLOCKS, SCORE_WIDTH)\n"
             "                  [--reps N] [--threads N]\n"
             "                  [--modes dense,sparse,rectify] [--csv | --json] [--plot FILE.png]\n");
     exit(2);
@@ -524,6 +529,7 @@ int main(int argc, char **argv)
     o.reps = 21;
     o.interval = 32;
     o.fraction = 0.1;
+    o.width = 1.0;
     o.dtype = -1;
     o.modes = 7;
     for (int i = 1; i < argc; i++) {
@@ -571,6 +577,10 @@ int main(int argc, char **argv)
                       : !strcmp(val, "bf16") ? RESA_DTYPE_BF16 : RESA_DTYPE_F32;
         else if (!strcmp(a, "--fraction"))
             o.fraction = atof(val);
+        else if (!strcmp(a, "--sink"))
+            o.sink = atoi(val);
+        else if (!strcmp(a, "--width"))
+            o.width = atof(val);
         else if (!strcmp(a, "--summary")) {
             if (strcmp(val, "kv") && strcmp(val, "fp8"))
                 usage();
