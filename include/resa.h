@@ -56,11 +56,11 @@ extern "C" {
 /* Version (this header is the single source of truth; meson reads it)      */
 /* ------------------------------------------------------------------------ */
 #define RESA_VERSION_MAJOR 0
-#define RESA_VERSION_MINOR 1
+#define RESA_VERSION_MINOR 2
 #define RESA_VERSION_PATCH 0
 #define RESA_VERSION_NUMBER \
     (RESA_VERSION_MAJOR * 10000 + RESA_VERSION_MINOR * 100 + RESA_VERSION_PATCH)
-#define RESA_VERSION_STRING "0.1.0"
+#define RESA_VERSION_STRING "0.2.0"
 /* Equals the SONAME major: libresa.so.RESA_ABI_VERSION */
 #define RESA_ABI_VERSION 0
 #define RESA_AT_LEAST_VERSION(x, y, z) \
@@ -223,6 +223,18 @@ RESA_API resa_status resa_ctx_set_param_f64(resa_ctx *ctx, resa_param p, double 
 /* SOFTMAX_SCALE reads back the effective scale (1/sqrt(d) when set to 0). */
 RESA_API resa_status resa_ctx_get_param_f64(const resa_ctx *ctx, resa_param p, double *value);
 RESA_API resa_status resa_param_bounds(resa_param p, int64_t *lo, int64_t *hi);
+
+/* Method presets: the selection and rectification parameters that may change
+ * between steps (SELECT_FRACTION, SELECT_MIN_BLOCKS, LOCAL_BLOCKS, SINK_BLOCKS,
+ * RECTIFY_INTERVAL, SCORE_WIDTH), set together.  Shape and execution
+ * parameters are untouched.  docs/quality.md measures both. */
+typedef enum resa_preset {
+    RESA_PRESET_DEFAULT = 0, /* the parameters' defaults (this header) */
+    RESA_PRESET_PAPER   = 1  /* the paper's method: r 0.1, n_min 16, LOCAL 1, SINK 0,
+                                f 32, SCORE_WIDTH 1 (the min/max upper bound) */
+} resa_preset;
+/* Not inside an open step (RESA_ERR_BAD_STATE). */
+RESA_API resa_status resa_ctx_set_preset(resa_ctx *ctx, resa_preset preset);
 RESA_API resa_status resa_param_bounds_f64(resa_param p, double *lo, double *hi);
 
 /* CUDA: the cudaStream_t all work is enqueued on (NULL = legacy default

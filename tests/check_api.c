@@ -483,6 +483,7 @@ START_TEST(test_errors_params_in_step)
     TFAIL(c, RESA_ERR_BAD_STATE, NULL, resa_ctx_set_param(c, RESA_PARAM_RECTIFY_INTERVAL, 3));
     TFAIL(c, RESA_ERR_BAD_STATE, NULL, resa_ctx_set_stream(c, NULL));
     TFAIL(c, RESA_ERR_BAD_STATE, NULL, resa_ctx_reset(c, RESA_RESET_PARAMS));
+    TFAIL(c, RESA_ERR_BAD_STATE, NULL, resa_ctx_set_preset(c, RESA_PRESET_PAPER));
     int32_t x;
     TFAIL(c, RESA_ERR_BAD_STATE, NULL, resa_seq_create(c, &x));
     TFAIL(c, RESA_ERR_BAD_STATE, NULL, resa_seq_fork(c, w.a.id, &x));
@@ -494,6 +495,63 @@ START_TEST(test_errors_params_in_step)
     TCHECK(f == w.t.p.fraction, "fraction changed inside a step");
     ew_usable(&w);
     ew_fini(&w);
+}
+END_TEST
+
+/* The presets set exactly the method parameters: the paper's values, then
+ * every default back; nothing else moves, and bad presets change nothing. */
+START_TEST(test_presets)
+{
+    static const resa_param method[] = {RESA_PARAM_SELECT_MIN_BLOCKS, RESA_PARAM_LOCAL_BLOCKS,
+                                        RESA_PARAM_SINK_BLOCKS, RESA_PARAM_RECTIFY_INTERVAL};
+    static const int64_t paper[] = {16, 1, 0, 32};
+    resa_ctx *c = NULL;
+    ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CPU, NULL, &c), RESA_OK);
+    ck_assert_int_eq(resa_ctx_set_preset(NULL, RESA_PRESET_PAPER), RESA_ERR_INVALID_ARGUMENT);
+    /* move everything off both presets first */
+    TOK(c, resa_ctx_set_param_f64(c, RESA_PARAM_SELECT_FRACTION, 0.37));
+    TOK(c, resa_ctx_set_param_f64(c, RESA_PARAM_SCORE_WIDTH, 0.37));
+    for (int i = 0; i < 4; i++)
+        TOK(c, resa_ctx_set_param(c, method[i], 7));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, 64));
+    TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "preset", resa_ctx_set_preset(c, (resa_preset)2));
+    TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "preset", resa_ctx_set_preset(c, (resa_preset)-1));
+    int64_t v;
+    double f;
+    TOK(c, resa_ctx_get_param(c, RESA_PARAM_SINK_BLOCKS, &v));
+    TCHECK(v == 7, "a refused preset changed SINK_BLOCKS to %lld", (long long)v);
+
+    TOK(c, resa_ctx_set_preset(c, RESA_PRESET_PAPER));
+    TOK(c, resa_ctx_get_param_f64(c, RESA_PARAM_SELECT_FRACTION, &f));
+    TCHECK(f == 0.1, "paper: fraction %g", f);
+    TOK(c, resa_ctx_get_param_f64(c, RESA_PARAM_SCORE_WIDTH, &f));
+    TCHECK(f == 1.0, "paper: score width %g", f);
+    for (int i = 0; i < 4; i++) {
+        TOK(c, resa_ctx_get_param(c, method[i], &v));
+        TCHECK(v == paper[i], "paper: param %d = %lld, expected %lld", (int)method[i],
+               (long long)v, (long long)paper[i]);
+    }
+    TOK(c, resa_ctx_set_preset(c, RESA_PRESET_DEFAULT));
+    resa_ctx *fresh = NULL;
+    ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CPU, NULL, &fresh), RESA_OK);
+    for (int i = 0; i < 4; i++) {
+        int64_t want;
+        TOK(c, resa_ctx_get_param(c, method[i], &v));
+        TOK(fresh, resa_ctx_get_param(fresh, method[i], &want));
+        TCHECK(v == want, "default: param %d = %lld, a new context has %lld", (int)method[i],
+               (long long)v, (long long)want);
+    }
+    static const resa_param reals[] = {RESA_PARAM_SELECT_FRACTION, RESA_PARAM_SCORE_WIDTH};
+    for (int i = 0; i < 2; i++) {
+        double want;
+        TOK(c, resa_ctx_get_param_f64(c, reals[i], &f));
+        TOK(fresh, resa_ctx_get_param_f64(fresh, reals[i], &want));
+        TCHECK(f == want, "default: param %d = %g, a new context has %g", (int)reals[i], f, want);
+    }
+    TOK(c, resa_ctx_get_param(c, RESA_PARAM_HEAD_DIM, &v));
+    TCHECK(v == 64, "a preset changed HEAD_DIM to %lld", (long long)v);
+    resa_ctx_destroy(fresh);
+    resa_ctx_destroy(c);
 }
 END_TEST
 
@@ -853,6 +911,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_errors_lifecycle);
     tcase_add_test(tc, test_cuda_unavailable);
     tcase_add_test(tc, test_errors_params_in_step);
+    tcase_add_test(tc, test_presets);
     tcase_add_test(tc, test_errors_sequences);
     tcase_add_test(tc, test_errors_step_begin);
     tcase_add_test(tc, test_errors_attend_end);

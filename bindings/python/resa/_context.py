@@ -225,6 +225,14 @@ class Context:
             check(lib.resa_ctx_set_param(h, int(p), value), h)
         self._shape = None
 
+    def set_preset(self, preset):
+        """resa_ctx_set_preset: Preset.DEFAULT (the library's defaults) or
+        Preset.PAPER (the paper's method) for every selection and rectification
+        parameter at once (docs/quality.md)."""
+        h = self._handle()
+        check(lib.resa_ctx_set_preset(h, _int(preset, "preset", -2**31, 2**31 - 1)), h)
+        self._shape = None
+
     def set(self, param, value):
         """Sets a parameter (Param or lowercase name); int or float per parameter."""
         p = _param(param)

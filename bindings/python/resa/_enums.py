@@ -71,6 +71,12 @@ class Param(enum.IntEnum):
     EXPERIMENTAL_1 = 1000
 
 
+class Preset(enum.IntEnum):
+    """Method presets (resa_ctx_set_preset): the library's defaults, or the paper's."""
+    DEFAULT = 0
+    PAPER = 1
+
+
 class Reset(enum.IntFlag):
     SESSION = 1
     PARAMS = 2

@@ -42,6 +42,7 @@ SIGNATURES = {
     "resa_ctx_set_param": (_int, [_p, _int, _i64]),
     "resa_ctx_get_param": (_int, [_p, _int, _P(_i64)]),
     "resa_ctx_set_param_f64": (_int, [_p, _int, _f64]),
+    "resa_ctx_set_preset": (_int, [_p, _int]),
     "resa_ctx_get_param_f64": (_int, [_p, _int, _P(_f64)]),
     "resa_param_bounds": (_int, [_int, _P(_i64), _P(_i64)]),
     "resa_param_bounds_f64": (_int, [_int, _P(_f64), _P(_f64)]),

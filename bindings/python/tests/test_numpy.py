@@ -110,6 +110,24 @@ class TestNumpy(unittest.TestCase):
         self.assertTrue(resa.backend_available("cpu"))
         self.assertTrue(resa.backend_available(resa.Backend.AUTO))
 
+    def test_presets(self):
+        with resa.Context(resa.Backend.CPU, num_layers=1, num_q_heads=2, num_kv_heads=1,
+                          head_dim=16, sink_blocks=5, score_width=0.3) as ctx:
+            self.assertEqual(ctx.get("score_width"), 0.3)
+            ctx.set_preset(resa.Preset.PAPER)
+            self.assertEqual([ctx.get(p) for p in ("select_fraction", "select_min_blocks",
+                                                   "local_blocks", "sink_blocks",
+                                                   "rectify_interval", "score_width")],
+                             [0.1, 16, 1, 0, 32, 1.0])
+            ctx.set_preset(resa.Preset.DEFAULT)
+            with resa.Context(resa.Backend.CPU, num_layers=1, num_q_heads=2, num_kv_heads=1,
+                              head_dim=16) as fresh:
+                for p in ("sink_blocks", "score_width", "select_fraction", "rectify_interval"):
+                    self.assertEqual(ctx.get(p), fresh.get(p), p)
+            with self.assertRaises(resa.InvalidArgumentError):
+                ctx.set_preset(7)
+            self.assertEqual(ctx.get("head_dim"), 16)
+
     def test_single_mode_and_count_apply_to_all(self):
         rng = seeded_rng("test_numpy broadcast")
         with resa.Context("cpu", num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8) as ctx:
