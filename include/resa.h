@@ -161,13 +161,15 @@ typedef enum resa_param {
     RESA_PARAM_SELECT_FRACTION  = 201, /* f64, default 0.1, [0, 1]: r, fraction of blocks attended */
     RESA_PARAM_SELECT_MIN_BLOCKS = 202,/* default 16,    [0, 2^30]: n_min */
     RESA_PARAM_LOCAL_BLOCKS     = 203, /* default 1,     [1, 2^30]: trailing blocks always attended */
-    RESA_PARAM_SINK_BLOCKS      = 204, /* default 0,     [0, 2^30]: leading blocks always attended */
+    RESA_PARAM_SINK_BLOCKS      = 204, /* default 1,     [0, 2^30]: leading blocks always attended
+                                          (the paper: 0; docs/quality.md) */
     RESA_PARAM_RECTIFY_INTERVAL = 205, /* default 32,    [0, 2^30]: f; 0 disables the "due" signal */
     RESA_PARAM_SOFTMAX_SCALE    = 206, /* f64, default 0 = 1/sqrt(HEAD_DIM), [0, 1e6] */
-    RESA_PARAM_SCORE_WIDTH      = 207, /* f64, default 1, [0, 1]: w in the block score
+    RESA_PARAM_SCORE_WIDTH      = 207, /* f64, default 0.5, [0, 1]: w in the block score
                                           s = q.(kmax+kmin)/2 + w |q|.(kmax-kmin)/2; 1 is
                                           the paper's upper bound sum max(q kmax, q kmin),
-                                          0 ranks blocks by the centre of their key box */
+                                          0 ranks blocks by the centre of their key box
+                                          (the paper: 1; docs/quality.md) */
     /* execution (lock) */
     RESA_PARAM_NUM_THREADS      = 300, /* CPU worker threads, default 0 = online CPUs, [0, 1024] */
     RESA_PARAM_RECORD_SELECTION = 301, /* default 0; 1 keeps the last selection per sequence,

@@ -40,10 +40,10 @@ static const param_row rows[] = {
     REAL_ROW(RESA_PARAM_SELECT_FRACTION, select_fraction, 0, 0.1, 0.0, 1.0),
     INT_ROW(RESA_PARAM_SELECT_MIN_BLOCKS, min_blocks, 0, 16, 0, (double)(1ll << 30)),
     INT_ROW(RESA_PARAM_LOCAL_BLOCKS, local_blocks, 0, 1, 1, (double)(1ll << 30)),
-    INT_ROW(RESA_PARAM_SINK_BLOCKS, sink_blocks, 0, 0, 0, (double)(1ll << 30)),
+    INT_ROW(RESA_PARAM_SINK_BLOCKS, sink_blocks, 0, 1, 0, (double)(1ll << 30)),
     INT_ROW(RESA_PARAM_RECTIFY_INTERVAL, rectify_interval, 0, 32, 0, (double)(1ll << 30)),
     REAL_ROW(RESA_PARAM_SOFTMAX_SCALE, softmax_scale, 0, 0.0, 0.0, 1e6),
-    REAL_ROW(RESA_PARAM_SCORE_WIDTH, score_width, 0, 1.0, 0.0, 1.0),
+    REAL_ROW(RESA_PARAM_SCORE_WIDTH, score_width, 0, 0.5, 0.0, 1.0),
     INT_ROW(RESA_PARAM_NUM_THREADS, num_threads, 1, 0, 0, 1024),
     INT_ROW(RESA_PARAM_RECORD_SELECTION, record_selection, 1, 0, 0, 1),
 };

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|e2eprof|bench|params|sweep|quality] ...
+#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -144,6 +144,20 @@ if [[ $phases == all || $phases == *bench* ]]; then
   python3 tools/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
 fi
 
+if [[ $phases == *levers* ]]; then
+  # the quality levers on the same kernels: the paper's method (sink 0, width 1)
+  # and the candidates, interleaved so that clocks drift evenly over them
+  say "resa-bench: the sparse step with the quality levers, 8 x 256K and 1 x 256K, 32/8 x 128 and 9/3 x 64"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  { for round in 1 2; do
+      for lever in "--sink 0 --width 1" "--sink 1 --width 1" "--sink 1 --width 0.5" "--sink 1 --width 0"; do
+        for shape in "--heads 32/8 --dim 128" "--heads 9/3 --dim 64"; do
+          $build/tools/resa-bench --backend cuda --batch 1,8 --contexts 262144 --modes sparse \
+            --reps ${RESA_LEVER_REPS:-30} --csv $lever $shape 2>/dev/null | tail -n +2 | sed "s/^/$round,$lever,/"
+        done
+      done
+    done; } | tee "$OUT/levers-bench.csv"
+fi
 if [[ $phases == *quality* ]]; then
   # needs the model (.model/, in parts) and texts (.model/texts, scripts/fetch-texts.sh)
   say "quality on SmolLM2-135M-Instruct, CUDA bf16: resa-eval, then the lever simulation"

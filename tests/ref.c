@@ -20,8 +20,8 @@ void ref_params_default(ref_params *p)
     p->fraction = 0.1;
     p->min_blocks = 16;
     p->local_blocks = 1;
-    p->score_width = 1.0;
-    p->sink_blocks = 0;
+    p->sink_blocks = 1;
+    p->score_width = 0.5;
     p->interval = 32;
     p->scale = 0.0;
 }

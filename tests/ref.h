@@ -22,7 +22,7 @@ typedef struct ref_params {
     int64_t local_blocks, sink_blocks;
     int64_t interval;      /* f */
     double scale;          /* 0 = 1/sqrt(d) */
-    double score_width;    /* w of the block score (RESA_PARAM_SCORE_WIDTH), default 1 */
+    double score_width;    /* w of the block score (RESA_PARAM_SCORE_WIDTH), default 0.5 */
     int32_t summary_fp8;   /* RESA_PARAM_SUMMARY_FORMAT = RESA_SUMMARY_FP8_E4M3 */
 } ref_params;
 

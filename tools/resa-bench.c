@@ -37,8 +37,8 @@ typedef struct opts {
     int n_shapes;
     int32_t batch, hq, hkv, d, reps, threads, interval; /* the point being measured */
     double fraction;
-    int32_t sink;     /* RESA_PARAM_SINK_BLOCKS of the sparse steps */
-    double width;     /* RESA_PARAM_SCORE_WIDTH of the sparse steps */
+    int32_t sink;     /* RESA_PARAM_SINK_BLOCKS of the sparse steps (-1: the default) */
+    double width;     /* RESA_PARAM_SCORE_WIDTH of the sparse steps (-1: the default) */
     int dtype; /* -1: backend default (f32 on CPU, bf16 on CUDA) */
     int summary; /* RESA_PARAM_SUMMARY_FORMAT */
     int csv, json;
@@ -312,8 +312,10 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
         dense = measure(B, RESA_MODE_DECODE, 1, reps);
     }
     CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SELECT_FRACTION, o->fraction));
-    CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_SINK_BLOCKS, o->sink));
-    CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SCORE_WIDTH, o->width));
+    if (o->sink >= 0) /* else the library's default */
+        CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_SINK_BLOCKS, o->sink));
+    if (o->width >= 0)
+        CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SCORE_WIDTH, o->width));
     if (o->modes & 2)
         sparse = measure(B, RESA_MODE_DECODE, 1, reps);
     for (int32_t t = 0; (o->modes & 4) && t < f; t++) { /* f sparse steps: f tokens pending */
@@ -529,7 +531,8 @@ int main(int argc, char **argv)
     o.reps = 21;
     o.interval = 32;
     o.fraction = 0.1;
-    o.width = 1.0;
+    o.sink = -1;   /* the library's defaults */
+    o.width = -1.0;
     o.dtype = -1;
     o.modes = 7;
     for (int i = 1; i < argc; i++) {

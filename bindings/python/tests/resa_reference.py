@@ -69,9 +69,10 @@ class Sequence:
 class Reference:
     """The float64 model of one context."""
 
-    def __init__(self, layers, hq, hkv, d, block, r, n_min, local, sink, scale=None):
+    def __init__(self, layers, hq, hkv, d, block, r, n_min, local, sink, scale=None, width=1.0):
         self.layers, self.hq, self.hkv, self.d, self.b = layers, hq, hkv, d, block
         self.r, self.n_min, self.local, self.sink = r, n_min, local, sink
+        self.width = width  # SCORE_WIDTH: 1 is the paper's upper bound
         self.scale = 1 / math.sqrt(d) if scale is None else scale
         self.seqs = {}
         self.decodes = self.sparse_decodes = 0
@@ -138,7 +139,9 @@ class Reference:
                 for i in range(M):
                     blk = keys[i * self.b:(i + 1) * self.b]
                     hi, lo = pooled * blk.max(axis=0), pooled * blk.min(axis=0)
-                    scores[i] = np.maximum(hi, lo).sum()
+                    # the box centre plus `width` times its half-width seen from
+                    # the query; at width 1 that is max(hi, lo), the paper's bound
+                    scores[i] = (0.5 * (hi + lo) + self.width * 0.5 * np.abs(hi - lo)).sum()
                     mags[i] = np.maximum(np.abs(hi), np.abs(lo)).sum()
                 blocks = selection(seq, layer, kvh)
                 self._check_selection(blocks, scores, mags, forced, n, M,
@@ -218,7 +221,8 @@ class Scenario:
                                                resa.Param.NUM_KV_HEADS, resa.Param.HEAD_DIM))
         self.ref = Reference(L, hq, hkv, d, ctx.get("block_size"), ctx.get("select_fraction"),
                              ctx.get("select_min_blocks"), ctx.get("local_blocks"),
-                             ctx.get("sink_blocks"), ctx.get("softmax_scale"))
+                             ctx.get("sink_blocks"), ctx.get("softmax_scale"),
+                             ctx.get("score_width"))
         self.worst = 0.0
 
     def _input(self, shape):

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Block-selection levers on a real model, simulated in torch (not libresa), all
+positions of a text in one teacher-forced forward pass per variant.
+
+Two modes (docs/quality.md, "levers"):
+  sparse  every position from P on attends only its selected blocks, over keys and
+          values that earlier positions computed the same way: block-sparse decoding
+          with no rectification (f = infinity), teacher-forced.
+  floor   every position from P on attends only its selected blocks, over the keys and
+          values of a dense pass (its own token's from this pass): rectification after
+          every token, i.e. the error of the sparse attention alone.
+Selection follows docs/API.md (blocks of b aligned to position 0, min/max summaries,
+pooled group query, budget n = max(ceil(r*M), min(M, n_min)), forced local and sink
+blocks), with levers that libresa may not have: per-layer r, an oracle score (true
+attention mass: the upper bound of any score at that n).  Use it to choose which lever
+to build; measure what ships with resa-eval through libresa.
+
+  tools/sparse_sim.py --text austen-persuasion --tokens 8192 --start 1024 \
+      --variants '[{"mode":"floor"},{"mode":"floor","sink":1}]' [--device cuda]
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/tools/", 1)[0] + "/bindings/python")
+from resa.eval import data  # noqa: E402
+
+DEFAULTS = dict(mode="floor", b=16, r=0.1, nmin=16, local=1, sink=0, score="pooled")
+
+
+class Sim:
+    def __init__(self, model, start):
+        self.model, self.start, self.cfg, self.dense_kv = model, start, None, {}
+
+    def causal(self, t0, c, t_all, dev):
+        t = torch.arange(t0, t0 + c, device=dev)[:, None]
+        j = torch.arange(t_all, device=dev)[None, :]
+        return torch.zeros(c, t_all, device=dev).masked_fill(j > t, -float("inf"))
+
+    def block_mask(self, q, k, t0, c, layer, scaling):
+        """[Hkv, c, M] bool: the blocks each query row t0..t0+c attends."""
+        cfg = self.cfg
+        hq, d = q.shape[0], q.shape[-1]
+        hkv, t_all = k.shape[0], k.shape[1]
+        g, b = hq // hkv, cfg["b"]
+        m = (t_all + b - 1) // b
+        pad = m * b - t_all
+        dev = q.device
+        qg = q[:, t0:t0 + c].view(hkv, g, c, d)
+        if cfg["score"] == "oracle":
+            p = torch.softmax(torch.einsum("hgcd,htd->hgct", qg, k) * scaling
+                              + self.causal(t0, c, t_all, dev)[None, None], -1)
+            s = F.pad(p, (0, pad)).view(hkv, g, c, m, b).sum(-1).mean(1)
+        elif cfg["score"] in ("centroid", "meanvar"):
+            # per block the mean key (and per-dimension variance): d (2 d) values
+            kp = F.pad(k, (0, 0, 0, pad)).view(hkv, m, b, d)
+            cnt = torch.full((m,), float(b), device=dev)
+            cnt[-1] = b - pad
+            mu = kp.sum(2) / cnt[None, :, None]
+            qp = qg.mean(1)
+            s = torch.einsum("hcd,hmd->hcm", qp, mu)
+            if cfg["score"] == "meanvar":  # log E[exp(q.k)] of a Gaussian block, in logit units
+                var = (kp * kp).sum(2) / cnt[None, :, None] - mu * mu
+                s = s + 0.5 * scaling * torch.einsum("hcd,hmd->hcm", qp * qp, var.clamp(min=0))
+        else:
+            kmax = F.pad(k, (0, 0, 0, pad), value=-1e30).view(hkv, m, b, d).amax(2)
+            kmin = F.pad(k, (0, 0, 0, pad), value=1e30).view(hkv, m, b, d).amin(2)
+            # a block's summary at decode time covers its keys up to the query; only
+            # the query's own block is partial, and it is always forced
+            qp = qg.mean(1)
+            # bound = q.mid + sum |q| * half-width; alpha scales the width term
+            # (1: the paper's upper bound, 0: the midpoint of the box)
+            mid, half = (kmax + kmin) / 2, (kmax - kmin) / 2
+            alpha = cfg.get("alpha", 1.0)
+            s = torch.einsum("hcd,hmd->hcm", qp, mid) + alpha * torch.einsum("hcd,hmd->hcm", qp.abs(), half)
+        t = torch.arange(t0, t0 + c, device=dev)
+        mt = t // b + 1
+        blk = torch.arange(m, device=dev)
+        valid = blk[None, :] < mt[:, None]
+        s = s.masked_fill(~valid[None], -float("inf"))
+        r = cfg["r"][layer] if isinstance(cfg["r"], list) else cfg["r"]
+        n = torch.maximum(torch.ceil(r * mt.double()).long(), torch.clamp(mt, max=cfg["nmin"]))
+        forced = (blk[None, :] >= (mt[:, None] - cfg["local"])) & valid
+        if cfg["sink"]:
+            forced |= (blk[None, :] < cfg["sink"]) & valid
+        n = torch.minimum(torch.maximum(n, forced.sum(-1)), mt)
+        s = s.masked_fill(forced[None], float("inf"))
+        order = s.argsort(-1, descending=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(m, device=dev).expand_as(order).contiguous())
+        self.attended += (n.double() / mt.double())[t >= self.start].sum().item() * hkv
+        self.rows += int((t >= self.start).sum()) * hkv
+        return rank < n[None, :, None]
+
+    def attention(self, module, q, k, v, mask, scaling=None, **kw):
+        layer, cfg = module.layer_idx, self.cfg
+        q, k, v = q[0].float(), k[0].float(), v[0].float()
+        hq, t_all, d = q.shape
+        hkv = k.shape[0]
+        g = hq // hkv
+        if cfg["mode"] == "capture":
+            self.dense_kv[layer] = (k.clone(), v.clone())
+        kk, vv = self.dense_kv[layer] if cfg["mode"] == "floor" else (k, v)
+        out = torch.empty_like(q)
+        chunk = 1024
+        for t0 in range(0, t_all, chunk):
+            c = min(chunk, t_all - t0)
+            rows = torch.arange(c, device=q.device)
+            idx = rows + t0
+            qc = q[:, t0:t0 + c].view(hkv, g, c, d)
+            s = torch.einsum("hgcd,htd->hgct", qc, kk) * scaling
+            if cfg["mode"] == "floor":  # the own token's key from this pass
+                s[:, :, rows, idx] = (qc * k[:, t0:t0 + c].view(hkv, 1, c, d)).sum(-1) * scaling
+            s = s + self.causal(t0, c, t_all, q.device)[None, None]
+            if cfg["mode"] in ("sparse", "floor") and t0 + c > self.start:
+                tm = self.block_mask(q, kk, t0, c, layer, scaling).repeat_interleave(cfg["b"], -1)[..., :t_all]
+                tm = tm | (idx < self.start)[None, :, None]
+                s = s.masked_fill(~tm[:, None], -float("inf"))
+            p = torch.softmax(s, -1)
+            o = torch.einsum("hgct,htd->hgcd", p, vv)
+            if cfg["mode"] == "floor":  # the own token's value from this pass
+                o = o + p[:, :, rows, idx][..., None] * (v[:, t0:t0 + c] - vv[:, t0:t0 + c]).view(hkv, 1, c, d)
+            out[:, t0:t0 + c] = o.reshape(hq, c, d)
+        return out.to(module.o_proj.weight.dtype).transpose(0, 1)[None].contiguous(), None
+
+    def run(self, ids, cfg):
+        self.cfg, self.attended, self.rows = cfg, 0.0, 0
+        with torch.no_grad():
+            logits = self.model(ids, use_cache=False).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1), (self.attended / self.rows if self.rows else 1.0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--text", action="append", help="text name or file (repeatable)")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--start", type=int, default=1024, help="first scored position (earlier: dense prefill)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variants", required=True, help="JSON list of overrides of %s" % json.dumps(DEFAULTS))
+    a = ap.parse_args(argv)
+    from transformers import AttentionInterface
+    model, tok = data.load_model(a.model, dtype="float32", device=a.device)
+    sim = Sim(model, a.start)
+    AttentionInterface.register("resa_sim", sim.attention)
+    model.config._attn_implementation = "resa_sim"
+    variants = json.loads(a.variants)
+    print("| text | variant | attended share | NLL | vs dense | KL(dense‖v) | top-1 agree |")
+    print("|---|---|---|---|---|---|---|")
+    for name in a.text or list(data.DEFAULT_TEXTS):
+        ids = torch.tensor([data.load_tokens(tok, name, a.tokens)], device=a.device)
+        tgt = ids[0, 1:][a.start:]
+        dense, _ = sim.run(ids, dict(DEFAULTS, mode="capture"))
+        dense = dense[a.start:]
+        nll_d = -dense.gather(1, tgt[:, None]).mean().item()
+        print(f"| {data.text_name(name)} | dense | 1.000 | {nll_d:.4f} | | | |", flush=True)
+        for v in variants:
+            cfg = dict(DEFAULTS, **v)
+            t = time.time()
+            lp, share = sim.run(ids, cfg)
+            lp = lp[a.start:]
+            nll = -lp.gather(1, tgt[:, None]).mean().item()
+            kl = (dense.exp() * (dense - lp)).sum(-1).mean().item()
+            agree = (dense.argmax(-1) == lp.argmax(-1)).float().mean().item()
+            print(f"| {data.text_name(name)} | {json.dumps(v)} | {share:.3f} | {nll:.4f} | "
+                  f"{100 * (nll / nll_d - 1):+.2f}% | {kl:.4f} | {agree:.3f} |", flush=True)
+            print(f"  ({time.time() - t:.1f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
