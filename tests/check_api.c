@@ -338,6 +338,7 @@ static void ew_init(ew *w, const char *name)
     p.hq = 4;
     p.hkv = 2;
     p.min_blocks = 1;
+    p.sink_blocks = 0; /* a budget of 1 block: the decode below is sparse */
     th_opts o;
     th_opts_default(&o);
     o.max_seqs = 4;
