@@ -166,7 +166,7 @@ if [[ $phases == *quality* ]]; then
   PYTHONUNBUFFERED=1 timeout ${RESA_EVAL_TIMEOUT:-420} python3 -m resa.eval.cli --device cuda --dtype bfloat16 \
     --out "$OUT/quality" ${RESA_EVAL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/quality.log" | tail -70
   rm -f "$OUT/quality/steps.npz"
-  if [ -f scripts/sim-variants.json ]; then
+  if [ -f scripts/sim-variants.json ] && [ "${RESA_SIM:-1}" != 0 ]; then
     PYTHONUNBUFFERED=1 timeout ${RESA_SIM_TIMEOUT:-240} python3 tools/sparse_sim.py --device cuda \
       --tokens 8192 --start 1024 --text austen-persuasion --text debian-reference \
       --variants "$(cat scripts/sim-variants.json)" 2>"$OUT/sim.log" | tee "$OUT/levers-sim.md"

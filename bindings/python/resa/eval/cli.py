@@ -49,6 +49,8 @@ def parser():
     p.add_argument("--gen-variants", default="dense,sparse,resa")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and libresa CPU threads (default: their defaults)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="BLOCK_SIZE b of every variant's context (a power of two; default 16)")
     p.add_argument("--no-record-selection", action="store_true",
                    help="blocks attended from the budget rule instead of RECORD_SELECTION")
     p.add_argument("--no-reference-check", action="store_true",
@@ -140,7 +142,7 @@ def main(argv=None):
                           gen_bucket=gen_bucket,
                           gen_variants=[s for s in args.gen_variants.split(",") if s],
                           record_selection=not args.no_record_selection,
-                          resa_params=resa_params, log=log)
+                          block_size=args.block_size, resa_params=resa_params, log=log)
 
     checks = []
     if not args.no_reference_check:
@@ -162,6 +164,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - t_start
     meta = {"model": data.find_model(args.model)[1].name, "device": args.device, "dtype": dtype,
             "texts": ",".join(texts), "window": window, "buckets": ",".join(map(str, buckets)),
+            "block size": args.block_size,
             "threads": args.threads or torch.get_num_threads(),
             "wall time": f"{elapsed / 60:.1f} min"}
     out = pathlib.Path(args.out)
