@@ -9,7 +9,6 @@
 """
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -74,7 +73,6 @@ def log(msg):
 def smoke(model, tokenizer, text_names, device):
     import torch
     from . import data, metrics
-    prompt = "The capital of France is"
     for prompt in ("The capital of France is", "Once upon a time, in a small village,"):
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         with torch.no_grad():
