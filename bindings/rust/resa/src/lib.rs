@@ -904,6 +904,17 @@ impl<'a> Step<'a> {
     }
 }
 
+impl fmt::Debug for Step<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Step")
+            .field("rows", &self.rows)
+            .field("layers", &self.layers)
+            .field("io_dtype", &self.io_dtype)
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
 impl Drop for Step<'_> {
     fn drop(&mut self) {
         if self.open {
