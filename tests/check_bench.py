@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """Smoke test of resa-bench on the CPU backend: a tiny sweep runs, and its
-CSV and JSON outputs parse with one row per point and sane values.  No
-timing assertions (speed is proven by benchmarks, never by tests)."""
+CSV and JSON outputs parse with one row per point and sane values; values
+that were not measured are empty CSV fields, '-' in the table and null in
+JSON (never -1, nan or nanx); --help is the usage on stdout with exit 0,
+an unknown option is named on stderr with exit 2.  No timing assertions
+(speed is proven by benchmarks, never by tests)."""
 import csv
 import io
 import json
@@ -19,13 +22,15 @@ rows = list(csv.DictReader(io.StringIO(out)))
 assert len(rows) == 8, f"expected 8 CSV rows, got {len(rows)}:\n{out}"
 for r in rows:
     for f in fields:
-        v = float(r[f])
         if f == "rectify_ms" and int(r["context"]) < 256:
             # every block is attended below n_min * b = 256 tokens: nothing becomes
-            # pending, so there is no rectification to time (reported as nan)
-            assert v != v, f"{f} = {r[f]} with nothing pending in {r}"
+            # pending, so there is no rectification to time (an empty field)
+            assert r[f] == "", f"{f} = {r[f]!r} with nothing pending in {r}"
             continue
+        v = float(r[f])
         assert v > 0 and v == v, f"{f} = {r[f]} in {r}"
+    # no GPU: the shares of the device's copy bandwidth are not measured
+    assert r["dense_pct_copy_bw"] == "" and r["sparse_pct_copy_bw"] == "", r
     assert r["backend"] == "cpu" and r["dtype"] == "f32", r
 assert {(r["context"], r["batch"], r["hq"], r["hkv"], r["d"]) for r in rows} == {
     (c, b, hq, hkv, d) for c in ("100", "700") for b in ("1", "2")
@@ -37,6 +42,11 @@ fp8 = list(csv.DictReader(io.StringIO(subprocess.run(
     capture_output=True, text=True).stdout)))
 assert len(fp8) == 8 and all(r["summary"] == "fp8" for r in fp8), fp8
 assert all(r["summary"] == "kv" for r in rows), rows
+# only sparse measured: dense, rectify, resa and the speedup are empty fields
+for r in fp8:
+    assert float(r["sparse_ms"]) > 0, r
+    assert all(r[f] == "" for f in ("dense_ms", "rectify_ms", "resa_ms", "speedup",
+                                    "dense_GBps")), r
 kv_bytes = {(r["context"], r["batch"], r["hq"], r["d"]): float(r["sparse_bytes"]) for r in rows}
 for r in fp8:
     assert float(r["sparse_bytes"]) < kv_bytes[(r["context"], r["batch"], r["hq"], r["d"])], r
@@ -45,8 +55,28 @@ doc = json.loads(subprocess.run(args + ["--json"], check=True, capture_output=Tr
                                 text=True).stdout)
 assert len(doc["points"]) == 8 and all(p["resa_ms"] > 0 for p in doc["points"]), doc
 
+assert all(p["rectify_ms"] is None for p in doc["points"] if p["context"] < 256), doc
+
 table = subprocess.run(args, check=True, capture_output=True, text=True).stdout
 assert table.count("\n") >= 8 + 4, table
+for text in (out, table, json.dumps(doc)):
+    for token in ("nan", "-1.0", "inf"):
+        assert token not in text.lower(), f"{token!r} in:\n{text}"
+rows_100 = [line.split() for line in table.splitlines()
+            if not line.startswith("#") and line.split()[:1] == ["100"]]
+assert len(rows_100) == 4 and all(cols[6] == "-" for cols in rows_100), table  # rectify_ms
+
+for flag in ("--help", "-h"):
+    h = subprocess.run([bench, flag], capture_output=True, text=True)
+    assert h.returncode == 0 and h.stdout.startswith("usage: resa-bench") and h.stderr == "", h
+    assert "--batch B,B,...            sequences per step, 1 to 256 (default 1)" in h.stdout, h
+    for opt in ("--backend", "--contexts", "--heads", "--dim", "--shapes", "--dtype",
+                "--fraction", "--interval", "--summary", "--sink", "--width", "--reps",
+                "--threads", "--modes", "--csv", "--json", "--plot"):
+        assert f"  {opt} " in h.stdout, (opt, h.stdout)
+unknown = subprocess.run([bench, "--frobnicate"], capture_output=True, text=True)
+assert (unknown.returncode == 2 and unknown.stdout == ""
+        and "--frobnicate" in unknown.stderr and "usage" in unknown.stderr), unknown
 bad = subprocess.run([bench, "--batch", "0"], capture_output=True, text=True)
-assert bad.returncode == 2 and "usage" in bad.stderr, bad
+assert bad.returncode == 2 and "usage" in bad.stderr and bad.stdout == "", bad
 print("check_bench: 1 passed, 0 failed")

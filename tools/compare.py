@@ -16,6 +16,11 @@ import csv
 import sys
 
 
+def num(field):
+    """A resa-bench CSV value; an empty field (not measured) is NaN."""
+    return float(field) if field not in ("", None) else float("nan")
+
+
 def main():
     peers, ours = {}, []
     with open(sys.argv[1]) as f:
@@ -34,14 +39,14 @@ def main():
           f"{'dense/peer':>10} {'rect/sdpa':>9} {'rect/nomask':>11} {'sparse_%bw':>10}")
     for r in ours:
         L, B = int(r["context"]), int(r["batch"])
-        dense, resa, rect = float(r["dense_ms"]), float(r["resa_ms"]), float(r["rectify_ms"])
+        dense, resa, rect = num(r["dense_ms"]), num(r["resa_ms"]), num(r["rectify_ms"])
         sd, sd_name = best(L, B, "decode")
         sr, _ = best(L, B, "rectify", "rectify-lr")
         sn, _ = best(L, B, "rectify-nomask")
         best_dense = min(dense, sd)
         print(f"{L:>8} {B:>5} {r.get('summary', 'kv'):>7} {resa:>9.4f} {best_dense:>9.4f} ({'ours' if dense <= sd else sd_name}) "
               f"{best_dense / resa:>8.2f}x {dense / sd:>9.2f}x {rect / sr:>8.2f}x {rect / sn:>10.2f}x "
-              f"{float(r['sparse_pct_copy_bw']):>9.1f}%")
+              f"{num(r['sparse_pct_copy_bw']):>9.1f}%")
     print("(x > 1 in dense/peer and rect/sdpa means ours is slower; resa/best is the speedup)")
 
 

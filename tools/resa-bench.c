@@ -390,14 +390,27 @@ static void print_table_header(const opts *o, double copy_bw)
            "dns_GB/s", "%copy", "spr_GB/s", "%copy");
 }
 
+/* A measured value in fmt, or `none` when it was not measured (NaN, or -1
+ * for a bandwidth share without a GPU). */
+static const char *num(char *buf, size_t cap, double v, const char *fmt, const char *none)
+{
+    if (v != v || v < 0)
+        return none;
+    snprintf(buf, cap, fmt, v);
+    return buf;
+}
+
 static void print_row(const result *r)
 {
-    char heads[16];
+    char heads[16], b[9][32];
     snprintf(heads, sizeof heads, "%d/%d", r->hq, r->hkv);
-    printf("%9lld %5d %9s %5d %10.4f %10.4f %11.4f %10.4f %7.2fx %8.1f %6.1f %8.1f %6.1f\n",
-           (long long)r->context, r->batch, heads, r->d, r->dense_ms, r->sparse_ms,
-           r->rectify_ms, r->resa_ms, r->dense_ms / r->resa_ms, r->dense_gbps, r->dense_pct,
-           r->sparse_gbps, r->sparse_pct);
+    printf("%9lld %5d %9s %5d %10s %10s %11s %10s %8s %8s %6s %8s %6s\n",
+           (long long)r->context, r->batch, heads, r->d,
+           num(b[0], 32, r->dense_ms, "%.4f", "-"), num(b[1], 32, r->sparse_ms, "%.4f", "-"),
+           num(b[2], 32, r->rectify_ms, "%.4f", "-"), num(b[3], 32, r->resa_ms, "%.4f", "-"),
+           num(b[4], 32, r->dense_ms / r->resa_ms, "%.2fx", "-"),
+           num(b[5], 32, r->dense_gbps, "%.1f", "-"), num(b[6], 32, r->dense_pct, "%.1f", "-"),
+           num(b[7], 32, r->sparse_gbps, "%.1f", "-"), num(b[8], 32, r->sparse_pct, "%.1f", "-"));
     fflush(stdout);
 }
 
@@ -406,23 +419,26 @@ static const char *csv_header =
     "dense_bytes,sparse_bytes,dense_GBps,sparse_GBps,dense_pct_copy_bw,sparse_pct_copy_bw,"
     "summary,fraction,interval";
 
+/* Unmeasured values are empty fields. */
 static void print_csv(FILE *f, const result *r)
 {
-    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%.4f,%.4f,%.4f,%.4f,%.3f,%.0f,%.0f,%.1f,%.1f,%.1f,%.1f,%s,%g,%d\n",
+    char b[9][32];
+    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%s,%s,%s,%s,%s,%.0f,%.0f,%s,%s,%s,%s,%s,%g,%d\n",
             (long long)r->context, r->batch, r->hq, r->hkv, r->d, r->backend, r->dtype,
-            r->dense_ms, r->sparse_ms, r->rectify_ms, r->resa_ms, r->dense_ms / r->resa_ms,
-            r->dense_bytes, r->sparse_bytes, r->dense_gbps, r->sparse_gbps, r->dense_pct,
-            r->sparse_pct, r->summary, r->fraction, r->interval);
+            num(b[0], 32, r->dense_ms, "%.4f", ""), num(b[1], 32, r->sparse_ms, "%.4f", ""),
+            num(b[2], 32, r->rectify_ms, "%.4f", ""), num(b[3], 32, r->resa_ms, "%.4f", ""),
+            num(b[4], 32, r->dense_ms / r->resa_ms, "%.3f", ""),
+            r->dense_bytes, r->sparse_bytes,
+            num(b[5], 32, r->dense_gbps, "%.1f", ""), num(b[6], 32, r->sparse_gbps, "%.1f", ""),
+            num(b[7], 32, r->dense_pct, "%.1f", ""), num(b[8], 32, r->sparse_pct, "%.1f", ""),
+            r->summary, r->fraction, r->interval);
     fflush(f);
 }
 
-/* A JSON number, or null for NaN (no rectification to time, no GPU bandwidth). */
+/* A JSON number, or null when not measured. */
 static const char *jnum(char *buf, size_t cap, double v, const char *fmt)
 {
-    if (v != v || v < 0)
-        return "null";
-    snprintf(buf, cap, fmt, v);
-    return buf;
+    return num(buf, cap, v, fmt, "null");
 }
 
 static void print_json(const opts *o, const result *r, int n, double copy_bw)
@@ -432,17 +448,19 @@ static void print_json(const opts *o, const result *r, int n, double copy_bw)
            resa_version_string(), o->fraction, o->interval > 0 ? o->interval : 32,
            copy_bw * 1e-9);
     for (int i = 0; i < n; i++) {
-        char b1[32], b2[32];
+        char b[8][32];
         printf("  {\"context\": %lld, \"batch\": %d, \"hq\": %d, \"hkv\": %d, \"d\": %d, "
                "\"backend\": \"%s\", \"dtype\": \"%s\", \"summary\": \"%s\", "
-               "\"dense_ms\": %.4f, \"sparse_ms\": %.4f, "
-               "\"rectify_ms\": %s, \"resa_ms\": %.4f, \"speedup\": %.3f, "
-               "\"dense_GBps\": %.1f, \"sparse_GBps\": %.1f, \"sparse_pct_copy_bw\": %s}%s\n",
+               "\"dense_ms\": %s, \"sparse_ms\": %s, "
+               "\"rectify_ms\": %s, \"resa_ms\": %s, \"speedup\": %s, "
+               "\"dense_GBps\": %s, \"sparse_GBps\": %s, \"sparse_pct_copy_bw\": %s}%s\n",
                (long long)r[i].context, r[i].batch, r[i].hq, r[i].hkv, r[i].d, r[i].backend,
-               r[i].dtype, r[i].summary, r[i].dense_ms, r[i].sparse_ms,
-               jnum(b1, sizeof b1, r[i].rectify_ms, "%.4f"), r[i].resa_ms,
-               r[i].dense_ms / r[i].resa_ms, r[i].dense_gbps, r[i].sparse_gbps,
-               jnum(b2, sizeof b2, r[i].sparse_pct, "%.1f"), i + 1 < n ? "," : "");
+               r[i].dtype, r[i].summary, jnum(b[0], 32, r[i].dense_ms, "%.4f"),
+               jnum(b[1], 32, r[i].sparse_ms, "%.4f"), jnum(b[2], 32, r[i].rectify_ms, "%.4f"),
+               jnum(b[3], 32, r[i].resa_ms, "%.4f"),
+               jnum(b[4], 32, r[i].dense_ms / r[i].resa_ms, "%.3f"),
+               jnum(b[5], 32, r[i].dense_gbps, "%.1f"), jnum(b[6], 32, r[i].sparse_gbps, "%.1f"),
+               jnum(b[7], 32, r[i].sparse_pct, "%.1f"), i + 1 < n ? "," : "");
     }
     printf("]}\n");
 }
@@ -493,17 +511,50 @@ static void plot(const char *file, const result *r, int n)
         fprintf(stderr, "resa-bench: plot written to %s\n", file);
 }
 
+/* The usage text, with every option's real default. */
+static void print_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: resa-bench [OPTION]...\n"
+            "Times one layer's decode-step attention, dense vs ReSA, per context length.\n"
+            "Progress goes to stderr, results to stdout (a table, --csv or --json).\n"
+            "\n"
+            "  --backend cpu|cuda|auto    backend to time (default cpu)\n"
+            "  --contexts N,N,...         context lengths in tokens (default 4096,16384,65536)\n"
+            "  --batch B,B,...            sequences per step, 1 to 256 (default 1)\n"
+            "  --heads HQ/HKV             query and KV heads (default 32/8)\n"
+            "  --dim D                    head dimension (default 128)\n"
+            "  --shapes HQ/HKVxD,...      several head shapes, e.g. 32/8x128,28/4x128;\n"
+            "                             replaces --heads and --dim (default 32/8x128)\n"
+            "  --dtype f32|f16|bf16       K/V and I/O type (default f32 on cpu, bf16 on cuda)\n"
+            "  --fraction R               SELECT_FRACTION of the sparse steps (default 0.1)\n"
+            "  --interval F               rectification interval f (default 32)\n"
+            "  --summary kv|fp8           block summaries in the K/V type or fp8 (default kv)\n"
+            "  --sink N                   SINK_BLOCKS of the sparse steps (default: the library's)\n"
+            "  --width W                  SCORE_WIDTH of the sparse steps (default: the library's)\n"
+            "  --reps N                   repetitions per measured median (default 21)\n"
+            "  --threads N                CPU worker threads (default 0: one per online CPU)\n"
+            "  --modes dense,sparse,rectify  what to measure (default all three)\n"
+            "  --csv                      CSV on stdout instead of the table\n"
+            "  --json                     JSON on stdout instead of the table\n"
+            "  --plot FILE.png            also plot speedup and GB/s (needs matplotlib)\n"
+            "  -h, --help                 print this help on stdout and exit\n"
+            "\n"
+            "Values that were not measured print as empty CSV fields, '-' in the table\n"
+            "and null in JSON.\n");
+}
+
 static void usage(void)
 {
-    fprintf(stderr,
-            "usage: resa-bench [--backend cpu|cuda|auto] [--contexts 4096,16384,65536]\n"
-            "                  [--batch 1,8] [--heads HQ/HKV] [--dim D]\n"
-            "                  [--shapes 32/8x128,28/4x128,16/2x256] [--dtype f32|f16|bf16]\n"
-            "                  [--fraction R] [--interval F] [--summary kv|fp8]\n"
-            "                  [--sink N] [--width W]   (sparse steps: SINK_BLOCKS, SCORE_WIDTH)\n"
-            "                  [--reps N] [--threads N]\n"
-            "                  [--modes dense,sparse,rectify] [--csv | --json] [--plot FILE.png]\n");
+    print_usage(stderr);
     exit(2);
+}
+
+/* A bad or unknown option: named on stderr, then the usage, exit 2. */
+static void bad_option(const char *what, const char *arg)
+{
+    fprintf(stderr, "resa-bench: %s: %s\n", what, arg);
+    usage();
 }
 
 static int parse_list(const char *val, int64_t *out, int cap)
@@ -545,8 +596,20 @@ int main(int argc, char **argv)
             o.json = 1;
             continue;
         }
-        if (!val)
-            usage();
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            print_usage(stdout);
+            return 0;
+        }
+        if (!val) {
+            static const char *const valued[] = {
+                "--backend", "--contexts", "--batch", "--heads", "--dim", "--shapes",
+                "--dtype", "--fraction", "--sink", "--width", "--summary", "--interval",
+                "--reps", "--threads", "--plot", "--modes"};
+            for (size_t j = 0; j < sizeof valued / sizeof valued[0]; j++)
+                if (!strcmp(a, valued[j]))
+                    bad_option("option needs a value", a);
+            bad_option("unknown option", a);
+        }
         i++;
         if (!strcmp(a, "--backend"))
             o.backend = !strcmp(val, "cuda") ? RESA_BACKEND_CUDA
@@ -603,7 +666,7 @@ int main(int argc, char **argv)
                 usage();
         }
         else
-            usage();
+            bad_option("unknown option", a);
     }
     if (o.n_shapes == 0) {
         o.shapes[0][0] = hq, o.shapes[0][1] = hkv, o.shapes[0][2] = d;
