@@ -931,6 +931,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::excessive_precision)]
     fn half_conversions() {
         for &x in &[0.0f32, 1.0, -2.5, 0.333251953125, 65504.0, 6.103515625e-05, 5.960464477539063e-08] {
             assert_eq!(F16::from_f32(x).to_f32(), x, "f16 {}", x);

@@ -2,6 +2,9 @@
 //! backend, checked against an independent f64 reference written here, and
 //! the error paths of the safe API.
 
+// Clippy style only; div_ceil needs Rust 1.73 and the crates keep to 1.63.
+#![allow(clippy::manual_div_ceil, clippy::needless_range_loop)]
+
 use resa::{Backend, Bf16, Context, Dtype, F64Param, IntParam, Mode, Seq, Shape, Status};
 
 // ---------------------------------------------------------------------------
