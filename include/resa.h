@@ -102,9 +102,12 @@ typedef struct resa_ctx resa_ctx;
 typedef enum resa_backend {
     RESA_BACKEND_CPU  = 0,  /* portable C, always built; the reference */
     RESA_BACKEND_CUDA = 1,  /* loaded at run time from libresa-cuda.so.RESA_ABI_VERSION */
-    RESA_BACKEND_AUTO = 2   /* CUDA when available, it starts and it supports the
-                               parameters at the first resa_seq_create, else CPU:
-                               ask resa_ctx_get_backend which memory to pass */
+    RESA_BACKEND_AUTO = 2   /* CUDA when the module loads, a device is usable and the
+                               context starts on it, else CPU (at resa_ctx_create);
+                               then, at the first resa_seq_create, parameters outside
+                               the CUDA limits above move it to the CPU (any other
+                               failure there is returned).  Ask resa_ctx_get_backend
+                               after that call which memory to pass */
 } resa_backend;
 
 typedef enum resa_dtype {
