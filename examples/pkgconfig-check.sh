@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
 # Builds examples/host_engine.c against an INSTALLED libresa through
-# pkg-config, then runs it.  Exit status 0 on success.
+# pkg-config, then runs it without LD_LIBRARY_PATH.  Exit status 0 on success.
 #
 #   usage: examples/pkgconfig-check.sh PREFIX
 #
@@ -16,10 +16,9 @@ cc=${CC:-cc}
 
 # meson's libdir: lib/<multiarch> on Debian (lib/x86_64-linux-gnu), else lib64 or lib.
 multiarch=$($cc -print-multiarch 2>/dev/null || true)
-pc_path='' ld_path=''
+pc_path=''
 for d in ${multiarch:+lib/$multiarch} lib64 lib; do
     if [ -d "$prefix/$d/pkgconfig" ]; then pc_path=${pc_path:+$pc_path:}$prefix/$d/pkgconfig; fi
-    if [ -d "$prefix/$d" ]; then ld_path=${ld_path:+$ld_path:}$prefix/$d; fi
 done
 if [ -z "$pc_path" ]; then
     echo "pkgconfig-check: no lib*/pkgconfig directory under $prefix" >&2
@@ -37,10 +36,27 @@ fi
 pc=(pkg-config --define-variable=prefix="$prefix")
 echo "pkgconfig-check: resa $("${pc[@]}" --modversion resa): $("${pc[@]}" --cflags --libs resa)"
 
+# Where the installed libresa is a directory the dynamic loader searches
+# (a system prefix such as /usr/local, after meson install ran ldconfig),
+# the program must run with no environment variables, as a user's would.
+# Elsewhere (CI installs to a temporary prefix; a DESTDIR stage) the loader
+# cannot find it by itself, so link with an rpath to the installed libdir
+# (never LD_LIBRARY_PATH, which would also hide a missing ldconfig).
+libdir=$("${pc[@]}" --variable=libdir resa)
+loader_dirs=$(ldconfig -v -N -X 2>/dev/null | sed -n 's/^\([^[:space:]][^:]*\):.*/\1/p' \
+              | while read -r d; do realpath -m "$d"; done || true)
+rpath=()
+if grep -qxF "$(realpath -m "$libdir")" <<<"$loader_dirs"; then
+    echo "pkgconfig-check: $libdir is on the loader's path: no rpath, no LD_LIBRARY_PATH"
+else
+    rpath=("-Wl,-rpath,$libdir")
+    echo "pkgconfig-check: $libdir is not on the loader's path: linking with ${rpath[0]}"
+fi
+
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # shellcheck disable=SC2046 # word splitting of the pkg-config flags is intended
 $cc -std=c11 -Wall -Wextra -Werror -o "$tmp/host_engine" "$here/host_engine.c" \
-    $("${pc[@]}" --cflags --libs resa)
-LD_LIBRARY_PATH=$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$tmp/host_engine"
+    $("${pc[@]}" --cflags --libs resa) "${rpath[@]}"
+env -u LD_LIBRARY_PATH "$tmp/host_engine"
 echo "pkgconfig-check: OK"
