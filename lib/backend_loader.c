@@ -5,7 +5,21 @@
  * machines without CUDA.  Search order: $RESA_CUDA_MODULE (a path), the
  * directory libresa.so was loaded from, then the dynamic loader's path.
  * The result is immutable after pthread_once: no global mutable state.
+ *
+ * Built with RESA_NO_CUDA_MODULE (meson -Dgpu=disabled) there is no CUDA
+ * backend at all: nothing is loaded, dlopen is never called (libresa needs
+ * no libdl), and CUDA is RESA_ERR_NOT_SUPPORTED.
  */
+#ifdef RESA_NO_CUDA_MODULE
+#include "backend.h"
+
+const resa_backend_ops *resa_cuda_backend(resa_status *why, const char **detail)
+{
+    *why = RESA_ERR_NOT_SUPPORTED;
+    *detail = "libresa was built without the CUDA backend (-Dgpu=disabled)";
+    return NULL;
+}
+#else
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* dladdr */
 #endif
@@ -83,3 +97,4 @@ const resa_backend_ops *resa_cuda_backend(resa_status *why, const char **detail)
     *detail = cuda_detail;
     return cuda_ops;
 }
+#endif /* RESA_NO_CUDA_MODULE */
