@@ -1,6 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /* -Dgpu=disabled: CUDA is not available and RESA_ERR_NOT_SUPPORTED, AUTO is
- * the CPU.  Exit 0 on success. */
+ * the CPU; and (docs/embedded.md) with RESA_PARAM_NUM_THREADS 1 the process
+ * still has one thread after the pool is created (Linux: /proc/self/task).
+ * Exit 0 on success. */
+#define _POSIX_C_SOURCE 200809L
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -14,6 +18,19 @@
         }                                                           \
     } while (0)
 
+/* Threads of this process, or -1 where /proc is not there. */
+static int threads(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
 int main(void)
 {
     resa_ctx *ctx = NULL;
@@ -23,7 +40,12 @@ int main(void)
     EXPECT(ctx == NULL);
     EXPECT(resa_ctx_create(RESA_BACKEND_AUTO, NULL, &ctx) == RESA_OK);
     EXPECT(resa_ctx_get_backend(ctx, &b) == RESA_OK && b == RESA_BACKEND_CPU);
+    int32_t seq = -1;
+    EXPECT(resa_ctx_set_param(ctx, RESA_PARAM_NUM_THREADS, 1) == RESA_OK);
+    EXPECT(resa_ctx_set_param(ctx, RESA_PARAM_MAX_TOKENS, 4096) == RESA_OK);
+    EXPECT(resa_seq_create(ctx, &seq) == RESA_OK); /* the pool and its workers */
+    EXPECT(threads() == 1 || threads() == -1);
     resa_ctx_destroy(ctx);
-    puts("check_no_cuda: 5 passed, 0 failed");
+    puts("check_no_cuda: 9 passed, 0 failed");
     return 0;
 }
