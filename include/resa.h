@@ -144,7 +144,10 @@ typedef enum resa_mode {
  * KV pool.  They lock when the pool is allocated, at the first
  * resa_seq_create(); setting one afterwards is RESA_ERR_BAD_STATE until
  * resa_ctx_reset(ctx, RESA_RESET_SESSION).  The other parameters may change
- * between steps.
+ * between steps.  The model's shape (NUM_LAYERS, NUM_Q_HEADS, NUM_KV_HEADS,
+ * HEAD_DIM) has no safe default: the first resa_seq_create is
+ * RESA_ERR_BAD_STATE, naming the first of them the host never set (since
+ * 0.2.0; RESA_RESET_PARAMS forgets them again).
  */
 typedef enum resa_param {
     /* model shape and capacity (lock) */

@@ -34,6 +34,8 @@ typedef struct resa_config {
     double softmax_scale; /* 0 = 1/sqrt(head_dim) */
     double score_width;   /* w of the block score (RESA_PARAM_SCORE_WIDTH) */
     int64_t num_threads, record_selection;
+    uint32_t shape_set;   /* bit p - NUM_LAYERS for each of NUM_LAYERS .. HEAD_DIM the host
+                             set: the model's shape has no safe default (resa_ctx_lock) */
 } resa_config;
 
 /* Derived sizes, fixed while the context is locked. */

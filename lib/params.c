@@ -74,6 +74,7 @@ void resa_config_defaults(resa_config *c)
         else
             *int_field(c, &rows[i]) = (int64_t)rows[i].def;
     }
+    c->shape_set = 0;
 }
 
 /* Checks of one parameter against the others happen when the pool locks
@@ -123,6 +124,8 @@ resa_status resa_ctx_set_param(resa_ctx *ctx, resa_param p, int64_t value)
                          "param: RESA_PARAM_BLOCK_SIZE = %lld is not a power of two",
                          (long long)value);
     *int_field(&ctx->cfg, r) = value;
+    if (p >= RESA_PARAM_NUM_LAYERS && p <= RESA_PARAM_HEAD_DIM)
+        ctx->cfg.shape_set |= 1u << (p - RESA_PARAM_NUM_LAYERS);
     return RESA_OK;
 }
 

@@ -116,6 +116,57 @@ static resa_ctx *new_ctx(void)
     return c;
 }
 
+/* The model's shape: no safe default, so the first seq_create needs all four. */
+static void set_shape(resa_ctx *c, int64_t layers, int64_t hq, int64_t hkv, int64_t d)
+{
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_LAYERS, layers));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_Q_HEADS, hq));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_KV_HEADS, hkv));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, d));
+}
+
+/* A host that never sets a shape parameter gets RESA_ERR_BAD_STATE naming the
+ * first one missing, at the first seq_create, and nothing changes; a
+ * parameter reset forgets what was set, a session reset does not. */
+START_TEST(test_shape_unset)
+{
+    static const resa_param shape[] = {RESA_PARAM_NUM_LAYERS, RESA_PARAM_NUM_Q_HEADS,
+                                       RESA_PARAM_NUM_KV_HEADS, RESA_PARAM_HEAD_DIM};
+    static const char *const names[] = {"RESA_PARAM_NUM_LAYERS", "RESA_PARAM_NUM_Q_HEADS",
+                                        "RESA_PARAM_NUM_KV_HEADS", "RESA_PARAM_HEAD_DIM"};
+    static const int64_t value[] = {2, 4, 2, 64};
+    th_test_seed("shape_unset");
+    resa_ctx *c = new_ctx();
+    int32_t s = -1;
+    /* set them in a random order: each seq_create names the first unset one */
+    int order[4] = {0, 1, 2, 3};
+    for (int i = 3; i > 0; i--) {
+        int j = rand() % (i + 1), t = order[i];
+        order[i] = order[j], order[j] = t;
+    }
+    int set[4] = {0, 0, 0, 0};
+    for (int k = 0; k < 4; k++) {
+        int first = 0;
+        while (set[first])
+            first++;
+        TFAIL(c, RESA_ERR_BAD_STATE, names[first], resa_seq_create(c, &s));
+        TCHECK(s == -1, "a refused seq_create wrote a sequence id");
+        TOK(c, resa_ctx_set_param(c, shape[order[k]], value[order[k]]));
+        set[order[k]] = 1;
+    }
+    TOK(c, resa_seq_create(c, &s));
+    /* a session reset keeps the parameters, so the shape stays set */
+    TOK(c, resa_ctx_reset(c, RESA_RESET_SESSION));
+    TOK(c, resa_seq_create(c, &s));
+    /* a parameter reset is back to "never set" */
+    TOK(c, resa_ctx_reset(c, RESA_RESET_SESSION | RESA_RESET_PARAMS));
+    TFAIL(c, RESA_ERR_BAD_STATE, "RESA_PARAM_NUM_LAYERS", resa_seq_create(c, &s));
+    set_shape(c, 1, 1, 1, 128); /* the old defaults, now set on purpose */
+    TOK(c, resa_seq_create(c, &s));
+    resa_ctx_destroy(c);
+}
+END_TEST
+
 START_TEST(test_param_defaults_and_bounds)
 {
     th_test_seed("param_defaults_and_bounds");
@@ -249,7 +300,7 @@ START_TEST(test_param_lock)
 {
     th_test_seed("param_lock");
     resa_ctx *c = new_ctx();
-    TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, 64));
+    set_shape(c, 1, 1, 1, 64);
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_MAX_TOKENS, 4096));
     int32_t s;
     TOK(c, resa_seq_create(c, &s));
@@ -292,6 +343,9 @@ START_TEST(test_param_lock)
     TCHECK(v == 128, "HEAD_DIM after reset %lld", (long long)v);
     TOK(c, resa_ctx_get_param(c, RESA_PARAM_MAX_TOKENS, &v));
     TCHECK(v == 65536, "MAX_TOKENS after reset %lld", (long long)v);
+    /* a parameter reset forgets the shape too (test_shape_unset) */
+    TFAIL(c, RESA_ERR_BAD_STATE, "RESA_PARAM_NUM_LAYERS", resa_seq_create(c, &s));
+    set_shape(c, 1, 1, 1, 128);
     TOK(c, resa_seq_create(c, &s));
     resa_ctx_destroy(c);
 }
@@ -303,6 +357,8 @@ START_TEST(test_lock_validation)
     th_test_seed("lock_validation");
     resa_ctx *c = new_ctx();
     int32_t s = -1;
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_LAYERS, 1));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, 128));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_Q_HEADS, 6));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_KV_HEADS, 4));
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "RESA_PARAM_NUM_Q_HEADS|RESA_PARAM_NUM_KV_HEADS", resa_seq_create(c, &s));
@@ -467,6 +523,7 @@ START_TEST(test_cuda_unavailable)
     TCHECK(c == NULL, "failed create must set *out to NULL");
     /* the CPU still works afterwards, in the same process */
     c = new_ctx();
+    set_shape(c, 1, 1, 1, 128);
     int32_t id;
     TOK(c, resa_seq_create(c, &id));
     resa_ctx_destroy(c);
@@ -713,6 +770,7 @@ START_TEST(test_errors_selected_blocks)
     /* RECORD_SELECTION off */
     th_test_seed("errors_selected_blocks_off");
     resa_ctx *d = new_ctx();
+    set_shape(d, 1, 1, 1, 128);
     int32_t s;
     TOK(d, resa_seq_create(d, &s));
     TFAIL(d, RESA_ERR_BAD_STATE, "RESA_PARAM_RECORD_SELECTION",
@@ -781,8 +839,10 @@ static resa_status session(counting *k, int *stage)
         return s;
     }
     *stage = 1;
+    resa_ctx_set_param(c, RESA_PARAM_NUM_LAYERS, 1);
     resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, 64);
     resa_ctx_set_param(c, RESA_PARAM_NUM_Q_HEADS, 2);
+    resa_ctx_set_param(c, RESA_PARAM_NUM_KV_HEADS, 1);
     resa_ctx_set_param(c, RESA_PARAM_MAX_TOKENS, 2048);
     resa_ctx_set_param(c, RESA_PARAM_MAX_SEQ_TOKENS, 1024);
     resa_ctx_set_param(c, RESA_PARAM_RECORD_SELECTION, 1);
@@ -847,6 +907,7 @@ START_TEST(test_ids_after_reset)
 {
     resa_ctx *c = NULL;
     ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CPU, NULL, &c), RESA_OK);
+    set_shape(c, 1, 1, 1, 128);
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_MAX_SEQUENCES, 2));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_MAX_TOKENS, 256));
     int32_t old[6], n_old = 0, s;
@@ -906,6 +967,7 @@ static Suite *suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_status_strings);
     tcase_add_test(tc, test_versions);
+    tcase_add_test(tc, test_shape_unset);
     tcase_add_test(tc, test_param_defaults_and_bounds);
     tcase_add_test(tc, test_param_lock);
     tcase_add_test(tc, test_lock_validation);

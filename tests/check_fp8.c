@@ -77,6 +77,7 @@ static void open_session(session *s, int32_t fmt, int32_t hq, int32_t hkv, int32
 {
     TCHECK(resa_ctx_create(RESA_BACKEND_CPU, NULL, &s->ctx) == RESA_OK, "create");
     resa_ctx *c = s->ctx;
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_LAYERS, 1));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_Q_HEADS, hq));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_KV_HEADS, hkv));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, d));
@@ -175,6 +176,10 @@ START_TEST(test_param)
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "RESA_PARAM_SUMMARY_FORMAT",
           resa_ctx_set_param(c, RESA_PARAM_SUMMARY_FORMAT, 2));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_SUMMARY_FORMAT, RESA_SUMMARY_FP8_E4M3));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_LAYERS, 1));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_Q_HEADS, 1));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_KV_HEADS, 1));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, 128));
     int32_t id;
     TOK(c, resa_seq_create(c, &id));
     TFAIL(c, RESA_ERR_BAD_STATE, "RESA_PARAM_SUMMARY_FORMAT",

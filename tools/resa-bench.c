@@ -265,6 +265,7 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     B->elt = B->dt == RESA_DTYPE_F32 ? 4 : 2;
     int32_t f = o->interval > 0 ? o->interval : 32;
     int64_t per_seq = ctx_len + f + 64;
+    CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_NUM_LAYERS, 1));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_NUM_Q_HEADS, o->hq));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_NUM_KV_HEADS, o->hkv));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_HEAD_DIM, o->d));
