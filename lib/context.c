@@ -10,7 +10,6 @@
 #include "backend.h"
 #include "internal.h"
 
-RESA_HIDDEN void resa_config_defaults(resa_config *c);
 
 /* ---- allocation through the context's hooks ---- */
 
@@ -310,14 +309,12 @@ resa_status resa_ctx_lock(resa_ctx *ctx)
         return RESA_OK;
     /* A host that forgot the model's shape would otherwise get 1 layer, 1/1
      * heads and d 128, and its buffers read as that: refuse instead. */
-    static const char *const shape_names[] = {"RESA_PARAM_NUM_LAYERS", "RESA_PARAM_NUM_Q_HEADS",
-                                              "RESA_PARAM_NUM_KV_HEADS", "RESA_PARAM_HEAD_DIM"};
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i <= RESA_PARAM_HEAD_DIM - RESA_PARAM_NUM_LAYERS; i++)
         if (!(ctx->cfg.shape_set & (1u << i)))
             return resa_fail(ctx, RESA_ERR_BAD_STATE,
                              "seq_create: %s was never set; set the model's shape (NUM_LAYERS, "
                              "NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM) before the first sequence",
-                             shape_names[i]);
+                             resa_param_name((resa_param)(RESA_PARAM_NUM_LAYERS + i)));
     resa_layout lo;
     resa_status s = layout_from_config(ctx, &lo);
     if (s != RESA_OK)

@@ -180,6 +180,11 @@ RESA_HIDDEN resa_status resa_fail(resa_ctx *ctx, resa_status s, const char *fmt,
 RESA_HIDDEN void resa_clear_error(resa_ctx *ctx);
 RESA_HIDDEN size_t resa_dtype_size(resa_dtype t);
 
+/* Parameters (params.c): every field of c to its default, nothing set by the
+ * host; and a parameter's name as the header spells it (NULL if unknown). */
+RESA_HIDDEN void resa_config_defaults(resa_config *c);
+RESA_HIDDEN const char *resa_param_name(resa_param p);
+
 /* The ReSA budget rule (spec: resa-algorithm.md), shared by every backend:
  * n = max(ceil(r * M), min(M, n_min)), then at least the forced blocks, at most M.
  * r is taken to 6 decimals so that ceil() is exact (0.07 * 100 is 7, not 8). */

@@ -56,6 +56,12 @@ static const param_row *find(resa_param p)
     return NULL;
 }
 
+const char *resa_param_name(resa_param p)
+{
+    const param_row *r = find(p);
+    return r ? r->name : NULL;
+}
+
 static int64_t *int_field(resa_config *c, const param_row *r)
 {
     return (int64_t *)(void *)((char *)c + r->offset);
@@ -65,7 +71,6 @@ static double *real_field(resa_config *c, const param_row *r)
     return (double *)(void *)((char *)c + r->offset);
 }
 
-RESA_HIDDEN void resa_config_defaults(resa_config *c);
 void resa_config_defaults(resa_config *c)
 {
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {

@@ -7,8 +7,6 @@
  */
 #include "internal.h"
 
-RESA_HIDDEN void resa_config_defaults(resa_config *c);
-
 resa_status resa_ctx_set_preset(resa_ctx *ctx, resa_preset preset)
 {
     if (!ctx)

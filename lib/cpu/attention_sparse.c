@@ -47,10 +47,9 @@ static void select_top(int32_t *ord, int32_t n, int32_t k, const float *score)
 }
 
 /* s = sum_j (q_j (kmax_j + kmin_j) / 2 + w |q_j| (kmax_j - kmin_j) / 2): the centre
- * of the block's key box plus w times its half-width seen from q.  w = 1 is
- * the upper bound of q.k over the block, computed as sum_j max(q_j kmax_j,
- * q_j kmin_j) (block_score), the same value in the same order as the CUDA
- * kernel. */
+ * of the block's key box plus w times its half-width seen from q.  At w = 1
+ * this is the paper's upper bound, which choose_blocks computes with
+ * block_score instead (the max form, as the CUDA kernel does). */
 static float block_score_width(const float *qp, const float *mn, const float *mx, int32_t d,
                                float w)
 {
@@ -120,6 +119,7 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
     for (int32_t i = 0; i < d; i++)
         sc->qp[i] /= (float)g;
     int32_t n_cand = 0;
+    const float w = job->step->score_width;
     for (int32_t i = sink; i < local_from; i++) {
         size_t at = resa_summary_offset(L, job->layer, e->pages[i], head);
         const float *mn, *mx;
@@ -143,7 +143,6 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
             mn = sc->kmin;
             mx = sc->kmax;
         }
-        float w = job->step->score_width;
         sc->score[i] = scale * (w == 1.0f ? block_score(sc->qp, mn, mx, d)
                                           : block_score_width(sc->qp, mn, mx, d, w));
         sc->order[n_cand++] = i;
