@@ -369,7 +369,13 @@ resa_status resa_ctx_lock(resa_ctx *ctx)
     }
     ctx->locked = 1;
     s = ctx->ops->pool_create(ctx);
-    if (s != RESA_OK)
-        unlock(ctx); /* pool_destroy frees whatever pool_create got */
+    if (s != RESA_OK) {
+        /* pool_destroy frees whatever pool_create got.  No id was handed out
+         * under this lock, so the id epoch stays: the retried call gives the
+         * ids it would have given without the failure. */
+        int32_t epoch = ctx->id_epoch;
+        unlock(ctx);
+        ctx->id_epoch = epoch;
+    }
     return s;
 }
