@@ -31,8 +31,8 @@ if ! pkg-config --exists resa; then
 fi
 
 # resa.pc names the prefix meson was configured with.  After a DESTDIR
-# install the files are elsewhere, so redefine prefix (meson's resa.pc
-# derives libdir and includedir from it).
+# install the files are elsewhere, so redefine prefix (resa.pc, from
+# pkgconfig/resa.pc.in, derives libdir and includedir from it).
 pc=(pkg-config --define-variable=prefix="$prefix")
 echo "pkgconfig-check: resa $("${pc[@]}" --modversion resa): $("${pc[@]}" --cflags --libs resa)"
 
