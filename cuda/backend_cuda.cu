@@ -53,9 +53,12 @@ resa_status fail(resa_ctx *ctx, resa_status s, const char *fmt, ...)
 resa_status cuda_fail(resa_ctx *ctx, cudaError_t e, const char *what)
 {
     resa_status s = RESA_ERR_BACKEND;
-    if (e == cudaErrorMemoryAllocation)
+    if (e == cudaErrorMemoryAllocation) {
         s = RESA_ERR_DEVICE_OUT_OF_MEMORY;
-    else if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
+        // Not sticky, and reported now: clear it, or the launch checks of the
+        // next step (cudaGetLastError) would return it again.
+        (void)cudaGetLastError();
+    } else if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
         s = RESA_ERR_NO_DEVICE;
     return fail(ctx, s, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
 }
