@@ -4,6 +4,9 @@
  * context, run the same session at the same time; every output equals the
  * output of the same session run alone (and that one is checked against the
  * reference by the other tests).  Assertions happen in the main thread only.
+ * One context with several workers (NUM_THREADS > 1) gives bit for bit the
+ * outputs and selections of the same session with one thread.  .ci/run also
+ * runs this under ThreadSanitizer (docs/THREADING.md).
  */
 #include <math.h>
 #include <pthread.h>
@@ -135,12 +138,111 @@ START_TEST(test_independent_contexts)
 }
 END_TEST
 
+/* One context, a batch of three sequences (prompts, decodes, rectification,
+ * a fork) with n_workers threads; every output and selection appended to out. */
+#define W_SEQS 3
+#define W_STEPS 24
+#define W_ROWS 512 /* the prompts' step; later steps have at most 5 rows a sequence */
+static size_t worker_session(int32_t n_workers, uint64_t seed, float *outs, size_t cap)
+{
+    ref_rng r = {seed};
+    resa_ctx *c = NULL;
+    size_t n_out = 0;
+    float *q = malloc(sizeof(float) * W_ROWS * HQ * D);
+    float *k = malloc(sizeof(float) * W_ROWS * HKV * D);
+    float *v = malloc(sizeof(float) * W_ROWS * HKV * D);
+    float *out = malloc(sizeof(float) * W_ROWS * HQ * D);
+    TCHECK(q && k && v && out, "out of memory");
+    TOK(c, resa_ctx_create(RESA_BACKEND_CPU, NULL, &c));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, D));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_Q_HEADS, HQ));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_KV_HEADS, HKV));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_LAYERS, LAYERS));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_MAX_TOKENS, 4096));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_NUM_THREADS, n_workers));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_RECORD_SELECTION, 1));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_SELECT_MIN_BLOCKS, 2));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_RECTIFY_INTERVAL, 5));
+    int32_t seqs[W_SEQS + 1], modes[W_SEQS + 1], counts[W_SEQS + 1];
+    const int32_t prompt[W_SEQS] = {300, 130, 17};
+    int32_t n_seqs = W_SEQS;
+    for (int i = 0; i < W_SEQS; i++) {
+        TOK(c, resa_seq_create(c, &seqs[i]));
+        modes[i] = RESA_MODE_APPEND;
+        counts[i] = prompt[i];
+    }
+    for (int step = -1; step < W_STEPS; step++) {
+        if (step == W_STEPS / 2) { /* a fork joins the batch */
+            TOK(c, resa_seq_fork(c, seqs[0], &seqs[n_seqs]));
+            n_seqs++;
+        }
+        int32_t rows = 0;
+        for (int i = 0; step >= 0 && i < n_seqs; i++) {
+            int32_t due = 0;
+            int64_t pend = 0;
+            TOK(c, resa_seq_rectify_due(c, seqs[i], &due));
+            TOK(c, resa_seq_pending(c, seqs[i], &pend));
+            modes[i] = due ? RESA_MODE_RECTIFY : RESA_MODE_DECODE;
+            counts[i] = due ? (int32_t)pend : 1;
+        }
+        for (int i = 0; i < n_seqs; i++)
+            rows += counts[i];
+        TCHECK(rows <= W_ROWS, "step of %d rows", rows);
+        TOK(c, resa_ctx_step_begin(c, n_seqs, seqs, modes, counts, 0));
+        for (int32_t l = 0; l < LAYERS; l++) {
+            fill(&r, q, (size_t)rows * HQ * D);
+            fill(&r, k, (size_t)rows * HKV * D);
+            fill(&r, v, (size_t)rows * HKV * D);
+            TOK(c, resa_ctx_step_attend(c, l, q, k, v, out, 0));
+            size_t n = (size_t)rows * HQ * D;
+            TCHECK(n_out + n <= cap, "output record too small");
+            memcpy(outs + n_out, out, sizeof(float) * n);
+            n_out += n;
+        }
+        TOK(c, resa_ctx_step_end(c, 0));
+        for (int i = 0; i < n_seqs; i++)
+            for (int32_t l = 0; l < LAYERS; l++)
+                for (int32_t h = 0; h < HKV; h++) {
+                    int32_t blocks[64];
+                    int64_t count = 0;
+                    TOK(c, resa_seq_selected_blocks(c, seqs[i], l, h, blocks, 64, &count));
+                    TCHECK(count <= 64 && n_out + 1 + (size_t)count <= cap, "selection record");
+                    outs[n_out++] = (float)count;
+                    for (int64_t j = 0; j < count; j++)
+                        outs[n_out++] = (float)blocks[j];
+                }
+    }
+    resa_ctx_destroy(c);
+    free(q), free(k), free(v), free(out);
+    return n_out;
+}
+
+START_TEST(test_workers_of_one_context)
+{
+    uint64_t seed = th_test_seed("workers_of_one_context");
+    size_t cap = (size_t)LAYERS * HQ * D * (W_ROWS + W_STEPS * 5 * (W_SEQS + 1)) +
+                 (size_t)(W_STEPS + 1) * (W_SEQS + 1) * LAYERS * HKV * 65;
+    float *one = malloc(sizeof(float) * cap), *many = malloc(sizeof(float) * cap);
+    TCHECK(one && many, "out of memory");
+    size_t n1 = worker_session(1, seed, one, cap);
+    const int32_t workers[] = {2, 4};
+    for (size_t w = 0; w < sizeof workers / sizeof workers[0]; w++) {
+        size_t n = worker_session(workers[w], seed, many, cap);
+        TCHECK(n == n1 && memcmp(one, many, sizeof(float) * n) == 0,
+               "NUM_THREADS %d: outputs or selections differ from NUM_THREADS 1", workers[w]);
+    }
+    free(one);
+    free(many);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("threads");
     TCase *tc = tcase_create("threads");
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_independent_contexts);
+    tcase_add_test(tc, test_workers_of_one_context);
     suite_add_tcase(s, tc);
     return s;
 }

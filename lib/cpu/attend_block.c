@@ -15,7 +15,10 @@
 
 #include "cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__gnu_linux__)
+/* Not under gcc's ThreadSanitizer: its instrumented ifunc resolver runs at
+ * relocation, before the TSan runtime is up, and crashes the process. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    defined(__gnu_linux__) && !defined(__SANITIZE_THREAD__)
 #  define RESA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #  define RESA_MULTIVERSION
