@@ -10,6 +10,14 @@
 // host-to-device copy; it waits on the host only when the pinned buffer it is
 // about to reuse is still being copied from, i.e. when the GPU is more than
 // two steps behind.  No allocation happens after the pool is created.
+//
+// Faults: every CUDA call is checked (TRY); a fault of enqueued kernels comes
+// back from the next call that asks the runtime: step_end (cudaStreamQuery,
+// no wait), synchronize, the next step_begin, a selection read.  A sticky
+// error (sticky()) marks the context lost, and the core refuses every call
+// but destroy and the queries from then on; destroy still frees what it can
+// (the calls fail fast, none waits on a dead context).  docs/API.md, "After a
+// device fault".
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -63,11 +71,60 @@ resa_status cuda_fail(resa_ctx *ctx, cudaError_t e, const char *what)
     return fail(ctx, s, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
 }
 
+// The errors after which, as CUDA documents them, "the process is left in an
+// inconsistent state and any further CUDA work will return the same error":
+// a kernel's illegal or misaligned access, trap, assert or timeout (also one
+// of work enqueued earlier, reported by a later call), an uncorrectable ECC or
+// NVLink error, a terminated MPS client.  The CUDA context of the whole
+// process is lost; only a new process can use the GPU again.
+bool sticky(cudaError_t e)
+{
+    switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchFailure:
+    case cudaErrorTensorMemoryLeak:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorContained:
+    case cudaErrorMpsClientTerminated:
+    case cudaErrorExternalDevice:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// cuda_fail, and for a sticky error the context is marked lost (the core then
+// refuses every call but destroy and the queries: lib/internal.h,
+// resa_refuse_lost; docs/API.md, "After a device fault").
+resa_status cuda_error(resa_ctx *ctx, cudaError_t e, const char *what)
+{
+    resa_status s = cuda_fail(ctx, e, what);
+    if (sticky(e) && !ctx->device_lost) {
+        ctx->device_lost = 1;
+        snprintf(ctx->device_fault, sizeof ctx->device_fault, "%s: %s", what,
+                 cudaGetErrorName(e));
+        size_t n = strlen(ctx->error);
+        snprintf(ctx->error + n, sizeof ctx->error - n,
+                 "; a device fault (possibly of work enqueued earlier, such as a bad q, k, v "
+                 "or out pointer): the CUDA context is lost, only resa_ctx_destroy and the "
+                 "queries work now");
+    }
+    return s;
+}
+
 #define TRY(call, what)                                  \
     do {                                                 \
         cudaError_t e_ = (call);                         \
         if (e_ != cudaSuccess)                           \
-            return cuda_fail(ctx, e_, what);             \
+            return cuda_error(ctx, e_, what);            \
     } while (0)
 
 cuda_state *state(resa_ctx *ctx) { return (cuda_state *)ctx->impl; }
@@ -247,8 +304,43 @@ resa_status cuda_set_stream(resa_ctx *ctx, void *stream)
 
 resa_status cuda_synchronize(resa_ctx *ctx)
 {
-    TRY(cudaStreamSynchronize(state(ctx)->stream), "cudaStreamSynchronize");
-    TRY(cudaGetLastError(), "deferred device error");
+    TRY(cudaStreamSynchronize(state(ctx)->stream), "synchronize: cudaStreamSynchronize");
+    TRY(cudaGetLastError(), "synchronize: deferred device error");
+    return RESA_OK;
+}
+
+// Clears the calling thread's last CUDA error when it is `e`, which this
+// module just caused and handled, so that the launch checks
+// (cudaGetLastError) of the next step do not see it.
+void clear_last_error(cudaError_t e)
+{
+    if (cudaPeekAtLastError() == e)
+        (void)cudaGetLastError();
+}
+
+// resa_ctx_step_end: a fault that enqueued work already hit comes back now,
+// without waiting for the work still running (cudaStreamQuery).  Not while
+// the stream is being captured (a query would end the capture; the
+// captured work runs later, at the graph's launch), nor when the legacy
+// stream cannot be asked because another stream is capturing.
+resa_status cuda_check(resa_ctx *ctx)
+{
+    cuda_state *st = state(ctx);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cudaError_t e = cudaStreamIsCapturing(st->stream, &capture);
+    if (e == cudaErrorStreamCaptureImplicit) {
+        clear_last_error(e);
+        return RESA_OK;
+    }
+    TRY(e, "step_end: cudaStreamIsCapturing");
+    if (capture != cudaStreamCaptureStatusNone)
+        return RESA_OK;
+    e = cudaStreamQuery(st->stream);
+    if (e == cudaErrorNotReady) { // work still running: not an error
+        clear_last_error(e);
+        return RESA_OK;
+    }
+    TRY(e, "step_end: cudaStreamQuery");
     return RESA_OK;
 }
 
@@ -456,6 +548,7 @@ const resa_backend_ops cuda_ops = {
     cuda_step_prepare,
     cuda_step_attend,
     cuda_read_selection,
+    cuda_check,
 };
 
 } // namespace

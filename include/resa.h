@@ -82,7 +82,9 @@ typedef enum resa_status {
     RESA_ERR_CAPACITY             = 5,  /* KV pool, sequence slots or step size exhausted; nothing changed */
     RESA_ERR_NOT_SUPPORTED        = 6,  /* backend not built, dtype/head_dim unsupported by the backend */
     RESA_ERR_NO_DEVICE            = 7,  /* CUDA backend built, but no usable GPU or driver */
-    RESA_ERR_BACKEND              = 8,  /* CUDA failure (also deferred async faults) */
+    RESA_ERR_BACKEND              = 8,  /* CUDA failure (also deferred async faults; after a
+                                           sticky one, every call but destroy and the
+                                           queries: docs/API.md "After a device fault") */
     RESA_ERR_VERSION_MISMATCH     = 9,  /* a backend module of another version was found */
     RESA_ERR_INTERNAL             = 10  /* a libresa bug: please report it */
 } resa_status;

@@ -21,7 +21,7 @@ extern "C" {
 #endif
 
 /* Bump whenever resa_backend_ops or anything in internal.h changes shape. */
-#define RESA_BACKEND_API_VERSION 1u
+#define RESA_BACKEND_API_VERSION 2u
 #define RESA_BACKEND_ENTRY "resa_backend_module_entry"
 
 typedef struct resa_backend_ops {
@@ -65,6 +65,11 @@ typedef struct resa_backend_ops {
      * (sel_words words).  CUDA: synchronizes. */
     resa_status (*read_selection)(resa_ctx *ctx, int32_t slot, int32_t layer, int32_t head,
                                   uint32_t *bits);
+
+    /* Reports a fault of enqueued work that has already happened, without
+     * waiting for the rest (CUDA: cudaStreamQuery outside graph capture);
+     * called by resa_ctx_step_end.  NULL where work is synchronous (CPU). */
+    resa_status (*check)(resa_ctx *ctx);
 } resa_backend_ops;
 
 /* The CPU backend (lib/cpu/backend_cpu.c). */

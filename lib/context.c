@@ -198,6 +198,8 @@ resa_status resa_ctx_reset(resa_ctx *ctx, uint32_t what)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "reset");
     if (what == 0 || (what & ~(RESA_RESET_SESSION | RESA_RESET_PARAMS)))
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                          "reset: what = 0x%x; use RESA_RESET_SESSION and/or RESA_RESET_PARAMS",
@@ -236,6 +238,8 @@ resa_status resa_ctx_set_stream(resa_ctx *ctx, void *stream)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "set_stream");
     if (ctx->step_open)
         return resa_fail(ctx, RESA_ERR_BAD_STATE, "set_stream: a step is open");
     resa_status s = ctx->ops->set_stream(ctx, stream);
@@ -249,6 +253,8 @@ resa_status resa_ctx_synchronize(resa_ctx *ctx)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "synchronize");
     return ctx->ops->synchronize(ctx);
 }
 

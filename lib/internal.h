@@ -135,6 +135,7 @@ typedef struct resa_step {
 struct resa_backend_ops; /* lib/backend.h */
 
 #define RESA_ERROR_CAP 512
+#define RESA_FAULT_CAP 192
 
 struct resa_ctx {
     resa_allocator alloc;
@@ -166,6 +167,13 @@ struct resa_ctx {
     int32_t *scratch_slots;                 /* [max_seqs] validation scratch */
     int32_t *page_marks;                    /* [n_pages] copy-on-write counting scratch */
 
+    /* A sticky CUDA error (docs/API.md, "After a device fault") lost the
+     * process's CUDA context: set once by the CUDA backend, with the fault's
+     * text; from then on the core refuses every call but resa_ctx_destroy and
+     * the host-side queries (resa_refuse_lost). */
+    int32_t device_lost;
+    char device_fault[RESA_FAULT_CAP];
+
     char error[RESA_ERROR_CAP];
 };
 
@@ -178,6 +186,16 @@ RESA_HIDDEN resa_status resa_fail(resa_ctx *ctx, resa_status s, const char *fmt,
 #endif
     ;
 RESA_HIDDEN void resa_clear_error(resa_ctx *ctx);
+/* RESA_ERR_BACKEND, naming the call and the device fault, when the context's
+ * CUDA context was lost (ctx->device_lost); else RESA_OK. */
+static inline resa_status resa_refuse_lost(resa_ctx *ctx, const char *what)
+{
+    if (!ctx->device_lost)
+        return RESA_OK;
+    return resa_fail(ctx, RESA_ERR_BACKEND,
+                     "%s: refused: a device fault lost the CUDA context (%s); only "
+                     "resa_ctx_destroy and the queries work now", what, ctx->device_fault);
+}
 RESA_HIDDEN size_t resa_dtype_size(resa_dtype t);
 
 /* Parameters (params.c): every field of c to its default, nothing set by the

@@ -115,6 +115,8 @@ resa_status resa_ctx_set_param(resa_ctx *ctx, resa_param p, int64_t value)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "set_param");
     const param_row *r = NULL;
     resa_status s = lookup(ctx, p, 0, &r);
     if (s == RESA_OK)
@@ -139,6 +141,8 @@ resa_status resa_ctx_set_param_f64(resa_ctx *ctx, resa_param p, double value)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "set_param_f64");
     const param_row *r = NULL;
     resa_status s = lookup(ctx, p, 1, &r);
     if (s == RESA_OK)

@@ -12,6 +12,8 @@ resa_status resa_ctx_set_preset(resa_ctx *ctx, resa_preset preset)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "set_preset");
     if (ctx->step_open)
         return resa_fail(ctx, RESA_ERR_BAD_STATE, "set_preset: a step is open");
     resa_config v;

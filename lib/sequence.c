@@ -33,6 +33,8 @@ static int32_t free_slot(const resa_ctx *ctx)
 static resa_status seq_preamble(resa_ctx *ctx, const char *what)
 {
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, what);
     if (ctx->step_open)
         return resa_fail(ctx, RESA_ERR_BAD_STATE, "%s: a step is open; end or cancel it first",
                          what);
@@ -226,6 +228,8 @@ resa_status resa_seq_selected_blocks(resa_ctx *ctx, int32_t seq, int32_t layer, 
 {
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
+    if (ctx->device_lost) /* it reads the device */
+        return resa_refuse_lost(ctx, "seq_selected_blocks");
     int32_t slot;
     resa_status s = query_slot(ctx, seq, count, "seq_selected_blocks", "count", &slot);
     if (s != RESA_OK)

@@ -153,6 +153,8 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "step_begin");
     if (flags & ~RESA_STEP_REPLAY)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                          "step_begin: flags = 0x%x; only RESA_STEP_REPLAY is defined", flags);
@@ -296,6 +298,8 @@ resa_status resa_ctx_step_attend(resa_ctx *ctx, int32_t layer, const void *q, co
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "step_attend");
     if (flags != 0)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_attend: flags = 0x%x must be 0",
                          flags);
@@ -327,6 +331,8 @@ resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "step_end");
     if (flags != 0)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_end: flags = 0x%x must be 0",
                          flags);
@@ -337,6 +343,13 @@ resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags)
             return resa_fail(ctx, RESA_ERR_BAD_STATE,
                              "step_end: layer %d was not attended; attend it or cancel the step",
                              l);
+    /* A device fault the step's work (or earlier work) already hit is
+     * reported here, and the step is not committed; no waiting. */
+    if (ctx->ops->check) {
+        resa_status s = ctx->ops->check(ctx);
+        if (s != RESA_OK)
+            return s;
+    }
     const resa_step *st = &ctx->step;
     for (int32_t i = 0; i < st->n_entries; i++) {
         const resa_step_entry *e = &st->entries[i];
@@ -365,6 +378,8 @@ resa_status resa_ctx_step_cancel(resa_ctx *ctx)
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
     resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, "step_cancel");
     if (!ctx->step_open)
         return resa_fail(ctx, RESA_ERR_BAD_STATE, "step_cancel: no step is open");
     const resa_step *st = &ctx->step;
