@@ -27,7 +27,7 @@
 //    RESA_CUDA_NO_TMA=1).  Why TMA: the cp.async producer spent ~24
 //    instructions per 16-byte copy on the same schedulers as the consumers'
 //    softmax; TMA made rectification at d 128 1.2-1.3x faster
-//    (cuda/harness/NOTES.md).  A slot completes on its "full" mbarrier (128
+//    (bench/harness/NOTES.md).  A slot completes on its "full" mbarrier (128
 //    arrivals: cp.async.mbarrier.arrive.noinc per thread, or one
 //    arrive.expect_tx of the slot's bytes plus 127 plain arrivals) and is
 //    refilled once its "empty" mbarrier has one arrival from every consumer
@@ -66,7 +66,7 @@ constexpr int HTHREADS = 384; // producer + 2 consumer warpgroups
 // the consumers' 232.  K slots free up as soon as S is done, so a K ring of
 // three gives the loads a tile of slack at d 256 too (one shared 2-stage
 // ring made every 64-key tile wait one load latency: 3.2 -> 2.0 ms for the
-// 16/2 x 256 rectification, cuda/harness/NOTES.md v6).
+// 16/2 x 256 rectification, bench/harness/NOTES.md v6).
 template <int HD> struct wg_cfg;
 template <> struct wg_cfg<128> {
     static constexpr int BN = 128, KSTAGES = 3, VSTAGES = 3;
@@ -519,7 +519,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     // cp.async writes are generic-proxy stores; wgmma reads through the async
     // proxy.  Fenced here, once a tile with no wgmma of this warpgroup in
     // flight (measured free); fencing in the producer after its copies land
-    // instead was 10-21% slower (cuda/harness/NOTES.md, v3)
+    // instead was 10-21% slower (bench/harness/NOTES.md, v3)
     auto fence_async = [] { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); };
 
     // Each warp releases a K slot as soon as S of its tile is done and a V

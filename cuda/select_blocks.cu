@@ -629,7 +629,7 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
 // summaries per lane in flight; dynamic shared memory: the keys staging of
 // the tail.)  A lane reads 16 bytes of kmin and of kmax per block: V = 8
 // dimensions of 16-bit summaries or 16 of fp8 ones (fp8 at 8 dimensions and
-// 8-byte loads measured ~2 us slower at 8 x 256K, cuda/harness/NOTES.md).
+// 8-byte loads measured ~2 us slower at 8 x 256K, bench/harness/NOTES.md).
 template <typename T, typename S, int D, bool kTop>
 __global__ void __launch_bounds__(kScoreThreads, 1)
 score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage_keys)

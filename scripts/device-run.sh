@@ -100,7 +100,7 @@ if [[ $phases == *e2eprof* ]]; then
     RESA_E2E_PROFILE_STEP=3 ncu --profile-from-start off --cache-control none --clock-control none \
       --metrics $m --csv --print-units base $build/examples/resa-e2e --contexts 262144 --batch $1 \
       --modes $2 --steps 32 --warmup 8 --summary ${RESA_E2E_SUMMARY:-fp8} >"$OUT/ncu-e2e-b$1.csv" 2>"$OUT/ncu-e2e-b$1.log"
-    python3 tools/ncu_step_account.py "$OUT/ncu-e2e-b$1.csv" $3 | tee "$OUT/e2e-kernels-b$1.txt"
+    python3 bench/profile/ncu_step_account.py "$OUT/ncu-e2e-b$1.csv" $3 | tee "$OUT/e2e-kernels-b$1.txt"
     rm -f "$OUT/ncu-e2e-b$1.csv"
   done
 fi
@@ -130,18 +130,18 @@ if [[ $phases == all || $phases == *bench* ]]; then
       --reps 30 --csv 2>/dev/null
     $build/tools/resa-bench --backend cuda --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
       --reps 30 --csv --summary fp8 2>/dev/null | tail -n +2; } | tee "$OUT/resa-bench.csv"
-  python3 tools/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
+  python3 bench/peers/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
   # FlashInfer: installed, or carried as a pruned archive in .whl/
   # (scripts/flashinfer-setup.sh; carry .whl); same CSV rows.  Its comments
   # (version, first plan() time, or why it could not run) go to the log.
   ( source scripts/flashinfer-setup.sh
-    PYTHONUNBUFFERED=1 timeout ${RESA_FLASHINFER_TIMEOUT:-300} python3 tools/flashinfer_bench.py \
+    PYTHONUNBUFFERED=1 timeout ${RESA_FLASHINFER_TIMEOUT:-300} python3 bench/peers/flashinfer_bench.py \
       --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --reps 20 ) \
     2>>"$OUT/peer-errors.log" | tee "$OUT/flashinfer.txt" | grep -v '^peer,\|^#' >>"$OUT/peers.csv"
   grep '^#' "$OUT/flashinfer.txt"
-  say "ratios (tools/compare.py)"
-  python3 tools/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
+  say "ratios (bench/peers/compare.py)"
+  python3 bench/peers/compare.py "$OUT/peers.csv" "$OUT/resa-bench.csv" | tee "$OUT/ratios.txt"
 fi
 
 if [[ $phases == *levers* ]]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
-# FlashInfer for tools/flashinfer_bench.py on the device machine, which has no
+# FlashInfer for bench/peers/flashinfer_bench.py on the device machine, which has no
 # network and takes at most 64 MiB of carried files a call.  FlashInfer travels
 # as one pruned archive, .whl/flashinfer-<version>-py312-sm90.tar.xz (about
 # 11 MB; .whl/ is git-ignored and carried: carry [".whl"]), holding
@@ -14,7 +14,7 @@
 #
 # On the device, before the benchmark:
 #   source scripts/flashinfer-setup.sh      # unpacks to /tmp/fi-site, exports
-#   python3 tools/flashinfer_bench.py ...
+#   python3 bench/peers/flashinfer_bench.py ...
 # or, in another shell:  eval "$(scripts/flashinfer-setup.sh)"
 # Without the archive it says so on stderr and changes nothing (status 0).
 #

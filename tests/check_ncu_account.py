@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
-"""tools/ncu_step_account.py on a small ncu-shaped CSV made here: kernel
+"""bench/profile/ncu_step_account.py on a small ncu-shaped CSV made here: kernel
 names shortened and grouped, times and bytes summed per group, the --modes
 split into equal steps, and an unequal split refused."""
 import os

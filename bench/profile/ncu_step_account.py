@@ -6,7 +6,7 @@
         --clock-control none --csv --print-units base \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \\
         resa-e2e --contexts 262144 --batch 8 --modes resa ... > step.csv
-    tools/ncu_step_account.py step.csv [N]
+    bench/profile/ncu_step_account.py step.csv [N]
 
 Sums time and DRAM bytes by kernel name (cuBLAS kernels keep their own
 names) and prints ms per step and TB/s.  N > 1 splits the profiled kernels

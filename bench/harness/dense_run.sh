@@ -14,7 +14,7 @@ build() { # $1: output binary
   local f="-std=c++17 -O3 -lineinfo -Xptxas -v -I include -I lib -I cuda"
   nvcc $f -gencode arch=compute_90a,code=sm_90a -DRESA_CUDA_SM90A=1 -c cuda/attention_dense_sm90.cu \
     -o "$1.sm90.o" && \
-  nvcc $f -gencode arch=compute_90,code=sm_90 cuda/harness/dense_harness.cu cuda/attention_dense.cu \
+  nvcc $f -gencode arch=compute_90,code=sm_90 bench/harness/dense_harness.cu cuda/attention_dense.cu \
     "$1.sm90.o" -o "$1"
 }
 DH=/tmp/dh
@@ -35,7 +35,7 @@ if [ "${CHECK:-1}" = 1 ]; then
   grep -v "^ok" "$OUT/check.log" | tail -12
 fi
 [ "${TIME:-1}" = 1 ] && timeout ${TIME_S:-150} "$DH" time 2>&1 | tee "$OUT/time.log" | tail -9
-[ "${SDPA:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 150 python3 cuda/harness/sdpa_bench.py 2>&1 | tee "$OUT/sdpa.log" | grep -E "BEST|prefill|Error"
+[ "${SDPA:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 150 python3 bench/harness/sdpa_bench.py 2>&1 | tee "$OUT/sdpa.log" | grep -E "BEST|prefill|Error"
 if [ "${SAN:-1}" = 1 ]; then
   timeout 60 compute-sanitizer --tool memcheck --error-exitcode 99 "$DH" quick >"$OUT/memcheck.log" 2>&1; echo "memcheck rc $?"; tail -3 "$OUT/memcheck.log"
   if [ "${RACE:-1}" = 1 ]; then

@@ -3,7 +3,7 @@
 // cuda/attention_sparse.cu (not part of the library build).
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90,code=sm_90 -I include -I lib -I cuda
-//        cuda/harness/sparse_harness.cu cuda/attention_sparse.cu cuda/kv_write.cu -o h
+//        bench/harness/sparse_harness.cu cuda/attention_sparse.cu cuda/kv_write.cu -o h
 // (select_blocks.cu is included below, so that its scores can be timed apart.)
 //   ./h check     correctness against a float64 CPU reference
 //   ./h quick     4 small checks (for compute-sanitizer)
@@ -37,7 +37,7 @@
 #include "kernels.h"
 #include "resa.h"
 
-#include "../select_blocks.cu"
+#include "select_blocks.cu" // cuda/select_blocks.cu, through -I cuda
 
 static void ck(cudaError_t e, const char *what, int line)
 {

@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: MIT
 // Standalone check and benchmark of cuda/attention_dense.cu and, on a compute
 // capability 9.0 GPU, its wgmma path cuda/attention_dense_sm90.cu (not part of
-// the library build).  cuda/harness/dense_run.sh has the build lines:
+// the library build).  bench/harness/dense_run.sh has the build lines:
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DRESA_CUDA_SM90A=1
 //        -I include -I lib -I cuda -c cuda/attention_dense_sm90.cu -o sm90.o
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90,code=sm_90 -I include -I lib -I cuda
-//        cuda/harness/dense_harness.cu cuda/attention_dense.cu sm90.o -o dh
+//        bench/harness/dense_harness.cu cuda/attention_dense.cu sm90.o -o dh
 //   ./dh check    correctness against a float64 CPU reference
 //   ./dh quick    four small checks (for compute-sanitizer)
 //   ./dh time     timings (needs ~20 GB of device memory); DH_TIME_CASES=a,b
