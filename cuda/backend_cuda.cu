@@ -479,6 +479,7 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
     a.n_rows = step->n_rows;
     a.scale = step->scale;
     a.score_width = step->score_width;
+    a.group_score = step->group_score;
     a.local_blocks = step->local_blocks;
     a.sink_blocks = step->sink_blocks;
     a.ws_select = st->ws_select;

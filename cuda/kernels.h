@@ -69,6 +69,7 @@ typedef struct resa_cuda_layer_args {
     int64_t n_rows;              /* rows of q, k, v, out */
     float scale;
     float score_width;           /* w of the block score; 1 = the paper's bound */
+    int32_t group_score;         /* resa_group_score: 0 pooled query, 1 per-head shares */
     int32_t local_blocks, sink_blocks;
     const void *q, *k_in, *v_in; /* IO dtype, layouts of resa.h */
     void *out;

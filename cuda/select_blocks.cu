@@ -44,6 +44,8 @@
 //   lists    [max_seqs][hkv][max_seq_blocks] int32  (resa_cuda_sel_list)
 //   keys     [max_seqs][hkv][max_seq_blocks] uint32 (scores as ordered keys)
 //   cells    [max_seqs][hkv] PairCells: zero at rest (resa_cuda_select_init once)
+//   hscores  [max_seqs][hkv][group][max_seq_blocks] float: GROUP_SCORE HEAD_SHARE's
+//            per-head block scores in logits (the tail turns them into keys)
 #include <cuda_fp8.h>
 #include <limits.h>
 
@@ -59,6 +61,7 @@ constexpr int kScoreUnroll = 4;       // 8-dimension lane groups: blocks in flig
                                       // 16 dimensions: 2, the same 64 bytes a lane)
 constexpr int kScoreCtasPerSm = 1;    // 1024 threads at <= 64 registers: the grid is one full wave
 constexpr size_t kKeysSmemMax = 160 * 1024; // keys staged in shared memory up to 40960 blocks
+constexpr int kMaxGroup = 16;         // query heads per KV head (the backend's lock check)
 
 // Per (entry, head), zero between launches: the arrival count of the score
 // CTAs and the range of their keys (minimum complemented, so zero = empty).
@@ -91,11 +94,18 @@ __device__ Pair load_pair(const resa_cuda_layer_args &a, int i)
 }
 
 // Unsigned order of the key == numeric order of the score (-0 folded to +0
-// so that equal scores give equal keys, as the CPU's == compares them).
+// so that equal scores give equal keys, as the CPU's == compares them).  A
+// NaN score (a NaN query, or infinite summaries: inf - inf, 0 * inf) is
+// stored as -inf, below every number, as the CPU does (choose_blocks): the
+// key order stays total, a NaN never outranks a block (a positive NaN's bits
+// would sort above +inf) and both backends take the same blocks.  One select
+// on a value already in a register: no cost in this memory-bound kernel.
 __device__ __forceinline__ uint32_t order_key(float s)
 {
     if (s == 0.0f)
         s = 0.0f;
+    if ((__float_as_uint(s) & 0x7fffffffu) > 0x7f800000u) // NaN (bit test: no fast-math folding)
+        s = -INFINITY;
     const uint32_t u = __float_as_uint(s);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
@@ -619,6 +629,158 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
             bits[w] = 0u;
 }
 
+// ---- GROUP_SCORE HEAD_SHARE (CPU twin: head_share_scores, lib/cpu/attention_sparse.c) ----
+
+// The g query vectors of the group, unscaled, fp32: qs[j * D + t].
+template <typename T, int D>
+__device__ void group_queries(const resa_cuda_layer_args &a, int64_t row, int h, float *qs)
+{
+    const int g = a.dims.group;
+    const T *q = (const T *)a.q + ((size_t)row * a.dims.hq + (size_t)h * g) * D;
+    for (int t = threadIdx.x; t < g * D; t += blockDim.x)
+        qs[t] = to_f32(q[t]);
+    __syncthreads();
+}
+
+// One head's score of one block in logits, summed over the TD lanes of the
+// block (every lane gets it): the width score of this lane's V dimensions
+// (q from shared memory), the fp8 block scale, then the softmax scale; NaN
+// becomes -inf, as order_key and the CPU treat it.
+template <typename S, int V, int TD>
+__device__ __forceinline__ float block_logit(const float *qs, uint4 mn, uint4 mx, int ex, float w,
+                                             float scale)
+{
+    float q[V];
+#pragma unroll
+    for (int e = 0; e < V; e++)
+        q[e] = qs[e];
+    float s;
+    if constexpr (V == 16)
+        s = score16(q, mn, mx, w);
+    else
+        s = score8<S>(q, mn, mx, w);
+    s = group_sum<TD>(s);
+    if (sizeof(S) == 1)
+        s = ldexpf(s, ex);
+    s *= scale;
+    return s == s ? s : -INFINITY;
+}
+
+// (m, l) of an online log-sum-exp, merged; -inf maxima merge to (-inf, 0).
+__device__ __forceinline__ void lse_merge(float &m, float &l, float m2, float l2)
+{
+    const float mm = fmaxf(m, m2);
+    if (mm == -INFINITY) {
+        m = mm;
+        l = 0.0f;
+        return;
+    }
+    l = l * expf(m - mm) + l2 * expf(m2 - mm);
+    m = mm;
+}
+
+// The last CTA of a HEAD_SHARE pair, once every candidate's per-head logits
+// are in hs ([g][max_seq_blocks], written by this grid): scores the forced
+// blocks too (the per-head normalisers run over all M blocks), takes each
+// head's log-sum-exp lse_h (a head whose maximum is not finite is left out),
+// and writes each candidate's key, order_key(log sum_h exp(s_hj - lse_h)),
+// into keys with their range in ts.lo / ts.hi, for select_tail.
+template <typename S, int D>
+__device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, int h,
+                                const float *qs, float *hs, uint32_t *keys, TailShared &ts)
+{
+    constexpr bool F8 = sizeof(S) == 1;
+    constexpr int V = F8 ? 16 : 8, TD = D / V, PER_WARP = 32 / TD;
+    const resa_cuda_dims &Dm = a.dims;
+    const int g = Dm.group, M = p.M, stride = Dm.max_seq_blocks;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ float lse_s[kMaxGroup];
+    __shared__ float red_m[kWarps], red_l[kWarps];
+    // 1. the forced blocks' logits: items (forced block, head), PER_WARP per warp
+    const int n_sink = p.cand_lo, n_forced = p.cand_lo + (M - p.cand_hi);
+    const int sub = lane % TD;
+    const int32_t *pt = a.page_tables + (size_t)p.slot * stride;
+    const size_t page_stride = (size_t)Dm.hkv * D;
+    for (int base = warp * PER_WARP; base < n_forced * g; base += kWarps * PER_WARP) {
+        const int item = min(base + lane / TD, n_forced * g - 1); // whole warps shuffle
+        const int f = item / g, hh = item % g;
+        const int j = f < n_sink ? f : p.cand_hi + (f - n_sink);
+        const int page = __ldg(pt + j);
+        const S *kmin = (const S *)a.kmin + (size_t)page * page_stride + (size_t)h * D + sub * V;
+        const S *kmax = (const S *)a.kmax + (size_t)page * page_stride + (size_t)h * D + sub * V;
+        const uint4 mn = __ldcg((const uint4 *)kmin), mx = __ldcg((const uint4 *)kmax);
+        const int ex = F8 ? (int)__ldg(a.kexp + (size_t)page * Dm.hkv + h) : 0;
+        const float s = block_logit<S, V, TD>(qs + hh * D + sub * V, mn, mx, ex, a.score_width,
+                                              a.scale);
+        if (sub == 0 && base + lane / TD < n_forced * g)
+            hs[(size_t)hh * stride + j] = s;
+    }
+    __syncthreads();
+    // 2. per head: lse over all M blocks
+    for (int hh = 0; hh < g; hh++) {
+        float m = -INFINITY, l = 0.0f;
+        for (int j = threadIdx.x; j < M; j += blockDim.x)
+            lse_merge(m, l, __ldcg(hs + (size_t)hh * stride + j), 1.0f);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+            lse_merge(m, l, m2, l2);
+        }
+        if (lane == 0) {
+            red_m[warp] = m;
+            red_l[warp] = l;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            m = red_m[lane];
+            l = red_l[lane];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+                const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+                lse_merge(m, l, m2, l2);
+            }
+            if (lane == 0) // not finite: the head is left out (NaN)
+                lse_s[hh] = (m > -INFINITY && m < INFINITY) ? m + logf(l) : __int_as_float(0x7fc00000);
+        }
+        __syncthreads();
+    }
+    // 3. the candidates' keys and their range
+    uint32_t kmn = 0xffffffffu, kmx = 0u;
+    for (int j = p.cand_lo + threadIdx.x; j < p.cand_hi; j += blockDim.x) {
+        float m = -INFINITY;
+        for (int hh = 0; hh < g; hh++)
+            if (lse_s[hh] == lse_s[hh])
+                m = fmaxf(m, __ldcg(hs + (size_t)hh * stride + j) - lse_s[hh]);
+        float sum = 0.0f;
+        if (m > -INFINITY)
+            for (int hh = 0; hh < g; hh++)
+                if (lse_s[hh] == lse_s[hh])
+                    sum += expf(__ldcg(hs + (size_t)hh * stride + j) - lse_s[hh] - m);
+        const uint32_t key = order_key(m > -INFINITY ? m + logf(sum) : -INFINITY);
+        keys[j] = key;
+        kmn = min(kmn, key);
+        kmx = max(kmx, key);
+    }
+    kmn = __reduce_min_sync(0xffffffffu, kmn);
+    kmx = __reduce_max_sync(0xffffffffu, kmx);
+    if (lane == 0) {
+        ts.wsum[warp] = kmn;
+        ts.seg_take[warp] = (int)kmx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        kmn = __reduce_min_sync(0xffffffffu, ts.wsum[lane]);
+        kmx = __reduce_max_sync(0xffffffffu, (uint32_t)ts.seg_take[lane]);
+        if (lane == 0) {
+            ts.lo = kmn;
+            ts.hi = kmx;
+        }
+    }
+    __syncthreads();
+}
+
 // Grid (ctas_per_pair, pairs).  Each CTA scores a contiguous share of one
 // (entry, head)'s candidate blocks into `keys` and merges the share's key
 // range into cells[pair]; with kTop, the last CTA of the pair to finish
@@ -632,7 +794,8 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
 // 8-byte loads measured ~2 us slower at 8 x 256K, bench/harness/NOTES.md).
 template <typename T, typename S, int D, bool kTop>
 __global__ void __launch_bounds__(kScoreThreads, 1)
-score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage_keys)
+score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hscores,
+             int stage_keys)
 {
     constexpr bool F8 = sizeof(S) == 1;       // S: summary element, T or fp8_e4m3
     constexpr int V = F8 ? 16 : 8;            // summary dimensions per lane
@@ -641,7 +804,7 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage
     constexpr int G = kScoreThreads / TD;     // blocks per CTA per unrolled slot
     constexpr int STEP = G * U;
     extern __shared__ uint32_t keys_s[];
-    __shared__ float qp[D];
+    __shared__ float qp[kMaxGroup * D]; // the pooled query, or HEAD_SHARE: the g queries
     __shared__ TailShared ts;
     const resa_cuda_dims &Dm = a.dims;
     const int pair = blockIdx.y;
@@ -655,7 +818,13 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage
             select_tail(a, p, pair, out, nullptr, ts);
         return;
     }
-    pooled_query<T, D>(a, p.row, h, qp); // the queries: written before the layer began
+    const bool share = a.group_score == 1; // uniform over the launch
+    const int g = Dm.group;
+    float *hs = hscores + (size_t)pair * g * Dm.max_seq_blocks; // [g][max_seq_blocks]
+    if (share)
+        group_queries<T, D>(a, p.row, h, qp);
+    else
+        pooled_query<T, D>(a, p.row, h, qp); // the queries: written before the layer began
     pdl_wait(); // the summaries of this step's writes
     pdl_trigger();
     const int ncand = p.cand_hi - p.cand_lo;
@@ -689,6 +858,19 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage
             mn[u] = load_stream(kmin + (size_t)page[u] * page_stride);
             mx[u] = load_stream(kmax + (size_t)page[u] * page_stride);
             ex[u] = F8 ? __ldg(kexp + (size_t)page[u] * Dm.hkv) : 0;
+        }
+        if (share) { // every head of the group scores the block, in logits
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int j = base + u * G + grp;
+                for (int hh = 0; hh < g; hh++) {
+                    const float s = block_logit<S, V, TD>(qp + hh * D + sub * V, mn[u], mx[u], ex[u],
+                                                          a.score_width, a.scale);
+                    if (sub == 0 && j < hi)
+                        hs[(size_t)hh * Dm.max_seq_blocks + j] = s;
+                }
+            }
+            continue;
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -748,6 +930,8 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, int stage
     __syncthreads();
     if (!ts.last)
         return;
+    if (share)
+        head_share_keys<S, D>(a, p, h, qp, hs, out, ts);
     select_tail(a, p, pair, out, stage_keys ? keys_s : nullptr, ts);
 }
 
@@ -764,6 +948,11 @@ size_t counters_offset(const resa_cuda_dims *D)
 size_t cells_bytes(const resa_cuda_dims *D)
 {
     return (size_t)D->max_seqs * D->hkv * sizeof(PairCells);
+}
+
+size_t hscores_offset(const resa_cuda_dims *D)
+{
+    return (counters_offset(D) + cells_bytes(D) + 255) & ~(size_t)255;
 }
 
 // Shared staging of the keys for the top-n tail, when it fits (0: none).
@@ -785,7 +974,7 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
 
 template <typename T, typename S, int D, bool kTop>
 cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
-                           PairCells *cells)
+                           PairCells *cells, float *hs)
 {
     const size_t smem = kTop ? keys_smem(a->dims) : 0;
     if (smem > 0) {
@@ -796,20 +985,20 @@ cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *k
             return err;
     }
     return launch_pdl(score_select<T, S, D, kTop>, grid, dim3(kScoreThreads), smem, a->stream,
-                      *a, keys, cells, smem > 0 ? 1 : 0);
+                      *a, keys, cells, hs, smem > 0 ? 1 : 0);
 }
 
 template <typename T, typename S, bool kTop>
 cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
-                         PairCells *cells)
+                         PairCells *cells, float *hs)
 {
     switch (a->dims.d) {
     case 64:
-        return launch_score_d<T, S, 64, kTop>(a, grid, keys, cells);
+        return launch_score_d<T, S, 64, kTop>(a, grid, keys, cells, hs);
     case 128:
-        return launch_score_d<T, S, 128, kTop>(a, grid, keys, cells);
+        return launch_score_d<T, S, 128, kTop>(a, grid, keys, cells, hs);
     case 256:
-        return launch_score_d<T, S, 256, kTop>(a, grid, keys, cells);
+        return launch_score_d<T, S, 256, kTop>(a, grid, keys, cells, hs);
     default:
         return cudaErrorInvalidValue;
     }
@@ -819,8 +1008,10 @@ cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *key
 
 size_t resa_cuda_select_workspace(const resa_cuda_dims *dims)
 {
-    // lists, keys, then the cells of every (entry, head), zero between launches
-    return counters_offset(dims) + cells_bytes(dims);
+    // lists, keys, the cells of every (entry, head), zero between launches, then
+    // the per-head scores of HEAD_SHARE (g floats a block: 4g bytes next to the
+    // 2 b d bytes of its K/V, since the mode may be chosen at any step)
+    return hscores_offset(dims) + list_elems(dims) * (size_t)dims->group * sizeof(float);
 }
 
 cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select, cudaStream_t stream)
@@ -839,10 +1030,11 @@ cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
     const resa_cuda_dims &D = a->dims;
     uint32_t *keys = (uint32_t *)a->ws_select + list_elems(&D);
     PairCells *cells = (PairCells *)((char *)a->ws_select + counters_offset(&D));
+    float *hs = (float *)((char *)a->ws_select + hscores_offset(&D));
     const dim3 grid = score_grid(D, a->n_decode);
     cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] {
-        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true>(a, grid, keys, cells)
-                         : launch_score<T, T, true>(a, grid, keys, cells);
+        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true>(a, grid, keys, cells, hs)
+                         : launch_score<T, T, true>(a, grid, keys, cells, hs);
     });
     if (err != cudaSuccess)
         return err;

@@ -129,6 +129,21 @@ typedef enum resa_summary_format {
                                   from the exact summaries' where scores are close. */
 } resa_summary_format;
 
+/* How the query heads of a GQA group rank the blocks they read together;
+ * RESA_PARAM_GROUP_SCORE.  Either way the group reads n blocks once per step:
+ * the same K/V bytes. */
+typedef enum resa_group_score {
+    RESA_GROUP_SCORE_POOLED     = 0, /* one score per block from the mean of the group's
+                                        query vectors (the paper) */
+    RESA_GROUP_SCORE_HEAD_SHARE = 1  /* every query head scores every block, in logits
+                                        (times SOFTMAX_SCALE); per head a softmax over the
+                                        sequence's blocks turns the scores into estimated
+                                        attention shares, and a block ranks by the sum of
+                                        its shares over the group's heads.  g times the
+                                        scoring arithmetic, the same summary bytes.  CUDA:
+                                        groups of at most 16 query heads.  docs/quality.md */
+} resa_group_score;
+
 /* What one sequence does in a step (see resa_ctx_step_begin). */
 typedef enum resa_mode {
     RESA_MODE_APPEND    = 0, /* n >= 1 new tokens (prompt/chunk): store K/V, dense causal attention */
@@ -178,6 +193,8 @@ typedef enum resa_param {
                                           the paper's upper bound sum max(q kmax, q kmin),
                                           0 ranks blocks by the centre of their key box
                                           (the paper: 1; docs/quality.md) */
+    RESA_PARAM_GROUP_SCORE      = 208, /* default RESA_GROUP_SCORE_POOLED (resa_group_score):
+                                          how a GQA group ranks blocks */
     /* execution (lock) */
     RESA_PARAM_NUM_THREADS      = 300, /* CPU worker threads, default 0 = online CPUs, [0, 1024] */
     RESA_PARAM_RECORD_SELECTION = 301, /* default 0; 1 keeps the last selection per sequence,
@@ -236,12 +253,13 @@ RESA_API resa_status resa_param_bounds(resa_param p, int64_t *lo, int64_t *hi);
 
 /* Method presets: the selection and rectification parameters that may change
  * between steps (SELECT_FRACTION, SELECT_MIN_BLOCKS, LOCAL_BLOCKS, SINK_BLOCKS,
- * RECTIFY_INTERVAL, SCORE_WIDTH), set together.  Shape and execution
+ * RECTIFY_INTERVAL, SCORE_WIDTH, GROUP_SCORE), set together.  Shape and execution
  * parameters are untouched.  docs/quality.md measures both. */
 typedef enum resa_preset {
     RESA_PRESET_DEFAULT = 0, /* the parameters' defaults (this header) */
     RESA_PRESET_PAPER   = 1  /* the paper's method: r 0.1, n_min 16, LOCAL 1, SINK 0,
-                                f 32, SCORE_WIDTH 1 (the min/max upper bound) */
+                                f 32, SCORE_WIDTH 1 (the min/max upper bound),
+                                GROUP_SCORE POOLED */
 } resa_preset;
 /* Not inside an open step (RESA_ERR_BAD_STATE). */
 RESA_API resa_status resa_ctx_set_preset(resa_ctx *ctx, resa_preset preset);

@@ -33,6 +33,7 @@ typedef struct resa_config {
     int64_t min_blocks, local_blocks, sink_blocks, rectify_interval;
     double softmax_scale; /* 0 = 1/sqrt(head_dim) */
     double score_width;   /* w of the block score (RESA_PARAM_SCORE_WIDTH) */
+    int64_t group_score;  /* resa_group_score (RESA_PARAM_GROUP_SCORE) */
     int64_t num_threads, record_selection;
     uint32_t shape_set;   /* bit p - NUM_LAYERS for each of NUM_LAYERS .. HEAD_DIM the host
                              set: the model's shape has no safe default (resa_ctx_lock) */
@@ -129,6 +130,7 @@ typedef struct resa_step {
     int32_t local_blocks, sink_blocks;
     float scale;          /* softmax scale */
     float score_width;    /* w of the block score: 1 = the paper's bound */
+    int32_t group_score;  /* resa_group_score */
     resa_step_entry *entries;
 } resa_step;
 

@@ -44,6 +44,8 @@ static const param_row rows[] = {
     INT_ROW(RESA_PARAM_RECTIFY_INTERVAL, rectify_interval, 0, 32, 0, (double)(1ll << 30)),
     REAL_ROW(RESA_PARAM_SOFTMAX_SCALE, softmax_scale, 0, 0.0, 0.0, 1e6),
     REAL_ROW(RESA_PARAM_SCORE_WIDTH, score_width, 0, 0.5, 0.0, 1.0),
+    INT_ROW(RESA_PARAM_GROUP_SCORE, group_score, 0, RESA_GROUP_SCORE_POOLED,
+            RESA_GROUP_SCORE_POOLED, RESA_GROUP_SCORE_HEAD_SHARE),
     INT_ROW(RESA_PARAM_NUM_THREADS, num_threads, 1, 0, 0, 1024),
     INT_ROW(RESA_PARAM_RECORD_SELECTION, record_selection, 1, 0, 0, 1),
 };

@@ -28,6 +28,7 @@ resa_status resa_ctx_set_preset(resa_ctx *ctx, resa_preset preset)
         v.sink_blocks = 0;
         v.rectify_interval = 32;
         v.score_width = 1.0;
+        v.group_score = RESA_GROUP_SCORE_POOLED;
         break;
     default:
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
@@ -41,5 +42,6 @@ resa_status resa_ctx_set_preset(resa_ctx *ctx, resa_preset preset)
     ctx->cfg.sink_blocks = v.sink_blocks;
     ctx->cfg.rectify_interval = v.rectify_interval;
     ctx->cfg.score_width = v.score_width;
+    ctx->cfg.group_score = v.group_score;
     return RESA_OK;
 }

@@ -122,6 +122,7 @@ static uint64_t step_shape(const resa_ctx *ctx, int32_t n_seqs, const int32_t *s
     uint64_t width;
     memcpy(&width, &ctx->cfg.score_width, sizeof width);
     MIX(width);
+    MIX(ctx->cfg.group_score);
 #undef MIX
     return h | 1; /* never 0, which means "nothing captured" */
 }
@@ -219,6 +220,7 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     st->local_blocks = (int32_t)ctx->cfg.local_blocks;
     st->sink_blocks = (int32_t)ctx->cfg.sink_blocks;
     st->score_width = (float)ctx->cfg.score_width;
+    st->group_score = (int32_t)ctx->cfg.group_score;
     st->scale = ctx->cfg.softmax_scale > 0 ? (float)ctx->cfg.softmax_scale
                                            : (float)(1.0 / sqrt((double)lo->d));
     int64_t row = 0;

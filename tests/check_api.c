@@ -102,6 +102,8 @@ static const pinfo params[] = {
     {RESA_PARAM_RECTIFY_INTERVAL, "RESA_PARAM_RECTIFY_INTERVAL", 0, 0, 32, 0, 1 << 30},
     {RESA_PARAM_SOFTMAX_SCALE, "RESA_PARAM_SOFTMAX_SCALE", 1, 0, -1 /* effective 1/sqrt(d) */, 0, 1e6},
     {RESA_PARAM_SCORE_WIDTH, "RESA_PARAM_SCORE_WIDTH", 1, 0, 0.5, 0, 1},
+    {RESA_PARAM_GROUP_SCORE, "RESA_PARAM_GROUP_SCORE", 0, 0, RESA_GROUP_SCORE_POOLED,
+     RESA_GROUP_SCORE_POOLED, RESA_GROUP_SCORE_HEAD_SHARE},
     {RESA_PARAM_NUM_THREADS, "RESA_PARAM_NUM_THREADS", 0, 1, 0, 0, 1024},
     {RESA_PARAM_RECORD_SELECTION, "RESA_PARAM_RECORD_SELECTION", 0, 1, 0, 0, 1},
 };
@@ -242,7 +244,7 @@ START_TEST(test_param_defaults_and_bounds)
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "value", resa_ctx_get_param(c, RESA_PARAM_HEAD_DIM, NULL));
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "value",
           resa_ctx_get_param_f64(c, RESA_PARAM_SOFTMAX_SCALE, NULL));
-    static const int bogus[] = {-1, 0, 99, 111, 208, 302, 999, 1001, 123456};
+    static const int bogus[] = {-1, 0, 99, 111, 209, 302, 999, 1001, 123456};
     for (int i = 0; i < 9; i++) {
         resa_param bp = (resa_param)bogus[i];
         TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "param", resa_ctx_set_param(c, bp, 1));
@@ -561,16 +563,19 @@ END_TEST
 START_TEST(test_presets)
 {
     static const resa_param method[] = {RESA_PARAM_SELECT_MIN_BLOCKS, RESA_PARAM_LOCAL_BLOCKS,
-                                        RESA_PARAM_SINK_BLOCKS, RESA_PARAM_RECTIFY_INTERVAL};
-    static const int64_t paper[] = {16, 1, 0, 32};
+                                        RESA_PARAM_SINK_BLOCKS, RESA_PARAM_RECTIFY_INTERVAL,
+                                        RESA_PARAM_GROUP_SCORE};
+    static const int64_t paper[] = {16, 1, 0, 32, RESA_GROUP_SCORE_POOLED};
+    static const int64_t off[] = {7, 7, 7, 7, RESA_GROUP_SCORE_HEAD_SHARE};
+    enum { N_METHOD = 5 };
     resa_ctx *c = NULL;
     ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CPU, NULL, &c), RESA_OK);
     ck_assert_int_eq(resa_ctx_set_preset(NULL, RESA_PRESET_PAPER), RESA_ERR_INVALID_ARGUMENT);
     /* move everything off both presets first */
     TOK(c, resa_ctx_set_param_f64(c, RESA_PARAM_SELECT_FRACTION, 0.37));
     TOK(c, resa_ctx_set_param_f64(c, RESA_PARAM_SCORE_WIDTH, 0.37));
-    for (int i = 0; i < 4; i++)
-        TOK(c, resa_ctx_set_param(c, method[i], 7));
+    for (int i = 0; i < N_METHOD; i++)
+        TOK(c, resa_ctx_set_param(c, method[i], off[i]));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_HEAD_DIM, 64));
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "preset", resa_ctx_set_preset(c, (resa_preset)2));
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "preset", resa_ctx_set_preset(c, (resa_preset)-1));
@@ -584,7 +589,7 @@ START_TEST(test_presets)
     TCHECK(f == 0.1, "paper: fraction %g", f);
     TOK(c, resa_ctx_get_param_f64(c, RESA_PARAM_SCORE_WIDTH, &f));
     TCHECK(f == 1.0, "paper: score width %g", f);
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < N_METHOD; i++) {
         TOK(c, resa_ctx_get_param(c, method[i], &v));
         TCHECK(v == paper[i], "paper: param %d = %lld, expected %lld", (int)method[i],
                (long long)v, (long long)paper[i]);
@@ -592,7 +597,7 @@ START_TEST(test_presets)
     TOK(c, resa_ctx_set_preset(c, RESA_PRESET_DEFAULT));
     resa_ctx *fresh = NULL;
     ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CPU, NULL, &fresh), RESA_OK);
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < N_METHOD; i++) {
         int64_t want;
         TOK(c, resa_ctx_get_param(c, method[i], &v));
         TOK(fresh, resa_ctx_get_param(fresh, method[i], &want));

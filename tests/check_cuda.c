@@ -101,6 +101,15 @@ START_TEST(test_cuda_decode)
     t.p.score_width = 0.0; /* the box centre */
     th_push_method(&t);
     th_one(&t, &s, RESA_MODE_DECODE, 1);
+    t.p.group_score = RESA_GROUP_SCORE_HEAD_SHARE; /* per-head shares, both widths */
+    for (int i = 0; i < 2; i++) {
+        t.p.score_width = i == 0 ? 0.5 : 1.0;
+        th_push_method(&t);
+        th_one(&t, &s, RESA_MODE_DECODE, 1);
+    }
+    t.p.group_score = RESA_GROUP_SCORE_POOLED;
+    t.p.score_width = 0.5;
+    th_push_method(&t);
     /* pending tokens now: rectify them (dense, overwriting) */
     if (ref_seq_pending(s.r) > 0)
         th_one(&t, &s, RESA_MODE_RECTIFY, 0);

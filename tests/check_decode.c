@@ -97,6 +97,13 @@ START_TEST(test_decode_case)
         th_push_method(&t);
         th_one(&t, &s, RESA_MODE_DECODE, 1);
     }
+    /* each query head's estimated attention share (GROUP_SCORE HEAD_SHARE) */
+    t.p.group_score = RESA_GROUP_SCORE_HEAD_SHARE;
+    for (int i = 0; i < 3; i++) {
+        t.p.score_width = i == 0 ? 1.0 : i == 1 ? 0.5 : ref_rng_uniform(&t.rng);
+        th_push_method(&t);
+        th_one(&t, &s, RESA_MODE_DECODE, 1);
+    }
     ref_seq_free(s.r);
     th_fini(&t);
 }
@@ -127,6 +134,7 @@ START_TEST(test_budget_random)
         t.p.local_blocks = locs[ref_rng_range(&t.rng, 0, 4)];
         t.p.sink_blocks = sinks[ref_rng_range(&t.rng, 0, 4)];
         t.p.score_width = widths[ref_rng_range(&t.rng, 0, 4)];
+        t.p.group_score = (int32_t)ref_rng_range(&t.rng, 0, 1);
         th_push_method(&t);
         th_one(&t, &s, RESA_MODE_DECODE, 1);
         if (step % 10 == 9)

@@ -409,6 +409,57 @@ void ref_block_scores(const ref_params *p, const ref_seq *s, int32_t layer, int3
     free(mx);
 }
 
+void ref_group_scores(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      const void *q, int64_t row, int64_t M, int64_t valid, double *scores,
+                      double *mag)
+{
+    double *qv = malloc(sizeof(double) * (size_t)p->d);
+    if (p->group_score != RESA_GROUP_SCORE_HEAD_SHARE) {
+        ref_pooled_query(p, q, row, h, qv);
+        ref_block_scores(p, s, layer, h, qv, M, valid, scores, mag);
+        free(qv);
+        return;
+    }
+    int32_t g = p->hq / p->hkv;
+    size_t m1 = (size_t)(M > 0 ? M : 1);
+    double *hs = malloc(sizeof(double) * m1 * (size_t)g);
+    double *hm = malloc(sizeof(double) * m1 * (size_t)g);
+    double *lse = malloc(sizeof(double) * (size_t)g);
+    double scale = ref_scale(p), mag_all = 0;
+    for (int32_t j = 0; j < g; j++) {
+        for (int32_t x = 0; x < p->d; x++)
+            qv[x] = ref_load(p->io_dtype, q,
+                             ((size_t)row * (size_t)p->hq + (size_t)(h * g + j)) * (size_t)p->d +
+                                 (size_t)x);
+        ref_block_scores(p, s, layer, h, qv, M, valid, hs + (size_t)j * m1, hm + (size_t)j * m1);
+        double mx = -INFINITY;
+        for (int64_t i = 0; i < M; i++) {
+            hs[(size_t)j * m1 + (size_t)i] *= scale;
+            hm[(size_t)j * m1 + (size_t)i] *= scale;
+            mx = fmax(mx, hs[(size_t)j * m1 + (size_t)i]);
+            mag_all = fmax(mag_all, hm[(size_t)j * m1 + (size_t)i]);
+        }
+        double sum = 0;
+        for (int64_t i = 0; i < M; i++)
+            sum += exp(hs[(size_t)j * m1 + (size_t)i] - mx);
+        lse[j] = mx + log(sum);
+    }
+    for (int64_t i = 0; i < M; i++) {
+        double sum = 0, mg = 0;
+        for (int32_t j = 0; j < g; j++) {
+            sum += exp(hs[(size_t)j * m1 + (size_t)i] - lse[j]);
+            mg = fmax(mg, hm[(size_t)j * m1 + (size_t)i]);
+        }
+        scores[i] = log(sum);
+        if (mag)
+            mag[i] = mg + mag_all;
+    }
+    free(qv);
+    free(hs);
+    free(hm);
+    free(lse);
+}
+
 static const double *g_sort_scores;
 static int by_score(const void *a, const void *b)
 {

@@ -23,6 +23,7 @@ typedef struct ref_params {
     int64_t interval;      /* f */
     double scale;          /* 0 = 1/sqrt(d) */
     double score_width;    /* w of the block score (RESA_PARAM_SCORE_WIDTH), default 0.5 */
+    int32_t group_score;   /* resa_group_score (RESA_PARAM_GROUP_SCORE), default POOLED */
     int32_t summary_fp8;   /* RESA_PARAM_SUMMARY_FORMAT = RESA_SUMMARY_FP8_E4M3 */
 } ref_params;
 
@@ -100,6 +101,17 @@ void ref_pooled_query(const ref_params *p, const void *q, int64_t row, int32_t h
  * rounding tolerances. */
 void ref_block_scores(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
                       const double *qp, int64_t M, int64_t valid, double *scores, double *mag);
+/* The scores the selection ranks for KV head h of the query row `row` of q
+ * (IO dtype, [rows][hq][d]), per p->group_score: POOLED, ref_block_scores of
+ * the pooled query; HEAD_SHARE, log sum_j exp(s_ji - lse_j) over the group's
+ * heads j, s_ji = head j's score of block i times the softmax scale, lse_j its
+ * log-sum-exp over all M blocks.  *mag (if not NULL) bounds the rounding of
+ * each score as ref_block_scores' does (HEAD_SHARE: the largest of the heads'
+ * magnitudes in logits plus the largest over all blocks, which the
+ * normalisers carry). */
+void ref_group_scores(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      const void *q, int64_t row, int64_t M, int64_t valid, double *scores,
+                      double *mag);
 /* The selection: forced blocks, then the best others by score descending,
  * index ascending.  Writes the n chosen blocks in ascending order; returns n. */
 int64_t ref_select(const ref_params *p, const double *scores, int64_t M, int32_t *sel);

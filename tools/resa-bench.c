@@ -39,6 +39,7 @@ typedef struct opts {
     double fraction;
     int32_t sink;     /* RESA_PARAM_SINK_BLOCKS of the sparse steps (-1: the default) */
     double width;     /* RESA_PARAM_SCORE_WIDTH of the sparse steps (-1: the default) */
+    int32_t group;    /* RESA_PARAM_GROUP_SCORE of the sparse steps (-1: the default) */
     int dtype; /* -1: backend default (f32 on CPU, bf16 on CUDA) */
     int summary; /* RESA_PARAM_SUMMARY_FORMAT */
     int csv, json;
@@ -317,6 +318,8 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
         CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_SINK_BLOCKS, o->sink));
     if (o->width >= 0)
         CHECK(resa_ctx_set_param_f64(B->ctx, RESA_PARAM_SCORE_WIDTH, o->width));
+    if (o->group >= 0)
+        CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_GROUP_SCORE, o->group));
     if (o->modes & 2)
         sparse = measure(B, RESA_MODE_DECODE, 1, reps);
     for (int32_t t = 0; (o->modes & 4) && t < f; t++) { /* f sparse steps: f tokens pending */
@@ -533,6 +536,7 @@ static void print_usage(FILE *f)
             "  --summary kv|fp8           block summaries in the K/V type or fp8 (default kv)\n"
             "  --sink N                   SINK_BLOCKS of the sparse steps (default: the library's)\n"
             "  --width W                  SCORE_WIDTH of the sparse steps (default: the library's)\n"
+            "  --group-score pooled|head-share  GROUP_SCORE of the sparse steps (default: the library's)\n"
             "  --reps N                   repetitions per measured median (default 21)\n"
             "  --threads N                CPU worker threads (default 0: one per online CPU)\n"
             "  --modes dense,sparse,rectify  what to measure (default all three)\n"
@@ -585,6 +589,7 @@ int main(int argc, char **argv)
     o.fraction = 0.1;
     o.sink = -1;   /* the library's defaults */
     o.width = -1.0;
+    o.group = -1;
     o.dtype = -1;
     o.modes = 7;
     for (int i = 1; i < argc; i++) {
@@ -604,7 +609,7 @@ int main(int argc, char **argv)
         if (!val) {
             static const char *const valued[] = {
                 "--backend", "--contexts", "--batch", "--heads", "--dim", "--shapes",
-                "--dtype", "--fraction", "--sink", "--width", "--summary", "--interval",
+                "--dtype", "--fraction", "--sink", "--width", "--group-score", "--summary", "--interval",
                 "--reps", "--threads", "--plot", "--modes"};
             for (size_t j = 0; j < sizeof valued / sizeof valued[0]; j++)
                 if (!strcmp(a, valued[j]))
@@ -648,6 +653,16 @@ int main(int argc, char **argv)
             o.sink = atoi(val);
         else if (!strcmp(a, "--width"))
             o.width = atof(val);
+        else if (!strcmp(a, "--group-score")) {
+            if (!strcmp(val, "pooled"))
+                o.group = RESA_GROUP_SCORE_POOLED;
+            else if (!strcmp(val, "head-share"))
+                o.group = RESA_GROUP_SCORE_HEAD_SHARE;
+            else {
+                fprintf(stderr, "resa-bench: --group-score: pooled or head-share, not '%s'\n", val);
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--summary")) {
             if (strcmp(val, "kv") && strcmp(val, "fp8"))
                 usage();

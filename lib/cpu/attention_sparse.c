@@ -12,7 +12,8 @@
 #include "../dtype.h"
 #include "cpu.h"
 
-/* Strict total order of blocks: higher score first, then lower index. */
+/* Strict total order of blocks: higher score first, then lower index (scores
+ * are never NaN here: choose_blocks stores a NaN score as -inf). */
 static inline int better(const float *score, int32_t a, int32_t b)
 {
     return score[a] > score[b] || (score[a] == score[b] && a < b);
@@ -78,6 +79,105 @@ static inline float block_score(const float *qp, const float *mn, const float *m
            ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+/* A NaN score (a NaN query, or infinite keys in the summary: inf - inf,
+ * 0 * inf) ranks as -inf, below every number: the order stays total and
+ * equals the CUDA kernel's (cuda/select_blocks.cu, order_key).  Ties, +-0,
+ * +-inf and former NaNs alike, go to the lower block index. */
+static inline float finite_or_low(float s)
+{
+    return s == s ? s : -INFINITY;
+}
+
+static inline float score_of(const float *q, const float *mn, const float *mx, int32_t d, float w)
+{
+    return w == 1.0f ? block_score(q, mn, mx, d) : block_score_width(q, mn, mx, d, w);
+}
+
+/* Points *mn and *mx at the fp32 summary of (page, head) of this layer and
+ * returns the factor its scores take (the fp8 block scale, else 1). */
+static float load_summary(const resa_cpu_job *job, int32_t page, int32_t head,
+                          resa_cpu_scratch *sc, const float **mn, const float **mx)
+{
+    const resa_layout *L = &job->ctx->lo;
+    const int32_t d = L->d;
+    size_t at = resa_summary_offset(L, job->layer, page, head);
+    if (L->sum_fp8) {
+        const uint8_t *qmin = (const uint8_t *)job->st->kmin + at;
+        const uint8_t *qmax = (const uint8_t *)job->st->kmax + at;
+        for (int32_t j = 0; j < d; j++) {
+            sc->kmin[j] = job->st->e4m3[qmin[j]];
+            sc->kmax[j] = job->st->e4m3[qmax[j]];
+        }
+        *mn = sc->kmin;
+        *mx = sc->kmax;
+        return ldexpf(1.0f, job->st->kexp[at / (size_t)d]); /* applied once per block */
+    }
+    if (L->kv_dtype == RESA_DTYPE_F32) {
+        *mn = (const float *)job->st->kmin + at;
+        *mx = (const float *)job->st->kmax + at;
+    } else {
+        resa_load_f32(job->st->kmin, L->kv_dtype, at, d, sc->kmin);
+        resa_load_f32(job->st->kmax, L->kv_dtype, at, d, sc->kmax);
+        *mn = sc->kmin;
+        *mx = sc->kmax;
+    }
+    return 1.0f;
+}
+
+/* GROUP_SCORE HEAD_SHARE: sc->score[i] of each candidate i in [sink, local_from)
+ * is log sum_h exp(s_hi - lse_h), where s_hi is query head h's block score in
+ * logits (times the softmax scale) and lse_h its log-sum-exp over all M blocks,
+ * forced ones included: the log of the group's summed estimated attention
+ * shares.  A head whose largest score is not finite (every score -inf, or an
+ * infinite one) carries no share information and is left out; a block no
+ * head scores finitely gets -inf.  The CUDA twin is score_select's head-share
+ * path (cuda/select_blocks.cu); both compute in fp32. */
+static void head_share_scores(const resa_cpu_job *job, const resa_step_entry *e, int32_t head,
+                              int32_t sink, int32_t local_from, resa_cpu_scratch *sc)
+{
+    const resa_layout *L = &job->ctx->lo;
+    const int32_t M = e->n_blocks, d = L->d, g = L->group;
+    const float w = job->step->score_width, softmax_scale = job->step->scale;
+    for (int32_t j = 0; j < g; j++)
+        resa_load_f32(job->q, L->io_dtype, ((size_t)e->row * L->hq + (size_t)head * g + j) * d,
+                      d, sc->qg + (size_t)j * d);
+    for (int32_t i = 0; i < M; i++) {
+        const float *mn, *mx;
+        float scale = load_summary(job, e->pages[i], head, sc, &mn, &mx) * softmax_scale;
+        for (int32_t j = 0; j < g; j++)
+            sc->hscore[(size_t)j * M + i] =
+                finite_or_low(scale * score_of(sc->qg + (size_t)j * d, mn, mx, d, w));
+    }
+    for (int32_t j = 0; j < g; j++) {
+        const float *hs = sc->hscore + (size_t)j * M;
+        float m = -INFINITY;
+        for (int32_t i = 0; i < M; i++)
+            m = hs[i] > m ? hs[i] : m;
+        if (!isfinite(m)) {
+            sc->hlse[j] = NAN; /* left out */
+            continue;
+        }
+        float sum = 0.0f;
+        for (int32_t i = 0; i < M; i++)
+            sum += expf(hs[i] - m);
+        sc->hlse[j] = m + logf(sum);
+    }
+    for (int32_t i = sink; i < local_from; i++) {
+        float m = -INFINITY;
+        for (int32_t j = 0; j < g; j++)
+            if (sc->hlse[j] == sc->hlse[j]) {
+                float t = sc->hscore[(size_t)j * M + i] - sc->hlse[j];
+                m = t > m ? t : m;
+            }
+        float sum = 0.0f;
+        if (m > -INFINITY)
+            for (int32_t j = 0; j < g; j++)
+                if (sc->hlse[j] == sc->hlse[j])
+                    sum += expf(sc->hscore[(size_t)j * M + i] - sc->hlse[j] - m);
+        sc->score[i] = m > -INFINITY ? m + logf(sum) : -INFINITY;
+    }
+}
+
 static inline void set_bit(uint32_t *bits, int32_t i)
 {
     bits[i >> 5] |= 1u << (i & 31);
@@ -106,46 +206,30 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
         }
     if (n <= forced)
         return;
-    /* pooled query: the mean of the group's query vectors, unscaled, fp32 */
-    const resa_step_entry *ent = e;
-    for (int32_t i = 0; i < d; i++)
-        sc->qp[i] = 0.0f;
-    for (int32_t j = 0; j < g; j++) {
-        size_t at = ((size_t)ent->row * L->hq + (size_t)head * g + j) * d;
-        resa_load_f32(job->q, L->io_dtype, at, d, sc->kt); /* kt as a row buffer */
-        for (int32_t i = 0; i < d; i++)
-            sc->qp[i] += sc->kt[i];
-    }
-    for (int32_t i = 0; i < d; i++)
-        sc->qp[i] /= (float)g;
-    int32_t n_cand = 0;
     const float w = job->step->score_width;
-    for (int32_t i = sink; i < local_from; i++) {
-        size_t at = resa_summary_offset(L, job->layer, e->pages[i], head);
-        const float *mn, *mx;
-        float scale = 1.0f;
-        if (L->sum_fp8) {
-            const uint8_t *qmin = (const uint8_t *)job->st->kmin + at;
-            const uint8_t *qmax = (const uint8_t *)job->st->kmax + at;
-            for (int32_t j = 0; j < d; j++) {
-                sc->kmin[j] = job->st->e4m3[qmin[j]];
-                sc->kmax[j] = job->st->e4m3[qmax[j]];
-            }
-            scale = ldexpf(1.0f, job->st->kexp[at / (size_t)d]); /* applied once per block */
-            mn = sc->kmin;
-            mx = sc->kmax;
-        } else if (L->kv_dtype == RESA_DTYPE_F32) {
-            mn = (const float *)job->st->kmin + at;
-            mx = (const float *)job->st->kmax + at;
-        } else {
-            resa_load_f32(job->st->kmin, L->kv_dtype, at, d, sc->kmin);
-            resa_load_f32(job->st->kmax, L->kv_dtype, at, d, sc->kmax);
-            mn = sc->kmin;
-            mx = sc->kmax;
+    int32_t n_cand = 0;
+    if (job->step->group_score == RESA_GROUP_SCORE_HEAD_SHARE) {
+        head_share_scores(job, e, head, sink, local_from, sc);
+        for (int32_t i = sink; i < local_from; i++)
+            sc->order[n_cand++] = i;
+    } else {
+        /* pooled query: the mean of the group's query vectors, unscaled, fp32 */
+        for (int32_t i = 0; i < d; i++)
+            sc->qp[i] = 0.0f;
+        for (int32_t j = 0; j < g; j++) {
+            size_t at = ((size_t)e->row * L->hq + (size_t)head * g + j) * d;
+            resa_load_f32(job->q, L->io_dtype, at, d, sc->kt); /* kt as a row buffer */
+            for (int32_t i = 0; i < d; i++)
+                sc->qp[i] += sc->kt[i];
         }
-        sc->score[i] = scale * (w == 1.0f ? block_score(sc->qp, mn, mx, d)
-                                          : block_score_width(sc->qp, mn, mx, d, w));
-        sc->order[n_cand++] = i;
+        for (int32_t i = 0; i < d; i++)
+            sc->qp[i] /= (float)g;
+        for (int32_t i = sink; i < local_from; i++) {
+            const float *mn, *mx;
+            float scale = load_summary(job, e->pages[i], head, sc, &mn, &mx);
+            sc->score[i] = finite_or_low(scale * score_of(sc->qp, mn, mx, d, w));
+            sc->order[n_cand++] = i;
+        }
     }
     select_top(sc->order, n_cand, n - forced, sc->score);
     for (int32_t i = 0; i < n - forced; i++)

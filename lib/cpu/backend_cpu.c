@@ -70,7 +70,10 @@ static resa_status scratch_create(resa_ctx *ctx, resa_cpu_state *st, resa_cpu_sc
     size_t rows = (size_t)st->tile_rows, d = (size_t)L->d, b = (size_t)L->b;
     size_t blocks = (size_t)L->max_seq_blocks;
     size_t b16 = (b + 15) / 16 * 16;
-    size_t floats = rows * d * 2 + rows * 2 + rows * b16 + b * d * 2 + d * b16 + d * 3 + blocks;
+    size_t g = (size_t)L->group;
+    /* ... + the group's queries and per-head block scores (GROUP_SCORE HEAD_SHARE) */
+    size_t floats = rows * d * 2 + rows * 2 + rows * b16 + b * d * 2 + d * b16 + d * 3 + blocks +
+                    g * d + g * blocks + g;
     size_t bytes = floats * sizeof(float) + blocks * sizeof(int32_t) +
                    (size_t)L->sel_words * sizeof(uint32_t) + 64;
     char *p = resa_alloc(ctx, bytes);
@@ -90,6 +93,9 @@ static resa_status scratch_create(resa_ctx *ctx, resa_cpu_state *st, resa_cpu_sc
     sc->kmin = f, f += d;
     sc->kmax = f, f += d;
     sc->score = f, f += blocks;
+    sc->qg = f, f += g * d;
+    sc->hscore = f, f += g * blocks;
+    sc->hlse = f, f += g;
     sc->order = (int32_t *)(void *)f;
     sc->sel = (uint32_t *)(void *)(sc->order + blocks);
     return RESA_OK;

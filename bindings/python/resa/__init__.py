@@ -10,8 +10,8 @@ decoding: numpy arrays, torch tensors or any DLPack producer in, no copies.
 
 See docs/python.md; include/resa.h is the reference for every call.
 """
-from ._enums import (Backend, DType, Mode, Param, Preset, Reset, STEP_REPLAY, Status,  # noqa: F401
-                     SummaryFormat)
+from ._enums import (Backend, DType, GroupScore, Mode, Param, Preset, Reset,  # noqa: F401
+                     STEP_REPLAY, Status, SummaryFormat)
 from ._errors import (BackendError, BadStateError, CapacityError,  # noqa: F401
                       ContextClosedError, DeviceOutOfMemoryError, InternalError,
                       InvalidArgumentError, NoDeviceError, NotSupportedError, OutOfMemoryError,
@@ -26,7 +26,7 @@ try:  # written by meson (the header's version) when the package is installed
 except ImportError:  # the source tree: ask the library that was loaded
     __version__ = version_string()
 
-__all__ = ["Backend", "DType", "Mode", "Param", "Preset", "Reset", "STEP_REPLAY", "Status", "SummaryFormat",
+__all__ = ["Backend", "DType", "GroupScore", "Mode", "Param", "Preset", "Reset", "STEP_REPLAY", "Status", "SummaryFormat",
            "ResaError", "InvalidArgumentError", "BadStateError", "OutOfMemoryError",
            "DeviceOutOfMemoryError", "CapacityError", "NotSupportedError", "NoDeviceError",
            "BackendError", "VersionMismatchError", "InternalError", "ContextClosedError",

@@ -12,7 +12,8 @@ import operator
 import numpy as np
 
 from . import _tensors
-from ._enums import Backend, DType, Mode, Param, Reset, STEP_REPLAY, REAL_PARAMS, SummaryFormat
+from ._enums import (Backend, DType, GroupScore, Mode, Param, Reset, STEP_REPLAY, REAL_PARAMS,
+                     SummaryFormat)
 from ._errors import ContextClosedError, ResaError, check, error_for
 from ._lib import lib
 
@@ -83,6 +84,12 @@ def _param_value(p, value):
             return int(SummaryFormat[key])
         except KeyError:
             raise ValueError("summary_format: expected 'kv_dtype' or 'fp8_e4m3', got %r"
+                             % value) from None
+    if p == Param.GROUP_SCORE and isinstance(value, str):
+        try:
+            return int(GroupScore[value.upper()])
+        except KeyError:
+            raise ValueError("group_score: expected 'pooled' or 'head_share', got %r"
                              % value) from None
     return _int(value, p.name.lower(), _I64_MIN, _I64_MAX)
 
@@ -239,8 +246,8 @@ class Context:
         self._set(p, _param_value(p, value))
 
     def get(self, param):
-        """A parameter's value: float for the real ones, DType/SummaryFormat
-        for those enums, else int.  SOFTMAX_SCALE reads the effective scale."""
+        """A parameter's value: float for the real ones, DType/SummaryFormat/
+        GroupScore for those enums, else int.  SOFTMAX_SCALE reads the effective scale."""
         p = _param(param)
         h = self._handle()
         if p in REAL_PARAMS:
@@ -253,6 +260,8 @@ class Context:
             return DType(v.value)
         if p == Param.SUMMARY_FORMAT:
             return SummaryFormat(v.value)
+        if p == Param.GROUP_SCORE:
+            return GroupScore(v.value)
         return v.value
 
     def bounds(self, param):

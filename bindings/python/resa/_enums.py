@@ -39,6 +39,12 @@ class SummaryFormat(enum.IntEnum):
     FP8_E4M3 = 1
 
 
+class GroupScore(enum.IntEnum):
+    """How a GQA group ranks blocks (RESA_PARAM_GROUP_SCORE)."""
+    POOLED = 0
+    HEAD_SHARE = 1
+
+
 class Mode(enum.IntEnum):
     APPEND = 0
     DECODE = 1
@@ -66,6 +72,7 @@ class Param(enum.IntEnum):
     RECTIFY_INTERVAL = 205
     SOFTMAX_SCALE = 206
     SCORE_WIDTH = 207
+    GROUP_SCORE = 208
     NUM_THREADS = 300
     RECORD_SELECTION = 301
     EXPERIMENTAL_1 = 1000

@@ -69,10 +69,12 @@ class Sequence:
 class Reference:
     """The float64 model of one context."""
 
-    def __init__(self, layers, hq, hkv, d, block, r, n_min, local, sink, scale=None, width=1.0):
+    def __init__(self, layers, hq, hkv, d, block, r, n_min, local, sink, scale=None, width=1.0,
+                 group_score=0):
         self.layers, self.hq, self.hkv, self.d, self.b = layers, hq, hkv, d, block
         self.r, self.n_min, self.local, self.sink = r, n_min, local, sink
         self.width = width  # SCORE_WIDTH: 1 is the paper's upper bound
+        self.group_score = int(group_score)  # GROUP_SCORE: 0 pooled query, 1 per-head shares
         self.scale = 1 / math.sqrt(d) if scale is None else scale
         self.seqs = {}
         self.decodes = self.sparse_decodes = 0
@@ -114,12 +116,37 @@ class Reference:
             # float32 scoring in the library: allow its rounding, relative to
             # the magnitudes summed (as tests/harness.c does)
             slack = 1e-4 * (mags[free_in][:, None] + mags[free_out][None, :])
+            if self.group_score == 1:  # fp32 sums of M exponentials (the normalisers)
+                slack = slack + 2.4e-7 * M
             bad = scores[free_in][:, None] < scores[free_out][None, :] - slack
             if bad.any():
                 i, j = np.argwhere(bad)[0]
                 raise AssertionError("%s: block %d scored %.6g chosen over block %d scored %.6g"
                                      % (where, free_in[i], scores[free_in[i]], free_out[j],
                                         scores[free_out[j]]))
+
+    def _block_scores(self, keys, query, M):
+        scores, mags = np.empty(M), np.empty(M)
+        for i in range(M):
+            blk = keys[i * self.b:(i + 1) * self.b]
+            hi, lo = query * blk.max(axis=0), query * blk.min(axis=0)
+            # the box centre plus `width` times its half-width seen from
+            # the query; at width 1 that is max(hi, lo), the paper's bound
+            scores[i] = (0.5 * (hi + lo) + self.width * 0.5 * np.abs(hi - lo)).sum()
+            mags[i] = np.maximum(np.abs(hi), np.abs(lo)).sum()
+        return scores, mags
+
+    def _head_share_scores(self, keys, queries, M):
+        """GROUP_SCORE HEAD_SHARE: log sum_h exp(s_h - logsumexp(s_h)), s_h = head h's
+        block scores in logits.  The magnitudes add the largest over all blocks,
+        which the per-head normalisers carry (tests/ref.c says the same)."""
+        s = np.stack([self._block_scores(keys, qh, M)[0] for qh in queries]) * self.scale
+        mg = np.stack([self._block_scores(keys, qh, M)[1] for qh in queries]) * self.scale
+        top = s.max(axis=1, keepdims=True)
+        lse = top + np.log(np.exp(s - top).sum(axis=1, keepdims=True))
+        t = s - lse
+        tmax = t.max(axis=0)
+        return tmax + np.log(np.exp(t - tmax).sum(axis=0)), mg.max(axis=0) + mg.max()
 
     def _decode(self, layer, seq, q_row, selection):
         """One DECODE row of `seq` (its K/V already written), all query heads."""
@@ -134,15 +161,10 @@ class Reference:
             if n == M:
                 blocks = list(range(M))
             else:
-                pooled = q_row[kvh * g:(kvh + 1) * g].mean(axis=0)
-                scores, mags = np.empty(M), np.empty(M)
-                for i in range(M):
-                    blk = keys[i * self.b:(i + 1) * self.b]
-                    hi, lo = pooled * blk.max(axis=0), pooled * blk.min(axis=0)
-                    # the box centre plus `width` times its half-width seen from
-                    # the query; at width 1 that is max(hi, lo), the paper's bound
-                    scores[i] = (0.5 * (hi + lo) + self.width * 0.5 * np.abs(hi - lo)).sum()
-                    mags[i] = np.maximum(np.abs(hi), np.abs(lo)).sum()
+                if self.group_score == 1:
+                    scores, mags = self._head_share_scores(keys, q_row[kvh * g:(kvh + 1) * g], M)
+                else:
+                    scores, mags = self._block_scores(keys, q_row[kvh * g:(kvh + 1) * g].mean(axis=0), M)
                 blocks = selection(seq, layer, kvh)
                 self._check_selection(blocks, scores, mags, forced, n, M,
                                       "seq %d layer %d kv head %d" % (seq, layer, kvh))
@@ -222,7 +244,7 @@ class Scenario:
         self.ref = Reference(L, hq, hkv, d, ctx.get("block_size"), ctx.get("select_fraction"),
                              ctx.get("select_min_blocks"), ctx.get("local_blocks"),
                              ctx.get("sink_blocks"), ctx.get("softmax_scale"),
-                             ctx.get("score_width"))
+                             ctx.get("score_width"), ctx.get("group_score"))
         self.worst = 0.0
 
     def _input(self, shape):

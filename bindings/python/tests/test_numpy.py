@@ -61,6 +61,17 @@ class TestNumpy(unittest.TestCase):
                                  "numpy %s" % dtype.name).run()
                 print("numpy %s: max |error| %.3g (limit %.3g)" % (dtype.name, worst, ATOL[dtype]))
 
+    def test_head_share_against_float64(self):
+        """GROUP_SCORE HEAD_SHARE: the chosen blocks rank by the summed per-head shares of
+        the float64 model, and the outputs match it."""
+        rng = seeded_rng("test_numpy_head_share")
+        params = dict(Scenario.PARAMS, group_score="head_share")
+        with resa.Context("cpu", io_dtype=resa.DType.F32, **params) as ctx:
+            self.assertIs(ctx.get("group_score"), resa.GroupScore.HEAD_SHARE)
+            worst = Scenario(ctx, NumpyAdapter, resa.DType.F32, rng, ATOL[resa.DType.F32],
+                             "numpy head_share").run()
+            print("numpy head_share: max |error| %.3g" % worst)
+
     def test_dtype_spellings_and_version(self):
         self.assertEqual(resa.__version__, resa.version_string())
         self.assertEqual(resa.__version__.count("."), 2)

@@ -34,6 +34,7 @@ class Variant:
     rectify_interval: int = 32
     sink_blocks: int = 0
     score_width: float = 1.0
+    group_score: int = 0
     local_blocks: int = 1
     select_min_blocks: int = 16
     fp8_summaries: bool = False
@@ -53,6 +54,7 @@ class Variant:
                 "rectify_interval": int(self.rectify_interval),
                 "sink_blocks": int(self.sink_blocks),
                 "score_width": float(self.score_width),
+                "group_score": int(self.group_score),
                 "local_blocks": int(self.local_blocks),
                 "select_min_blocks": int(self.select_min_blocks)}
 
@@ -88,9 +90,10 @@ QUICK = ("dense", "resa")
 
 _FIELDS = {"select_fraction": float, "r": float, "rectify_interval": int, "f": int,
            "sink_blocks": int, "sink": int, "local_blocks": int,
-           "score_width": float, "w": float,
+           "score_width": float, "w": float, "group_score": int, "gs": int,
            "select_min_blocks": int, "n_min": int, "fp8_summaries": int, "fp8": int}
 _ALIASES = {"r": "select_fraction", "f": "rectify_interval", "sink": "sink_blocks", "w": "score_width",
+            "gs": "group_score",
             "n_min": "select_min_blocks", "fp8": "fp8_summaries"}
 
 
@@ -98,6 +101,7 @@ def parse_variants(spec):
     """Variants from a comma-separated list of preset names ("full" and "quick" expand),
     or custom ones as NAME:key=value;key=value on top of the "resa" preset, e.g.
     "r0.3:r=0.3;f=16" (keys: r/select_fraction, f/rectify_interval, sink/sink_blocks, w/score_width,
+    gs/group_score (0 pooled, 1 per-head shares),
     local_blocks, n_min/select_min_blocks, fp8/fp8_summaries)."""
     if isinstance(spec, str):
         items = [s.strip() for s in spec.split(",") if s.strip()]
