@@ -150,7 +150,7 @@ if [[ $phases == *levers* ]]; then
   say "resa-bench: the sparse step with the quality levers, 8 x 256K and 1 x 256K, 32/8 x 128 and 9/3 x 64"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   { for round in 1 2; do
-      for lever in "--sink 0 --width 1" "--sink 1 --width 1" "--sink 1 --width 0.5" "--sink 1 --width 0"; do
+      for lever in ${RESA_LEVERS:-"--sink 0 --width 1" "--sink 1 --width 0.5" "--sink 1 --width 0.5 --group-score head-share"}; do
         for shape in "--heads 32/8 --dim 128" "--heads 9/3 --dim 64"; do
           $build/tools/resa-bench --backend cuda --batch 1,8 --contexts 262144 --modes sparse \
             --reps ${RESA_LEVER_REPS:-30} --csv $lever $shape 2>/dev/null | tail -n +2 | sed "s/^/$round,$lever,/"
@@ -161,11 +161,13 @@ fi
 if [[ $phases == *quality* ]]; then
   # needs the model (.model/, in parts) and texts (.model/texts, scripts/fetch-texts.sh)
   say "quality on SmolLM2-135M-Instruct, CUDA bf16: resa-eval, then the lever simulation"
-  export RESA_LIBRARY=$PWD/$build/lib/libresa.so RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  export RESA_LIBRARY=${RESA_LIBRARY:-$PWD/$build/lib/libresa.so} RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   export PYTHONPATH=$PWD/bindings/python${PYTHONPATH:+:$PYTHONPATH} RESA_TEXTS=${RESA_TEXTS:-$PWD/.model/texts}
-  PYTHONUNBUFFERED=1 timeout ${RESA_EVAL_TIMEOUT:-420} python3 -m resa.eval.cli --device cuda --dtype bfloat16 \
-    --out "$OUT/quality" ${RESA_EVAL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/quality.log" | tail -70
-  rm -f "$OUT/quality/steps.npz"
+  if [ "${RESA_EVAL:-1}" != 0 ]; then # RESA_EVAL=0: the simulation only
+    PYTHONUNBUFFERED=1 timeout ${RESA_EVAL_TIMEOUT:-420} python3 -m resa.eval.cli --device cuda --dtype bfloat16 \
+      --out "$OUT/quality" ${RESA_EVAL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/quality.log" | tail -70
+    rm -f "$OUT/quality/steps.npz"
+  fi
   if [ -f scripts/sim-variants.json ] && [ "${RESA_SIM:-1}" != 0 ]; then
     PYTHONUNBUFFERED=1 timeout ${RESA_SIM_TIMEOUT:-240} python3 tools/sparse_sim.py --device cuda \
       --tokens 8192 --start 1024 --text austen-persuasion --text debian-reference \

@@ -56,7 +56,8 @@ class Sim:
         if cfg["score"] == "oracle":
             p = torch.softmax(torch.einsum("hgcd,htd->hgct", qg, k) * scaling
                               + self.causal(t0, c, t_all, dev)[None, None], -1)
-            s = F.pad(p, (0, pad)).view(hkv, g, c, m, b).sum(-1).mean(1)
+            s = F.pad(p, (0, pad)).view(hkv, g, c, m, b).sum(-1)
+            s = s.amax(1) if cfg.get("group") == "max" else s.mean(1)
         elif cfg["score"] in ("centroid", "meanvar"):
             # per block the mean key (and per-dimension variance): d (2 d) values
             kp = F.pad(k, (0, 0, 0, pad)).view(hkv, m, b, d)
@@ -73,12 +74,33 @@ class Sim:
             kmin = F.pad(k, (0, 0, 0, pad), value=1e30).view(hkv, m, b, d).amin(2)
             # a block's summary at decode time covers its keys up to the query; only
             # the query's own block is partial, and it is always forced
-            qp = qg.mean(1)
             # bound = q.mid + sum |q| * half-width; alpha scales the width term
             # (1: the paper's upper bound, 0: the midpoint of the box)
             mid, half = (kmax + kmin) / 2, (kmax - kmin) / 2
             alpha = cfg.get("alpha", 1.0)
-            s = torch.einsum("hcd,hmd->hcm", qp, mid) + alpha * torch.einsum("hcd,hmd->hcm", qp.abs(), half)
+            group = cfg.get("group", "pooled")
+            if group == "pooled":  # one score from the mean query of the group
+                qp = qg.mean(1)
+                s = torch.einsum("hcd,hmd->hcm", qp, mid) + alpha * torch.einsum("hcd,hmd->hcm", qp.abs(), half)
+            else:  # every query head scores every block; the group combines them
+                sh = (torch.einsum("hgcd,hmd->hgcm", qg, mid)
+                      + alpha * torch.einsum("hgcd,hmd->hgcm", qg.abs(), half)) * scaling
+                t = torch.arange(t0, t0 + c, device=dev)
+                valid = torch.arange(m, device=dev)[None, :] < (t // b + 1)[:, None]
+                sh = sh.masked_fill(~valid[None, None], -float("inf"))
+                if group == "max":  # the best head's raw score
+                    s = sh.amax(1)
+                elif group == "lse":  # estimated attention share, summed over heads
+                    s = torch.logsumexp(sh - torch.logsumexp(sh, -1, keepdim=True), 1)
+                elif group == "maxnorm":  # the best head's estimated share
+                    s = (sh - torch.logsumexp(sh, -1, keepdim=True)).amax(1)
+                elif group == "rank":  # union of per-head top lists, round robin
+                    o = sh.argsort(-1, descending=True)
+                    rk = torch.empty_like(o)
+                    rk.scatter_(-1, o, torch.arange(m, device=dev).expand_as(o).contiguous())
+                    s = -rk.amin(1).double() * g - rk.argmin(1).double()
+                else:
+                    raise ValueError(group)
         t = torch.arange(t0, t0 + c, device=dev)
         mt = t // b + 1
         blk = torch.arange(m, device=dev)
@@ -89,14 +111,21 @@ class Sim:
         forced = (blk[None, :] >= (mt[:, None] - cfg["local"])) & valid
         if cfg["sink"]:
             forced |= (blk[None, :] < cfg["sink"]) & valid
-        n = torch.minimum(torch.maximum(n, forced.sum(-1)), mt)
+        n = n[None].expand(hkv, c)
+        if cfg.get("topp"):  # adaptive budget: the fewest blocks whose estimated share
+            # (softmax of the group score, which must be in log-share units) reaches topp
+            pr = torch.softmax(s.float(), -1).sort(-1, descending=True).values.cumsum(-1)
+            n = torch.maximum(n if cfg.get("topp_floor", True) else torch.clamp(mt, max=cfg["nmin"])[None],
+                              (pr < cfg["topp"]).sum(-1) + 1)
+        n = torch.minimum(torch.maximum(n, forced.sum(-1)[None]), mt[None])
         s = s.masked_fill(forced[None], float("inf"))
         order = s.argsort(-1, descending=True)
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(m, device=dev).expand_as(order).contiguous())
-        self.attended += (n.double() / mt.double())[t >= self.start].sum().item() * hkv
-        self.rows += int((t >= self.start).sum()) * hkv
-        return rank < n[None, :, None]
+        keep = t >= self.start
+        self.attended += (n.double() / mt[None].double())[:, keep].sum().item()
+        self.rows += int(keep.sum()) * hkv
+        return rank < n[..., None]
 
     def attention(self, module, q, k, v, mask, scaling=None, **kw):
         layer, cfg = module.layer_idx, self.cfg
