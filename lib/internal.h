@@ -180,8 +180,13 @@ struct resa_ctx {
 };
 
 /* ---- helpers of the core (lib/) ---- */
+/* Host memory through the context's hooks (alloc.c); the default hooks
+ * (posix_memalign and free) for a context created without any. */
 RESA_HIDDEN void *resa_alloc(const resa_ctx *ctx, size_t size);   /* zeroed, 64-byte aligned */
 RESA_HIDDEN void resa_free(const resa_ctx *ctx, void *ptr);
+RESA_HIDDEN resa_allocator resa_default_allocator(void);
+/* The context's last-error text (error.c): resa_fail sets it and returns s;
+ * resa_clear_error empties it at the start of a call. */
 RESA_HIDDEN resa_status resa_fail(resa_ctx *ctx, resa_status s, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 3, 4)))
