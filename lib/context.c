@@ -1,70 +1,11 @@
 /* SPDX-License-Identifier: MIT */
-/* Context lifecycle, error reporting, allocation hooks and the lock that
- * turns parameters into a pool. */
+/* Context lifecycle, the backend choice and the lock that turns parameters
+ * into a pool.  Allocation hooks: alloc.c; the last-error text: error.c. */
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
 #include "internal.h"
-
-
-/* ---- allocation through the context's hooks ---- */
-
-static void *default_alloc(void *user, size_t size, size_t align)
-{
-    (void)user;
-    void *p = NULL;
-    if (posix_memalign(&p, align < sizeof(void *) ? sizeof(void *) : align, size) != 0)
-        return NULL;
-    return p;
-}
-static void default_free(void *user, void *ptr)
-{
-    (void)user;
-    free(ptr);
-}
-
-void *resa_alloc(const resa_ctx *ctx, size_t size)
-{
-    if (size == 0)
-        size = 1;
-    void *p = ctx->alloc.alloc(ctx->alloc.user, size, 64);
-    if (p)
-        memset(p, 0, size);
-    return p;
-}
-
-void resa_free(const resa_ctx *ctx, void *ptr)
-{
-    if (ptr)
-        ctx->alloc.free(ctx->alloc.user, ptr);
-}
-
-/* ---- errors ---- */
-
-resa_status resa_fail(resa_ctx *ctx, resa_status s, const char *fmt, ...)
-{
-    if (ctx) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(ctx->error, sizeof ctx->error, fmt, ap);
-        va_end(ap);
-    }
-    return s;
-}
-
-void resa_clear_error(resa_ctx *ctx)
-{
-    ctx->error[0] = '\0';
-}
-
-const char *resa_ctx_last_error(const resa_ctx *ctx)
-{
-    return ctx ? ctx->error : "resa_ctx_last_error: ctx is NULL";
-}
 
 /* ---- backends ---- */
 
@@ -114,8 +55,7 @@ resa_status resa_ctx_create(resa_backend backend, const resa_allocator *host_all
     if (!ops)
         ops = resa_cpu_backend();
 
-    resa_allocator a = host_alloc ? *host_alloc
-                                  : (resa_allocator){default_alloc, default_free, NULL};
+    resa_allocator a = host_alloc ? *host_alloc : resa_default_allocator();
     resa_ctx *ctx = a.alloc(a.user, sizeof *ctx, 64);
     if (!ctx)
         return RESA_ERR_OUT_OF_MEMORY;
