@@ -169,7 +169,7 @@ if [[ $phases == *quality* ]]; then
     rm -f "$OUT/quality/steps.npz"
   fi
   if [ -f scripts/sim-variants.json ] && [ "${RESA_SIM:-1}" != 0 ]; then
-    PYTHONUNBUFFERED=1 timeout ${RESA_SIM_TIMEOUT:-240} python3 tools/sparse_sim.py --device cuda \
+    PYTHONUNBUFFERED=1 timeout ${RESA_SIM_TIMEOUT:-240} python3 bench/quality/sparse_sim.py --device cuda \
       --tokens 8192 --start 1024 --text austen-persuasion --text debian-reference \
       --variants "$(cat scripts/sim-variants.json)" 2>"$OUT/sim.log" | tee "$OUT/levers-sim.md"
   fi

@@ -16,7 +16,7 @@ blocks), with levers that libresa may not have: per-layer r, an oracle score (tr
 attention mass: the upper bound of any score at that n).  Use it to choose which lever
 to build; measure what ships with resa-eval through libresa.
 
-  tools/sparse_sim.py --text austen-persuasion --tokens 8192 --start 1024 \
+  bench/quality/sparse_sim.py --text austen-persuasion --tokens 8192 --start 1024 \
       --variants '[{"mode":"floor"},{"mode":"floor","sink":1}]' [--device cuda]
 """
 import argparse
@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, __file__.rsplit("/tools/", 1)[0] + "/bindings/python")
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0] + "/bindings/python")
 from resa.eval import data  # noqa: E402
 
 DEFAULTS = dict(mode="floor", b=16, r=0.1, nmin=16, local=1, sink=0, score="pooled")
