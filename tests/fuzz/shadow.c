@@ -1,0 +1,1034 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The shadow model of a CPU resa_ctx, from include/resa.h and docs/API.md
+ * (see shadow.h).  Where the documents list several errors of one call
+ * without an order, the model checks them in the order the function's
+ * status table gives (and, for resa_ctx_step_begin, entry by entry in batch
+ * order, as API.md says).
+ */
+#include "shadow.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The numeric helpers (the reference attention, encodings) are left out of
+ * libFuzzer's coverage: their loop counts are no new behaviour of the API,
+ * and counting them slowed every input down. */
+#if defined(__clang__)
+#  define SH_NO_COVERAGE __attribute__((no_sanitize("coverage")))
+#else
+#  define SH_NO_COVERAGE
+#endif
+
+#define P40 1099511627776.0 /* 2^40 */
+#define P30 1073741824.0    /* 2^30 */
+
+const sh_param sh_params[SH_NPARAMS] = {
+    {RESA_PARAM_NUM_LAYERS, "RESA_PARAM_NUM_LAYERS", 0, 1, 1, 1, 4096},
+    {RESA_PARAM_NUM_Q_HEADS, "RESA_PARAM_NUM_Q_HEADS", 0, 1, 1, 1, 1024},
+    {RESA_PARAM_NUM_KV_HEADS, "RESA_PARAM_NUM_KV_HEADS", 0, 1, 1, 1, 1024},
+    {RESA_PARAM_HEAD_DIM, "RESA_PARAM_HEAD_DIM", 0, 1, 128, 1, 256},
+    {RESA_PARAM_KV_DTYPE, "RESA_PARAM_KV_DTYPE", 0, 1, 0, 0, 2},
+    {RESA_PARAM_IO_DTYPE, "RESA_PARAM_IO_DTYPE", 0, 1, 0, 0, 2},
+    {RESA_PARAM_MAX_TOKENS, "RESA_PARAM_MAX_TOKENS", 0, 1, 65536, 1, P40},
+    {RESA_PARAM_MAX_SEQUENCES, "RESA_PARAM_MAX_SEQUENCES", 0, 1, 64, 1, 65535},
+    {RESA_PARAM_MAX_SEQ_TOKENS, "RESA_PARAM_MAX_SEQ_TOKENS", 0, 1, 0, 0, P40},
+    {RESA_PARAM_MAX_STEP_TOKENS, "RESA_PARAM_MAX_STEP_TOKENS", 0, 1, 8192, 1, P30},
+    {RESA_PARAM_SUMMARY_FORMAT, "RESA_PARAM_SUMMARY_FORMAT", 0, 1, 0, 0, 1},
+    {RESA_PARAM_BLOCK_SIZE, "RESA_PARAM_BLOCK_SIZE", 0, 1, 16, 1, 256},
+    {RESA_PARAM_SELECT_FRACTION, "RESA_PARAM_SELECT_FRACTION", 1, 0, 0.1, 0, 1},
+    {RESA_PARAM_SELECT_MIN_BLOCKS, "RESA_PARAM_SELECT_MIN_BLOCKS", 0, 0, 16, 0, P30},
+    {RESA_PARAM_LOCAL_BLOCKS, "RESA_PARAM_LOCAL_BLOCKS", 0, 0, 1, 1, P30},
+    {RESA_PARAM_SINK_BLOCKS, "RESA_PARAM_SINK_BLOCKS", 0, 0, 1, 0, P30},
+    {RESA_PARAM_RECTIFY_INTERVAL, "RESA_PARAM_RECTIFY_INTERVAL", 0, 0, 32, 0, P30},
+    {RESA_PARAM_SOFTMAX_SCALE, "RESA_PARAM_SOFTMAX_SCALE", 1, 0, 0, 0, 1e6},
+    {RESA_PARAM_SCORE_WIDTH, "RESA_PARAM_SCORE_WIDTH", 1, 0, 0.5, 0, 1},
+    {RESA_PARAM_GROUP_SCORE, "RESA_PARAM_GROUP_SCORE", 0, 0, 0, 0, 1},
+    {RESA_PARAM_NUM_THREADS, "RESA_PARAM_NUM_THREADS", 0, 1, 0, 0, 1024},
+    {RESA_PARAM_RECORD_SELECTION, "RESA_PARAM_RECORD_SELECTION", 0, 1, 0, 0, 1},
+};
+
+int sh_param_index(int32_t id)
+{
+    for (int i = 0; i < SH_NPARAMS; i++)
+        if (sh_params[i].id == id)
+            return i;
+    return -1;
+}
+
+/* ---- dtypes ---- */
+
+size_t sh_dtype_size(int32_t dtype)
+{
+    return dtype == RESA_DTYPE_F32 ? 4 : 2;
+}
+
+SH_NO_COVERAGE
+static uint16_t grid_f16(int8_t g) /* g/8 as IEEE binary16, exactly */
+{
+    if (g == 0)
+        return 0;
+    uint16_t sign = g < 0 ? 0x8000u : 0;
+    int a = g < 0 ? -g : g, e = 0;
+    while ((1 << (e + 1)) <= a)
+        e++;                                     /* a = 2^e * (1 + f) */
+    int mant = (a - (1 << e)) * (1024 >> e);    /* f * 1024 */
+    return (uint16_t)(sign | (uint16_t)((e - 3 + 15) << 10) | (uint16_t)mant);
+}
+
+SH_NO_COVERAGE
+void sh_encode(int32_t dtype, const int8_t *grid, size_t n, void *dst)
+{
+    for (size_t i = 0; i < n; i++) {
+        float f = (float)grid[i] / (float)SH_GRID;
+        if (dtype == RESA_DTYPE_F32) {
+            memcpy((char *)dst + 4 * i, &f, 4);
+        } else if (dtype == RESA_DTYPE_F16) {
+            uint16_t h = grid_f16(grid[i]);
+            memcpy((char *)dst + 2 * i, &h, 2);
+        } else {
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            uint16_t h = (uint16_t)(u >> 16);
+            memcpy((char *)dst + 2 * i, &h, 2);
+        }
+    }
+}
+
+SH_NO_COVERAGE
+double sh_decode(int32_t dtype, const void *src, size_t i)
+{
+    if (dtype == RESA_DTYPE_F32) {
+        float f;
+        memcpy(&f, (const char *)src + 4 * i, 4);
+        return f;
+    }
+    uint16_t h;
+    memcpy(&h, (const char *)src + 2 * i, 2);
+    if (dtype == RESA_DTYPE_BF16) {
+        uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    int e = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    double s = (h & 0x8000u) ? -1.0 : 1.0;
+    if (e == 0)
+        return s * ldexp(mant, -24);
+    if (e == 31)
+        return mant ? NAN : s * INFINITY;
+    return s * ldexp(1024 + mant, e - 25);
+}
+
+/* ---- configuration ---- */
+
+static void defaults(shadow *m)
+{
+    for (int i = 0; i < SH_NPARAMS; i++) {
+        m->iv[i] = (int64_t)sh_params[i].def;
+        m->fv[i] = sh_params[i].def;
+    }
+    m->shape_set = 0;
+}
+
+void sh_init(shadow *m)
+{
+    memset(m, 0, sizeof *m);
+    defaults(m);
+}
+
+int64_t sh_get_int(const shadow *m, int p)
+{
+    if (p == P_MAX_SEQ_TOKENS && m->iv[p] == 0)
+        return m->iv[P_MAX_TOKENS];
+    return m->iv[p];
+}
+
+double sh_get_real(const shadow *m, int p)
+{
+    if (p == P_SCALE && m->fv[p] == 0.0)
+        return 1.0 / sqrt((double)m->iv[P_HEAD_DIM]);
+    return m->fv[p];
+}
+
+static resa_status settable(const shadow *m, int i)
+{
+    if (m->step_open)
+        return RESA_ERR_BAD_STATE;
+    if (sh_params[i].locks && m->locked)
+        return RESA_ERR_BAD_STATE;
+    return RESA_OK;
+}
+
+resa_status sh_set_param(shadow *m, int32_t id, int64_t v, int apply)
+{
+    int i = sh_param_index(id);
+    if (i < 0 || sh_params[i].real)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_status s = settable(m, i);
+    if (s != RESA_OK)
+        return s;
+    if (v < (int64_t)sh_params[i].lo || v > (int64_t)sh_params[i].hi)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (i == P_BLOCK && (v & (v - 1)) != 0)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (apply) {
+        m->iv[i] = v;
+        if (i <= P_HEAD_DIM)
+            m->shape_set |= 1u << i;
+    }
+    return RESA_OK;
+}
+
+resa_status sh_set_param_f64(shadow *m, int32_t id, double v, int apply)
+{
+    int i = sh_param_index(id);
+    if (i < 0 || !sh_params[i].real)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_status s = settable(m, i);
+    if (s != RESA_OK)
+        return s;
+    if (!(v >= sh_params[i].lo && v <= sh_params[i].hi))
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (apply)
+        m->fv[i] = v;
+    return RESA_OK;
+}
+
+resa_status sh_get_param(const shadow *m, int32_t id, int real, int null_out)
+{
+    (void)m;
+    int i = sh_param_index(id);
+    if (i < 0 || sh_params[i].real != real || null_out)
+        return RESA_ERR_INVALID_ARGUMENT;
+    return RESA_OK;
+}
+
+resa_status sh_set_preset(shadow *m, int32_t preset, int apply)
+{
+    if (m->step_open)
+        return RESA_ERR_BAD_STATE;
+    if (preset != RESA_PRESET_DEFAULT && preset != RESA_PRESET_PAPER)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (apply) {
+        int paper = preset == RESA_PRESET_PAPER;
+        m->fv[P_FRACTION] = 0.1;
+        m->iv[P_MIN_BLOCKS] = 16;
+        m->iv[P_LOCAL] = 1;
+        m->iv[P_SINK] = paper ? 0 : 1;
+        m->iv[P_INTERVAL] = 32;
+        m->fv[P_WIDTH] = paper ? 1.0 : 0.5;
+        m->iv[P_GROUP] = RESA_GROUP_SCORE_POOLED;
+    }
+    return RESA_OK;
+}
+
+/* ---- the lock, pages and sequences ---- */
+
+static void free_seq(shadow *m, sh_seq *q)
+{
+    free(q->pages);
+    free(q->k);
+    free(q->v);
+    if (q->rec) {
+        for (int64_t l = 0; l < m->iv[P_LAYERS]; l++)
+            free(q->rec[l].blocks);
+        free(q->rec);
+    }
+    memset(q, 0, sizeof *q);
+}
+
+static void unlock(shadow *m)
+{
+    if (!m->locked)
+        return;
+    for (int64_t i = 0; i < m->iv[P_MAX_SEQS]; i++)
+        free_seq(m, &m->seqs[i]);
+    free(m->seqs);
+    free(m->free_list);
+    free(m->refcount);
+    free(m->entries);
+    free(m->layer_done);
+    m->seqs = NULL;
+    m->free_list = m->refcount = NULL;
+    m->entries = NULL;
+    m->layer_done = NULL;
+    m->locked = 0;
+    m->step_open = 0;
+    m->n_stale = 0;
+}
+
+void sh_free(shadow *m)
+{
+    unlock(m);
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) {
+        fprintf(stderr, "resa fuzz: the model is out of memory\n");
+        abort();
+    }
+    return p;
+}
+
+static void lock(shadow *m)
+{
+    int64_t b = m->iv[P_BLOCK];
+    m->n_pages = (int32_t)((m->iv[P_MAX_TOKENS] + b - 1) / b);
+    m->max_seq_blocks = (int32_t)((sh_get_int(m, P_MAX_SEQ_TOKENS) + b - 1) / b);
+    m->n_free = m->n_pages;
+    m->free_list = xcalloc((size_t)m->n_pages, sizeof(int32_t));
+    m->refcount = xcalloc((size_t)m->n_pages, sizeof(int32_t));
+    for (int32_t i = 0; i < m->n_pages; i++)
+        m->free_list[i] = i;
+    m->seqs = xcalloc((size_t)m->iv[P_MAX_SEQS], sizeof(sh_seq));
+    m->entries = xcalloc((size_t)m->iv[P_MAX_SEQS], sizeof(sh_entry));
+    m->layer_done = xcalloc((size_t)m->iv[P_LAYERS], 1);
+    m->locked = 1;
+    m->n_stale = 0;
+}
+
+static int32_t take_page(shadow *m)
+{
+    if (m->n_free == 0) {
+        fprintf(stderr, "resa fuzz: model bug: no free page\n");
+        abort();
+    }
+    int32_t p = m->free_list[--m->n_free];
+    m->refcount[p] = 1;
+    return p;
+}
+
+static void unref_page(shadow *m, int32_t p)
+{
+    if (--m->refcount[p] == 0)
+        m->free_list[m->n_free++] = p;
+}
+
+int32_t sh_slot(const shadow *m, int32_t id)
+{
+    if (!m->locked)
+        return -1;
+    for (int64_t i = 0; i < m->iv[P_MAX_SEQS]; i++)
+        if (m->seqs[i].live && m->seqs[i].id == id)
+            return (int32_t)i;
+    return -1;
+}
+
+int sh_is_stale(const shadow *m, int32_t id)
+{
+    for (int32_t i = 0; i < m->n_stale; i++)
+        if (m->stale[i] == id)
+            return 1;
+    return 0;
+}
+
+static int32_t lowest_free_slot(const shadow *m)
+{
+    for (int64_t i = 0; i < m->iv[P_MAX_SEQS]; i++)
+        if (!m->seqs[i].live)
+            return (int32_t)i;
+    return -1;
+}
+
+resa_status sh_reset(shadow *m, uint32_t what, int apply)
+{
+    if (what == 0 || (what & ~(RESA_RESET_SESSION | RESA_RESET_PARAMS)))
+        return RESA_ERR_INVALID_ARGUMENT;
+    if ((what & RESA_RESET_PARAMS) && !(what & RESA_RESET_SESSION) && m->locked)
+        return RESA_ERR_BAD_STATE;
+    if (apply) {
+        if (what & RESA_RESET_SESSION)
+            unlock(m);
+        if (what & RESA_RESET_PARAMS)
+            defaults(m);
+    }
+    return RESA_OK;
+}
+
+resa_status sh_seq_create(shadow *m, int null_out, int *first_unset, int32_t *slot)
+{
+    *first_unset = -1;
+    *slot = -1;
+    if (m->step_open)
+        return RESA_ERR_BAD_STATE;
+    if (null_out)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (!m->locked) {
+        for (int i = 0; i <= P_HEAD_DIM; i++)
+            if (!(m->shape_set & (1u << i))) {
+                *first_unset = i;
+                return RESA_ERR_BAD_STATE;
+            }
+        if (m->iv[P_QHEADS] % m->iv[P_KVHEADS] != 0)
+            return RESA_ERR_INVALID_ARGUMENT;
+        if (sh_get_int(m, P_MAX_SEQ_TOKENS) > m->iv[P_MAX_TOKENS])
+            return RESA_ERR_INVALID_ARGUMENT;
+        int64_t pages = (m->iv[P_MAX_TOKENS] + m->iv[P_BLOCK] - 1) / m->iv[P_BLOCK];
+        if (pages > (int64_t)(P30 - 1))
+            return RESA_ERR_INVALID_ARGUMENT;
+        *slot = 0; /* every slot of a new lock is free */
+        return RESA_OK;
+    }
+    *slot = lowest_free_slot(m);
+    return *slot < 0 ? RESA_ERR_CAPACITY : RESA_OK;
+}
+
+static void seq_start(shadow *m, sh_seq *q, int32_t id)
+{
+    int64_t layers = m->iv[P_LAYERS], hkv = m->iv[P_KVHEADS];
+    memset(q, 0, sizeof *q);
+    q->live = 1;
+    q->id = id;
+    q->pages = xcalloc((size_t)m->max_seq_blocks, sizeof(int32_t));
+    q->rec = xcalloc((size_t)layers, sizeof(sh_record));
+    for (int64_t l = 0; l < layers; l++)
+        q->rec[l].blocks = xcalloc((size_t)(hkv * m->max_seq_blocks), sizeof(int32_t));
+}
+
+void sh_seq_created(shadow *m, int32_t slot, int32_t id)
+{
+    if (!m->locked)
+        lock(m);
+    seq_start(m, &m->seqs[slot], id);
+}
+
+static void remember_stale(shadow *m, int32_t id)
+{
+    if (m->n_stale < SH_STALE) {
+        m->stale[m->n_stale++] = id;
+    } else {
+        memmove(m->stale, m->stale + 1, sizeof(int32_t) * (SH_STALE - 1));
+        m->stale[SH_STALE - 1] = id;
+    }
+}
+
+resa_status sh_seq_release(shadow *m, int32_t id, int apply)
+{
+    if (m->step_open)
+        return RESA_ERR_BAD_STATE;
+    int32_t slot = sh_slot(m, id);
+    if (slot < 0)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (apply) {
+        sh_seq *q = &m->seqs[slot];
+        for (int32_t i = 0; i < q->n_pages; i++)
+            unref_page(m, q->pages[i]);
+        free_seq(m, q);
+        remember_stale(m, id);
+    }
+    return RESA_OK;
+}
+
+resa_status sh_seq_fork(shadow *m, int32_t parent, int null_out, int32_t *slot)
+{
+    *slot = -1;
+    if (m->step_open)
+        return RESA_ERR_BAD_STATE;
+    int32_t ps = sh_slot(m, parent);
+    if (ps < 0 || null_out)
+        return RESA_ERR_INVALID_ARGUMENT;
+    *slot = lowest_free_slot(m);
+    if (*slot < 0)
+        return RESA_ERR_CAPACITY;
+    if (m->seqs[ps].len % m->iv[P_BLOCK] != 0 && m->n_free == 0)
+        return RESA_ERR_CAPACITY;
+    return RESA_OK;
+}
+
+static size_t pos_stride(const shadow *m) /* grid values of one position */
+{
+    return (size_t)(m->iv[P_LAYERS] * m->iv[P_KVHEADS] * m->iv[P_HEAD_DIM]);
+}
+
+static void ensure_cap(shadow *m, sh_seq *q, int64_t need)
+{
+    if (need <= q->cap)
+        return;
+    int64_t cap = q->cap * 2 > need ? q->cap * 2 : need;
+    if (cap < 16)
+        cap = 16;
+    size_t stride = pos_stride(m);
+    int8_t *k = xcalloc((size_t)cap * stride, 1), *v = xcalloc((size_t)cap * stride, 1);
+    if (q->cap) {
+        memcpy(k, q->k, (size_t)q->cap * stride);
+        memcpy(v, q->v, (size_t)q->cap * stride);
+    }
+    free(q->k);
+    free(q->v);
+    q->k = k;
+    q->v = v;
+    q->cap = cap;
+}
+
+void sh_seq_forked(shadow *m, int32_t parent, int32_t slot, int32_t id)
+{
+    sh_seq *p = &m->seqs[sh_slot(m, parent)], *c = &m->seqs[slot];
+    seq_start(m, c, id);
+    c->len = p->len;
+    c->pending = p->pending;
+    c->n_pages = p->n_pages;
+    int partial = p->len % m->iv[P_BLOCK] != 0;
+    for (int32_t i = 0; i < p->n_pages; i++) {
+        if (partial && i == p->n_pages - 1) {
+            c->pages[i] = take_page(m);
+        } else {
+            c->pages[i] = p->pages[i];
+            m->refcount[p->pages[i]]++;
+        }
+    }
+    ensure_cap(m, c, p->len);
+    if (p->len) {
+        memcpy(c->k, p->k, (size_t)p->len * pos_stride(m));
+        memcpy(c->v, p->v, (size_t)p->len * pos_stride(m));
+    }
+}
+
+resa_status sh_query(const shadow *m, int32_t id, int null_out)
+{
+    if (sh_slot(m, id) < 0 || null_out)
+        return RESA_ERR_INVALID_ARGUMENT;
+    return RESA_OK;
+}
+
+int64_t sh_free_tokens(const shadow *m)
+{
+    int64_t b = m->iv[P_BLOCK];
+    if (!m->locked)
+        return (m->iv[P_MAX_TOKENS] + b - 1) / b * b;
+    return (int64_t)m->n_free * b;
+}
+
+/* ---- the budget rule (docs/API.md, "Block selection") ---- */
+
+int32_t sh_budget(int64_t mb, double r, int64_t n_min, int64_t local, int64_t sink)
+{
+    int64_t r_ppm = llround(r * 1e6);
+    int64_t n = (r_ppm * mb + 999999) / 1000000;
+    int64_t floor_n = n_min < mb ? n_min : mb;
+    if (n < floor_n)
+        n = floor_n;
+    int64_t forced = local + sink < mb ? local + sink : mb;
+    if (n < forced)
+        n = forced;
+    if (n > mb)
+        n = mb;
+    return (int32_t)n;
+}
+
+/* ---- the step ---- */
+
+static int64_t blocks_for(int64_t tokens, int64_t b)
+{
+    return (tokens + b - 1) / b;
+}
+
+resa_status sh_step_begin(shadow *m, int32_t n, const int32_t *ids, const int32_t *modes,
+                          const int32_t *n_tokens, uint32_t flags, int apply)
+{
+    if (flags & ~RESA_STEP_REPLAY)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (m->step_open || !m->locked)
+        return RESA_ERR_BAD_STATE;
+    if (n < 1 || n > m->iv[P_MAX_SEQS] || !ids || !modes || !n_tokens)
+        return RESA_ERR_INVALID_ARGUMENT;
+    int64_t b = m->iv[P_BLOCK], max_len = sh_get_int(m, P_MAX_SEQ_TOKENS);
+    int64_t rows = 0, need = 0;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t slot = sh_slot(m, ids[i]);
+        if (slot < 0)
+            return RESA_ERR_INVALID_ARGUMENT;
+        for (int32_t j = 0; j < i; j++)
+            if (ids[j] == ids[i])
+                return RESA_ERR_INVALID_ARGUMENT; /* twice in the batch */
+        const sh_seq *q = &m->seqs[slot];
+        int32_t nt = n_tokens[i];
+        switch (modes[i]) {
+        case RESA_MODE_APPEND:
+        case RESA_MODE_APPEND_KV:
+        case RESA_MODE_DECODE:
+            if (nt < 1 || (modes[i] == RESA_MODE_DECODE && nt != 1))
+                return RESA_ERR_INVALID_ARGUMENT;
+            if (q->len + nt > max_len)
+                return RESA_ERR_CAPACITY;
+            need += blocks_for(q->len + nt, b) - q->n_pages;
+            break;
+        case RESA_MODE_RECTIFY:
+            if (q->pending == 0)
+                return RESA_ERR_BAD_STATE;
+            if (nt < 1 || nt > q->pending)
+                return RESA_ERR_INVALID_ARGUMENT;
+            break;
+        default:
+            return RESA_ERR_INVALID_ARGUMENT;
+        }
+        rows += nt;
+    }
+    if (flags & RESA_STEP_REPLAY)
+        return RESA_ERR_INVALID_ARGUMENT; /* the CPU backend never captures */
+    if (rows > m->iv[P_MAX_STEP])
+        return RESA_ERR_CAPACITY;
+    /* copy-on-write copies: a shared page (r holders) rectified by k entries
+     * of the step is copied min(k, r - 1) times (API.md, "Capacity") */
+    {
+        int32_t *k = xcalloc((size_t)m->n_pages, sizeof(int32_t));
+        for (int32_t i = 0; i < n; i++) {
+            if (modes[i] != RESA_MODE_RECTIFY)
+                continue;
+            const sh_seq *q = &m->seqs[sh_slot(m, ids[i])];
+            int64_t rs = q->len - q->pending;
+            for (int64_t p = rs / b; p <= (rs + n_tokens[i] - 1) / b; p++)
+                k[q->pages[p]]++;
+        }
+        for (int32_t p = 0; p < m->n_pages; p++)
+            if (k[p] && m->refcount[p] > 1)
+                need += k[p] < m->refcount[p] - 1 ? k[p] : m->refcount[p] - 1;
+        free(k);
+    }
+    if (need > m->n_free)
+        return RESA_ERR_CAPACITY;
+    if (!apply)
+        return RESA_OK;
+
+    int64_t row = 0;
+    m->has_output = 0;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t slot = sh_slot(m, ids[i]);
+        sh_seq *q = &m->seqs[slot];
+        sh_entry *e = &m->entries[i];
+        memset(e, 0, sizeof *e);
+        e->slot = slot;
+        e->mode = modes[i];
+        e->n = n_tokens[i];
+        e->row = row;
+        e->old_len = q->len;
+        if (e->mode == RESA_MODE_RECTIFY) {
+            e->start = q->len - q->pending;
+            for (int64_t p = e->start / b; p <= (e->start + e->n - 1) / b; p++)
+                if (m->refcount[q->pages[p]] > 1) {
+                    int32_t fresh = take_page(m);
+                    m->n_cow_copies++;
+                    unref_page(m, q->pages[p]);
+                    q->pages[p] = fresh;
+                }
+        } else {
+            e->start = q->len;
+            while (q->n_pages < blocks_for(q->len + e->n, b)) {
+                q->pages[q->n_pages++] = take_page(m);
+                e->new_pages++;
+            }
+            ensure_cap(m, q, q->len + e->n);
+        }
+        if (e->mode == RESA_MODE_DECODE) {
+            e->m = (int32_t)blocks_for(q->len + 1, b);
+            e->nsel = sh_budget(e->m, m->fv[P_FRACTION], m->iv[P_MIN_BLOCKS], m->iv[P_LOCAL],
+                                m->iv[P_SINK]);
+        }
+        if (e->mode != RESA_MODE_APPEND_KV)
+            m->has_output = 1;
+        m->n_entries_by_mode[e->mode == RESA_MODE_DECODE && e->nsel < e->m ? 4 : e->mode]++;
+        row += e->n;
+    }
+    m->n_entries = n;
+    m->rows = row;
+    m->step_open = 1;
+    memset(m->layer_done, 0, (size_t)m->iv[P_LAYERS]);
+    m->st_local = (int32_t)m->iv[P_LOCAL];
+    m->st_sink = (int32_t)m->iv[P_SINK];
+    m->st_scale = sh_get_real(m, P_SCALE);
+    m->st_width = m->fv[P_WIDTH];
+    m->st_group = (int32_t)m->iv[P_GROUP];
+    return RESA_OK;
+}
+
+resa_status sh_step_attend(const shadow *m, int32_t layer, int q_null, int k_null, int v_null,
+                           int out_null, uint32_t flags)
+{
+    if (flags != 0)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (!m->step_open)
+        return RESA_ERR_BAD_STATE;
+    if (layer < 0 || layer >= m->iv[P_LAYERS] || k_null || v_null)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (m->has_output && (q_null || out_null))
+        return RESA_ERR_INVALID_ARGUMENT;
+    return RESA_OK;
+}
+
+resa_status sh_step_end(shadow *m, uint32_t flags, int apply)
+{
+    if (flags != 0)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (!m->step_open)
+        return RESA_ERR_BAD_STATE;
+    for (int64_t l = 0; l < m->iv[P_LAYERS]; l++)
+        if (!m->layer_done[l])
+            return RESA_ERR_BAD_STATE;
+    if (!apply)
+        return RESA_OK;
+    /* docs/API.md, "Rectification bookkeeping" */
+    for (int32_t i = 0; i < m->n_entries; i++) {
+        const sh_entry *e = &m->entries[i];
+        sh_seq *q = &m->seqs[e->slot];
+        if (e->mode == RESA_MODE_RECTIFY) {
+            q->pending -= e->n;
+            continue;
+        }
+        int approximate = e->mode == RESA_MODE_DECODE && e->nsel < e->m;
+        if (q->pending > 0 || approximate)
+            q->pending += e->n;
+        q->len += e->n;
+    }
+    m->step_open = 0;
+    return RESA_OK;
+}
+
+resa_status sh_step_cancel(shadow *m, int apply)
+{
+    if (!m->step_open)
+        return RESA_ERR_BAD_STATE;
+    if (!apply)
+        return RESA_OK;
+    for (int32_t i = 0; i < m->n_entries; i++) {
+        sh_entry *e = &m->entries[i];
+        sh_seq *q = &m->seqs[e->slot];
+        for (int32_t k = 0; k < e->new_pages; k++)
+            unref_page(m, q->pages[--q->n_pages]);
+        e->new_pages = 0;
+    }
+    m->step_open = 0;
+    return RESA_OK;
+}
+
+resa_status sh_selected(const shadow *m, int32_t id, int32_t layer, int32_t head,
+                        int blocks_null, int64_t capacity, int count_null)
+{
+    if (sh_slot(m, id) < 0 || count_null)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (!m->iv[P_RECORD])
+        return RESA_ERR_BAD_STATE;
+    if (layer < 0 || layer >= m->iv[P_LAYERS] || head < 0 || head >= m->iv[P_KVHEADS])
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (capacity < 0 || (capacity > 0 && blocks_null))
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (m->step_open)
+        return RESA_ERR_BAD_STATE;
+    return RESA_OK;
+}
+
+/* ---- the reference: selection and attention ---- */
+
+SH_NO_COVERAGE
+static int8_t kval(const shadow *m, const sh_seq *q, int64_t pos, int32_t layer, int32_t h,
+                   int32_t j)
+{
+    size_t at = (((size_t)pos * (size_t)m->iv[P_LAYERS] + (size_t)layer) *
+                     (size_t)m->iv[P_KVHEADS] + (size_t)h) * (size_t)m->iv[P_HEAD_DIM] + (size_t)j;
+    return q->k[at];
+}
+SH_NO_COVERAGE
+static int8_t vval(const shadow *m, const sh_seq *q, int64_t pos, int32_t layer, int32_t h,
+                   int32_t j)
+{
+    size_t at = (((size_t)pos * (size_t)m->iv[P_LAYERS] + (size_t)layer) *
+                     (size_t)m->iv[P_KVHEADS] + (size_t)h) * (size_t)m->iv[P_HEAD_DIM] + (size_t)j;
+    return q->v[at];
+}
+
+/* Whether this DECODE's selection can be computed exactly: the pooled group
+ * score (HEAD_SHARE goes through exp), summaries in the KV dtype (exact for
+ * grid keys), a power-of-two group (an exact mean) and a width that is a
+ * multiple of 1/4; then every score is exact in fp32 and ties break the same
+ * way. */
+static int selection_exact(const shadow *m)
+{
+    int64_t g = m->iv[P_QHEADS] / m->iv[P_KVHEADS];
+    double w4 = m->st_width * 4;
+    return m->st_group == RESA_GROUP_SCORE_POOLED &&
+           m->iv[P_SUMMARY] == RESA_SUMMARY_KV_DTYPE && (g & (g - 1)) == 0 && w4 == floor(w4);
+}
+
+/* The blocks a DECODE entry attends for (layer, kv head), ascending, into
+ * sel: all n of them when the selection is dense or `exact`; otherwise only
+ * the forced ones (the rest is not computed, and not compared). */
+SH_NO_COVERAGE
+static void select_blocks(const shadow *m, const sh_entry *e, int32_t layer, int32_t hk,
+                          const int8_t *qrow, int exact, int32_t *sel)
+{
+    const sh_seq *q = &m->seqs[e->slot];
+    int32_t M = e->m, n = e->nsel, b = (int32_t)m->iv[P_BLOCK];
+    int32_t d = (int32_t)m->iv[P_HEAD_DIM], hq = (int32_t)m->iv[P_QHEADS];
+    int32_t g = hq / (int32_t)m->iv[P_KVHEADS];
+    int32_t k = 0;
+    if (n >= M) {
+        for (int32_t i = 0; i < M; i++)
+            sel[k++] = i;
+        return;
+    }
+    int32_t sink = m->st_sink < M ? m->st_sink : M;
+    int32_t from = M - (m->st_local < M ? m->st_local : M);
+    uint8_t *chosen = xcalloc((size_t)M, 1);
+    int32_t forced = 0;
+    for (int32_t i = 0; i < M; i++)
+        if (i < sink || i >= from) {
+            chosen[i] = 1;
+            forced++;
+        }
+    if (n > forced && exact) {
+        double *qp = xcalloc((size_t)d, sizeof(double));
+        double *score = xcalloc((size_t)M, sizeof(double));
+        for (int32_t j = 0; j < d; j++) {
+            for (int32_t gi = 0; gi < g; gi++)
+                qp[j] += qrow[((size_t)hk * g + gi) * d + j] / SH_GRID;
+            qp[j] /= g;
+        }
+        int64_t valid = e->start + 1;
+        for (int32_t i = sink; i < from; i++) {
+            int64_t lo = (int64_t)i * b, hi = lo + b < valid ? lo + b : valid;
+            double s = 0;
+            for (int32_t j = 0; j < d; j++) {
+                int mn = 127, mx = -128;
+                for (int64_t p = lo; p < hi; p++) {
+                    int x = kval(m, q, p, layer, hk, j);
+                    mn = x < mn ? x : mn;
+                    mx = x > mx ? x : mx;
+                }
+                double a = mn / SH_GRID, c = mx / SH_GRID;
+                s += 0.5 * (qp[j] * (c + a) + m->st_width * fabs(qp[j]) * (c - a));
+            }
+            score[i] = s;
+        }
+        for (int32_t t = forced; t < n; t++) { /* n - forced best: score, then lower index */
+            int32_t best = -1;
+            for (int32_t i = sink; i < from; i++)
+                if (!chosen[i] && (best < 0 || score[i] > score[best]))
+                    best = i;
+            chosen[best] = 1;
+        }
+        free(qp);
+        free(score);
+    }
+    for (int32_t i = 0; i < M; i++)
+        if (chosen[i])
+            sel[k++] = i;
+    free(chosen);
+}
+
+/* Dense or block-sparse attention of one query row, head h, in double. */
+SH_NO_COVERAGE
+static void reference_row(const shadow *m, const sh_seq *q, int32_t layer, const int8_t *qv,
+                          int32_t h, int64_t pos, const int32_t *blocks, int32_t n_blocks,
+                          double *out)
+{
+    int32_t d = (int32_t)m->iv[P_HEAD_DIM], b = (int32_t)m->iv[P_BLOCK];
+    int32_t hk = h / (int32_t)(m->iv[P_QHEADS] / m->iv[P_KVHEADS]);
+    double mx = -INFINITY, sum = 0;
+    for (int32_t j = 0; j < d; j++)
+        out[j] = 0;
+    /* two passes: the maximum score, then the weights */
+    for (int pass = 0; pass < 2; pass++) {
+        int32_t nb = blocks ? n_blocks : 1;
+        for (int32_t bi = 0; bi < nb; bi++) {
+            int64_t lo = blocks ? (int64_t)blocks[bi] * b : 0;
+            int64_t hi = blocks ? lo + b : pos + 1;
+            if (hi > pos + 1)
+                hi = pos + 1;
+            for (int64_t p = lo; p < hi; p++) {
+                double s = 0;
+                for (int32_t j = 0; j < d; j++)
+                    s += (qv[j] / SH_GRID) * (kval(m, q, p, layer, hk, j) / SH_GRID);
+                s *= m->st_scale;
+                if (pass == 0) {
+                    mx = s > mx ? s : mx;
+                } else {
+                    double w = exp(s - mx);
+                    sum += w;
+                    for (int32_t j = 0; j < d; j++)
+                        out[j] += w * (vval(m, q, p, layer, hk, j) / SH_GRID);
+                }
+            }
+        }
+    }
+    for (int32_t j = 0; j < d; j++)
+        out[j] /= sum;
+}
+
+const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t *kg,
+                        const int8_t *vg, const void *out, char *msg, size_t msg_cap)
+{
+    int32_t d = (int32_t)m->iv[P_HEAD_DIM], hq = (int32_t)m->iv[P_QHEADS];
+    int32_t hkv = (int32_t)m->iv[P_KVHEADS];
+    int32_t io = (int32_t)m->iv[P_IO_DTYPE];
+    size_t io_elt = sh_dtype_size(io);
+    double tol = io == RESA_DTYPE_F32 ? 2e-4 : io == RESA_DTYPE_F16 ? 2e-3 : 1e-2;
+    /* 1. the writes of every entry (positions as resa.h gives them) */
+    for (int32_t i = 0; i < m->n_entries; i++) {
+        const sh_entry *e = &m->entries[i];
+        sh_seq *q = &m->seqs[e->slot];
+        for (int32_t t = 0; t < e->n; t++)
+            for (int32_t h = 0; h < hkv; h++) {
+                size_t src = ((size_t)(e->row + t) * (size_t)hkv + (size_t)h) * (size_t)d;
+                size_t dst = (((size_t)(e->start + t) * (size_t)m->iv[P_LAYERS] + (size_t)layer) *
+                                  (size_t)hkv + (size_t)h) * (size_t)d;
+                memcpy(q->k + dst, kg + src, (size_t)d);
+                memcpy(q->v + dst, vg + src, (size_t)d);
+            }
+    }
+    m->layer_done[layer] = 1;
+    /* 2. the selection record and the outputs */
+    int exact_sel = selection_exact(m);
+    int check_values = m->st_scale <= 4.0;
+    int64_t work = 0; /* multiply-adds of the reference, to sample rows of long steps */
+    for (int32_t i = 0; i < m->n_entries; i++)
+        if (m->entries[i].mode != RESA_MODE_APPEND_KV)
+            work += (int64_t)m->entries[i].n * (m->entries[i].start + m->entries[i].n);
+    work *= (int64_t)hq * d;
+    int64_t stride = work / 4000000 + 1;
+    int32_t *sel = NULL;
+    double *ref = xcalloc((size_t)d, sizeof(double));
+    const char *bad = NULL;
+    for (int32_t i = 0; i < m->n_entries && !bad; i++) {
+        const sh_entry *e = &m->entries[i];
+        sh_seq *q = &m->seqs[e->slot];
+        size_t row_bytes = (size_t)hq * (size_t)d * io_elt;
+        if (e->mode == RESA_MODE_APPEND_KV) {
+            if (!out)
+                continue;
+            const unsigned char *o = (const unsigned char *)out + (size_t)e->row * row_bytes;
+            for (size_t x = 0; x < (size_t)e->n * row_bytes; x++)
+                if (o[x] != 0xff) {
+                    snprintf(msg, msg_cap, "step_attend: layer %d wrote out row %lld of an "
+                             "APPEND_KV entry (batch entry %d)", layer,
+                             (long long)(e->row + (int64_t)(x / row_bytes)), i);
+                    bad = msg;
+                    break;
+                }
+            continue;
+        }
+        if (e->mode == RESA_MODE_DECODE) {
+            sh_record *r = &q->rec[layer];
+            free(sel);
+            sel = xcalloc((size_t)hkv * (size_t)e->m, sizeof(int32_t));
+            const int8_t *qrow = qg + (size_t)e->row * (size_t)hq * (size_t)d;
+            for (int32_t hk = 0; hk < hkv; hk++)
+                select_blocks(m, e, layer, hk, qrow, exact_sel, sel + (size_t)hk * e->m);
+            r->has = 1;
+            r->m = e->m;
+            r->n = e->nsel;
+            r->sink = m->st_sink;
+            r->local = m->st_local;
+            r->exact = exact_sel || e->nsel >= e->m;
+            if (r->exact)
+                for (int32_t hk = 0; hk < hkv; hk++)
+                    memcpy(r->blocks + (size_t)hk * m->max_seq_blocks, sel + (size_t)hk * e->m,
+                           sizeof(int32_t) * (size_t)e->nsel);
+        }
+        for (int32_t t = 0; t < e->n && !bad; t++) {
+            int64_t row = e->row + t, pos = e->start + t;
+            int value_row = check_values && (t % stride == 0 || t == e->n - 1);
+            if (e->mode == RESA_MODE_DECODE && e->nsel < e->m && !exact_sel)
+                value_row = 0;
+            if (value_row) {
+                m->n_rows_checked++;
+                m->n_sparse_checked += e->mode == RESA_MODE_DECODE && e->nsel < e->m;
+            }
+            for (int32_t h = 0; h < hq && !bad; h++) {
+                size_t base = ((size_t)row * (size_t)hq + (size_t)h) * (size_t)d;
+                if (value_row) {
+                    int32_t hk = h / (hq / hkv);
+                    if (e->mode == RESA_MODE_DECODE)
+                        reference_row(m, q, layer, qg + base, h, pos, sel + (size_t)hk * e->m,
+                                      e->nsel, ref);
+                    else
+                        reference_row(m, q, layer, qg + base, h, pos, NULL, 0, ref);
+                }
+                for (int32_t j = 0; j < d; j++) {
+                    double x = sh_decode(io, out, base + (size_t)j);
+                    if (!isfinite(x) || fabs(x) > 1 + tol ||
+                        (value_row && fabs(x - ref[j]) > tol)) {
+                        snprintf(msg, msg_cap,
+                                 "step_attend: layer %d, batch entry %d (mode %d, position %lld), "
+                                 "query head %d, element %d: out = %.9g, %s %.9g",
+                                 layer, i, e->mode, (long long)pos, h, j, x,
+                                 value_row ? "reference" : "bound", value_row ? ref[j] : 1.0);
+                        bad = msg;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    free(sel);
+    free(ref);
+    return bad;
+}
+
+const char *sh_check_selected(const shadow *m, int32_t id, int32_t layer, int32_t head,
+                              const int32_t *blocks, int64_t capacity, int64_t count, char *msg,
+                              size_t msg_cap)
+{
+    const sh_seq *q = &m->seqs[sh_slot(m, id)];
+    const sh_record *r = &q->rec[layer];
+    int64_t want = r->has ? r->n : 0;
+    if (count != want) {
+        snprintf(msg, msg_cap, "selected_blocks: seq %d layer %d head %d: count %lld, the model "
+                 "says %lld", id, layer, head, (long long)count, (long long)want);
+        return msg;
+    }
+    int64_t shown = count < capacity ? count : capacity;
+    const int32_t *mine = r->blocks + (size_t)head * (size_t)m->max_seq_blocks;
+    for (int64_t i = 0; i < shown; i++) {
+        int32_t x = blocks[i];
+        const char *why = NULL;
+        if (x < 0 || x >= r->m)
+            why = "outside [0, M)";
+        else if (i > 0 && x <= blocks[i - 1])
+            why = "not ascending";
+        else if (r->exact && x != mine[i])
+            why = "not the model's selection";
+        else if (count == r->m && x != i)
+            why = "not every block of a dense decode";
+        if (why) {
+            snprintf(msg, msg_cap, "selected_blocks: seq %d layer %d head %d: blocks[%lld] = %d "
+                     "is %s (M %d, n %d)", id, layer, head, (long long)i, x, why, r->m, r->n);
+            return msg;
+        }
+    }
+    if (shown == count) { /* the whole list: the forced blocks are in it */
+        int32_t sink = r->sink < r->m ? r->sink : r->m;
+        int32_t from = r->m - (r->local < r->m ? r->local : r->m);
+        int64_t forced = 0;
+        for (int64_t i = 0; i < shown; i++)
+            forced += blocks[i] < sink || blocks[i] >= from;
+        if (forced != sink + (r->m - from) - (sink > from ? sink - from : 0)) {
+            snprintf(msg, msg_cap, "selected_blocks: seq %d layer %d head %d: a forced block "
+                     "is missing (M %d, sink %d, local %d)", id, layer, head, r->m, r->sink,
+                     r->local);
+            return msg;
+        }
+    }
+    return NULL;
+}
+
+double sh_lock_bytes(const shadow *m)
+{
+    double b = (double)m->iv[P_BLOCK], pages = ceil((double)m->iv[P_MAX_TOKENS] / b);
+    double layers = (double)m->iv[P_LAYERS], hkv = (double)m->iv[P_KVHEADS];
+    double d = (double)m->iv[P_HEAD_DIM], kv = (double)sh_dtype_size((int32_t)m->iv[P_KV_DTYPE]);
+    double seqs = (double)m->iv[P_MAX_SEQS];
+    double blocks = ceil((double)sh_get_int(m, P_MAX_SEQ_TOKENS) / b);
+    double bytes = 2 * layers * pages * hkv * b * d * kv;      /* K and V */
+    bytes += 2 * layers * pages * hkv * d * kv;                /* summaries */
+    bytes += seqs * (blocks * 4 + 128) + pages * 12;           /* tables */
+    bytes += hkv * ((double)m->iv[P_MAX_STEP] + seqs + 1) * 16; /* the work list */
+    bytes += 4 * (1024 * d * 3 + 1024 * (b + 16) + blocks * 3); /* scratch */
+    if (m->iv[P_RECORD])
+        bytes += seqs * layers * hkv * ceil(blocks / 32) * 4;
+    /* the model: K and V of every sequence as grid bytes */
+    bytes += 2 * seqs * (double)sh_get_int(m, P_MAX_SEQ_TOKENS) * layers * hkv * d;
+    return bytes;
+}
