@@ -16,8 +16,9 @@
  * s is the smallest exponent with max_j |k_j| * 2^-s <= 448: the largest
  * magnitude lands in (224, 448], where e4m3 spacing is 1/8 to 1/16 of the
  * value.  Scaling by 2^s is exact, so all rounding is in the two directed
- * roundings below.  Keys must be finite (the exact summaries have the same
- * requirement in practice: an infinite key makes every score infinite).
+ * roundings below.  An infinite key saturates at the largest e4m3 value
+ * (docs/API.md, "Non-finite values"); NaN never reaches the codec (the
+ * summaries' min/max skip NaN keys).
  */
 #ifndef RESA_SUMMARY_FP8_H
 #define RESA_SUMMARY_FP8_H

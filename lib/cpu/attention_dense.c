@@ -55,7 +55,9 @@ void resa_cpu_store_output(const resa_cpu_job *job, const resa_step_entry *e, in
     int32_t d = L->d, g = L->group;
     for (int32_t r = 0; r < (t1 - t0) * g; r++) {
         float *ar = sc->acc + (size_t)r * d;
-        float inv = sc->l[r] > 0 ? 1.0f / sc->l[r] : 0.0f;
+        /* l >= 1 for any row with a finite score; 0 only when every score
+         * it attended was -inf (0/0: NaN, as on the GPU), NaN when poisoned */
+        float inv = 1.0f / sc->l[r];
         for (int32_t i = 0; i < d; i++)
             ar[i] *= inv;
         int32_t t = t0 + r / g, j = r % g;

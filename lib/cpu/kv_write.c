@@ -38,6 +38,8 @@ void resa_cpu_refresh_summaries(const resa_ctx *ctx, const resa_cpu_state *st, i
         }
         for (int32_t t = 0; t < n; t++) {
             resa_load_f32(st->k, L->kv_dtype, kbase + (size_t)t * d, d, row);
+            /* a NaN element fails both comparisons and takes no part, as in
+             * fminf/fmaxf on the GPU (docs/API.md, "Non-finite values") */
             for (int32_t j = 0; j < d; j++) {
                 mn[j] = row[j] < mn[j] ? row[j] : mn[j];
                 mx[j] = row[j] > mx[j] ? row[j] : mx[j];
