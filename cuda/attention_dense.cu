@@ -85,6 +85,72 @@ __device__ __forceinline__ void mma16816(float *c, const uint32_t (&a)[4], uint3
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Zeroes the non-finite values of one k16n8 B fragment (b0: keys 2q, 2q + 1;
+// b1: keys 2q + 8, 2q + 9 of the step, q = lane & 3) and returns which of
+// those 4 keys had one, as bits 0..3.
+template <typename T> __device__ __forceinline__ uint32_t scrub_b(uint32_t &b0, uint32_t &b1)
+{
+    const uint32_t m0 = nonfinite_halves<T>(b0), m1 = nonfinite_halves<T>(b1);
+    b0 &= ~m0;
+    b1 &= ~m1;
+    return (m0 & 1u) | ((m0 >> 15) & 2u) | ((m1 & 1u) << 2) | ((m1 >> 13) & 8u);
+}
+// Of the keys k, k + 1, k + 8, k + 9 (bits 0..3), those a row at position pos attends.
+__device__ __forceinline__ uint32_t attended4(int k, int pos)
+{
+    return (uint32_t)(k <= pos) | (uint32_t)(k + 1 <= pos) << 1 | (uint32_t)(k + 8 <= pos) << 2 |
+           (uint32_t)(k + 9 <= pos) << 3;
+}
+
+// O += P V for the 16 keys [key0, key0 + 16) of a tile on the causal diagonal,
+// for one warp's 16 rows (mma.sync m16n8k16; o as in store_rows, D/8 n-tiles).
+// Steps every row of the warp masks are skipped (they add nothing, and that
+// also saves their products); in steps the mask cuts through, non-finite V
+// values are zeroed in the B fragments and the rows that attend one of those
+// keys are poisoned (attention_dense.cuh).
+// a: P of these keys as the A fragment (pack_p); vaddr(j): the shared address
+// of this lane's ldmatrix.trans row for dimensions [16 j, 16 j + 16) of these
+// keys.  pos0 / pos1: this thread's rows' positions; wpos_min / wpos_max: the
+// warp's first and last; l0 / l1: the rows' softmax sums, NaN when poisoned.
+template <typename T, int D, typename VAddr>
+__device__ __forceinline__ void pv_step_causal(float *o, const uint32_t *pa, int key0, int lane,
+                                               int pos0, int pos1, int wpos_min, int wpos_max,
+                                               float &l0, float &l1, VAddr vaddr)
+{
+    const uint32_t a[4] = {pa[0], pa[1], pa[2], pa[3]};
+    if (key0 > wpos_max)
+        return; // every row of the warp masks these keys (warp-uniform)
+    if (key0 + 15 <= wpos_min) { // every row attends them
+#pragma unroll
+        for (int j = 0; j < D / 16; j++) {
+            uint32_t bv[4];
+            ldsm_x4_t(bv, vaddr(j));
+            mma16816<T>(o + 8 * j, a, bv[0], bv[1]);
+            mma16816<T>(o + 8 * j + 4, a, bv[2], bv[3]);
+        }
+        return;
+    }
+    uint32_t bad = 0;
+#pragma unroll
+    for (int j = 0; j < D / 16; j++) {
+        uint32_t bv[4];
+        ldsm_x4_t(bv, vaddr(j));
+        bad |= scrub_b<T>(bv[0], bv[1]) | scrub_b<T>(bv[2], bv[3]);
+        mma16816<T>(o + 8 * j, a, bv[0], bv[1]);
+        mma16816<T>(o + 8 * j + 4, a, bv[2], bv[3]);
+    }
+    // the lanes holding the same keys (lane & 3) for other dimensions
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 4);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 8);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 16);
+    // each lane of a row's quad checks its 4 keys; l is summed over the quad
+    const int k = key0 + 2 * (lane & 3);
+    if (bad & attended4(k, pos0))
+        l0 = __int_as_float(0x7fffffff);
+    if (bad & attended4(k, pos1))
+        l1 = __int_as_float(0x7fffffff);
+}
+
 // Element offset of (row, 16-byte chunk) in a swizzled [rows][D] tile: the
 // chunk index is XORed with row & 7, so the 8 rows one ldmatrix reads at the
 // same logical chunk land in 8 different bank groups.
@@ -240,7 +306,8 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
         }
 
         // causal mask, only on tiles that reach past the earliest row's position
-        if (kbase + BN - 1 > wpos_min)
+        const bool diagonal = kbase + BN - 1 > wpos_min; // warp-uniform
+        if (diagonal)
             causal_mask<BN / 8>(s, kbase, lane, pos0, pos1);
         // online softmax (log2 domain); a row's BN keys live on 4 lanes
         float c0, c1;
@@ -249,16 +316,28 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
 
         // O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are exactly the A
         // fragment of k-step kk
+        if (!diagonal) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            uint32_t a[4];
-            pack_p<T>(s, kk, a);
+            for (int kk = 0; kk < BN / 16; kk++) {
+                uint32_t a[4];
+                pack_p<T>(s, kk, a);
 #pragma unroll
-            for (int j = 0; j < D / 16; j++) {
-                uint32_t bv[4];
-                ldsm_x4_t(bv, smem_u32(tV + swz<D>(16 * kk + vrow, 2 * j + vch)));
-                mma16816<T>(o + 8 * j, a, bv[0], bv[1]);
-                mma16816<T>(o + 8 * j + 4, a, bv[2], bv[3]);
+                for (int j = 0; j < D / 16; j++) {
+                    uint32_t bv[4];
+                    ldsm_x4_t(bv, smem_u32(tV + swz<D>(16 * kk + vrow, 2 * j + vch)));
+                    mma16816<T>(o + 8 * j, a, bv[0], bv[1]);
+                    mma16816<T>(o + 8 * j + 4, a, bv[2], bv[3]);
+                }
+            }
+        } else { // masked keys must not add 0 * NaN (pv_step_causal)
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                uint32_t a[4];
+                pack_p<T>(s, kk, a);
+                pv_step_causal<T, D>(o, a, kbase + 16 * kk, lane, pos0, pos1, wpos_min, wpos_max,
+                                     l0, l1, [&](int j) {
+                                         return smem_u32(tV + swz<D>(16 * kk + vrow, 2 * j + vch));
+                                     });
             }
         }
     }

@@ -250,6 +250,25 @@ template <typename T> __device__ __forceinline__ void pack_p(const float *s, int
     a[3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
 }
 
+// ---- non-finite V on the causal diagonal (docs/API.md, "Non-finite values") ----
+// A K/V tile on the causal diagonal holds keys that some rows of the tile
+// attend and others mask.  Masked keys get P = 0, but 0 * NaN (and 0 * inf)
+// in P V is NaN: a NaN or infinite V of a later token would reach earlier
+// rows.  The V tile is shared by rows of different positions, so it cannot be
+// zeroed "where masked".  Both kernels zero the non-finite V values of the
+// keys the mask cuts through (mma.sync: in the B fragments, registers only,
+// pv_step_causal in attention_dense.cu; wgmma: in the shared V slot, scrub_v
+// in attention_dense_sm90.cu) and poison every row that attends one of them
+// through its softmax sum (l = NaN makes the row NaN, directly or through the
+// split combine).  Keys every row attends take the plain product, where NaN
+// and inf propagate as usual; tiles off the diagonal are unchanged.
+
+// 0xffff in each 16-bit half of x that is infinite or NaN (exponent all ones).
+template <typename T> __device__ __forceinline__ uint32_t nonfinite_halves(uint32_t x)
+{
+    constexpr uint32_t E = dtype_of<T>::value == RESA_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
+    return ((x & E) == E ? 0x0000ffffu : 0u) | ((x & (E << 16)) == (E << 16) ? 0xffff0000u : 0u);
+}
 // Epilogue of one thread's two rows lr0, lr0 + 8 of the tile (o as above, D/8
 // n-tiles of the output): the normalized output when the tile has a single
 // split, else the fp32 partial of this split.

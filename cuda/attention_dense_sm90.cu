@@ -50,6 +50,7 @@
 // at chunk c ^ (r & 7), every block 1024-byte aligned.
 #include <cuda.h> // CUtensorMap (the type alone: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -288,6 +289,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     __shared__ tile_ref tref;
     // K ring: full[KS], empty[KS]; V ring: full[VS], empty[VS]; Q
     __shared__ __align__(8) uint64_t bars[2 * (KS + VS) + 1];
+    __shared__ int first_bad_v[4]; // scrub_v: per diagonal tile (kt % 4), the first key with non-finite V
 
     const int slot = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     work_item w;
@@ -318,6 +320,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             mbar_init(vempty + 8 * s, 4 * n_cwg);
         }
         mbar_init(bar_q, 128);
+        for (int i = 0; i < 4; i++)
+            first_bad_v[i] = INT_MAX;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -505,6 +509,67 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         for (int kk = 0; kk < HBN / 16; kk++)
             wgmma_rs<T, HD>(o, pa + 4 * kk, gmma_desc(sV + kk * 2048, HBN * 128, 1024));
     };
+    // Non-finite V on the causal diagonal (attention_dense.cuh): wgmma would
+    // add 0 * NaN for a key a row masks, and the V slot is shared by rows of
+    // different positions (and by both consumer warpgroups).  So on a tile
+    // that holds keys past the CTA's first row (CTA-uniform, at most 3 tiles
+    // of a CTA, the last ones of its last split), before its P V is issued,
+    // the consumers of both warpgroups read the V rows of exactly those keys
+    // in shared memory, zero every non-finite value in place, and agree on
+    // the first key that had one, with one named barrier (id 1; the only
+    // point where the two warpgroups meet).  A row attends a prefix of the
+    // keys, so it is poisoned (l = NaN) iff its position reaches that key.
+    // Keys every row attends are left alone: NaN and inf propagate through
+    // wgmma as usual.  Cost when clean: a few KB of shared memory reads per
+    // diagonal tile and the barrier, with no wgmma in flight (scrubbing while
+    // S was in flight made ptxas serialize every wgmma, C7520); no global
+    // memory pass, no access to the accumulators; resource report unchanged
+    // (0 spills, same HGMMA / warpgroup arrive counts in the SASS).
+    // The CTA's bounds, computed here again from memory rather than kept from
+    // the prologue: a value live across the producer / consumer split must fit
+    // the producer's 40 registers too, and these made ptxas spill the loop
+    // bounds there.
+    int diag_from, kend, n_ct;
+    {
+        const volatile tile_ref *tr = &tref;
+        const resa_dev_entry &ee = p.entries[tr->entry];
+        const int e_start = (int)*(volatile const int64_t *)&ee.start;
+        const int rows = *(volatile const int32_t *)&ee.n * p.g, t0 = tr->tile * BM;
+        diag_from = e_start + t0 / p.g + 1; // keys from here on are masked for some row
+        kend = e_start + (min(rows, t0 + BM) - 1) / p.g + 1;
+        n_ct = rows - t0 > 64 ? 256 : 128;
+    }
+    auto on_diagonal = [&](int kt) { return (kt + 1) * HBN > diag_from; };
+    auto scrub_v = [&](int slot, int kt) {
+        constexpr int WPR = HD / 2; // 32-bit words per V row
+        const int kbase = kt * HBN;
+        const int k_lo = max(kbase, diag_from), k_hi = min(kbase + HBN, kend);
+        const uint32_t sV = sV0 + slot * KV_BYTES;
+        int first = INT_MAX;
+#pragma unroll 1
+        for (int i = (int)threadIdx.x - 128; i < (k_hi - k_lo) * WPR; i += n_ct) {
+            const int key = k_lo - kbase + i / WPR, wd = i % WPR;
+            // word wd of the row: 16-byte chunk wd / 4, word wd % 4 in it
+            const uint32_t at = sV + sw128(key, wd >> 2, HBN) + 4 * (wd & 3);
+            uint32_t x;
+            asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(x) : "r"(at) : "memory");
+            const uint32_t m = nonfinite_halves<T>(x);
+            if (m) {
+                asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at), "r"(x & ~m) : "memory");
+                first = min(first, kbase + key);
+            }
+        }
+        if (first != INT_MAX)
+            atomicMin(&first_bad_v[kt & 3], first);
+        // our stores, before wgmma (the async proxy) reads the slot
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync 1, %0;\n" ::"r"(n_ct) : "memory");
+        const int fb = *(volatile int *)&first_bad_v[kt & 3];
+        if (pos0 >= fb)
+            l0 = __int_as_float(0x7fffffff);
+        if (pos1 >= fb)
+            l1 = __int_as_float(0x7fffffff);
+    };
     auto softmax = [&](int kt) {
         const int kbase = kt * HBN;
         if (kbase + HBN - 1 > wpos_min) // only tiles reaching past the warp's earliest row
@@ -552,6 +617,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         mbar_wait(kfull + 8 * ks, kph);
         if constexpr (SPLIT)
             mbar_wait(vfull + 8 * vs, vph); // V of tile kt - 1 (shared ring: waited with K)
+        if (on_diagonal(kt - 1))
+            scrub_v(vs, kt - 1); // no wgmma in flight here
         fence_async();
         wg_fence();
         qk(ks);
@@ -579,6 +646,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         mbar_wait(vfull + 8 * vs, vph);
         fence_async();
     }
+    if (on_diagonal(kt_end - 1))
+        scrub_v(vs, kt_end - 1);
     wg_fence();
     pv(vs);
     wg_commit();
