@@ -630,6 +630,13 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
 }
 
 // ---- GROUP_SCORE HEAD_SHARE (CPU twin: head_share_scores, lib/cpu/attention_sparse.c) ----
+//
+// The score CTAs store every candidate's g per-head logits (hs, [g][max_seq_blocks]
+// per pair) and fold them into per-CTA partial log-sum-exps per head (part,
+// [pair][cta][g] (m, l) pairs); the pair's last CTA adds the forced blocks, merges
+// the partials into each head's lse_h and writes the keys
+// order_key(log sum_h exp(s_hj - lse_h)) for the unchanged top-n tail.  One pass
+// over the g x M logits after the scores, issued g loads at a time.
 
 // The g query vectors of the group, unscaled, fp32: qs[j * D + t].
 template <typename T, int D>
@@ -642,31 +649,64 @@ __device__ void group_queries(const resa_cuda_layer_args &a, int64_t row, int h,
     __syncthreads();
 }
 
-// One head's score of one block in logits, summed over the TD lanes of the
-// block (every lane gets it): the width score of this lane's V dimensions
-// (q from shared memory), the fp8 block scale, then the softmax scale; NaN
-// becomes -inf, as order_key and the CPU treat it.
-template <typename S, int V, int TD>
-__device__ __forceinline__ float block_logit(const float *qs, uint4 mn, uint4 mx, int ex, float w,
-                                             float scale)
+// This lane's V dimensions of a block's kmin (lo) and kmax (hi) as fp32.
+template <typename S, int V>
+__device__ __forceinline__ void unpack_box(uint4 mn, uint4 mx, float lo[V], float hi[V])
 {
-    float q[V];
+    unpack8(mn, lo, S());
+    unpack8(mx, hi, S());
+    if constexpr (V == 16) {
+        unpack8(make_uint4(mn.z, mn.w, 0, 0), lo + 8, S());
+        unpack8(make_uint4(mx.z, mx.w, 0, 0), hi + 8, S());
+    }
+}
+
+// The box of this lane's V dimensions as centre c = (hi + lo) / 2 and weighted
+// half-width r = w (hi - lo) / 2, once per block for all g heads.  The score
+// q.c + |q|.r is the width score; at w = 1 it equals sum max(q hi, q lo), the
+// paper's bound, up to rounding (the CPU computes that form).
+template <typename S, int V>
+__device__ __forceinline__ void box_centre_radius(uint4 mn, uint4 mx, float w, float c[V],
+                                                  float r[V])
+{
+    float lo[V], hi[V];
+    unpack_box<S, V>(mn, mx, lo, hi);
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+        c[e] = 0.5f * (hi[e] + lo[e]);
+        r[e] = 0.5f * w * (hi[e] - lo[e]);
+    }
+}
+
+// One head's score of a block, in logits, summed over the TD lanes of the
+// block (every lane gets it): q.c + |q|.r times f = the fp8 block scale times
+// the softmax scale (|q| is an operand modifier: 2 FMAs a dimension); NaN
+// becomes -inf, as order_key and the CPU treat it.  q: this lane's V
+// dimensions of the head's query, in shared memory.
+template <int V, int TD>
+__device__ __forceinline__ float box_logit(const float *q, const float c[V], const float r[V],
+                                           float f)
+{
+    float s = 0.0f;
 #pragma unroll
     for (int e = 0; e < V; e++)
-        q[e] = qs[e];
-    float s;
-    if constexpr (V == 16)
-        s = score16(q, mn, mx, w);
-    else
-        s = score8<S>(q, mn, mx, w);
-    s = group_sum<TD>(s);
-    if (sizeof(S) == 1)
-        s = ldexpf(s, ex);
-    s *= scale;
+        s = fmaf(fabsf(q[e]), r[e], fmaf(q[e], c[e], s));
+    s = group_sum<TD>(s) * f;
     return s == s ? s : -INFINITY;
 }
 
-// (m, l) of an online log-sum-exp, merged; -inf maxima merge to (-inf, 0).
+// (m, l) of an online log-sum-exp: add one value, or merge another pair;
+// -inf maxima give (-inf, 0), an infinite maximum makes l NaN (the head is
+// then left out, as its maximum is not finite).
+__device__ __forceinline__ void lse_add(float &m, float &l, float s)
+{
+    if (s > m) {
+        l = l * expf(m - s) + 1.0f;
+        m = s;
+    } else if (s > -INFINITY) {
+        l += expf(s - m);
+    }
+}
 __device__ __forceinline__ void lse_merge(float &m, float &l, float m2, float l2)
 {
     const float mm = fmaxf(m, m2);
@@ -679,15 +719,48 @@ __device__ __forceinline__ void lse_merge(float &m, float &l, float m2, float l2
     m = mm;
 }
 
-// The last CTA of a HEAD_SHARE pair, once every candidate's per-head logits
-// are in hs ([g][max_seq_blocks], written by this grid): scores the forced
-// blocks too (the per-head normalisers run over all M blocks), takes each
-// head's log-sum-exp lse_h (a head whose maximum is not finite is left out),
-// and writes each candidate's key, order_key(log sum_h exp(s_hj - lse_h)),
-// into keys with their range in ts.lo / ts.hi, for select_tail.
+// The per-head partial (m, l) of this CTA, from KPER pairs per lane (lane sub
+// holds heads sub, sub + TD, ...), into part[hh] (global): warp shuffles over
+// the groups of a warp, then red (shared, [kWarps][kMaxGroup] x 2) over warps.
+template <int TD, int KPER>
+__device__ void cta_partials(const float pm[KPER], const float pl[KPER], int g, float *red,
+                             float2 *part)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int k = 0; k < KPER; k++) {
+        float m = pm[k], l = pl[k];
+#pragma unroll
+        for (int o = TD; o < 32; o <<= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+            lse_merge(m, l, m2, l2);
+        }
+        const int hh = lane + k * TD;
+        if (lane < TD && hh < g) {
+            red[(warp * kMaxGroup + hh) * 2] = m;
+            red[(warp * kMaxGroup + hh) * 2 + 1] = l;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < g) {
+        float m = -INFINITY, l = 0.0f;
+        for (int w = 0; w < kWarps; w++)
+            lse_merge(m, l, red[(w * kMaxGroup + threadIdx.x) * 2],
+                      red[(w * kMaxGroup + threadIdx.x) * 2 + 1]);
+        part[threadIdx.x] = make_float2(m, l);
+    }
+}
+
+// The last CTA of a HEAD_SHARE pair, once every CTA's logits (hs) and partials
+// (parts: [gridDim.x][g]) are visible: the forced blocks' logits (the per-head
+// normalisers run over all M blocks), each head's lse_h (a head whose maximum
+// is not finite is left out), then the candidates' keys into `keys` with their
+// range in ts.lo / ts.hi, for select_tail.
 template <typename S, int D>
 __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, int h,
-                                const float *qs, float *hs, uint32_t *keys, TailShared &ts)
+                                const float *qs, float *hs, const float2 *parts, uint32_t *keys,
+                                TailShared &ts)
 {
     constexpr bool F8 = sizeof(S) == 1;
     constexpr int V = F8 ? 16 : 8, TD = D / V, PER_WARP = 32 / TD;
@@ -695,7 +768,6 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
     const int g = Dm.group, M = p.M, stride = Dm.max_seq_blocks;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __shared__ float lse_s[kMaxGroup];
-    __shared__ float red_m[kWarps], red_l[kWarps];
     // 1. the forced blocks' logits: items (forced block, head), PER_WARP per warp
     const int n_sink = p.cand_lo, n_forced = p.cand_lo + (M - p.cand_hi);
     const int sub = lane % TD;
@@ -708,56 +780,51 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
         const int page = __ldg(pt + j);
         const S *kmin = (const S *)a.kmin + (size_t)page * page_stride + (size_t)h * D + sub * V;
         const S *kmax = (const S *)a.kmax + (size_t)page * page_stride + (size_t)h * D + sub * V;
-        const uint4 mn = __ldcg((const uint4 *)kmin), mx = __ldcg((const uint4 *)kmax);
-        const int ex = F8 ? (int)__ldg(a.kexp + (size_t)page * Dm.hkv + h) : 0;
-        const float s = block_logit<S, V, TD>(qs + hh * D + sub * V, mn, mx, ex, a.score_width,
-                                              a.scale);
+        float c[V], r[V];
+        box_centre_radius<S, V>(__ldcg((const uint4 *)kmin), __ldcg((const uint4 *)kmax),
+                                a.score_width, c, r);
+        const float fs = (F8 ? ldexpf(1.0f, (int)__ldg(a.kexp + (size_t)page * Dm.hkv + h)) : 1.0f) *
+                         a.scale;
+        const float s = box_logit<V, TD>(qs + hh * D + sub * V, c, r, fs);
         if (sub == 0 && base + lane / TD < n_forced * g)
             hs[(size_t)hh * stride + j] = s;
     }
     __syncthreads();
-    // 2. per head: lse over all M blocks
-    for (int hh = 0; hh < g; hh++) {
+    // 2. per head: the CTAs' partials and the forced blocks
+    if (threadIdx.x < g) {
+        const int hh = threadIdx.x;
         float m = -INFINITY, l = 0.0f;
-        for (int j = threadIdx.x; j < M; j += blockDim.x)
-            lse_merge(m, l, __ldcg(hs + (size_t)hh * stride + j), 1.0f);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-            const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
-            lse_merge(m, l, m2, l2);
+        for (int c = 0; c < (int)gridDim.x; c++) {
+            const float2 pr = __ldcg(parts + (size_t)c * g + hh);
+            lse_merge(m, l, pr.x, pr.y);
         }
-        if (lane == 0) {
-            red_m[warp] = m;
-            red_l[warp] = l;
-        }
-        __syncthreads();
-        if (warp == 0) {
-            m = red_m[lane];
-            l = red_l[lane];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-                const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
-                lse_merge(m, l, m2, l2);
-            }
-            if (lane == 0) // not finite: the head is left out (NaN)
-                lse_s[hh] = (m > -INFINITY && m < INFINITY) ? m + logf(l) : __int_as_float(0x7fc00000);
-        }
-        __syncthreads();
+        for (int f = 0; f < n_forced; f++)
+            lse_add(m, l, hs[(size_t)hh * stride + (f < n_sink ? f : p.cand_hi + (f - n_sink))]);
+        lse_s[hh] = (m > -INFINITY && m < INFINITY) ? m + logf(l) : __int_as_float(0x7fc00000);
     }
-    // 3. the candidates' keys and their range
+    __syncthreads();
+    // 3. the candidates' keys and their range; a head left out is skipped
+    float lse[kMaxGroup];
+#pragma unroll
+    for (int hh = 0; hh < kMaxGroup; hh++)
+        lse[hh] = hh < g ? lse_s[hh] : __int_as_float(0x7fc00000);
     uint32_t kmn = 0xffffffffu, kmx = 0u;
+#pragma unroll 2
     for (int j = p.cand_lo + threadIdx.x; j < p.cand_hi; j += blockDim.x) {
+        float t[kMaxGroup];
+#pragma unroll
+        for (int hh = 0; hh < kMaxGroup; hh++) // g loads in flight at once
+            t[hh] = lse[hh] == lse[hh] ? __ldcg(hs + (size_t)hh * stride + j) - lse[hh] : -INFINITY;
         float m = -INFINITY;
-        for (int hh = 0; hh < g; hh++)
-            if (lse_s[hh] == lse_s[hh])
-                m = fmaxf(m, __ldcg(hs + (size_t)hh * stride + j) - lse_s[hh]);
+#pragma unroll
+        for (int hh = 0; hh < kMaxGroup; hh++)
+            m = fmaxf(m, t[hh]);
         float sum = 0.0f;
-        if (m > -INFINITY)
-            for (int hh = 0; hh < g; hh++)
-                if (lse_s[hh] == lse_s[hh])
-                    sum += expf(__ldcg(hs + (size_t)hh * stride + j) - lse_s[hh] - m);
+        if (m > -INFINITY) {
+#pragma unroll
+            for (int hh = 0; hh < kMaxGroup; hh++)
+                sum += expf(t[hh] - m);
+        }
         const uint32_t key = order_key(m > -INFINITY ? m + logf(sum) : -INFINITY);
         keys[j] = key;
         kmn = min(kmn, key);
@@ -792,10 +859,10 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
 // the tail.)  A lane reads 16 bytes of kmin and of kmax per block: V = 8
 // dimensions of 16-bit summaries or 16 of fp8 ones (fp8 at 8 dimensions and
 // 8-byte loads measured ~2 us slower at 8 x 256K, bench/harness/NOTES.md).
-template <typename T, typename S, int D, bool kTop>
+template <typename T, typename S, int D, bool kTop, bool kShare>
 __global__ void __launch_bounds__(kScoreThreads, 1)
 score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hscores,
-             int stage_keys)
+             float2 *hparts, int stage_keys)
 {
     constexpr bool F8 = sizeof(S) == 1;       // S: summary element, T or fp8_e4m3
     constexpr int V = F8 ? 16 : 8;            // summary dimensions per lane
@@ -805,6 +872,7 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     constexpr int STEP = G * U;
     extern __shared__ uint32_t keys_s[];
     __shared__ float qp[kMaxGroup * D]; // the pooled query, or HEAD_SHARE: the g queries
+    __shared__ float red[kWarps * kMaxGroup * 2]; // HEAD_SHARE: per-warp partials
     __shared__ TailShared ts;
     const resa_cuda_dims &Dm = a.dims;
     const int pair = blockIdx.y;
@@ -818,10 +886,10 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
             select_tail(a, p, pair, out, nullptr, ts);
         return;
     }
-    const bool share = a.group_score == 1; // uniform over the launch
+    constexpr bool share = kShare; // GROUP_SCORE HEAD_SHARE: its own instantiation
     const int g = Dm.group;
     float *hs = hscores + (size_t)pair * g * Dm.max_seq_blocks; // [g][max_seq_blocks]
-    if (share)
+    if constexpr (share)
         group_queries<T, D>(a, p.row, h, qp);
     else
         pooled_query<T, D>(a, p.row, h, qp); // the queries: written before the layer began
@@ -842,6 +910,13 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     const int8_t *kexp = a.kexp + h; // F8: the scale exponent of (page, h) at page * hkv
     const size_t page_stride = (size_t)Dm.hkv * D;
     uint32_t kmn = 0xffffffffu, kmx = 0u; // range of the keys this thread stores
+    constexpr int KPER = (kMaxGroup + TD - 1) / TD; // HEAD_SHARE: heads a lane keeps
+    float pm[KPER], pl[KPER];                        // their partial (m, l)
+#pragma unroll
+    for (int k = 0; k < KPER; k++) {
+        pm[k] = -INFINITY;
+        pl[k] = 0.0f;
+    }
 
     // Uniform trip count across the CTA so that the shuffles see full warps.
     for (int base = lo; base < hi; base += STEP) {
@@ -859,40 +934,57 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
             mx[u] = load_stream(kmax + (size_t)page[u] * page_stride);
             ex[u] = F8 ? __ldg(kexp + (size_t)page[u] * Dm.hkv) : 0;
         }
-        if (share) { // every head of the group scores the block, in logits
+        if constexpr (share) { // every head of the group scores the block, in logits
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int j = base + u * G + grp;
-                for (int hh = 0; hh < g; hh++) {
-                    const float s = block_logit<S, V, TD>(qp + hh * D + sub * V, mn[u], mx[u], ex[u],
-                                                          a.score_width, a.scale);
-                    if (sub == 0 && j < hi)
-                        hs[(size_t)hh * Dm.max_seq_blocks + j] = s;
-                }
-            }
-            continue;
-        }
+                const bool live = j < hi;
+                float c[V], r[V]; // the box, once for the g heads
+                box_centre_radius<S, V>(mn[u], mx[u], a.score_width, c, r);
+                const float f = (F8 ? ldexpf(1.0f, ex[u]) : 1.0f) * a.scale;
+                float mine[KPER]; // lane sub keeps heads sub + k TD
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            float s;
-            if constexpr (V == 16)
-                s = score16(q, mn[u], mx[u], a.score_width);
-            else
-                s = score8<S>(q, mn[u], mx[u], a.score_width);
-            s = group_sum<TD>(s);
-            if (F8)
-                s = ldexpf(s, ex[u]); // 2^e * sum, as the CPU (exact scaling)
-            const int j = base + u * G + grp;
-            if (sub == 0 && j < hi) {
-                const uint32_t key = order_key(s);
-                out[j] = key;
-                kmn = min(kmn, key);
-                kmx = max(kmx, key);
+                for (int k = 0; k < KPER; k++)
+                    mine[k] = -INFINITY;
+                for (int hh = 0; hh < g; hh++) {
+                    const float s = box_logit<V, TD>(qp + hh * D + sub * V, c, r, f);
+                    if (sub == 0 && live)
+                        hs[(size_t)hh * Dm.max_seq_blocks + j] = s;
+#pragma unroll
+                    for (int k = 0; k < KPER; k++)
+                        mine[k] = hh == sub + k * TD ? s : mine[k];
+                }
+#pragma unroll
+                for (int k = 0; k < KPER; k++) // one exp per block and kept head
+                    if (live && sub + k * TD < g)
+                        lse_add(pm[k], pl[k], mine[k]);
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float s;
+                if constexpr (V == 16)
+                    s = score16(q, mn[u], mx[u], a.score_width);
+                else
+                    s = score8<S>(q, mn[u], mx[u], a.score_width);
+                s = group_sum<TD>(s);
+                if (F8)
+                    s = ldexpf(s, ex[u]); // 2^e * sum, as the CPU (exact scaling)
+                const int j = base + u * G + grp;
+                if (sub == 0 && j < hi) {
+                    const uint32_t key = order_key(s);
+                    out[j] = key;
+                    kmn = min(kmn, key);
+                    kmx = max(kmx, key);
+                }
             }
         }
     }
     if (!kTop)
         return;
+    float2 *parts = hparts + (size_t)pair * gridDim.x * g; // HEAD_SHARE: [cta][g] of this pair
+    if constexpr (share) // this CTA's per-head partials, released with the keys below
+        cta_partials<TD, KPER>(pm, pl, g, red, parts + (size_t)blockIdx.x * g);
     // Last CTA of the pair (the threadFenceReduction pattern): merge our key
     // range, release our keys, count, and the last one acquires everyone's.
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -930,8 +1022,8 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     __syncthreads();
     if (!ts.last)
         return;
-    if (share)
-        head_share_keys<S, D>(a, p, h, qp, hs, out, ts);
+    if constexpr (share)
+        head_share_keys<S, D>(a, p, h, qp, hs, parts, out, ts);
     select_tail(a, p, pair, out, stage_keys ? keys_s : nullptr, ts);
 }
 
@@ -955,6 +1047,18 @@ size_t hscores_offset(const resa_cuda_dims *D)
     return (counters_offset(D) + cells_bytes(D) + 255) & ~(size_t)255;
 }
 
+// HEAD_SHARE's per-CTA partials, [pairs x ctas_per_pair][g] (m, l): a launch has
+// pairs * ctas <= max(num_sms, pairs) CTAs (score_grid).
+size_t hparts_offset(const resa_cuda_dims *D)
+{
+    return (hscores_offset(D) + list_elems(D) * (size_t)D->group * sizeof(float) + 255) &
+           ~(size_t)255;
+}
+size_t hparts_bytes(const resa_cuda_dims *D)
+{
+    return ((size_t)D->max_seqs * D->hkv + (size_t)D->num_sms) * D->group * sizeof(float2);
+}
+
 // Shared staging of the keys for the top-n tail, when it fits (0: none).
 size_t keys_smem(const resa_cuda_dims &D)
 {
@@ -972,33 +1076,33 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
     return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
 }
 
-template <typename T, typename S, int D, bool kTop>
+template <typename T, typename S, int D, bool kTop, bool kShare>
 cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
-                           PairCells *cells, float *hs)
+                           PairCells *cells, float *hs, float2 *hp)
 {
     const size_t smem = kTop ? keys_smem(a->dims) : 0;
     if (smem > 0) {
-        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, kTop>,
+        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, kTop, kShare>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)smem);
         if (err != cudaSuccess)
             return err;
     }
-    return launch_pdl(score_select<T, S, D, kTop>, grid, dim3(kScoreThreads), smem, a->stream,
-                      *a, keys, cells, hs, smem > 0 ? 1 : 0);
+    return launch_pdl(score_select<T, S, D, kTop, kShare>, grid, dim3(kScoreThreads), smem, a->stream,
+                      *a, keys, cells, hs, hp, smem > 0 ? 1 : 0);
 }
 
-template <typename T, typename S, bool kTop>
+template <typename T, typename S, bool kTop, bool kShare>
 cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
-                         PairCells *cells, float *hs)
+                         PairCells *cells, float *hs, float2 *hp)
 {
     switch (a->dims.d) {
     case 64:
-        return launch_score_d<T, S, 64, kTop>(a, grid, keys, cells, hs);
+        return launch_score_d<T, S, 64, kTop, kShare>(a, grid, keys, cells, hs, hp);
     case 128:
-        return launch_score_d<T, S, 128, kTop>(a, grid, keys, cells, hs);
+        return launch_score_d<T, S, 128, kTop, kShare>(a, grid, keys, cells, hs, hp);
     case 256:
-        return launch_score_d<T, S, 256, kTop>(a, grid, keys, cells, hs);
+        return launch_score_d<T, S, 256, kTop, kShare>(a, grid, keys, cells, hs, hp);
     default:
         return cudaErrorInvalidValue;
     }
@@ -1011,7 +1115,7 @@ size_t resa_cuda_select_workspace(const resa_cuda_dims *dims)
     // lists, keys, the cells of every (entry, head), zero between launches, then
     // the per-head scores of HEAD_SHARE (g floats a block: 4g bytes next to the
     // 2 b d bytes of its K/V, since the mode may be chosen at any step)
-    return hscores_offset(dims) + list_elems(dims) * (size_t)dims->group * sizeof(float);
+    return hparts_offset(dims) + hparts_bytes(dims);
 }
 
 cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select, cudaStream_t stream)
@@ -1031,10 +1135,14 @@ cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
     uint32_t *keys = (uint32_t *)a->ws_select + list_elems(&D);
     PairCells *cells = (PairCells *)((char *)a->ws_select + counters_offset(&D));
     float *hs = (float *)((char *)a->ws_select + hscores_offset(&D));
+    float2 *hp = (float2 *)((char *)a->ws_select + hparts_offset(&D));
     const dim3 grid = score_grid(D, a->n_decode);
     cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] {
-        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true>(a, grid, keys, cells, hs)
-                         : launch_score<T, T, true>(a, grid, keys, cells, hs);
+        if (a->group_score == 1) // RESA_GROUP_SCORE_HEAD_SHARE
+            return D.sum_fp8 ? launch_score<T, fp8_e4m3, true, true>(a, grid, keys, cells, hs, hp)
+                             : launch_score<T, T, true, true>(a, grid, keys, cells, hs, hp);
+        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true, false>(a, grid, keys, cells, hs, hp)
+                         : launch_score<T, T, true, false>(a, grid, keys, cells, hs, hp);
     });
     if (err != cudaSuccess)
         return err;

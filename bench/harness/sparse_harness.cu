@@ -834,7 +834,7 @@ static cudaError_t select_part(const resa_cuda_layer_args &a)
     PairCells *cells = (PairCells *)((char *)a.ws_select + counters_offset(&D));
     const dim3 grid = score_grid(D, a.n_decode);
     return RESA_DISPATCH_DTYPE(D.kv_dtype, T,
-                               [&] { return launch_score<T, T, false>(&a, grid, keys, cells); });
+                               [&] { return launch_score<T, T, false, false>(&a, grid, keys, cells, nullptr, nullptr); });
 }
 
 static cudaError_t enqueue_e(const resa_cuda_layer_args &a, What w)
