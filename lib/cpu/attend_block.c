@@ -59,17 +59,17 @@ static inline v8f v8_splat(float x)
 
 /* e^x for x <= 0, relative error ~1e-7: x = (r + f) ln2, r integer, |f| <= 1/2,
  * e^(f ln2) by its degree-7 Taylor polynomial.  Branch-free so it vectorizes.
- * x < -87 (e^x below ~1.6e-38, and -inf) gives 0; NaN gives NaN.  The integer
- * r is taken from a clamped, NaN-free copy of x (converting a NaN or an
- * out-of-range float to int is undefined behaviour), while the polynomial sees
- * x itself, so that a NaN still comes out as NaN. */
+ * x < -87 (e^x below ~1.6e-38, and -inf) gives 0, NaN gives NaN.  The integer r
+ * comes from a clamped copy of t = x log2 e that a NaN cannot reach (converting
+ * a NaN to int, and shifting the negative result, is undefined behaviour),
+ * while the polynomial sees t itself, so that a NaN comes out as NaN.  One
+ * compare and select more than an exp without these cases. */
 static inline float exp_nonpos(float x)
 {
-    float xc = x >= -87.0f ? x : -87.0f; /* NaN and -inf: -87 */
-    xc = xc <= 0.0f ? xc : 0.0f;
-    float t = xc * 1.44269504088896341f;
-    float r = (t + 12582912.0f) - 12582912.0f; /* round to nearest integer, in [-126, 0] */
-    float y = (x * 1.44269504088896341f - r) * 0.693147180559945309f; /* NaN stays NaN */
+    float t = x * 1.44269504088896341f;
+    float tc = t >= -125.5f ? t : -125.5f; /* x >= -87; NaN and -inf: -125.5 */
+    float r = (tc + 12582912.0f) - 12582912.0f; /* round to nearest integer, in [-126, 0] */
+    float y = (t - r) * 0.693147180559945309f;
     float p = 1.0f + y * (1.0f + y * (0.5f + y * (1.0f / 6 + y * (1.0f / 24 + y * (1.0f / 120 +
               y * (1.0f / 720 + y * (1.0f / 5040)))))));
     uint32_t e = (uint32_t)((int32_t)r + 127) << 23; /* 2^r: exponent field 1 .. 127 */
