@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|sanitize|soak|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -68,6 +68,17 @@ if [[ $phases == all || $phases == *sanitize* ]]; then
     echo "$tool: exit $? ($(grep -c -E '^=+ (Invalid|Race|Error)' "$OUT/sanitize-$tool.log") reports)"
     tail -3 "$OUT/sanitize-$tool.log"
   done
+fi
+if [[ $phases == *soak* ]]; then
+  # the CPU-vs-CUDA differential soak (tests/soak/soak_diff.c, docs/reliability.md);
+  # RESA_SOAK_SEED reproduces a run
+  say "differential soak, CUDA against CPU, ${RESA_SOAK_SECONDS:-600} s"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  timeout $(( ${RESA_SOAK_SECONDS:-600} + 120 )) $build/tests/soak/soak_diff ${RESA_SOAK_SECONDS:-600} \
+    >"$OUT/soak.log" 2>&1
+  echo "soak_diff: exit $?"
+  sed -n '/== soak_diff summary ==/,$p' "$OUT/soak.log" | tee "$OUT/soak.txt"
+  grep -m 20 MISMATCH "$OUT/soak.log" | tee -a "$OUT/soak.txt"
 fi
 if [[ $phases == *profile* ]]; then
   # RESA_PROFILE_ARGS: extra resa-bench flags, e.g. "--shapes 28/4x128 --summary fp8"
