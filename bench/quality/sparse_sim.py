@@ -10,6 +10,8 @@ Two modes (docs/quality.md, "levers"):
   floor   every position from P on attends only its selected blocks, over the keys and
           values of a dense pass (its own token's from this pass): rectification after
           every token, i.e. the error of the sparse attention alone.
+With "rerank": c, the attended-share column counts K and V halves: (n + ceil(c n)) / 2
+of the blocks, the bytes of reading the candidates' keys and the chosen blocks' values.
 Selection follows docs/API.md (blocks of b aligned to position 0, min/max summaries,
 pooled group query, budget n = max(ceil(r*M), min(M, n_min)), forced local and sink
 blocks), with levers that libresa may not have: per-layer r, an oracle score (true
@@ -123,6 +125,21 @@ class Sim:
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(m, device=dev).expand_as(order).contiguous())
         keep = t >= self.start
+        if cfg.get("rerank"):  # two stages: the score's top ceil(rerank n) blocks are
+            # candidates whose keys are read exactly; the n with the most true attention
+            # mass among them are attended (bytes: K of the candidates, V of the n)
+            cand_n = torch.minimum(torch.ceil(cfg["rerank"] * n.double()).long(), mt[None])
+            cand = rank < cand_n[..., None]
+            p = torch.softmax(torch.einsum("hgcd,htd->hgct", qg, k) * scaling
+                              + self.causal(t0, c, t_all, dev)[None, None], -1)
+            mass = F.pad(p, (0, pad)).view(hkv, g, c, m, b).sum(-1).mean(1)
+            mass = mass.masked_fill(~cand, -float("inf")).masked_fill(forced[None], float("inf"))
+            order = mass.argsort(-1, descending=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(-1, order, torch.arange(m, device=dev).expand_as(order).contiguous())
+            self.attended += ((n + cand_n).double() / 2 / mt[None].double())[:, keep].sum().item()
+            self.rows += int(keep.sum()) * hkv
+            return rank < n[..., None]
         self.attended += (n.double() / mt[None].double())[:, keep].sum().item()
         self.rows += int(keep.sum()) * hkv
         return rank < n[..., None]
