@@ -770,13 +770,15 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
     __shared__ float lse_s[kMaxGroup];
     // 1. the forced blocks' logits: items (forced block, head), PER_WARP per warp
     const int n_sink = p.cand_lo, n_forced = p.cand_lo + (M - p.cand_hi);
+    // the f-th forced block: the sink blocks, then the local ones
+    auto forced_block = [&](int f) { return f < n_sink ? f : p.cand_hi + (f - n_sink); };
     const int sub = lane % TD;
     const int32_t *pt = a.page_tables + (size_t)p.slot * stride;
     const size_t page_stride = (size_t)Dm.hkv * D;
     for (int base = warp * PER_WARP; base < n_forced * g; base += kWarps * PER_WARP) {
         const int item = min(base + lane / TD, n_forced * g - 1); // whole warps shuffle
         const int f = item / g, hh = item % g;
-        const int j = f < n_sink ? f : p.cand_hi + (f - n_sink);
+        const int j = forced_block(f);
         const int page = __ldg(pt + j);
         const S *kmin = (const S *)a.kmin + (size_t)page * page_stride + (size_t)h * D + sub * V;
         const S *kmax = (const S *)a.kmax + (size_t)page * page_stride + (size_t)h * D + sub * V;
@@ -799,7 +801,7 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
             lse_merge(m, l, pr.x, pr.y);
         }
         for (int f = 0; f < n_forced; f++)
-            lse_add(m, l, hs[(size_t)hh * stride + (f < n_sink ? f : p.cand_hi + (f - n_sink))]);
+            lse_add(m, l, hs[(size_t)hh * stride + forced_block(f)]);
         lse_s[hh] = (m > -INFINITY && m < INFINITY) ? m + logf(l) : __int_as_float(0x7fc00000);
     }
     __syncthreads();

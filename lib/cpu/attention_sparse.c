@@ -138,9 +138,6 @@ static void head_share_scores(const resa_cpu_job *job, const resa_step_entry *e,
     const resa_layout *L = &job->ctx->lo;
     const int32_t M = e->n_blocks, d = L->d, g = L->group;
     const float w = job->step->score_width, softmax_scale = job->step->scale;
-    for (int32_t j = 0; j < g; j++)
-        resa_load_f32(job->q, L->io_dtype, ((size_t)e->row * L->hq + (size_t)head * g + j) * d,
-                      d, sc->qg + (size_t)j * d);
     for (int32_t i = 0; i < M; i++) {
         const float *mn, *mx;
         float scale = load_summary(job, e->pages[i], head, sc, &mn, &mx) * softmax_scale;
@@ -208,20 +205,21 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
         return;
     const float w = job->step->score_width;
     int32_t n_cand = 0;
+    /* the group's query vectors, unscaled, fp32 */
+    for (int32_t j = 0; j < g; j++)
+        resa_load_f32(job->q, L->io_dtype, ((size_t)e->row * L->hq + (size_t)head * g + j) * d,
+                      d, sc->qg + (size_t)j * d);
     if (job->step->group_score == RESA_GROUP_SCORE_HEAD_SHARE) {
         head_share_scores(job, e, head, sink, local_from, sc);
         for (int32_t i = sink; i < local_from; i++)
             sc->order[n_cand++] = i;
     } else {
-        /* pooled query: the mean of the group's query vectors, unscaled, fp32 */
+        /* pooled query: their mean */
         for (int32_t i = 0; i < d; i++)
             sc->qp[i] = 0.0f;
-        for (int32_t j = 0; j < g; j++) {
-            size_t at = ((size_t)e->row * L->hq + (size_t)head * g + j) * d;
-            resa_load_f32(job->q, L->io_dtype, at, d, sc->kt); /* kt as a row buffer */
+        for (int32_t j = 0; j < g; j++)
             for (int32_t i = 0; i < d; i++)
-                sc->qp[i] += sc->kt[i];
-        }
+                sc->qp[i] += sc->qg[(size_t)j * d + i];
         for (int32_t i = 0; i < d; i++)
             sc->qp[i] /= (float)g;
         for (int32_t i = sink; i < local_from; i++) {

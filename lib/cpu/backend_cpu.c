@@ -71,7 +71,8 @@ static resa_status scratch_create(resa_ctx *ctx, resa_cpu_state *st, resa_cpu_sc
     size_t blocks = (size_t)L->max_seq_blocks;
     size_t b16 = (b + 15) / 16 * 16;
     size_t g = (size_t)L->group;
-    /* ... + the group's queries and per-head block scores (GROUP_SCORE HEAD_SHARE) */
+    /* ... + the group's queries (block selection) and HEAD_SHARE's per-head block
+     * scores and normalisers */
     size_t floats = rows * d * 2 + rows * 2 + rows * b16 + b * d * 2 + d * b16 + d * 3 + blocks +
                     g * d + g * blocks + g;
     size_t bytes = floats * sizeof(float) + blocks * sizeof(int32_t) +

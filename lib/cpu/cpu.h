@@ -23,7 +23,7 @@ typedef struct resa_cpu_scratch {
     float *qp;       /* [d] pooled query */
     float *kmin, *kmax; /* [d] */
     float *score;    /* [max_seq_blocks] block scores */
-    float *qg;       /* [group][d] the group's queries, fp32, unscaled (HEAD_SHARE) */
+    float *qg;       /* [group][d] the group's queries, fp32, unscaled (block selection) */
     float *hscore;   /* [group][max_seq_blocks] per-head block scores in logits (HEAD_SHARE) */
     float *hlse;     /* [group] per-head log-sum-exp of those scores (HEAD_SHARE) */
     int32_t *order;  /* [max_seq_blocks] candidate blocks for top-n */

@@ -140,8 +140,9 @@ class Reference:
         """GROUP_SCORE HEAD_SHARE: log sum_h exp(s_h - logsumexp(s_h)), s_h = head h's
         block scores in logits.  The magnitudes add the largest over all blocks,
         which the per-head normalisers carry (tests/ref.c says the same)."""
-        s = np.stack([self._block_scores(keys, qh, M)[0] for qh in queries]) * self.scale
-        mg = np.stack([self._block_scores(keys, qh, M)[1] for qh in queries]) * self.scale
+        per_head = [self._block_scores(keys, qh, M) for qh in queries]
+        s = np.stack([sc for sc, _ in per_head]) * self.scale
+        mg = np.stack([mag for _, mag in per_head]) * self.scale
         top = s.max(axis=1, keepdims=True)
         lse = top + np.log(np.exp(s - top).sum(axis=1, keepdims=True))
         t = s - lse
