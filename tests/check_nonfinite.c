@@ -273,10 +273,6 @@ static int64_t check_selection(th *t, const th_seq *s, const ref_seq *r, int32_t
 
 /* ---- one checked step with poisoned inputs ---- */
 
-typedef struct nf_plan {
-    int64_t row, start, n, old_len, M, n_sel;
-} nf_plan;
-
 typedef struct nf_count {
     int64_t bad, good; /* rows that are (must be) non-finite / finite */
 } nf_count;
@@ -293,28 +289,11 @@ static nf_count nf_step(th *t, int32_t n, th_entry *e, const nf_poison *ps, int 
     int32_t g = p->hq / p->hkv, L = p->n_layers, d = p->d;
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n), *modes = malloc(sizeof(int32_t) * (size_t)n),
             *ntok = malloc(sizeof(int32_t) * (size_t)n);
-    nf_plan *pl = calloc((size_t)n, sizeof *pl);
+    th_plan *pl = calloc((size_t)n, sizeof *pl);
     ref_seq **rs = calloc((size_t)n, sizeof *rs); /* the references after this step */
-    int64_t T = 0;
-    for (int32_t i = 0; i < n; i++) {
-        ref_seq *r = e[i].s->r;
-        if (e[i].mode == RESA_MODE_RECTIFY && e[i].n <= 0)
-            e[i].n = (int32_t)ref_seq_pending(r);
-        ids[i] = e[i].s->id;
-        modes[i] = e[i].mode;
-        ntok[i] = e[i].n;
-        pl[i].row = T;
-        pl[i].n = e[i].n;
-        pl[i].old_len = r->len;
-        pl[i].start = e[i].mode == RESA_MODE_RECTIFY ? r->rect_start : r->len;
-        if (e[i].mode == RESA_MODE_DECODE) {
-            pl[i].M = ref_blocks(r->len + 1, p->b);
-            pl[i].n_sel = ref_budget(pl[i].M, p->fraction, p->min_blocks, p->local_blocks,
-                                     p->sink_blocks);
-        }
-        rs[i] = ref_seq_clone(r);
-        T += e[i].n;
-    }
+    int64_t T = th_plan_step(t, n, e, ids, modes, ntok, pl);
+    for (int32_t i = 0; i < n; i++)
+        rs[i] = ref_seq_clone(e[i].s->r);
     size_t es = ref_dtype_size(p->io_dtype);
     size_t qn = (size_t)T * (size_t)p->hq * (size_t)d, kn = (size_t)T * (size_t)p->hkv * (size_t)d;
     void **q = calloc((size_t)L, sizeof(void *)), **out = calloc((size_t)L, sizeof(void *));

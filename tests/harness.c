@@ -303,10 +303,31 @@ static void make_inputs(th *t, int64_t T, void *q, void *k, void *v)
     }
 }
 
-typedef struct entry_plan {
-    int64_t row, start, n, old_len;
-    int64_t M, n_sel;
-} entry_plan;
+int64_t th_plan_step(const th *t, int32_t n, th_entry *e, int32_t *ids, int32_t *modes,
+                     int32_t *ntok, th_plan *pl)
+{
+    const ref_params *p = &t->p;
+    int64_t T = 0;
+    for (int32_t i = 0; i < n; i++) {
+        ref_seq *r = e[i].s->r;
+        ids[i] = e[i].s->id;
+        modes[i] = e[i].mode;
+        if (e[i].mode == RESA_MODE_RECTIFY && e[i].n <= 0)
+            e[i].n = (int32_t)ref_seq_pending(r);
+        ntok[i] = e[i].n;
+        pl[i].row = T;
+        pl[i].n = e[i].n;
+        pl[i].old_len = r->len;
+        pl[i].start = e[i].mode == RESA_MODE_RECTIFY ? r->rect_start : r->len;
+        if (e[i].mode == RESA_MODE_DECODE) {
+            pl[i].M = ref_blocks(r->len + 1, p->b);
+            pl[i].n_sel = ref_budget(pl[i].M, p->fraction, p->min_blocks, p->local_blocks,
+                                     p->sink_blocks);
+        }
+        T += e[i].n;
+    }
+    return T;
+}
 
 /* Checks the library's selection against the reference scores: forced blocks
  * present, the budget met, and no unselected block scores higher than a
@@ -390,26 +411,8 @@ void th_step(th *t, int32_t n, th_entry *e)
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
     int32_t *modes = malloc(sizeof(int32_t) * (size_t)n);
     int32_t *ntok = malloc(sizeof(int32_t) * (size_t)n);
-    entry_plan *pl = calloc((size_t)n, sizeof *pl);
-    int64_t T = 0;
-    for (int32_t i = 0; i < n; i++) {
-        ref_seq *r = e[i].s->r;
-        ids[i] = e[i].s->id;
-        modes[i] = e[i].mode;
-        if (e[i].mode == RESA_MODE_RECTIFY && e[i].n <= 0)
-            e[i].n = (int32_t)ref_seq_pending(r);
-        ntok[i] = e[i].n;
-        pl[i].row = T;
-        pl[i].n = e[i].n;
-        pl[i].old_len = r->len;
-        pl[i].start = e[i].mode == RESA_MODE_RECTIFY ? r->rect_start : r->len;
-        if (e[i].mode == RESA_MODE_DECODE) {
-            pl[i].M = ref_blocks(r->len + 1, p->b);
-            pl[i].n_sel = ref_budget(pl[i].M, p->fraction, p->min_blocks, p->local_blocks,
-                                     p->sink_blocks);
-        }
-        T += e[i].n;
-    }
+    th_plan *pl = calloc((size_t)n, sizeof *pl);
+    int64_t T = th_plan_step(t, n, e, ids, modes, ntok, pl);
     size_t qn = (size_t)T * (size_t)p->hq * (size_t)p->d;
     size_t kn = (size_t)T * (size_t)p->hkv * (size_t)p->d;
     size_t es = ref_dtype_size(p->io_dtype);

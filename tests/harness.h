@@ -98,6 +98,17 @@ typedef struct th_entry {
     int32_t n;     /* RECTIFY: 0 = every pending token, else the oldest n */
 } th_entry;
 
+/* Where each entry of a step sits: its first row, positions and, for DECODE,
+ * blocks M and budget n_sel, from the reference before the step. */
+typedef struct th_plan {
+    int64_t row, start, n, old_len;
+    int64_t M, n_sel;
+} th_plan;
+/* Plans a step of n entries (a RECTIFY entry of 0 tokens takes every pending
+ * one, written back into e[i].n) and fills ids, modes and token counts for
+ * resa_ctx_step_begin.  Returns the step's rows. */
+int64_t th_plan_step(const th *t, int32_t n, th_entry *e, int32_t *ids, int32_t *modes,
+                     int32_t *ntok, th_plan *pl);
 /* One complete, checked step. */
 void th_step(th *t, int32_t n, th_entry *e);
 /* Convenience: one entry. */
