@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|soak|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|sanitize|soak|soakbg|soakwait|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -75,7 +75,27 @@ if [[ $phases == all || $phases == *sanitize* ]]; then
     grep -E "^ *[0-9]+/[0-9]+ " "$OUT/sanitize-$tool.log" | tail -8
   done
 fi
-if [[ $phases == *soak* ]]; then
+if [[ $phases == *soakbg* ]]; then
+  # the soak below, started in its own process session so that it outlives this
+  # call (the device tool keeps setsid processes of a warm machine): a 10-minute
+  # soak does not fit one call next to the build.  Later calls on the same warm
+  # machine run other phases meanwhile; "soakwait" collects it.
+  say "differential soak in the background, ${RESA_SOAK_SECONDS:-600} s"
+  mkdir -p /tmp/resa-soak && rm -f /tmp/resa-soak/*
+  RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0 setsid nohup bash -c \
+    "timeout $(( ${RESA_SOAK_SECONDS:-600} + 120 )) $PWD/$build/tests/soak/soak_diff ${RESA_SOAK_SECONDS:-600} \
+       >/tmp/resa-soak/soak.log 2>&1; echo \$? >/tmp/resa-soak/rc" </dev/null >/dev/null 2>&1 &
+  sleep 2; echo "started (uid $(id -u)); log so far:"; head -5 /tmp/resa-soak/soak.log
+fi
+if [[ $phases == *soakwait* ]]; then
+  say "differential soak (background): waiting for it"
+  while [ ! -f /tmp/resa-soak/rc ]; do sleep 5; done
+  cp /tmp/resa-soak/soak.log "$OUT/soak.log"
+  echo "soak_diff: exit $(cat /tmp/resa-soak/rc)"
+  sed -n '/== soak_diff summary ==/,$p' "$OUT/soak.log" | tee "$OUT/soak.txt"
+  grep -m 20 MISMATCH "$OUT/soak.log" | tee -a "$OUT/soak.txt"
+fi
+if [[ $phases == *soak* && $phases != *soakbg* && $phases != *soakwait* ]]; then
   # the CPU-vs-CUDA differential soak (tests/soak/soak_diff.c, docs/reliability.md);
   # RESA_SOAK_SEED reproduces a run
   say "differential soak, CUDA against CPU, ${RESA_SOAK_SECONDS:-600} s"
