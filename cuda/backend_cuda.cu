@@ -292,6 +292,19 @@ resa_status cuda_pool_create(resa_ctx *ctx)
     for (int i = 0; i < 3; i++)
         if (ws[i])
             TRY(cudaMalloc(wp[i], ws[i]), "lock: cudaMalloc(workspace)");
+    // The pool starts zeroed: a page's unwritten slots are never attended, but
+    // whole pages are copied (fork, copy-on-write) and padded tiles may be
+    // loaded before masking; zeroing once makes every byte the kernels and
+    // copies touch defined (compute-sanitizer's initcheck), at one memset per
+    // buffer at lock (~the pool's bytes at memset bandwidth), never in a step.
+    // resa_cuda_select_init below synchronizes the stream.
+    TRY(cudaMemsetAsync(st->k, 0, kv, st->stream), "lock: cudaMemset(K pool)");
+    TRY(cudaMemsetAsync(st->v, 0, kv, st->stream), "lock: cudaMemset(V pool)");
+    TRY(cudaMemsetAsync(st->kmin, 0, sum, st->stream), "lock: cudaMemset(summaries)");
+    TRY(cudaMemsetAsync(st->kmax, 0, sum, st->stream), "lock: cudaMemset(summaries)");
+    if (st->kexp)
+        TRY(cudaMemsetAsync(st->kexp, 0, exp_elems_per_layer(D) * D.n_layers, st->stream),
+            "lock: cudaMemset(summary scales)");
     TRY(resa_cuda_select_init(&D, st->ws_select, st->stream), "lock: resa_cuda_select_init");
     return RESA_OK;
 }

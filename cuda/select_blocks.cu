@@ -49,6 +49,8 @@
 #include <cuda_fp8.h>
 #include <limits.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "summary_fp8.h"
 
@@ -678,21 +680,86 @@ __device__ __forceinline__ void box_centre_radius(uint4 mn, uint4 mx, float w, f
     }
 }
 
+// This lane's share of one head's width score over its V dimensions: q.c +
+// |q|.r (|q| is an operand modifier: 2 FMAs a dimension).  q is 16-byte
+// aligned (qp, V a multiple of 4): 128-bit shared loads, a quarter of the
+// load instructions of the scalar form.
+template <int V>
+__device__ __forceinline__ float box_dot(const float *q, const float c[V], const float r[V])
+{
+    float s = 0.0f;
+#pragma unroll
+    for (int e = 0; e < V; e += 4) {
+        const float4 x = *reinterpret_cast<const float4 *>(q + e);
+        s = fmaf(fabsf(x.x), r[e], fmaf(x.x, c[e], s));
+        s = fmaf(fabsf(x.y), r[e + 1], fmaf(x.y, c[e + 1], s));
+        s = fmaf(fabsf(x.z), r[e + 2], fmaf(x.z, c[e + 2], s));
+        s = fmaf(fabsf(x.w), r[e + 3], fmaf(x.w, c[e + 3], s));
+    }
+    return s;
+}
+
 // One head's score of a block, in logits, summed over the TD lanes of the
 // block (every lane gets it): q.c + |q|.r times f = the fp8 block scale times
-// the softmax scale (|q| is an operand modifier: 2 FMAs a dimension); NaN
-// becomes -inf, as order_key and the CPU treat it.  q: this lane's V
-// dimensions of the head's query, in shared memory.
+// the softmax scale; NaN becomes -inf, as order_key and the CPU treat it.  q:
+// this lane's V dimensions of the head's query, in shared memory, 16-byte
+// aligned.  (The score CTAs reduce g heads at once: reduce_scatter.)
 template <int V, int TD>
 __device__ __forceinline__ float box_logit(const float *q, const float c[V], const float r[V],
                                            float f)
 {
-    float s = 0.0f;
-#pragma unroll
-    for (int e = 0; e < V; e++)
-        s = fmaf(fabsf(q[e]), r[e], fmaf(q[e], c[e], s));
-    s = group_sum<TD>(s) * f;
+    const float s = group_sum<TD>(box_dot<V>(q, c, r)) * f;
     return s == s ? s : -INFINITY;
+}
+
+// HEAD_SHARE's reduce-scatter of the GP per-head shares of the TD lanes of a
+// block (GP: the group padded to a power of two).  At each butterfly level a
+// lane that still holds C > 1 heads gives its partner the half it drops and
+// adds the partner's shares of the half it keeps: GP - 1 + (levels left)
+// shuffles for all heads, where one group_sum per head takes GP log2(TD).
+// Each head's total is added up over the lanes in group_sum's xor order, so
+// the totals are bitwise group_sum's.  On return v[0 .. KP) hold the totals of
+// heads share_base(sub) + i, KP = max(GP / TD, 1).
+template <int O, int C>
+__device__ __forceinline__ void reduce_scatter(float *v, int sub)
+{
+    if constexpr (O > 0) {
+        if constexpr (C > 1) {
+            constexpr int H = C / 2;
+            const bool up = (sub & O) != 0; // this lane keeps the upper half
+#pragma unroll
+            for (int i = 0; i < H; i++) {
+                const float give = up ? v[i] : v[i + H];
+                const float keep = up ? v[i + H] : v[i];
+                v[i] = keep + __shfl_xor_sync(0xffffffffu, give, O);
+            }
+            reduce_scatter<O / 2, H>(v, sub);
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+            reduce_scatter<O / 2, 1>(v, sub);
+        }
+    }
+}
+// The first head whose total lane `sub` holds after reduce_scatter<TD / 2, GP>.
+template <int TD, int GP>
+__device__ __forceinline__ int share_base(int sub)
+{
+    int b = 0, c = GP;
+#pragma unroll
+    for (int o = TD / 2; o > 0; o >>= 1)
+        if (c > 1) {
+            c /= 2;
+            if (sub & o)
+                b += c;
+        }
+    return b;
+}
+// Whether lane `sub` is the one of its block that keeps its heads' (m, l):
+// with GP < TD, TD / GP lanes hold each total; the lowest of them keeps it.
+template <int TD, int GP>
+__device__ __forceinline__ bool share_keeper(int sub)
+{
+    return GP >= TD || (sub & (TD / GP - 1)) == 0;
 }
 
 // (m, l) of an online log-sum-exp: add one value, or merge another pair;
@@ -719,16 +786,19 @@ __device__ __forceinline__ void lse_merge(float &m, float &l, float m2, float l2
     m = mm;
 }
 
-// The per-head partial (m, l) of this CTA, from KPER pairs per lane (lane sub
-// holds heads sub, sub + TD, ...), into part[hh] (global): warp shuffles over
-// the groups of a warp, then red (shared, [kWarps][kMaxGroup] x 2) over warps.
-template <int TD, int KPER>
-__device__ void cta_partials(const float pm[KPER], const float pl[KPER], int g, float *red,
-                             float2 *part)
+// The per-head partial (m, l) of this CTA, from KP pairs per lane (the keeper
+// lanes of a block hold heads share_base(sub) + k), into part[hh] (global):
+// warp shuffles over the blocks of a warp, then red (shared,
+// [kWarps][kMaxGroup] x 2) over warps.
+template <int TD, int GP>
+__device__ void cta_partials(const float *pm, const float *pl, int g, float *red, float2 *part)
 {
+    constexpr int KP = GP > TD ? GP / TD : 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int hb = share_base<TD, GP>(lane % TD);
+    const bool keeper = share_keeper<TD, GP>(lane % TD);
 #pragma unroll
-    for (int k = 0; k < KPER; k++) {
+    for (int k = 0; k < KP; k++) {
         float m = pm[k], l = pl[k];
 #pragma unroll
         for (int o = TD; o < 32; o <<= 1) {
@@ -736,8 +806,8 @@ __device__ void cta_partials(const float pm[KPER], const float pl[KPER], int g, 
             const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
             lse_merge(m, l, m2, l2);
         }
-        const int hh = lane + k * TD;
-        if (lane < TD && hh < g) {
+        const int hh = hb + k;
+        if (lane < TD && keeper && hh < g) {
             red[(warp * kMaxGroup + hh) * 2] = m;
             red[(warp * kMaxGroup + hh) * 2 + 1] = l;
         }
@@ -816,16 +886,20 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
         float t[kMaxGroup];
 #pragma unroll
         for (int hh = 0; hh < kMaxGroup; hh++) // g loads in flight at once
-            t[hh] = lse[hh] == lse[hh] ? __ldcg(hs + (size_t)hh * stride + j) - lse[hh] : -INFINITY;
+            t[hh] = hh < g && lse[hh] == lse[hh] ? __ldcg(hs + (size_t)hh * stride + j) - lse[hh]
+                                                 : -INFINITY;
         float m = -INFINITY;
 #pragma unroll
         for (int hh = 0; hh < kMaxGroup; hh++)
             m = fmaxf(m, t[hh]);
         float sum = 0.0f;
         if (m > -INFINITY) {
+            // g is uniform over the launch: heads past it cost neither a load
+            // nor an exponential (they used to be 16 expf a block whatever g)
 #pragma unroll
             for (int hh = 0; hh < kMaxGroup; hh++)
-                sum += expf(t[hh] - m);
+                if (hh < g)
+                    sum += expf(t[hh] - m);
         }
         const uint32_t key = order_key(m > -INFINITY ? m + logf(sum) : -INFINITY);
         keys[j] = key;
@@ -850,6 +924,15 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
     __syncthreads();
 }
 
+template <int D>
+struct alignas(16) ShareQueries {
+    float v[kMaxGroup * D];
+};
+template <int D>
+struct PooledQuery {
+    float v[kMaxGroup * D];
+};
+
 // Grid (ctas_per_pair, pairs).  Each CTA scores a contiguous share of one
 // (entry, head)'s candidate blocks into `keys` and merges the share's key
 // range into cells[pair]; with kTop, the last CTA of the pair to finish
@@ -861,7 +944,7 @@ __device__ void head_share_keys(const resa_cuda_layer_args &a, const Pair &p, in
 // the tail.)  A lane reads 16 bytes of kmin and of kmax per block: V = 8
 // dimensions of 16-bit summaries or 16 of fp8 ones (fp8 at 8 dimensions and
 // 8-byte loads measured ~2 us slower at 8 x 256K, bench/harness/NOTES.md).
-template <typename T, typename S, int D, bool kTop, bool kShare>
+template <typename T, typename S, int D, bool kTop, int kShareG>
 __global__ void __launch_bounds__(kScoreThreads, 1)
 score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hscores,
              float2 *hparts, int stage_keys)
@@ -873,7 +956,11 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     constexpr int G = kScoreThreads / TD;     // blocks per CTA per unrolled slot
     constexpr int STEP = G * U;
     extern __shared__ uint32_t keys_s[];
-    __shared__ float qp[kMaxGroup * D]; // the pooled query, or HEAD_SHARE: the g queries
+    // the pooled query, or HEAD_SHARE: the g queries, 16-byte aligned (box_dot
+    // loads float4).  POOLED keeps its former declaration: with the aligned
+    // array ptxas spilled in the fp8 instantiations.
+    __shared__ std::conditional_t<kShareG != 0, ShareQueries<D>, PooledQuery<D>> qbuf;
+    float *const qp = qbuf.v;
     __shared__ float red[kWarps * kMaxGroup * 2]; // HEAD_SHARE: per-warp partials
     __shared__ TailShared ts;
     const resa_cuda_dims &Dm = a.dims;
@@ -888,7 +975,10 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
             select_tail(a, p, pair, out, nullptr, ts);
         return;
     }
-    constexpr bool share = kShare; // GROUP_SCORE HEAD_SHARE: its own instantiation
+    // GROUP_SCORE HEAD_SHARE: its own instantiations, one per group size
+    // padded to a power of two (kShareG); 0: POOLED
+    constexpr bool share = kShareG > 0;
+    constexpr int GP = share ? kShareG : 1;
     const int g = Dm.group;
     float *hs = hscores + (size_t)pair * g * Dm.max_seq_blocks; // [g][max_seq_blocks]
     if constexpr (share)
@@ -912,10 +1002,12 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     const int8_t *kexp = a.kexp + h; // F8: the scale exponent of (page, h) at page * hkv
     const size_t page_stride = (size_t)Dm.hkv * D;
     uint32_t kmn = 0xffffffffu, kmx = 0u; // range of the keys this thread stores
-    constexpr int KPER = (kMaxGroup + TD - 1) / TD; // HEAD_SHARE: heads a lane keeps
-    float pm[KPER], pl[KPER];                        // their partial (m, l)
+    constexpr int KP = GP > TD ? GP / TD : 1; // HEAD_SHARE: heads a lane holds after reduce_scatter
+    const int hb = share_base<TD, GP>(sub);    // the first of them
+    const bool keeper = share_keeper<TD, GP>(sub);
+    float pm[KP], pl[KP];                      // their partial (m, l), kept by the keeper lanes
 #pragma unroll
-    for (int k = 0; k < KPER; k++) {
+    for (int k = 0; k < KP; k++) {
         pm[k] = -INFINITY;
         pl[k] = 0.0f;
     }
@@ -944,22 +1036,21 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
                 float c[V], r[V]; // the box, once for the g heads
                 box_centre_radius<S, V>(mn[u], mx[u], a.score_width, c, r);
                 const float f = (F8 ? ldexpf(1.0f, ex[u]) : 1.0f) * a.scale;
-                float mine[KPER]; // lane sub keeps heads sub + k TD
+                float v[GP]; // this lane's share of each head's score (padding heads: 0)
 #pragma unroll
-                for (int k = 0; k < KPER; k++)
-                    mine[k] = -INFINITY;
-                for (int hh = 0; hh < g; hh++) {
-                    const float s = box_logit<V, TD>(qp + hh * D + sub * V, c, r, f);
-                    if (sub == 0 && live)
+                for (int hh = 0; hh < GP; hh++)
+                    v[hh] = hh < g ? box_dot<V>(qp + hh * D + sub * V, c, r) : 0.0f;
+                reduce_scatter<TD / 2, GP>(v, sub);
+#pragma unroll
+                for (int k = 0; k < KP; k++) { // one store and one exp per block and kept head
+                    const int hh = hb + k;
+                    float s = v[k] * f; // in logits; NaN ranks as -inf (box_logit's rule)
+                    s = s == s ? s : -INFINITY;
+                    if (keeper && live && hh < g) {
                         hs[(size_t)hh * Dm.max_seq_blocks + j] = s;
-#pragma unroll
-                    for (int k = 0; k < KPER; k++)
-                        mine[k] = hh == sub + k * TD ? s : mine[k];
+                        lse_add(pm[k], pl[k], s);
+                    }
                 }
-#pragma unroll
-                for (int k = 0; k < KPER; k++) // one exp per block and kept head
-                    if (live && sub + k * TD < g)
-                        lse_add(pm[k], pl[k], mine[k]);
             }
         } else {
 #pragma unroll
@@ -986,7 +1077,7 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
         return;
     float2 *parts = hparts + (size_t)pair * gridDim.x * g; // HEAD_SHARE: [cta][g] of this pair
     if constexpr (share) // this CTA's per-head partials, released with the keys below
-        cta_partials<TD, KPER>(pm, pl, g, red, parts + (size_t)blockIdx.x * g);
+        cta_partials<TD, GP>(pm, pl, g, red, parts + (size_t)blockIdx.x * g);
     // Last CTA of the pair (the threadFenceReduction pattern): merge our key
     // range, release our keys, count, and the last one acquires everyone's.
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1078,7 +1169,7 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
     return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
 }
 
-template <typename T, typename S, int D, bool kTop, bool kShare>
+template <typename T, typename S, int D, bool kTop, int kShare>
 cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
                            PairCells *cells, float *hs, float2 *hp)
 {
@@ -1094,7 +1185,7 @@ cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *k
                       *a, keys, cells, hs, hp, smem > 0 ? 1 : 0);
 }
 
-template <typename T, typename S, bool kTop, bool kShare>
+template <typename T, typename S, bool kTop, int kShare>
 cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
                          PairCells *cells, float *hs, float2 *hp)
 {
@@ -1108,6 +1199,23 @@ cudaError_t launch_score(const resa_cuda_layer_args *a, dim3 grid, uint32_t *key
     default:
         return cudaErrorInvalidValue;
     }
+}
+
+// HEAD_SHARE: the instantiation of the group size padded to a power of two
+// (the backend's lock check keeps it <= kMaxGroup).
+template <typename T, typename S>
+cudaError_t launch_share(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
+                         PairCells *cells, float *hs, float2 *hp)
+{
+    // (g = 1 and 2 pad to 4: padding heads cost one shuffle and no arithmetic,
+    // and three instantiations per type, dimension and summary keep the build short)
+    const int g = a->dims.group;
+    if (g <= 4)
+        return launch_score<T, S, true, 4>(a, grid, keys, cells, hs, hp);
+    if (g <= 8)
+        return launch_score<T, S, true, 8>(a, grid, keys, cells, hs, hp);
+    static_assert(kMaxGroup == 16, "one instantiation per power of two up to kMaxGroup");
+    return launch_score<T, S, true, 16>(a, grid, keys, cells, hs, hp);
 }
 
 } // namespace
@@ -1141,10 +1249,10 @@ cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
     const dim3 grid = score_grid(D, a->n_decode);
     cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] {
         if (a->group_score == 1) // RESA_GROUP_SCORE_HEAD_SHARE
-            return D.sum_fp8 ? launch_score<T, fp8_e4m3, true, true>(a, grid, keys, cells, hs, hp)
-                             : launch_score<T, T, true, true>(a, grid, keys, cells, hs, hp);
-        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true, false>(a, grid, keys, cells, hs, hp)
-                         : launch_score<T, T, true, false>(a, grid, keys, cells, hs, hp);
+            return D.sum_fp8 ? launch_share<T, fp8_e4m3>(a, grid, keys, cells, hs, hp)
+                             : launch_share<T, T>(a, grid, keys, cells, hs, hp);
+        return D.sum_fp8 ? launch_score<T, fp8_e4m3, true, 0>(a, grid, keys, cells, hs, hp)
+                         : launch_score<T, T, true, 0>(a, grid, keys, cells, hs, hp);
     });
     if (err != cudaSuccess)
         return err;
