@@ -420,6 +420,10 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
     int32_t n_decode = 0, n_dense = 0, n_touched = 0, n_deltas = 0;
     for (int32_t i = 0; i < step->n_entries; i++) {
         const resa_step_entry *e = &step->entries[i];
+        if (!resa_mode_stores(e->mode) || e->first_block != 0)
+            return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                        "step_begin: the CUDA backend does not run context-parallel steps yet "
+                        "(entry %d: a QUERY mode or a sequence with a span)", i);
         resa_dev_entry &d = ent[i];
         d.slot = e->slot;
         d.mode = e->mode;
@@ -490,9 +494,12 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
 }
 
 resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer, const void *q,
-                             const void *k, const void *v, void *out)
+                             const void *k, const void *v, void *out, const resa_attend_extra *x)
 {
     cuda_state *st = state(ctx);
+    if (x->lse || x->threshold_scores)
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "step_attend_ex: the CUDA backend does not write lse or take thresholds yet");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     TRY(cudaStreamIsCapturing(st->stream, &capture), "step_attend: cudaStreamIsCapturing");
     if (capture == cudaStreamCaptureStatusActive)
@@ -532,6 +539,25 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     return RESA_OK;
 }
 
+resa_status cuda_block_scores(resa_ctx *ctx, const resa_step *, int32_t, const void *, int64_t,
+                              float *, int32_t *, int32_t *)
+{
+    return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                "step_block_scores: not in the CUDA backend yet");
+}
+
+resa_status cuda_thresholds(resa_ctx *ctx, const resa_step *, int32_t, int64_t, const float *,
+                            const int32_t *, const int32_t *, float *, int32_t *)
+{
+    return fail(ctx, RESA_ERR_NOT_SUPPORTED, "step_thresholds: not in the CUDA backend yet");
+}
+
+resa_status cuda_merge_states(resa_ctx *ctx, int32_t, int64_t, const void *, const float *,
+                              void *, float *)
+{
+    return fail(ctx, RESA_ERR_NOT_SUPPORTED, "merge_states: not in the CUDA backend yet");
+}
+
 const resa_backend_ops cuda_ops = {
     RESA_BACKEND_API_VERSION,
     "cuda",
@@ -550,6 +576,9 @@ const resa_backend_ops cuda_ops = {
     cuda_step_attend,
     cuda_read_selection,
     cuda_check,
+    cuda_block_scores,
+    cuda_thresholds,
+    cuda_merge_states,
 };
 
 } // namespace
