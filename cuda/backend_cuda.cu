@@ -422,8 +422,9 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
         const resa_step_entry *e = &step->entries[i];
         if (!resa_mode_stores(e->mode) || e->first_block != 0)
             return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                        "step_begin: the CUDA backend does not run context-parallel steps yet "
-                        "(entry %d: a QUERY mode or a sequence with a span)", i);
+                        "step_begin: seqs[%d]: the CUDA backend has no QUERY modes and no "
+                        "sequences with a span (resa_seq_set_span, first_token > 0) yet; the "
+                        "CPU backend has", i);
         resa_dev_entry &d = ent[i];
         d.slot = e->slot;
         d.mode = e->mode;
@@ -497,9 +498,15 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
                              const void *k, const void *v, void *out, const resa_attend_extra *x)
 {
     cuda_state *st = state(ctx);
-    if (x->lse || x->threshold_scores)
+    if (x->threshold_scores)
         return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                    "step_attend_ex: the CUDA backend does not write lse or take thresholds yet");
+                    "step_attend_ex: threshold_scores: the CUDA backend has no two-phase "
+                    "selection yet (the CPU backend has)");
+    if (x->lse && st->step.n_dense > 0)
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "step_attend_ex: lse: the CUDA backend writes the log-sum-exp of DECODE "
+                    "rows only so far; APPEND and RECTIFY rows (the dense kernels) are not "
+                    "done");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     TRY(cudaStreamIsCapturing(st->stream, &capture), "step_attend: cudaStreamIsCapturing");
     if (capture == cudaStreamCaptureStatusActive)
@@ -528,6 +535,7 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     a.k_in = k;
     a.v_in = v;
     a.out = out;
+    a.lse = x->lse;
     a.stream = st->stream;
     TRY(resa_cuda_kv_write(&a), "step_attend: resa_cuda_kv_write");
     if (a.n_decode > 0) {
@@ -539,23 +547,35 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     return RESA_OK;
 }
 
+// The two-phase selection is not in the CUDA backend yet (docs/API.md,
+// "Context parallelism", CUDA): select_blocks.cu would need the span's
+// global block offset, a host threshold in place of find_threshold, a
+// per-pair count for attention_sparse.cu and an export of the top-K keys.
 resa_status cuda_block_scores(resa_ctx *ctx, const resa_step *, int32_t, const void *, int64_t,
                               float *, int32_t *, int32_t *)
 {
     return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                "step_block_scores: not in the CUDA backend yet");
+                "step_block_scores: the CUDA backend has no two-phase selection yet (the CPU "
+                "backend has)");
 }
 
 resa_status cuda_thresholds(resa_ctx *ctx, const resa_step *, int32_t, int64_t, const float *,
                             const int32_t *, const int32_t *, float *, int32_t *)
 {
-    return fail(ctx, RESA_ERR_NOT_SUPPORTED, "step_thresholds: not in the CUDA backend yet");
+    return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                "step_thresholds: the CUDA backend has no two-phase selection yet (the CPU "
+                "backend has)");
 }
 
-resa_status cuda_merge_states(resa_ctx *ctx, int32_t, int64_t, const void *, const float *,
-                              void *, float *)
+resa_status cuda_merge_states(resa_ctx *ctx, int32_t n_parts, int64_t n_rows,
+                              const void *parts_out, const float *parts_lse, void *out,
+                              float *lse)
 {
-    return fail(ctx, RESA_ERR_NOT_SUPPORTED, "merge_states: not in the CUDA backend yet");
+    TRY(resa_cuda_merge_states((int32_t)ctx->cfg.io_dtype, n_parts, n_rows,
+                               (int32_t)ctx->cfg.head_dim, parts_out, parts_lse, out, lse,
+                               state(ctx)->stream),
+        "merge_states: resa_cuda_merge_states");
+    return RESA_OK;
 }
 
 const resa_backend_ops cuda_ops = {
