@@ -433,6 +433,11 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
     int32_t n_decode = 0, n_dense = 0, n_touched = 0, n_deltas = 0;
     for (int32_t i = 0; i < step->n_entries; i++) {
         const resa_step_entry *e = &step->entries[i];
+        if (!resa_mode_stores(e->mode) || e->first_block != 0)
+            return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                        "step_begin: seqs[%d]: the CUDA backend has no QUERY modes and no "
+                        "sequences with a span (resa_seq_set_span, first_token > 0) yet; the "
+                        "CPU backend has", i);
         resa_dev_entry &d = ent[i];
         d.slot = e->slot;
         d.mode = e->mode;
@@ -503,9 +508,18 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
 }
 
 resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer, const void *q,
-                             const void *k, const void *v, void *out)
+                             const void *k, const void *v, void *out, const resa_attend_extra *x)
 {
     cuda_state *st = state(ctx);
+    if (x->threshold_scores)
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "step_attend_ex: threshold_scores: the CUDA backend has no two-phase "
+                    "selection yet (the CPU backend has)");
+    if (x->lse && st->step.n_dense > 0)
+        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                    "step_attend_ex: lse: the CUDA backend writes the log-sum-exp of DECODE "
+                    "rows only so far; APPEND and RECTIFY rows (the dense kernels) are not "
+                    "done");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     TRY(cudaStreamIsCapturing(st->stream, &capture), "step_attend: cudaStreamIsCapturing");
     if (capture == cudaStreamCaptureStatusActive)
@@ -534,6 +548,7 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     a.k_in = k;
     a.v_in = v;
     a.out = out;
+    a.lse = x->lse;
     a.stream = st->stream;
     TRY(resa_cuda_kv_write(&a), "step_attend: resa_cuda_kv_write");
     if (a.n_decode > 0) {
@@ -542,6 +557,37 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     }
     if (a.n_dense > 0)
         TRY(resa_cuda_attention_dense(&a), "step_attend: resa_cuda_attention_dense");
+    return RESA_OK;
+}
+
+// The two-phase selection is not in the CUDA backend yet (docs/API.md,
+// "Context parallelism", CUDA): select_blocks.cu would need the span's
+// global block offset, a host threshold in place of find_threshold, a
+// per-pair count for attention_sparse.cu and an export of the top-K keys.
+resa_status cuda_block_scores(resa_ctx *ctx, const resa_step *, int32_t, const void *, int64_t,
+                              float *, int32_t *, int32_t *)
+{
+    return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                "step_block_scores: the CUDA backend has no two-phase selection yet (the CPU "
+                "backend has)");
+}
+
+resa_status cuda_thresholds(resa_ctx *ctx, const resa_step *, int32_t, int64_t, const float *,
+                            const int32_t *, const int32_t *, float *, int32_t *)
+{
+    return fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                "step_thresholds: the CUDA backend has no two-phase selection yet (the CPU "
+                "backend has)");
+}
+
+resa_status cuda_merge_states(resa_ctx *ctx, int32_t n_parts, int64_t n_rows,
+                              const void *parts_out, const float *parts_lse, void *out,
+                              float *lse)
+{
+    TRY(resa_cuda_merge_states((int32_t)ctx->cfg.io_dtype, n_parts, n_rows,
+                               (int32_t)ctx->cfg.head_dim, parts_out, parts_lse, out, lse,
+                               state(ctx)->stream),
+        "merge_states: resa_cuda_merge_states");
     return RESA_OK;
 }
 
@@ -563,6 +609,9 @@ const resa_backend_ops cuda_ops = {
     cuda_step_attend,
     cuda_read_selection,
     cuda_check,
+    cuda_block_scores,
+    cuda_thresholds,
+    cuda_merge_states,
 };
 
 } // namespace

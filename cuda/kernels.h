@@ -73,6 +73,8 @@ typedef struct resa_cuda_layer_args {
     int32_t local_blocks, sink_blocks;
     const void *q, *k_in, *v_in; /* IO dtype, layouts of resa.h */
     void *out;
+    float *lse;                  /* [n_rows][hq] log-sum-exps of the rows (DECODE rows
+                                    only, resa_ctx_step_attend_ex), or NULL */
     void *ws_select;             /* resa_cuda_select_workspace() bytes */
     void *ws_sparse;             /* resa_cuda_sparse_workspace() bytes */
     void *ws_dense;              /* resa_cuda_dense_workspace() bytes */
@@ -112,6 +114,12 @@ cudaError_t resa_cuda_attention_sparse(const resa_cuda_layer_args *a);
 /* attention_dense.cu: dense causal attention of every APPEND and RECTIFY
  * entry (row at position p sees [0, p]) on tensor cores. */
 cudaError_t resa_cuda_attention_dense(const resa_cuda_layer_args *a);
+
+/* merge_states.cu: resa_ctx_merge_states on device memory (lib/merge.c's
+ * formula); dtype a resa_dtype, d <= 256. */
+cudaError_t resa_cuda_merge_states(int32_t dtype, int32_t n_parts, int64_t n_rows, int32_t d,
+                                   const void *parts_out, const float *parts_lse, void *out,
+                                   float *lse, cudaStream_t stream);
 
 /* Where select_blocks leaves its result for attention_sparse:
  * list of (decode index i, head h) at ws_select + sel_list_offset, length n_select. */

@@ -56,11 +56,11 @@ extern "C" {
 /* Version (this header is the single source of truth; meson reads it)      */
 /* ------------------------------------------------------------------------ */
 #define RESA_VERSION_MAJOR 0
-#define RESA_VERSION_MINOR 2
+#define RESA_VERSION_MINOR 3
 #define RESA_VERSION_PATCH 0
 #define RESA_VERSION_NUMBER \
     (RESA_VERSION_MAJOR * 10000 + RESA_VERSION_MINOR * 100 + RESA_VERSION_PATCH)
-#define RESA_VERSION_STRING "0.2.0"
+#define RESA_VERSION_STRING "0.3.0"
 /* Equals the SONAME major: libresa.so.RESA_ABI_VERSION */
 #define RESA_ABI_VERSION 0
 #define RESA_AT_LEAST_VERSION(x, y, z) \
@@ -149,7 +149,14 @@ typedef enum resa_mode {
     RESA_MODE_APPEND    = 0, /* n >= 1 new tokens (prompt/chunk): store K/V, dense causal attention */
     RESA_MODE_DECODE    = 1, /* exactly 1 new token: store K/V, ReSA block-sparse attention */
     RESA_MODE_RECTIFY   = 2, /* the oldest n pending tokens: overwrite K/V, dense causal attention */
-    RESA_MODE_APPEND_KV = 3  /* n >= 1 new tokens: store K/V only, no attention, output untouched */
+    RESA_MODE_APPEND_KV = 3, /* n >= 1 new tokens: store K/V only, no attention, output untouched */
+    /* Since 0.3.0, for context parallelism (docs/integration.md, "Multi-GPU"):
+     * queries of rows that come after every token this context stores (they
+     * live in another context); nothing is stored, lengths and pending counts
+     * do not change, and the sequence must have nothing pending. */
+    RESA_MODE_QUERY_DENSE  = 4, /* n >= 1 rows: each attends every stored token */
+    RESA_MODE_QUERY_SPARSE = 5  /* exactly 1 row: ReSA block-sparse attention over this
+                                   context's part of the sequence (resa_seq_set_span) */
 } resa_mode;
 
 /*
@@ -295,6 +302,19 @@ RESA_API resa_status resa_seq_pending(const resa_ctx *ctx, int32_t seq, int64_t 
 RESA_API resa_status resa_seq_rectify_due(const resa_ctx *ctx, int32_t seq, int32_t *due);
 /* Free pool capacity, in tokens (whole free pages times the block size). */
 RESA_API resa_status resa_ctx_free_tokens(const resa_ctx *ctx, int64_t *tokens);
+/* Context parallelism (since 0.3.0): this context holds the positions
+ * [first_token, first_token + length) of a longer sequence.  first_token is
+ * a multiple of BLOCK_SIZE (blocks are the global ones: block i of this
+ * context is block first_token / BLOCK_SIZE + i of the sequence); it may
+ * change only while the sequence is empty.  global_length is the length of
+ * the whole sequence (the position of its next token, where QUERY rows sit),
+ * >= first_token + length, or -1 for first_token + length (this context
+ * holds the tail; it then follows the sequence's growth).  A context whose
+ * global_length lies past its tokens takes only QUERY entries for the
+ * sequence.  Block selection uses the global block count and the global
+ * forced blocks; resa_seq_selected_blocks reports global indices. */
+RESA_API resa_status resa_seq_set_span(resa_ctx *ctx, int32_t seq, int64_t first_token,
+                                       int64_t global_length);
 
 /* ------------------------------------------------------------------------ */
 /* The step protocol                                                         */
@@ -341,10 +361,75 @@ RESA_API resa_status resa_ctx_step_attend(resa_ctx *ctx, int32_t layer,
 /* Commits the step: lengths grow, pending counts update.  Every layer must
  * have been attended (else RESA_ERR_BAD_STATE and the step stays open). */
 RESA_API resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags);
+/*
+ * Context parallelism (since 0.3.0; docs/API.md, "Context parallelism").
+ *
+ * resa_ctx_step_block_scores, phase 1 of a two-phase selection: for every
+ * DECODE and QUERY_SPARSE entry i and KV head h of the open step whose
+ * budget n is below the global block count M, the best K_i = n - forced
+ * candidates of this context (blocks neither sink nor local, ranked by score
+ * descending, NaN as -inf, then lower global block index), at most K_i of
+ * them: scores[(i * NUM_KV_HEADS + h) * capacity + j] and the global block
+ * index in blocks[...] for j < counts[i * NUM_KV_HEADS + h], in no
+ * particular order; other entries get count 0.  capacity >= every K_i.
+ * Needs this layer's q only; writes nothing to the cache.
+ *
+ * resa_ctx_step_thresholds: from the phase-1 lists of n_ranks contexts laid
+ * end to end (scores and blocks [n_ranks][n_entries][NUM_KV_HEADS][capacity],
+ * counts [n_ranks][n_entries][NUM_KV_HEADS], as an all-gather leaves them),
+ * the K_i-th best (score, block) of each (entry, head) into
+ * threshold_scores / threshold_blocks [n_entries][NUM_KV_HEADS] ((+inf, -1)
+ * where nothing is chosen by score).
+ *
+ * resa_ctx_step_attend_ex: resa_ctx_step_attend, plus
+ *  - lse (may be NULL): float32 [T][NUM_Q_HEADS], the natural log of each
+ *    row's softmax denominator, sum over its attended keys of
+ *    exp(scale q.k); -INFINITY, with an output row of 0, for a row that
+ *    attends no key in this context;
+ *  - threshold_scores / threshold_blocks (both NULL or both given,
+ *    [n_entries][NUM_KV_HEADS]): a DECODE or QUERY_SPARSE entry attends its
+ *    forced blocks in this context and the candidates ranking at or above
+ *    the threshold (score > t, or score == t and global index <= t_block),
+ *    which over all contexts is the single-context selection.
+ * CUDA: every pointer of these three calls is a device pointer; they only
+ * enqueue.  GROUP_SCORE HEAD_SHARE is RESA_ERR_NOT_SUPPORTED with thresholds
+ * and in phase 1 (its ranking needs every block's score).
+ */
+RESA_API resa_status resa_ctx_step_block_scores(resa_ctx *ctx, int32_t layer, const void *q,
+                                                int64_t capacity, float *scores,
+                                                int32_t *blocks, int32_t *counts,
+                                                uint32_t flags);
+RESA_API resa_status resa_ctx_step_thresholds(resa_ctx *ctx, int32_t n_ranks, int64_t capacity,
+                                              const float *scores, const int32_t *blocks,
+                                              const int32_t *counts, float *threshold_scores,
+                                              int32_t *threshold_blocks, uint32_t flags);
+RESA_API resa_status resa_ctx_step_attend_ex(resa_ctx *ctx, int32_t layer, const void *q,
+                                             const void *k, const void *v, void *out,
+                                             float *lse, const float *threshold_scores,
+                                             const int32_t *threshold_blocks, uint32_t flags);
 /* Abandons an open step: lengths and pending counts stay as before the step;
  * the pages reserved for growth go back to the pool.  K/V already rewritten
  * by a RECTIFY entry stay rewritten (those tokens are still pending). */
 RESA_API resa_status resa_ctx_step_cancel(resa_ctx *ctx);
+
+/* Merges attention states computed over disjoint key sets (since 0.3.0):
+ * parts_out [n_parts][n_rows][head_dim] (dtype), parts_lse [n_parts][n_rows]
+ * float32, as resa_ctx_step_attend_ex writes them (a row is one query head
+ * of one token: n_rows = T * NUM_Q_HEADS).  With m = max_i lse_i and
+ * w_i = exp(lse_i - m) (0 for lse_i = -inf, whose out is never read):
+ * out = sum_i w_i out_i / sum_i w_i, lse = m + log(sum_i w_i) (lse may be
+ * NULL).  A row whose every part is -inf gets lse -inf and a NaN out (0/0,
+ * as one context gives a row whose every score is -inf).  out must not
+ * overlap the parts.  resa_merge_states works on host memory and is
+ * thread-safe; resa_ctx_merge_states takes the context's IO_DTYPE and
+ * HEAD_DIM and its memory space (CUDA: a kernel on the context's stream). */
+RESA_API resa_status resa_merge_states(resa_dtype dtype, int32_t n_parts, int64_t n_rows,
+                                       int32_t head_dim, const void *parts_out,
+                                       const float *parts_lse, void *out, float *lse,
+                                       uint32_t flags);
+RESA_API resa_status resa_ctx_merge_states(resa_ctx *ctx, int32_t n_parts, int64_t n_rows,
+                                           const void *parts_out, const float *parts_lse,
+                                           void *out, float *lse, uint32_t flags);
 
 /* ------------------------------------------------------------------------ */
 /* Introspection                                                             */

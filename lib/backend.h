@@ -21,7 +21,7 @@ extern "C" {
 #endif
 
 /* Bump whenever resa_backend_ops or anything in internal.h changes shape. */
-#define RESA_BACKEND_API_VERSION 2u
+#define RESA_BACKEND_API_VERSION 3u
 #define RESA_BACKEND_ENTRY "resa_backend_module_entry"
 
 typedef struct resa_backend_ops {
@@ -59,7 +59,8 @@ typedef struct resa_backend_ops {
     /* One layer of the step: writes K/V (and summaries) of every entry, then
      * the attention of every entry except APPEND_KV.  CUDA: enqueue only. */
     resa_status (*step_attend)(resa_ctx *ctx, const resa_step *step, int32_t layer,
-                               const void *q, const void *k, const void *v, void *out);
+                               const void *q, const void *k, const void *v, void *out,
+                               const resa_attend_extra *x);
 
     /* Copies the selection bitmap of (slot, layer, head) to host memory
      * (sel_words words).  CUDA: synchronizes. */
@@ -70,7 +71,28 @@ typedef struct resa_backend_ops {
      * waiting for the rest (CUDA: cudaStreamQuery outside graph capture);
      * called by resa_ctx_step_end.  NULL where work is synchronous (CPU). */
     resa_status (*check)(resa_ctx *ctx);
+
+    /* Context parallelism (since 0.3.0). */
+    /* Phase 1 of the two-phase selection (resa_ctx_step_block_scores): the
+     * core has checked capacity against every entry's n_pick. */
+    resa_status (*block_scores)(resa_ctx *ctx, const resa_step *step, int32_t layer,
+                                const void *q, int64_t capacity, float *scores, int32_t *blocks,
+                                int32_t *counts);
+    /* The K-th best of the gathered phase-1 lists (resa_ctx_step_thresholds). */
+    resa_status (*thresholds)(resa_ctx *ctx, const resa_step *step, int32_t n_ranks,
+                              int64_t capacity, const float *scores, const int32_t *blocks,
+                              const int32_t *counts, float *thr_scores, int32_t *thr_blocks);
+    /* resa_ctx_merge_states in the backend's memory space (arguments checked). */
+    resa_status (*merge_states)(resa_ctx *ctx, int32_t n_parts, int64_t n_rows,
+                                const void *parts_out, const float *parts_lse, void *out,
+                                float *lse);
 } resa_backend_ops;
+
+/* lib/merge.c: the merge of n_parts attention states, rows of d values, in
+ * host memory (resa_merge_states; the CPU backend's merge_states). */
+RESA_HIDDEN void resa_merge_rows_host(resa_dtype dtype, int32_t n_parts, int64_t n_rows,
+                                      int32_t d, const void *parts_out, const float *parts_lse,
+                                      void *out, float *lse);
 
 /* The CPU backend (lib/cpu/backend_cpu.c). */
 RESA_HIDDEN const resa_backend_ops *resa_cpu_backend(void);

@@ -92,6 +92,11 @@ typedef struct resa_seq {
     int32_t dev_synced;   /* leading table entries known equal on the device (CUDA); the
                              core lowers it on every change, the backend raises it */
     int32_t *pages;       /* [max_seq_blocks] page ids (host copy of the page table) */
+    /* Context parallelism (resa_seq_set_span): this context holds positions
+     * [first_token, first_token + length) of the sequence; global_length is
+     * the whole sequence's length, or -1 when this context holds its tail. */
+    int64_t first_token;
+    int64_t global_length;
 } resa_seq;
 
 /* The page allocator (host side, for every backend). */
@@ -114,8 +119,15 @@ typedef struct resa_step_entry {
     int64_t old_length;   /* sequence length before the step */
     int64_t valid;        /* positions that hold keys after the step's writes:
                              max(end, old_length); summaries cover [block start, valid) */
-    int32_t n_blocks;     /* DECODE: M, blocks so far including the current one */
-    int32_t n_select;     /* DECODE: blocks attended (budget, forced blocks included) */
+    int32_t n_blocks;     /* DECODE, QUERY_SPARSE: M, the sequence's blocks so far including
+                             the current one, over all contexts (resa_seq_set_span) */
+    int32_t n_select;     /* DECODE, QUERY_SPARSE: blocks attended over all contexts (budget,
+                             forced blocks included) */
+    int32_t n_pick;       /* DECODE, QUERY_SPARSE: n_select minus the forced blocks: the
+                             candidates chosen by score (0 when n_select == n_blocks) */
+    int32_t first_block;  /* global index of this context's block 0 (first_token / b) */
+    int32_t local_blocks; /* DECODE, QUERY_SPARSE: blocks of this context the row may attend
+                             (first_block + local_blocks <= n_blocks) */
     const int32_t *pages; /* host page table of the sequence */
 } resa_step_entry;
 
@@ -131,8 +143,32 @@ typedef struct resa_step {
     float scale;          /* softmax scale */
     float score_width;    /* w of the block score: 1 = the paper's bound */
     int32_t group_score;  /* resa_group_score */
+    int32_t has_kv;       /* some entry stores K/V (not only QUERY entries) */
+    int32_t n_sparse;     /* DECODE and QUERY_SPARSE entries */
     resa_step_entry *entries;
 } resa_step;
+
+/* What one layer's attention call asks besides q, k, v, out
+ * (resa_ctx_step_attend_ex); all NULL for resa_ctx_step_attend. */
+typedef struct resa_attend_extra {
+    float *lse;                      /* [T][hq] or NULL */
+    const float *threshold_scores;   /* [n_entries][hkv] or NULL */
+    const int32_t *threshold_blocks; /* [n_entries][hkv] or NULL */
+} resa_attend_extra;
+
+/* Mode groups. */
+static inline int resa_mode_stores(int32_t mode)
+{
+    return mode >= 0 && mode <= 3; /* APPEND, DECODE, RECTIFY, APPEND_KV */
+}
+static inline int resa_mode_sparse(int32_t mode)
+{
+    return mode == 1 || mode == 5; /* DECODE, QUERY_SPARSE */
+}
+static inline int resa_mode_dense(int32_t mode)
+{
+    return mode == 0 || mode == 2 || mode == 4; /* APPEND, RECTIFY, QUERY_DENSE */
+}
 
 struct resa_backend_ops; /* lib/backend.h */
 

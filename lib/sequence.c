@@ -69,6 +69,8 @@ resa_status resa_seq_create(resa_ctx *ctx, int32_t *seq)
     q->rect_start = 0;
     q->n_pages = 0;
     q->dev_synced = 0;
+    q->first_token = 0;
+    q->global_length = -1;
     *seq = resa_seq_id(ctx, slot);
     return RESA_OK;
 }
@@ -145,6 +147,8 @@ resa_status resa_seq_fork(resa_ctx *ctx, int32_t parent, int32_t *child)
     c->rect_start = p->rect_start;
     c->n_pages = p->n_pages;
     c->dev_synced = 0;
+    c->first_token = p->first_token;
+    c->global_length = p->global_length;
     int32_t shared = partial ? p->n_pages - 1 : p->n_pages;
     for (int32_t i = 0; i < shared; i++) {
         c->pages[i] = p->pages[i];
@@ -263,8 +267,9 @@ resa_status resa_seq_selected_blocks(resa_ctx *ctx, int32_t seq, int32_t layer, 
     int64_t n = 0;
     for (int32_t w = 0; s == RESA_OK && w < words; w++)
         for (uint32_t x = bits[w]; x; x &= x - 1) {
-            if (n < capacity)
-                blocks[n] = w * 32 + __builtin_ctz(x);
+            if (n < capacity) /* global indices (resa_seq_set_span) */
+                blocks[n] = (int32_t)(ctx->seqs[slot].first_token >> ctx->lo.log2_b) + w * 32 +
+                            __builtin_ctz(x);
             n++;
         }
     if (bits != stack)
@@ -272,5 +277,42 @@ resa_status resa_seq_selected_blocks(resa_ctx *ctx, int32_t seq, int32_t layer, 
     if (s != RESA_OK)
         return s;
     *count = n;
+    return RESA_OK;
+}
+
+resa_status resa_seq_set_span(resa_ctx *ctx, int32_t seq, int64_t first_token,
+                              int64_t global_length)
+{
+    if (!ctx)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_status s = seq_preamble(ctx, "seq_set_span");
+    if (s != RESA_OK)
+        return s;
+    int32_t slot = resa_seq_slot(ctx, seq, "seq_set_span: seq");
+    if (slot < 0)
+        return RESA_ERR_INVALID_ARGUMENT;
+    resa_seq *q = &ctx->seqs[slot];
+    const int64_t b = ctx->lo.b;
+    /* Global block indices stay below 2^30 (int32 in every kernel, with room). */
+    const int64_t limit = ((int64_t)1 << 30) * b;
+    if (first_token < 0 || first_token % b != 0 || first_token >= limit)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "seq_set_span: first_token = %lld must be a multiple of "
+                         "RESA_PARAM_BLOCK_SIZE (%lld) in [0, 2^30 blocks), so that this "
+                         "context's blocks are the sequence's blocks",
+                         (long long)first_token, (long long)b);
+    if (q->length > 0 && first_token != q->first_token)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "seq_set_span: first_token = %lld, but the sequence already holds "
+                         "tokens from %lld; it may change only while the sequence is empty",
+                         (long long)first_token, (long long)q->first_token);
+    if (global_length != -1 &&
+        (global_length < first_token + q->length || global_length >= limit - b))
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "seq_set_span: global_length = %lld must be -1 or at least "
+                         "first_token + length = %lld (and below 2^30 blocks)",
+                         (long long)global_length, (long long)(first_token + q->length));
+    q->first_token = first_token;
+    q->global_length = global_length;
     return RESA_OK;
 }

@@ -27,7 +27,42 @@ static resa_status check_entry(resa_ctx *ctx, int32_t i, int32_t slot, int32_t m
     int64_t cap = ctx->cfg.max_seq_tokens ? ctx->cfg.max_seq_tokens : ctx->cfg.max_tokens;
     if (cap < max_len)
         max_len = cap;
+    /* HEAD_SHARE ranks a block by its share of a softmax over every block of
+     * the sequence: a context holding part of it cannot rank alone. */
+    if (ctx->cfg.group_score == RESA_GROUP_SCORE_HEAD_SHARE && resa_mode_sparse(mode) &&
+        (q->first_token != 0 || mode == RESA_MODE_QUERY_SPARSE))
+        return resa_fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                         "step_begin: seqs[%d]: RESA_GROUP_SCORE_HEAD_SHARE needs the whole "
+                         "sequence in one context; a split sequence (resa_seq_set_span) "
+                         "selects with RESA_GROUP_SCORE_POOLED", i);
+    /* A context that does not hold the sequence's tail (resa_seq_set_span)
+     * only answers queries: its tokens are final. */
+    if (resa_mode_stores(mode) && q->global_length >= 0 &&
+        q->global_length != q->first_token + q->length)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "step_begin: modes[%d] = %d stores tokens, but this context does not "
+                         "hold the tail of seqs[%d] (its span ends at %lld, the sequence's "
+                         "global_length is %lld): only RESA_MODE_QUERY_DENSE and "
+                         "RESA_MODE_QUERY_SPARSE", i, mode, i,
+                         (long long)(q->first_token + q->length), (long long)q->global_length);
     switch (mode) {
+    case RESA_MODE_QUERY_DENSE:
+    case RESA_MODE_QUERY_SPARSE:
+        if (n < 1 || (mode == RESA_MODE_QUERY_SPARSE && n != 1))
+            return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                             "step_begin: n_tokens[%d] = %d; %s", i, n,
+                             mode == RESA_MODE_QUERY_SPARSE
+                                 ? "RESA_MODE_QUERY_SPARSE takes exactly 1"
+                                 : "RESA_MODE_QUERY_DENSE needs at least 1");
+        /* Pending tokens of a context that answers queries would never be
+         * rectified right: their rows' queries are another context's. */
+        if (q->length != q->rect_start)
+            return resa_fail(ctx, RESA_ERR_BAD_STATE,
+                             "step_begin: seqs[%d] has %lld tokens pending rectification; a "
+                             "context that answers queries must have none (rectify before the "
+                             "tail moves to another context)",
+                             i, (long long)(q->length - q->rect_start));
+        return RESA_OK;
     case RESA_MODE_APPEND:
     case RESA_MODE_APPEND_KV:
     case RESA_MODE_DECODE:
@@ -257,6 +292,9 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
                 if (q->dev_synced > p)
                     q->dev_synced = p;
             }
+        } else if (!resa_mode_stores(e->mode)) {
+            e->start = q->length; /* QUERY rows come after every stored token */
+            e->end = q->length;   /* keys they may see: [0, length) */
         } else {
             e->start = q->length;
             e->end = q->length + e->n;
@@ -268,15 +306,33 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
         }
         e->n_pages = q->n_pages;
         e->valid = e->end > e->old_length ? e->end : e->old_length;
-        if (e->mode == RESA_MODE_DECODE) {
-            e->n_blocks = blocks_for(e->end, lo->b);
+        e->first_block = (int32_t)(q->first_token >> lo->log2_b);
+        if (resa_mode_sparse(e->mode)) {
+            /* The budget and the forced blocks come from the whole sequence
+             * (over every context of a split one); this context attends only
+             * its own blocks. */
+            int64_t global_pos = e->mode == RESA_MODE_DECODE
+                                     ? q->first_token + q->length
+                                     : (q->global_length >= 0 ? q->global_length
+                                                              : q->first_token + q->length);
+            e->n_blocks = blocks_for(global_pos + 1, lo->b);
+            e->local_blocks = e->mode == RESA_MODE_DECODE ? blocks_for(e->end, lo->b)
+                                                          : q->n_pages;
             e->n_select = resa_select_budget(e->n_blocks, ctx->cfg.select_fraction,
                                              ctx->cfg.min_blocks, ctx->cfg.local_blocks,
                                              ctx->cfg.sink_blocks);
-            st->n_decode++;
+            e->n_pick = e->n_select < e->n_blocks
+                            ? e->n_select - resa_forced_blocks(e->n_blocks, ctx->cfg.local_blocks,
+                                                               ctx->cfg.sink_blocks)
+                            : 0;
+            st->n_sparse++;
+            if (e->mode == RESA_MODE_DECODE)
+                st->n_decode++;
         }
         if (e->mode != RESA_MODE_APPEND_KV)
             st->has_output = 1;
+        if (resa_mode_stores(e->mode))
+            st->has_kv = 1;
         row += e->n;
     }
     st->n_entries = n_seqs;
@@ -294,38 +350,70 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     return RESA_OK;
 }
 
+/* step_attend and step_attend_ex: checks, then the backend. */
+static resa_status attend(resa_ctx *ctx, const char *what, int32_t layer, const void *q,
+                          const void *k, const void *v, void *out, const resa_attend_extra *x,
+                          uint32_t flags)
+{
+    resa_clear_error(ctx);
+    if (ctx->device_lost)
+        return resa_refuse_lost(ctx, what);
+    if (flags != 0)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: flags = 0x%x must be 0", what,
+                         flags);
+    if (!ctx->step_open)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE, "%s: no step is open", what);
+    if (ctx->step.replay)
+        return resa_fail(ctx, RESA_ERR_BAD_STATE,
+                         "%s: the step was begun with RESA_STEP_REPLAY; launch the "
+                         "captured graph instead", what);
+    if (layer < 0 || layer >= ctx->lo.n_layers)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "%s: layer %d is outside [0, %d) (RESA_PARAM_NUM_LAYERS)", what,
+                         layer, ctx->lo.n_layers);
+    if (ctx->step.has_kv && (!k || !v))
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "%s: %s is NULL but the step has entries that store K/V", what,
+                         !k ? "k" : "v");
+    if (ctx->step.has_output && (!q || !out))
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "%s: %s is NULL but the step has entries with attention", what,
+                         !q ? "q" : "out");
+    if (!x->threshold_scores != !x->threshold_blocks)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "%s: %s is NULL but %s is not; pass both or neither", what,
+                         !x->threshold_scores ? "threshold_scores" : "threshold_blocks",
+                         !x->threshold_scores ? "threshold_blocks" : "threshold_scores");
+    if (x->threshold_scores && ctx->step.n_sparse > 0 &&
+        ctx->step.group_score == RESA_GROUP_SCORE_HEAD_SHARE)
+        return resa_fail(ctx, RESA_ERR_NOT_SUPPORTED,
+                         "%s: threshold_scores: the two-phase selection ranks with "
+                         "RESA_GROUP_SCORE_POOLED only (HEAD_SHARE's ranking needs a softmax "
+                         "over every block of the sequence)", what);
+    resa_status s = ctx->ops->step_attend(ctx, &ctx->step, layer, q, k, v, out, x);
+    if (s == RESA_OK)
+        ctx->layer_done[layer] = 1;
+    return s;
+}
+
 resa_status resa_ctx_step_attend(resa_ctx *ctx, int32_t layer, const void *q, const void *k,
                                  const void *v, void *out, uint32_t flags)
 {
     if (!ctx)
         return RESA_ERR_INVALID_ARGUMENT;
-    resa_clear_error(ctx);
-    if (ctx->device_lost)
-        return resa_refuse_lost(ctx, "step_attend");
-    if (flags != 0)
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_attend: flags = 0x%x must be 0",
-                         flags);
-    if (!ctx->step_open)
-        return resa_fail(ctx, RESA_ERR_BAD_STATE, "step_attend: no step is open");
-    if (ctx->step.replay)
-        return resa_fail(ctx, RESA_ERR_BAD_STATE,
-                         "step_attend: the step was begun with RESA_STEP_REPLAY; launch the "
-                         "captured graph instead");
-    if (layer < 0 || layer >= ctx->lo.n_layers)
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
-                         "step_attend: layer %d is outside [0, %d) (RESA_PARAM_NUM_LAYERS)",
-                         layer, ctx->lo.n_layers);
-    if (!k || !v)
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "step_attend: %s is NULL",
-                         !k ? "k" : "v");
-    if (ctx->step.has_output && (!q || !out))
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
-                         "step_attend: %s is NULL but the step has entries with attention",
-                         !q ? "q" : "out");
-    resa_status s = ctx->ops->step_attend(ctx, &ctx->step, layer, q, k, v, out);
-    if (s == RESA_OK)
-        ctx->layer_done[layer] = 1;
-    return s;
+    const resa_attend_extra none = {NULL, NULL, NULL};
+    return attend(ctx, "step_attend", layer, q, k, v, out, &none, flags);
+}
+
+resa_status resa_ctx_step_attend_ex(resa_ctx *ctx, int32_t layer, const void *q, const void *k,
+                                    const void *v, void *out, float *lse,
+                                    const float *threshold_scores,
+                                    const int32_t *threshold_blocks, uint32_t flags)
+{
+    if (!ctx)
+        return RESA_ERR_INVALID_ARGUMENT;
+    const resa_attend_extra x = {lse, threshold_scores, threshold_blocks};
+    return attend(ctx, "step_attend_ex", layer, q, k, v, out, &x, flags);
 }
 
 resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags)
@@ -356,10 +444,14 @@ resa_status resa_ctx_step_end(resa_ctx *ctx, uint32_t flags)
     for (int32_t i = 0; i < st->n_entries; i++) {
         const resa_step_entry *e = &st->entries[i];
         resa_seq *q = &ctx->seqs[e->slot];
+        if (!resa_mode_stores(e->mode))
+            continue; /* QUERY entries store nothing */
         if (e->mode == RESA_MODE_RECTIFY) {
             q->rect_start = e->end; /* the oldest pending tokens are now exact */
             continue;
         }
+        if (q->global_length >= 0) /* the tail grows with this context */
+            q->global_length = q->first_token + e->end;
         int none_pending = q->rect_start == q->length;
         q->length = e->end;
         /* A decode that attended a true subset of the blocks is approximate:
@@ -393,7 +485,8 @@ resa_status resa_ctx_step_cancel(resa_ctx *ctx)
         const resa_step_entry *e = &st->entries[i];
         /* The partial block the step appended into holds summaries of tokens
          * that are now gone: recompute it over the tokens that remain. */
-        if (e->mode != RESA_MODE_RECTIFY && e->old_length % ctx->lo.b != 0) {
+        if (e->mode != RESA_MODE_RECTIFY && resa_mode_stores(e->mode) &&
+            e->old_length % ctx->lo.b != 0) {
             resa_status s = ctx->ops->refresh_summaries(ctx, e->pages, e->old_length - 1,
                                                         e->old_length, e->old_length);
             if (first == RESA_OK)

@@ -678,7 +678,7 @@ START_TEST(test_errors_step_begin)
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "seqs", resa_ctx_step_begin(c, 3, ids, modes, n, 0));
     int32_t badid[2] = {w.a.id, 999};
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "seqs", resa_ctx_step_begin(c, 2, badid, modes, n, 0));
-    static const int32_t bad_modes[] = {4, -1, 100};
+    static const int32_t bad_modes[] = {6, -1, 100};
     for (int i = 0; i < 3; i++) {
         int32_t m[2] = {RESA_MODE_DECODE, bad_modes[i]};
         TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "modes", resa_ctx_step_begin(c, 2, ids, m, n, 0));

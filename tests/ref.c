@@ -501,6 +501,13 @@ void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
                 const double *q, int64_t end, const int32_t *blocks, int64_t n_blocks,
                 double *out)
 {
+    (void)ref_attend_lse(p, s, layer, h, q, 0, end, blocks, n_blocks, out);
+}
+
+double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      const double *q, int64_t begin, int64_t end, const int32_t *blocks,
+                      int64_t n_blocks, double *out)
+{
     double scale = ref_scale(p);
     int64_t n_pos = 0;
     int64_t *pos = malloc(sizeof(int64_t) * (size_t)(end > 0 ? end : 1));
@@ -508,9 +515,10 @@ void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
         for (int64_t i = 0; i < n_blocks; i++)
             for (int64_t t = (int64_t)blocks[i] * p->b;
                  t < ((int64_t)blocks[i] + 1) * p->b && t < end; t++)
-                pos[n_pos++] = t;
+                if (t >= begin)
+                    pos[n_pos++] = t;
     } else {
-        for (int64_t t = 0; t < end; t++)
+        for (int64_t t = begin; t < end; t++)
             pos[n_pos++] = t;
     }
     double *w = malloc(sizeof(double) * (size_t)(n_pos > 0 ? n_pos : 1));
@@ -538,6 +546,7 @@ void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
     }
     free(w);
     free(pos);
+    return n_pos > 0 ? mx + log(sum) : -INFINITY;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -123,6 +123,13 @@ void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
                 const double *q, int64_t end, const int32_t *blocks, int64_t n_blocks,
                 double *out);
 
+/* ref_attend over the positions >= begin only (a context's part of a split
+ * sequence), returning the log-sum-exp log sum exp(scale q.k) of the keys
+ * attended (-inf, and out = 0, when there is none). */
+double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      const double *q, int64_t begin, int64_t end, const int32_t *blocks,
+                      int64_t n_blocks, double *out);
+
 /* ---- small helpers ---- */
 typedef struct ref_rng { uint64_t s; } ref_rng;
 uint64_t ref_rng_next(ref_rng *r);

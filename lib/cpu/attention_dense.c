@@ -47,22 +47,28 @@ void resa_cpu_load_queries(const resa_cpu_job *job, const resa_step_entry *e, in
         }
 }
 
-/* out = acc / l for rows (t, j), in the IO dtype. */
+/* out = acc / l for rows (t, j), in the IO dtype, and, when asked, the rows'
+ * log-sum-exps m + log l (natural log of sum exp(scale q.k): q is pre-scaled).
+ * empty: the rows attended no key in this context (QUERY modes): out 0, lse
+ * -inf, the neutral part of a merge (lib/merge.c). */
 void resa_cpu_store_output(const resa_cpu_job *job, const resa_step_entry *e, int32_t head,
-                           int32_t t0, int32_t t1, resa_cpu_scratch *sc)
+                           int32_t t0, int32_t t1, int empty, resa_cpu_scratch *sc)
 {
     const resa_layout *L = &job->ctx->lo;
     int32_t d = L->d, g = L->group;
+    float *lse = job->x ? job->x->lse : NULL;
     for (int32_t r = 0; r < (t1 - t0) * g; r++) {
         float *ar = sc->acc + (size_t)r * d;
         /* l >= 1 for any row with a finite score; 0 only when every score
          * it attended was -inf (0/0: NaN, as on the GPU), NaN when poisoned */
         float inv = 1.0f / sc->l[r];
         for (int32_t i = 0; i < d; i++)
-            ar[i] *= inv;
+            ar[i] = empty ? 0.0f : ar[i] * inv;
         int32_t t = t0 + r / g, j = r % g;
-        size_t at = ((size_t)(e->row + t) * L->hq + (size_t)head * g + j) * d;
-        resa_store_f32(job->out, L->io_dtype, at, d, ar);
+        size_t row = (size_t)(e->row + t) * L->hq + (size_t)head * g + j;
+        resa_store_f32(job->out, L->io_dtype, row * d, d, ar);
+        if (lse)
+            lse[row] = empty ? -INFINITY : sc->m[r] + logf(sc->l[r]);
     }
 }
 
@@ -86,15 +92,18 @@ void resa_cpu_attention_dense(const resa_cpu_job *job, const resa_cpu_item *it,
     int32_t limit[RESA_CPU_MAX_TILE_ROWS];
     resa_cpu_load_queries(job, e, it->head, it->t0, it->t1, sc->q);
     resa_cpu_reset_rows(sc, rows, d);
+    /* QUERY_DENSE rows come after every stored key: all of [0, end) is
+     * visible to each of them, no causal mask */
+    const int query = e->mode == RESA_MODE_QUERY_DENSE;
     int64_t first_pos = e->start + it->t0;   /* position of the tile's first row */
-    int64_t end = e->start + it->t1;         /* keys visible to its last row */
+    int64_t end = query ? e->end : e->start + it->t1; /* keys visible to its last row */
     for (int64_t blk = 0; blk << L->log2_b < end; blk++) {
         int64_t base = blk << L->log2_b;
         int32_t n = (int32_t)(end - base < b ? end - base : b);
         const float *kt, *vt;
         resa_cpu_block_f32(job, e->pages[blk], it->head, n, sc, &kt, &vt);
         const int32_t *lim = NULL;
-        if (base + n > first_pos + 1) { /* the causal mask cuts into this block */
+        if (!query && base + n > first_pos + 1) { /* the causal mask cuts into this block */
             for (int32_t r = 0; r < rows; r++) {
                 int64_t vis = first_pos + r / g + 1 - base;
                 limit[r] = (int32_t)(vis < 0 ? 0 : vis > n ? n : vis);
@@ -103,5 +112,5 @@ void resa_cpu_attention_dense(const resa_cpu_job *job, const resa_cpu_item *it,
         }
         resa_cpu_attend_block(sc->q, rows, d, kt, vt, n, lim, sc);
     }
-    resa_cpu_store_output(job, e, it->head, it->t0, it->t1, sc);
+    resa_cpu_store_output(job, e, it->head, it->t0, it->t1, end == 0, sc);
 }

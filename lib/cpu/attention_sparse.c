@@ -180,29 +180,31 @@ static inline void set_bit(uint32_t *bits, int32_t i)
     bits[i >> 5] |= 1u << (i & 31);
 }
 
-/* Fills sc->sel with the chosen blocks of this (entry, head). */
-static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int32_t head,
-                          resa_cpu_scratch *sc)
+/* This context's candidates of (entry, head): local blocks [*c0, *c1) are
+ * neither sink nor local blocks of the whole sequence (blocks [0, sink) and
+ * [M - local, M) globally; local block j is global block first_block + j).
+ * Returns 0 when nothing is chosen by score (n >= M, or only forced blocks). */
+static int candidate_range(const resa_cpu_job *job, const resa_step_entry *e, int32_t *c0,
+                           int32_t *c1)
 {
-    const resa_layout *L = &job->ctx->lo;
-    int32_t M = e->n_blocks, n = e->n_select, d = L->d, g = L->group;
-    memset(sc->sel, 0, sizeof(uint32_t) * (size_t)L->sel_words);
-    if (n >= M) {
-        for (int32_t i = 0; i < M; i++)
-            set_bit(sc->sel, i);
-        return;
-    }
-    /* forced: the first `sink` and the last `local` blocks */
+    const int32_t M = e->n_blocks, Ml = e->local_blocks, fb = e->first_block;
     int32_t sink = job->step->sink_blocks < M ? job->step->sink_blocks : M;
     int32_t local_from = M - (job->step->local_blocks < M ? job->step->local_blocks : M);
-    int32_t forced = 0;
-    for (int32_t i = 0; i < M; i++)
-        if (i < sink || i >= local_from) {
-            set_bit(sc->sel, i);
-            forced++;
-        }
-    if (n <= forced)
-        return;
+    int32_t lo = sink - fb, hi = local_from - fb;
+    lo = lo < 0 ? 0 : lo > Ml ? Ml : lo;
+    hi = hi < lo ? lo : hi > Ml ? Ml : hi;
+    *c0 = lo;
+    *c1 = hi;
+    return e->n_select < M && e->n_pick > 0;
+}
+
+int32_t resa_cpu_candidate_scores(const resa_cpu_job *job, const resa_step_entry *e,
+                                  int32_t head, resa_cpu_scratch *sc, int32_t *c0, int32_t *c1)
+{
+    const resa_layout *L = &job->ctx->lo;
+    const int32_t d = L->d, g = L->group;
+    if (!candidate_range(job, e, c0, c1) || *c0 >= *c1)
+        return 0;
     const float w = job->step->score_width;
     int32_t n_cand = 0;
     /* the group's query vectors, unscaled, fp32 */
@@ -210,8 +212,9 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
         resa_load_f32(job->q, L->io_dtype, ((size_t)e->row * L->hq + (size_t)head * g + j) * d,
                       d, sc->qg + (size_t)j * d);
     if (job->step->group_score == RESA_GROUP_SCORE_HEAD_SHARE) {
-        head_share_scores(job, e, head, sink, local_from, sc);
-        for (int32_t i = sink; i < local_from; i++)
+        /* the whole sequence is here (step_begin refuses HEAD_SHARE on a split one) */
+        head_share_scores(job, e, head, *c0, *c1, sc);
+        for (int32_t i = *c0; i < *c1; i++)
             sc->order[n_cand++] = i;
     } else {
         /* pooled query: their mean */
@@ -222,15 +225,59 @@ static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int
                 sc->qp[i] += sc->qg[(size_t)j * d + i];
         for (int32_t i = 0; i < d; i++)
             sc->qp[i] /= (float)g;
-        for (int32_t i = sink; i < local_from; i++) {
+        for (int32_t i = *c0; i < *c1; i++) {
             const float *mn, *mx;
             float scale = load_summary(job, e->pages[i], head, sc, &mn, &mx);
             sc->score[i] = finite_or_low(scale * score_of(sc->qp, mn, mx, d, w));
             sc->order[n_cand++] = i;
         }
     }
-    select_top(sc->order, n_cand, n - forced, sc->score);
-    for (int32_t i = 0; i < n - forced; i++)
+    return n_cand;
+}
+
+void resa_cpu_select_top(int32_t *ord, int32_t n, int32_t k, const float *score)
+{
+    if (k > 0 && k < n)
+        select_top(ord, n, k, score);
+}
+
+/* Fills sc->sel with the chosen blocks of this (entry, head), as local
+ * indices.  With a threshold (t_score, t_block) from resa_ctx_step_thresholds,
+ * a candidate is taken when it ranks at or above it in the order of the
+ * single-context selection (score descending, then lower global index);
+ * without one, the best n_pick of this context's candidates. */
+static void choose_blocks(const resa_cpu_job *job, const resa_step_entry *e, int32_t head,
+                          resa_cpu_scratch *sc)
+{
+    const resa_layout *L = &job->ctx->lo;
+    const int32_t Ml = e->local_blocks;
+    memset(sc->sel, 0, sizeof(uint32_t) * (size_t)L->sel_words);
+    if (e->n_select >= e->n_blocks) {
+        for (int32_t i = 0; i < Ml; i++)
+            set_bit(sc->sel, i);
+        return;
+    }
+    int32_t c0, c1;
+    candidate_range(job, e, &c0, &c1);
+    for (int32_t i = 0; i < Ml; i++) /* forced: the sequence's first sink and last local */
+        if (i < c0 || i >= c1)
+            set_bit(sc->sel, i);
+    int32_t n_cand = resa_cpu_candidate_scores(job, e, head, sc, &c0, &c1);
+    if (n_cand == 0)
+        return;
+    const resa_attend_extra *x = job->x;
+    if (x && x->threshold_scores) {
+        const size_t at = (size_t)(e - job->step->entries) * (size_t)L->hkv + (size_t)head;
+        const float t = finite_or_low(x->threshold_scores[at]);
+        const int64_t tb = (int64_t)x->threshold_blocks[at] - e->first_block; /* local */
+        for (int32_t i = c0; i < c1; i++)
+            if (sc->score[i] > t || (sc->score[i] == t && i <= tb))
+                set_bit(sc->sel, i);
+        return;
+    }
+    int32_t k = e->n_pick < n_cand ? e->n_pick : n_cand;
+    resa_cpu_select_top(sc->order, n_cand, k, sc->score);
+    for (int32_t i = 0; i < k; i++)
         set_bit(sc->sel, sc->order[i]);
 }
 
@@ -247,7 +294,8 @@ void resa_cpu_attention_sparse(const resa_cpu_job *job, const resa_cpu_item *it,
 
     resa_cpu_load_queries(job, e, it->head, 0, 1, sc->q);
     resa_cpu_reset_rows(sc, g, d);
-    for (int32_t w = 0; w < (e->n_blocks + 31) / 32; w++)
+    int attended = 0;
+    for (int32_t w = 0; w < (e->local_blocks + 31) / 32; w++)
         for (uint32_t bits = sc->sel[w]; bits; bits &= bits - 1) {
             int32_t blk = w * 32 + __builtin_ctz(bits);
             int64_t base = (int64_t)blk << L->log2_b;
@@ -255,6 +303,8 @@ void resa_cpu_attention_sparse(const resa_cpu_job *job, const resa_cpu_item *it,
             const float *kt, *vt;
             resa_cpu_block_f32(job, e->pages[blk], it->head, n, sc, &kt, &vt);
             resa_cpu_attend_block(sc->q, g, d, kt, vt, n, NULL, sc);
+            attended = 1;
         }
-    resa_cpu_store_output(job, e, it->head, 0, 1, sc);
+    /* a QUERY_SPARSE row may choose none of this context's blocks */
+    resa_cpu_store_output(job, e, it->head, 0, 1, !attended, sc);
 }

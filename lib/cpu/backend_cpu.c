@@ -232,7 +232,7 @@ static resa_status cpu_step_prepare(resa_ctx *ctx, const resa_step *step)
     int64_t n = 0;
     for (int32_t i = 0; i < step->n_entries; i++) {
         const resa_step_entry *e = &step->entries[i];
-        if (e->mode != RESA_MODE_APPEND && e->mode != RESA_MODE_RECTIFY)
+        if (!resa_mode_dense(e->mode))
             continue;
         int32_t tiles = (e->n + st->tile_tokens - 1) / st->tile_tokens;
         for (int32_t t = tiles - 1; t >= 0; t--)
@@ -243,7 +243,7 @@ static resa_status cpu_step_prepare(resa_ctx *ctx, const resa_step *step)
             }
     }
     for (int32_t i = 0; i < step->n_entries; i++)
-        if (step->entries[i].mode == RESA_MODE_DECODE)
+        if (resa_mode_sparse(step->entries[i].mode))
             for (int32_t h = 0; h < ctx->lo.hkv; h++)
                 st->items[n++] = (resa_cpu_item){i, h, 0, 1};
     if (n > st->items_cap)
@@ -257,7 +257,9 @@ static void write_item(void *arg, int64_t item, int32_t worker)
     (void)worker;
     const resa_cpu_job *job = arg;
     int32_t hkv = job->ctx->lo.hkv;
-    resa_cpu_kv_write(job, &job->step->entries[item / hkv], (int32_t)(item % hkv));
+    const resa_step_entry *e = &job->step->entries[item / hkv];
+    if (resa_mode_stores(e->mode)) /* QUERY entries store nothing */
+        resa_cpu_kv_write(job, e, (int32_t)(item % hkv));
 }
 
 static void attend_item(void *arg, int64_t item, int32_t worker)
@@ -265,17 +267,18 @@ static void attend_item(void *arg, int64_t item, int32_t worker)
     const resa_cpu_job *job = arg;
     const resa_cpu_item *it = &job->st->items[item];
     resa_cpu_scratch *sc = &job->st->scratch[worker];
-    if (job->step->entries[it->entry].mode == RESA_MODE_DECODE)
+    if (resa_mode_sparse(job->step->entries[it->entry].mode))
         resa_cpu_attention_sparse(job, it, sc);
     else
         resa_cpu_attention_dense(job, it, sc);
 }
 
 static resa_status cpu_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer,
-                                   const void *q, const void *k, const void *v, void *out)
+                                   const void *q, const void *k, const void *v, void *out,
+                                   const resa_attend_extra *x)
 {
     resa_cpu_state *st = ctx->impl;
-    resa_cpu_job job = {ctx, st, step, layer, q, k, v, out};
+    resa_cpu_job job = {ctx, st, step, layer, q, k, v, out, x};
     resa_threadpool_run(st->tp, (int64_t)step->n_entries * ctx->lo.hkv, write_item, &job);
     resa_threadpool_run(st->tp, st->n_items, attend_item, &job);
     return RESA_OK;
@@ -295,6 +298,15 @@ const int8_t *resa_cpu_pool_kexp(const resa_ctx *ctx)
     return ((const resa_cpu_state *)ctx->impl)->kexp;
 }
 
+static resa_status cpu_merge_states(resa_ctx *ctx, int32_t n_parts, int64_t n_rows,
+                                    const void *parts_out, const float *parts_lse, void *out,
+                                    float *lse)
+{
+    resa_merge_rows_host((resa_dtype)ctx->cfg.io_dtype, n_parts, n_rows,
+                         (int32_t)ctx->cfg.head_dim, parts_out, parts_lse, out, lse);
+    return RESA_OK;
+}
+
 static const resa_backend_ops cpu_ops = {
     .api_version = RESA_BACKEND_API_VERSION,
     .name = "cpu",
@@ -312,6 +324,9 @@ static const resa_backend_ops cpu_ops = {
     .step_prepare = cpu_step_prepare,
     .step_attend = cpu_step_attend,
     .read_selection = cpu_read_selection,
+    .block_scores = resa_cpu_block_scores,
+    .thresholds = resa_cpu_thresholds,
+    .merge_states = cpu_merge_states,
 };
 
 const resa_backend_ops *resa_cpu_backend(void)

@@ -57,6 +57,7 @@ typedef struct resa_cpu_job {
     int32_t layer;
     const void *q, *k, *v;
     void *out;
+    const resa_attend_extra *x; /* lse and thresholds (resa_ctx_step_attend_ex), or NULL */
 } resa_cpu_job;
 
 /* kv_write.c: store one entry's rows of K and V for one head, then recompute
@@ -91,8 +92,27 @@ RESA_HIDDEN void resa_cpu_block_f32(const resa_cpu_job *job, int32_t page, int32
                                     const float **vt);
 RESA_HIDDEN void resa_cpu_reset_rows(resa_cpu_scratch *sc, int32_t rows, int32_t d);
 RESA_HIDDEN void resa_cpu_store_output(const resa_cpu_job *job, const resa_step_entry *e,
-                                       int32_t head, int32_t t0, int32_t t1,
+                                       int32_t head, int32_t t0, int32_t t1, int empty,
                                        resa_cpu_scratch *sc);
+/* attention_sparse.c: the scores of this context's candidates of a sparse
+ * entry and head into sc->score[c0 .. c1) (local indices; NaN as -inf) and
+ * those indices into sc->order; returns their number (0 when nothing is
+ * chosen by score). */
+RESA_HIDDEN int32_t resa_cpu_candidate_scores(const resa_cpu_job *job, const resa_step_entry *e,
+                                              int32_t head, resa_cpu_scratch *sc, int32_t *c0,
+                                              int32_t *c1);
+/* attention_sparse.c: ord[0 .. k) become the k best of ord[0 .. n) (score
+ * descending, then lower index), in no particular order. */
+RESA_HIDDEN void resa_cpu_select_top(int32_t *ord, int32_t n, int32_t k, const float *score);
+/* block_scores.c: the backend's phase 1, thresholds and merge (backend.h). */
+RESA_HIDDEN resa_status resa_cpu_block_scores(resa_ctx *ctx, const resa_step *step,
+                                              int32_t layer, const void *q, int64_t capacity,
+                                              float *scores, int32_t *blocks, int32_t *counts);
+RESA_HIDDEN resa_status resa_cpu_thresholds(resa_ctx *ctx, const resa_step *step,
+                                            int32_t n_ranks, int64_t capacity,
+                                            const float *scores, const int32_t *blocks,
+                                            const int32_t *counts, float *thr_scores,
+                                            int32_t *thr_blocks);
 
 /* For white-box tests: the pool's arrays. */
 RESA_HIDDEN void resa_cpu_pool_views(const resa_ctx *ctx, void **k, void **v, void **kmin,

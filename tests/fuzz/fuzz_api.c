@@ -925,7 +925,7 @@ static void op_begin(fz *f)
                 }
         }
         uint8_t mm = u8(f);
-        modes[i] = mm < 248 ? mm % 4 : (mm & 1 ? 4 : -1);
+        modes[i] = mm < 248 ? mm % 4 : (mm & 1 ? 6 : -1); /* 6: the first value that is no resa_mode */
         int slot = sh_slot(&f->c->m, ids[i]);
         nt[i] = pick_tokens(f, modes[i], slot >= 0 ? &f->c->m.seqs[slot] : NULL);
     }

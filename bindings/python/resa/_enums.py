@@ -50,6 +50,8 @@ class Mode(enum.IntEnum):
     DECODE = 1
     RECTIFY = 2
     APPEND_KV = 3
+    QUERY_DENSE = 4   # since 0.3.0: context parallelism
+    QUERY_SPARSE = 5  # since 0.3.0
 
 
 class Param(enum.IntEnum):

@@ -14,11 +14,11 @@ pub use std::os::raw::{c_char, c_void};
 // Version (RESA_VERSION_*, RESA_ABI_VERSION)
 // ---------------------------------------------------------------------------
 pub const RESA_VERSION_MAJOR: u32 = 0;
-pub const RESA_VERSION_MINOR: u32 = 2;
+pub const RESA_VERSION_MINOR: u32 = 3;
 pub const RESA_VERSION_PATCH: u32 = 0;
 pub const RESA_VERSION_NUMBER: u32 =
     RESA_VERSION_MAJOR * 10000 + RESA_VERSION_MINOR * 100 + RESA_VERSION_PATCH;
-pub const RESA_VERSION_STRING: &str = "0.2.0";
+pub const RESA_VERSION_STRING: &str = "0.3.0";
 pub const RESA_ABI_VERSION: u32 = 0;
 
 /// `RESA_AT_LEAST_VERSION(x, y, z)` for the header these declarations mirror.
@@ -72,6 +72,8 @@ pub const RESA_MODE_APPEND: resa_mode = 0;
 pub const RESA_MODE_DECODE: resa_mode = 1;
 pub const RESA_MODE_RECTIFY: resa_mode = 2;
 pub const RESA_MODE_APPEND_KV: resa_mode = 3;
+pub const RESA_MODE_QUERY_DENSE: resa_mode = 4; // since 0.3.0
+pub const RESA_MODE_QUERY_SPARSE: resa_mode = 5; // since 0.3.0
 
 pub type resa_param = i32;
 pub const RESA_PARAM_NUM_LAYERS: resa_param = 100;
@@ -189,6 +191,68 @@ extern "C" {
     pub fn resa_ctx_step_cancel(ctx: *mut resa_ctx) -> resa_status;
 
     // Introspection
+    // Context parallelism (since 0.3.0; docs/API.md, "Context parallelism")
+    pub fn resa_seq_set_span(
+        ctx: *mut resa_ctx,
+        seq: i32,
+        first_token: i64,
+        global_length: i64,
+    ) -> resa_status;
+    pub fn resa_ctx_step_block_scores(
+        ctx: *mut resa_ctx,
+        layer: i32,
+        q: *const c_void,
+        capacity: i64,
+        scores: *mut f32,
+        blocks: *mut i32,
+        counts: *mut i32,
+        flags: u32,
+    ) -> resa_status;
+    pub fn resa_ctx_step_thresholds(
+        ctx: *mut resa_ctx,
+        n_ranks: i32,
+        capacity: i64,
+        scores: *const f32,
+        blocks: *const i32,
+        counts: *const i32,
+        threshold_scores: *mut f32,
+        threshold_blocks: *mut i32,
+        flags: u32,
+    ) -> resa_status;
+    pub fn resa_ctx_step_attend_ex(
+        ctx: *mut resa_ctx,
+        layer: i32,
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        out: *mut c_void,
+        lse: *mut f32,
+        threshold_scores: *const f32,
+        threshold_blocks: *const i32,
+        flags: u32,
+    ) -> resa_status;
+    pub fn resa_merge_states(
+        dtype: resa_dtype,
+        n_parts: i32,
+        n_rows: i64,
+        head_dim: i32,
+        parts_out: *const c_void,
+        parts_lse: *const f32,
+        out: *mut c_void,
+        lse: *mut f32,
+        flags: u32,
+    ) -> resa_status;
+    pub fn resa_ctx_merge_states(
+        ctx: *mut resa_ctx,
+        n_parts: i32,
+        n_rows: i64,
+        parts_out: *const c_void,
+        parts_lse: *const f32,
+        out: *mut c_void,
+        lse: *mut f32,
+        flags: u32,
+    ) -> resa_status;
+
     pub fn resa_seq_selected_blocks(
         ctx: *mut resa_ctx,
         seq: i32,
