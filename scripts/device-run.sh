@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|soak|soakbg|soakwait|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|sanitize|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -199,6 +199,24 @@ if [[ $phases == *levers* ]]; then
         done
       done
     done; } | tee "$OUT/levers-bench.csv"
+fi
+if [[ $phases == *defaults* ]]; then
+  # candidate defaults against the 0.2.0 ones, the whole ReSA step (sparse +
+  # rectify / f) and dense in the same rounds, interleaved so that clocks
+  # drift evenly over them (docs/quality.md, performance.md)
+  say "resa-bench: 0.2.0 defaults against candidates, 32/8 x 128 and 9/3 x 64"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  { for round in 1 2; do
+      for cfg in ${RESA_DEFAULTS_CFGS:-"--fraction 0.1 --interval 32" \
+                 "--fraction 0.1 --interval 32 --group-score head-share" \
+                 "--fraction 0.15 --interval 128 --summary fp8" \
+                 "--fraction 0.15 --interval 128 --summary fp8 --group-score head-share"}; do
+        for shape in "--heads 32/8 --dim 128" "--heads 9/3 --dim 64"; do
+          $build/tools/resa-bench --backend cuda --batch 1,8 --contexts ${RESA_DEFAULTS_CONTEXTS:-32768,262144} \
+            --reps ${RESA_DEFAULTS_REPS:-20} --csv $cfg $shape 2>/dev/null | tail -n +2 | sed "s/^/$round,$cfg,/"
+        done
+      done
+    done; } | tee "$OUT/defaults-bench.csv"
 fi
 if [[ $phases == *quality* ]]; then
   # needs the model (.model/, in parts) and texts (.model/texts, scripts/fetch-texts.sh)
