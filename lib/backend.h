@@ -21,7 +21,7 @@ extern "C" {
 #endif
 
 /* Bump whenever resa_backend_ops or anything in internal.h changes shape. */
-#define RESA_BACKEND_API_VERSION 2u
+#define RESA_BACKEND_API_VERSION 3u
 #define RESA_BACKEND_ENTRY "resa_backend_module_entry"
 
 typedef struct resa_backend_ops {
