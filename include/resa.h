@@ -97,9 +97,10 @@ RESA_API const char *resa_status_name(resa_status s);   /* "RESA_ERR_CAPACITY", 
 /* ------------------------------------------------------------------------ */
 typedef struct resa_ctx resa_ctx;
 
-/* The CUDA backend takes device pointers; it needs KV_DTYPE == IO_DTYPE, F16
- * or BF16, HEAD_DIM 64, 128 or 256, BLOCK_SIZE 8 to 64 and at most 16 query
- * heads per KV head (else RESA_ERR_NOT_SUPPORTED at the first resa_seq_create).
+/* The CUDA backend takes device pointers; it needs IO_DTYPE F16 or BF16 with
+ * KV_DTYPE == IO_DTYPE or FP8_E4M3, HEAD_DIM 64, 128 or 256, BLOCK_SIZE 8 to
+ * 64 and at most 16 query heads per KV head (else RESA_ERR_NOT_SUPPORTED at
+ * the first resa_seq_create).
  * It works on the device that was current at resa_ctx_create. */
 typedef enum resa_backend {
     RESA_BACKEND_CPU  = 0,  /* portable C, always built; the reference */
