@@ -24,6 +24,13 @@
 // O += P V use mma.sync m16n8k16 (f16 or bf16 inputs, fp32 accumulate);
 // softmax is online in the log2 domain; P is repacked from the S accumulator
 // registers into A fragments without touching shared memory.
+//
+// The fp8 cache (F8, lib/kv_fp8.h) always runs here (the wgmma kernel reads T
+// tiles by TMA): the ring holds each tile's raw e4m3 bytes and its tokens'
+// scales (cp.async, zero-filled past kend), and once a tile has landed the
+// CTA converts it into one T tile pair, swizzled as above, each value
+// T(e4m3 * scale) as the CPU reads it back (common.cuh, fp8x8_read); a
+// barrier later the MMA code reads it exactly as a T tile.
 #include <stdlib.h>
 
 #include "attention_dense.cuh"
@@ -46,9 +53,18 @@ template <> struct tile_cfg<64> { static constexpr int BN = 64, STAGES = 4, MINB
 template <> struct tile_cfg<128> { static constexpr int BN = 64, STAGES = 3, MINB = 1; static constexpr bool Q_REGS = true; };
 template <> struct tile_cfg<256> { static constexpr int BN = 32, STAGES = 3, MINB = 1; static constexpr bool Q_REGS = false; };
 
-template <int D> constexpr size_t smem_bytes()
+// F8: per stage K and V bytes [BN][D] each, then K and V scales [BN] floats.
+template <int D> constexpr size_t raw_stage_bytes()
 {
-    return (size_t)(BM * D + 2 * tile_cfg<D>::STAGES * tile_cfg<D>::BN * D) * 2;
+    return (size_t)2 * tile_cfg<D>::BN * D + (size_t)2 * tile_cfg<D>::BN * 4;
+}
+// Q, then the ring: T tiles; F8: one T tile pair (the converted tile) and
+// the raw stages.
+template <int D, bool F8> constexpr size_t smem_bytes()
+{
+    return F8 ? (size_t)(BM * D + 2 * tile_cfg<D>::BN * D) * 2 +
+                    tile_cfg<D>::STAGES * raw_stage_bytes<D>()
+              : (size_t)(BM * D + 2 * tile_cfg<D>::STAGES * tile_cfg<D>::BN * D) * 2;
 }
 
 // ---- small PTX wrappers ----
@@ -57,6 +73,12 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// 4-byte async copy (the fp8 cache's scales); src_bytes 0 zero-fills.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, int src_bytes)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr)
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -159,16 +181,19 @@ template <int D> __device__ __forceinline__ int swz(int row, int chunk)
     return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool F8>
 __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_kernel(const dense_params p)
 {
     constexpr int BN = tile_cfg<D>::BN, STAGES = tile_cfg<D>::STAGES;
     constexpr bool Q_REGS = tile_cfg<D>::Q_REGS;
     constexpr int CH = D / 8; // 16-byte chunks per row
+    constexpr int TSTAGES = F8 ? 1 : STAGES; // T tiles: the ring, or F8's converted pair
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T *sQ = reinterpret_cast<T *>(smem_raw);
-    T *sK = sQ + BM * D;              // [STAGES][BN][D]
-    T *sV = sK + STAGES * BN * D;     // [STAGES][BN][D]
+    T *sK = sQ + BM * D;              // [TSTAGES][BN][D]
+    T *sV = sK + TSTAGES * BN * D;    // [TSTAGES][BN][D]
+    unsigned char *sRaw = reinterpret_cast<unsigned char *>(sV + TSTAGES * BN * D); // F8 ring
+    (void)sRaw; // only F8 reads it
     __shared__ tile_ref tref;
 
     const int slot = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -183,8 +208,6 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
     const int r0 = w.r0, valid = w.valid;
     const int64_t kend = sp.kend;
     const int32_t *ptab = p.page_tables + (size_t)e.slot * p.max_seq_blocks;
-    const T *kpool = static_cast<const T *>(p.k);
-    const T *vpool = static_cast<const T *>(p.v);
 
     // ---- Q tile: row r -> token (r0 + r) / g, head kvh * g + (r0 + r) % g ----
     {
@@ -201,6 +224,41 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
     // ---- K/V tile loader: keys past kend are zero-filled (their pages may not
     // exist); each key's page comes from the page table ----
     auto load_kv = [&](int kt, int stage) {
+        if constexpr (F8) { // bytes and scales into raw stage `stage`
+            constexpr int CH8 = D / 16; // 16-byte chunks of a row of bytes
+            unsigned char *raw = sRaw + stage * raw_stage_bytes<D>();
+            const unsigned char *k8 = static_cast<const unsigned char *>(p.k);
+            const unsigned char *v8 = static_cast<const unsigned char *>(p.v);
+            const int64_t base = (int64_t)kt * BN;
+#pragma unroll
+            for (int i = 0; i < BN * CH8 / NTHREADS; i++) {
+                const int idx = tid + i * NTHREADS;
+                const int key = idx / CH8, c = idx % CH8;
+                const int64_t pos = base + key;
+                const bool ok = pos < kend;
+                size_t off = 0;
+                if (ok) {
+                    const int32_t page = __ldg(ptab + (pos >> p.log2_b));
+                    off = (((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1))) * D +
+                          c * 16;
+                }
+                cp_async16(smem_u32(raw + key * D + c * 16), k8 + off, ok ? 16 : 0);
+                cp_async16(smem_u32(raw + BN * D + key * D + c * 16), v8 + off, ok ? 16 : 0);
+            }
+            if (tid < 2 * BN) { // thread t: the K (t < BN) or V scale of key t % BN
+                const int key = tid % BN, is_v = tid / BN;
+                const int64_t pos = base + key;
+                const bool ok = pos < kend;
+                size_t off = 0;
+                if (ok) {
+                    const int32_t page = __ldg(ptab + (pos >> p.log2_b));
+                    off = ((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1));
+                }
+                cp_async4(smem_u32(raw + 2 * BN * D + tid * 4), (is_v ? p.vscale : p.kscale) + off,
+                          ok ? 4 : 0);
+            }
+            return;
+        }
         T *dk = sK + stage * BN * D, *dv = sV + stage * BN * D;
         const int64_t base = (int64_t)kt * BN;
 #pragma unroll
@@ -209,7 +267,7 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
             const int key = idx / CH, c = idx % CH;
             const int64_t pos = base + key;
             const uint32_t ok = pos < kend;
-            const T *ks = kpool, *vs = vpool;
+            const T *ks = static_cast<const T *>(p.k), *vs = static_cast<const T *>(p.v);
             if (ok) {
                 const int32_t page = __ldg(ptab + (pos >> p.log2_b));
                 const size_t off =
@@ -275,11 +333,28 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
                 load_kv(nk, (it + STAGES - 1) % STAGES);
             cp_async_commit(); // possibly empty: keeps the group count uniform
         }
+        if constexpr (F8) {
+            // tile kt's bytes (landed for all: the barrier above) into the T
+            // pair, which every warp finished reading before that barrier;
+            // every thread converts, active warp or not
+            const unsigned char *raw = sRaw + (it % STAGES) * raw_stage_bytes<D>();
+            const float *scales = reinterpret_cast<const float *>(raw + 2 * BN * D);
+#pragma unroll
+            for (int i = 0; i < 2 * BN * CH / NTHREADS; i++) {
+                const int idx = tid + i * NTHREADS;
+                const int is_v = idx / (BN * CH), key = (idx / CH) % BN, c = idx % CH;
+                const uint2 b = *reinterpret_cast<const uint2 *>(raw + is_v * BN * D + key * D +
+                                                                 c * 8);
+                *reinterpret_cast<uint4 *>((is_v ? sV : sK) + swz<D>(key, c)) =
+                    fp8x8_read<T>(b, scales[is_v * BN + key]);
+            }
+            __syncthreads(); // the converted tile, for every warp
+        }
         const int kbase = kt * BN;
         if (!warp_active || kbase > wpos_max)
             continue; // every key of this tile is in the future of all 16 rows
-        const T *tK = sK + (it % STAGES) * BN * D;
-        const T *tV = sV + (it % STAGES) * BN * D;
+        const T *tK = sK + (F8 ? 0 : (it % STAGES) * BN * D);
+        const T *tV = sV + (F8 ? 0 : (it % STAGES) * BN * D);
 
         // S = Q K^T (raw dot products, fp32)
         float s[BN / 2];
@@ -372,32 +447,33 @@ inline bool wgmma_enabled()
     return cache[dev] == 2 && !(off && off[0] == '1') && (WGMMA_BY_DEFAULT || (on && on[0] == '1'));
 }
 
-template <typename T, int D>
+// F8: the fp8 cache always takes this kernel (the wgmma one reads T tiles).
+template <typename T, int D, bool F8>
 cudaError_t launch(const resa_cuda_layer_args *a)
 {
-    if ((D == 128 || D == 256) && wgmma_enabled())
+    if ((D == 128 || D == 256) && !F8 && wgmma_enabled())
         return resa_cuda_dense_sm90(a);
     int64_t slots;
     const dense_params p = make_params(a, tile_cfg<D>::MINB, &slots);
     if (slots <= 0)
         return cudaGetLastError();
-    constexpr size_t smem = smem_bytes<D>();
+    constexpr size_t smem = smem_bytes<D, F8>();
     // every call (cheap, host-side, legal during graph capture, and per device)
-    cudaError_t err = cudaFuncSetAttribute(dense_attention_kernel<T, D>,
+    cudaError_t err = cudaFuncSetAttribute(dense_attention_kernel<T, D, F8>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess)
         return err;
     dim3 grid((unsigned)slots, (unsigned)p.hkv, (unsigned)p.splits);
-    dense_attention_kernel<T, D><<<grid, NTHREADS, smem, a->stream>>>(p);
+    dense_attention_kernel<T, D, F8><<<grid, NTHREADS, smem, a->stream>>>(p);
     return launch_combine<T, D, tile_cfg<D>::BN>(p, slots, a);
 }
 
-template <typename T> cudaError_t launch_d(const resa_cuda_layer_args *a)
+template <typename T, bool F8> cudaError_t launch_d(const resa_cuda_layer_args *a)
 {
     switch (a->dims.d) {
-    case 64: return launch<T, 64>(a);
-    case 128: return launch<T, 128>(a);
-    case 256: return launch<T, 256>(a);
+    case 64: return launch<T, 64, F8>(a);
+    case 128: return launch<T, 128, F8>(a);
+    case 256: return launch<T, 256, F8>(a);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -413,9 +489,9 @@ cudaError_t resa_cuda_attention_dense(const resa_cuda_layer_args *a)
 {
     if (a->n_dense <= 0 || a->n_rows <= 0)
         return cudaGetLastError();
-    if (a->dims.kv_dtype == RESA_DTYPE_F16)
-        return launch_d<__half>(a);
-    if (a->dims.kv_dtype == RESA_DTYPE_BF16)
-        return launch_d<__nv_bfloat16>(a);
-    return cudaErrorInvalidValue;
+    if (a->dims.io_dtype != RESA_DTYPE_F16 && a->dims.io_dtype != RESA_DTYPE_BF16)
+        return cudaErrorInvalidValue;
+    return RESA_DISPATCH_DTYPE(a->dims.io_dtype, T, [&] {
+        return dispatch_f8(a->dims, [&](auto f8) { return launch_d<T, decltype(f8)::value>(a); });
+    });
 }

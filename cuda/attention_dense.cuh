@@ -36,7 +36,8 @@ inline int64_t partial_units(const resa_cuda_dims *dims)
 struct dense_params {
     const void *q;
     void *out;
-    const void *k, *v;
+    const void *k, *v;      // T, or the fp8 cache's bytes (attention_dense.cu only)
+    const float *kscale, *vscale; // the fp8 cache's scales, else NULL
     const int32_t *page_tables;
     const resa_dev_entry *entries;
     const int32_t *dense_ids;
@@ -400,6 +401,8 @@ inline dense_params make_params(const resa_cuda_layer_args *a, int ctas_per_sm, 
     p.out = a->out;
     p.k = a->k;
     p.v = a->v;
+    p.kscale = a->kscale;
+    p.vscale = a->vscale;
     p.page_tables = a->page_tables;
     p.entries = a->entries;
     p.dense_ids = a->dense_ids;

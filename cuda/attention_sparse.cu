@@ -28,6 +28,13 @@
 // (lanes over splits for the weights, then the 4 warps over splits and lanes
 // over d) and writes out in the IO dtype.
 //
+// The fp8 cache (F8, lib/kv_fp8.h): the pipeline stages hold the units' raw
+// e4m3 bytes and their tokens' scales (cp.async, half the bytes of a T unit;
+// positions >= end zero-filled, bytes and scales, so they read back as 0);
+// before a unit is attended the warp converts it into one T unit buffer of
+// its own, swizzled as above, each value T(e4m3 * scale) exactly as the CPU
+// reads it back (common.cuh, fp8x8_read); the MMA code is the same.
+//
 // Supported: d in {64, 128, 256}; group 1..16; b any power of two >= 8.
 #include <math.h>
 
@@ -45,13 +52,17 @@ constexpr int kWindow = 16; // units per page-id window (2 lanes per unit)
 constexpr size_t kSmemPerSm = 228 * 1024; // H100/H200, for the split count only
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int D>
+template <int D, bool F8 = false>
 struct Cfg {
     static constexpr int kStages = D >= 256 ? 2 : 3;
     static constexpr int kChunks = D / 8; // 16-byte chunks per row
     static constexpr int kTileElems = kKeys * D;
     static constexpr int kUnitBytes = 2 * kTileElems * 2; // K and V tiles
-    static constexpr int kPipeBytes = kWarps * kStages * kUnitBytes;
+    // F8: a stage is K and V bytes [kKeys][D] each, then K and V scales [kKeys]
+    static constexpr int kRawUnitBytes = 2 * kTileElems + 2 * kKeys * 4;
+    static constexpr int kStageBytes = F8 ? kRawUnitBytes : kUnitBytes;
+    static constexpr int kWarpPipeBytes = kStages * kStageBytes + (F8 ? kUnitBytes : 0);
+    static constexpr int kPipeBytes = kWarps * kWarpPipeBytes;
     static constexpr int kAccStride = D + 8; // merge buffer row (floats), spreads banks
     static constexpr int kMergeBytes = kWarps * kRows * (kAccStride + 2) * 4;
     static constexpr int kQBytes = kRows * D * 2;
@@ -72,6 +83,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p)
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+// 4-byte async copy (the fp8 cache's scales); src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, int src_bytes)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                  "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit()
@@ -192,7 +209,7 @@ __device__ __forceinline__ void windows_advance(Windows &w, const Chunk &c, int 
 }
 
 // Issues the cp.async copies of unit k of this warp into stage `st`.
-template <typename T, int D>
+template <typename T, int D, bool F8>
 __device__ __forceinline__ void issue_unit(const resa_cuda_layer_args &a, const Chunk &c,
                                            Windows &w, int k, int h, uint8_t *stage, int *nv_slot,
                                            int warp, int lane)
@@ -214,8 +231,35 @@ __device__ __forceinline__ void issue_unit(const resa_cuda_layer_args &a, const 
         nv_slot[1] = nv[1];
     }
     const size_t hkv = a.dims.hkv;
-    const T *kv_base[2] = {(const T *)a.k, (const T *)a.v};
     const uint32_t dst0 = smem_addr(stage);
+    if constexpr (F8) {
+        // bytes: 2 tiles x 16 rows x D/16 chunks = 2 D chunks, 32 per step
+        constexpr int CH8 = D / 16;
+        const uint8_t *base8[2] = {(const uint8_t *)a.k, (const uint8_t *)a.v};
+        const int ch8 = lane % CH8;
+#pragma unroll
+        for (int it = 0; it < 2 * D / 32; it++) {
+            constexpr int kRowsPerStep = 32 / CH8;
+            const int kv = (32 * it) / (kKeys * CH8);
+            const int rr = (it * kRowsPerStep + lane / CH8) % kKeys;
+            const int hf = rr >> 3, r8 = rr & 7;
+            const bool ok = r8 < nv[hf];
+            const uint8_t *src =
+                base8[kv] + (((size_t)page[hf] * hkv + h) * c.b + off[hf] + r8) * D + ch8 * 16;
+            cp_async16(dst0 + kv * Cfg<D>::kTileElems + rr * D + ch8 * 16, ok ? src : base8[kv],
+                       ok ? 16 : 0);
+        }
+        // scales: lane l -> tile l / 16, row l % 16
+        const int rr = lane & 15, r8 = rr & 7;
+        const float *sbase = lane >> 4 ? a.vscale : a.kscale; // a select, not a local array
+        const int pg = rr >> 3 ? page[1] : page[0], nvh = rr >> 3 ? nv[1] : nv[0];
+        const int of = rr >> 3 ? off[1] : off[0];
+        const bool ok = r8 < nvh;
+        const float *src = sbase + ((size_t)pg * hkv + h) * c.b + of + r8;
+        cp_async4(dst0 + 2 * Cfg<D>::kTileElems + lane * 4, ok ? src : sbase, ok ? 4 : 0);
+        return;
+    }
+    const T *kv_base[2] = {(const T *)a.k, (const T *)a.v};
     // 2 tiles x 16 rows x CH chunks = 4 D chunks, 32 per step; CH divides 32
     // so kv is a compile-time constant of the step and ch depends on the lane.
     const int ch = lane % CH;
@@ -230,6 +274,23 @@ __device__ __forceinline__ void issue_unit(const resa_cuda_layer_args &a, const 
                        (((size_t)page[hf] * hkv + h) * c.b + off[hf] + r8) * D + ch * 8;
         cp_async16(dst0 + kv * Cfg<D>::kTileElems * 2 + swz<D>(rr, ch), ok ? src : kv_base[kv],
                    ok ? 16 : 0);
+    }
+}
+
+// F8: converts a landed raw unit (stage layout of Cfg<D, true>) into the
+// warp's T unit buffer, swizzled as issue_unit lays out T tiles: lane l takes
+// 8-value chunks l, l + 32, ... of the 2 x 16 x D/8 (tile, row, chunk).
+template <typename T, int D>
+__device__ __forceinline__ void convert_unit(const uint8_t *raw, uint8_t *unit, int lane)
+{
+    constexpr int CH = Cfg<D>::kChunks;
+    const float *scales = (const float *)(raw + 2 * Cfg<D>::kTileElems);
+#pragma unroll 4
+    for (int idx = lane; idx < 2 * kKeys * CH; idx += 32) {
+        const int kv = idx / (kKeys * CH), rr = (idx / CH) % kKeys, ch = idx % CH;
+        const uint2 b = *(const uint2 *)(raw + kv * Cfg<D>::kTileElems + rr * D + ch * 8);
+        *(uint4 *)(unit + kv * Cfg<D>::kTileElems * 2 + swz<D>(rr, ch)) =
+            fp8x8_read<T>(b, scales[kv * kKeys + rr]);
     }
 }
 
@@ -401,10 +462,11 @@ __device__ void merge_warps(const State<D> &st, uint8_t *smem, float *part, int 
     }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool F8>
 __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a, float *parts)
 {
-    using C = Cfg<D>;
+    using C = Cfg<D, F8>;
+    static_assert(C::kChunks == Cfg<D>::kChunks, "the T tiles are laid out alike");
     extern __shared__ __align__(128) uint8_t smem[];
     uint8_t *pipe = smem;
     uint8_t *q_tile = smem + C::kMainBytes;
@@ -440,13 +502,14 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
 
     Windows w;
     windows_init(w, c, warp, lane);
-    uint8_t *my_pipe = pipe + (size_t)warp * C::kStages * C::kUnitBytes;
+    uint8_t *my_pipe = pipe + (size_t)warp * C::kWarpPipeBytes;
+    uint8_t *my_unit = my_pipe + C::kStages * C::kStageBytes; // F8: the converted unit
     int *my_nv = nv_all + warp * C::kStages * 2;
 #pragma unroll
     for (int k = 0; k < C::kStages - 1; k++) {
         if (k < mine)
-            issue_unit<T, D>(a, c, w, k, h, my_pipe + k * C::kUnitBytes, my_nv + 2 * k, warp,
-                             lane);
+            issue_unit<T, D, F8>(a, c, w, k, h, my_pipe + k * C::kStageBytes, my_nv + 2 * k,
+                                 warp, lane);
         cp_async_commit();
     }
 
@@ -475,11 +538,18 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
         __syncwarp(); // unit k visible to the warp; unit k-1's stage free
         const int nk = k + C::kStages - 1;
         if (nk < mine)
-            issue_unit<T, D>(a, c, w, nk, h, my_pipe + (nk % C::kStages) * C::kUnitBytes,
-                             my_nv + 2 * (nk % C::kStages), warp, lane);
+            issue_unit<T, D, F8>(a, c, w, nk, h, my_pipe + (nk % C::kStages) * C::kStageBytes,
+                                 my_nv + 2 * (nk % C::kStages), warp, lane);
         cp_async_commit();
         const int sl = k % C::kStages;
-        const uint32_t k_s = smem_addr(my_pipe + sl * C::kUnitBytes);
+        uint32_t k_s = smem_addr(my_pipe + sl * C::kStageBytes);
+        if constexpr (F8) {
+            // the previous unit's ldmatrix reads of my_unit are done (the
+            // __syncwarp above); these writes are seen by the reads below
+            convert_unit<T, D>(my_pipe + sl * C::kStageBytes, my_unit, lane);
+            __syncwarp();
+            k_s = smem_addr(my_unit);
+        }
         attend_unit<T, D, QN>(st, k_s, k_s + C::kTileElems * 2, q_s, qf, my_nv + 2 * sl,
                               scale_log2, lane);
     }
@@ -594,15 +664,19 @@ __global__ void __launch_bounds__(kThreads) combine(resa_cuda_layer_args a, int 
 
 // ---- launch configuration (from the shape alone) ----
 
-int smem_bytes(int d)
+int smem_bytes(int d, bool f8)
 {
+    if (f8)
+        return d == 64 ? Cfg<64, true>::kSmem : d == 128 ? Cfg<128, true>::kSmem
+                                                        : Cfg<256, true>::kSmem;
     return d == 64 ? Cfg<64>::kSmem : d == 128 ? Cfg<128>::kSmem : Cfg<256>::kSmem;
 }
 
 // Splits per (entry, head): one wave of CTAs at the occupancy shared memory allows.
 int n_splits(const resa_cuda_dims *D, int n_decode)
 {
-    const int per_sm = (int)max((size_t)1, min((size_t)4, kSmemPerSm / (smem_bytes(D->d) + 1024)));
+    const int per_sm = (int)max((size_t)1, min((size_t)4, kSmemPerSm /
+                                                              (smem_bytes(D->d, D->kv_fp8) + 1024)));
     const int target = max(D->num_sms, 1) * per_sm;
     const int pairs = max(1, n_decode * D->hkv);
     return max(1, min(target / pairs, max(D->max_seq_blocks, 1)));
@@ -613,20 +687,20 @@ size_t part_floats(const resa_cuda_dims *D)
     return 2 * kRows + (size_t)D->group * D->d;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool F8>
 cudaError_t launch(const resa_cuda_layer_args *a)
 {
     const int splits = n_splits(&a->dims, a->n_decode);
     const int pairs = a->n_decode * a->dims.hkv;
     float *parts = (float *)a->ws_sparse;
-    constexpr int smem = Cfg<D>::kSmem;
-    cudaError_t err = cudaFuncSetAttribute(attend_split<T, D>,
+    constexpr int smem = Cfg<D, F8>::kSmem;
+    cudaError_t err = cudaFuncSetAttribute(attend_split<T, D, F8>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess)
         return err;
     // Both programmatic dependents of the kernel before them (common.cuh).
-    err = launch_pdl(attend_split<T, D>, dim3(splits, pairs), dim3(kThreads), smem, a->stream, *a,
-                     parts);
+    err = launch_pdl(attend_split<T, D, F8>, dim3(splits, pairs), dim3(kThreads), smem,
+                     a->stream, *a, parts);
     if (err != cudaSuccess)
         return err;
     const int items = pairs * a->dims.group;
@@ -637,16 +711,16 @@ cudaError_t launch(const resa_cuda_layer_args *a)
     return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool F8>
 cudaError_t launch_d(const resa_cuda_layer_args *a)
 {
     switch (a->dims.d) {
     case 64:
-        return launch<T, 64>(a);
+        return launch<T, 64, F8>(a);
     case 128:
-        return launch<T, 128>(a);
+        return launch<T, 128, F8>(a);
     case 256:
-        return launch<T, 256>(a);
+        return launch<T, 256, F8>(a);
     default:
         return cudaErrorInvalidValue;
     }
@@ -669,5 +743,7 @@ cudaError_t resa_cuda_attention_sparse(const resa_cuda_layer_args *a)
         return cudaGetLastError();
     if (a->dims.group < 1 || a->dims.group > kRows || a->dims.b < 8)
         return cudaErrorInvalidValue;
-    return RESA_DISPATCH_DTYPE(a->dims.kv_dtype, T, [&] { return launch_d<T>(a); });
+    return RESA_DISPATCH_DTYPE(a->dims.io_dtype, T, [&] {
+        return dispatch_f8(a->dims, [&](auto f8) { return launch_d<T, decltype(f8)::value>(a); });
+    });
 }

@@ -35,6 +35,7 @@ struct cuda_state {
     cudaStream_t stream;
     resa_cuda_dims dims;
     void *k, *v, *kmin, *kmax;        // the pool, layer-major (lib/internal.h)
+    float *kscale, *vscale;           // the fp8 cache's per-token scales, or NULL
     int8_t *kexp;                     // fp8 summaries' scale exponents, or NULL
     uint32_t *selection;              // RECORD_SELECTION bitmaps or NULL
     int32_t *page_tables;             // [max_seqs][max_seq_blocks]
@@ -133,6 +134,10 @@ size_t kv_elems_per_layer(const resa_cuda_dims &D)
 {
     return (size_t)D.n_pages * D.hkv * D.b * D.d;
 }
+// Bytes per K/V element: T's 2, or 1 for the fp8 cache.
+size_t kv_elt(const resa_cuda_dims &D) { return D.kv_fp8 ? 1 : 2; }
+// The fp8 cache's scales per layer: one float per (page, KV head, slot).
+size_t scale_elems_per_layer(const resa_cuda_dims &D) { return (size_t)D.n_pages * D.hkv * D.b; }
 size_t sum_elems_per_layer(const resa_cuda_dims &D)
 {
     return (size_t)D.n_pages * D.hkv * D.d;
@@ -183,11 +188,12 @@ void cuda_ctx_fini(resa_ctx *ctx)
 
 resa_status cuda_check_config(resa_ctx *ctx, const resa_layout *lo)
 {
-    if (lo->kv_dtype != lo->io_dtype ||
-        (lo->kv_dtype != RESA_DTYPE_F16 && lo->kv_dtype != RESA_DTYPE_BF16))
+    if ((lo->io_dtype != RESA_DTYPE_F16 && lo->io_dtype != RESA_DTYPE_BF16) ||
+        (lo->kv_dtype != lo->io_dtype && lo->kv_dtype != RESA_DTYPE_FP8_E4M3))
         return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                    "lock: the CUDA backend needs RESA_PARAM_KV_DTYPE == RESA_PARAM_IO_DTYPE, "
-                    "RESA_DTYPE_F16 or RESA_DTYPE_BF16");
+                    "lock: the CUDA backend needs RESA_PARAM_IO_DTYPE RESA_DTYPE_F16 or "
+                    "RESA_DTYPE_BF16 and RESA_PARAM_KV_DTYPE equal to it or "
+                    "RESA_DTYPE_FP8_E4M3");
     if (lo->d != 64 && lo->d != 128 && lo->d != 256)
         return fail(ctx, RESA_ERR_NOT_SUPPORTED,
                     "lock: the CUDA backend supports RESA_PARAM_HEAD_DIM 64, 128 and 256, not %d",
@@ -212,8 +218,9 @@ void cuda_pool_destroy(resa_ctx *ctx)
     if (!st)
         return;
     cudaStreamSynchronize(st->stream); // nothing may still read what we free
-    void *dev[] = {st->k, st->v, st->kmin, st->kmax, st->kexp, st->selection, st->page_tables,
-                   st->d_meta, st->ws_select, st->ws_sparse, st->ws_dense};
+    void *dev[] = {st->k, st->v, st->kmin, st->kmax, st->kexp, st->kscale, st->vscale,
+                   st->selection, st->page_tables, st->d_meta, st->ws_select, st->ws_sparse,
+                   st->ws_dense};
     for (void *p : dev)
         if (p)
             cudaFree(p);
@@ -250,14 +257,25 @@ resa_status cuda_pool_create(resa_ctx *ctx)
     D.max_seq_blocks = lo->max_seq_blocks;
     D.sel_words = lo->sel_words;
     D.kv_dtype = lo->kv_dtype;
+    D.io_dtype = lo->io_dtype;
+    D.kv_fp8 = lo->kv_fp8;
     D.sum_fp8 = lo->sum_fp8;
     D.max_step_tokens = lo->max_step_tokens;
     D.num_sms = st->num_sms;
 
-    const size_t kv = kv_elems_per_layer(D) * D.n_layers * 2;
+    const size_t kv = kv_elems_per_layer(D) * D.n_layers * kv_elt(D);
     const size_t sum = sum_elems_per_layer(D) * D.n_layers * sum_elt(D);
     TRY(cudaMalloc(&st->k, kv), "lock: cudaMalloc(K pool)");
     TRY(cudaMalloc(&st->v, kv), "lock: cudaMalloc(V pool)");
+    if (D.kv_fp8) {
+        // zeroed: a never-written slot reads back as 0 * 0, never NaN (the
+        // kernels mask such positions anyway)
+        const size_t sb = scale_elems_per_layer(D) * D.n_layers * sizeof(float);
+        TRY(cudaMalloc(&st->kscale, sb), "lock: cudaMalloc(K scales)");
+        TRY(cudaMalloc(&st->vscale, sb), "lock: cudaMalloc(V scales)");
+        TRY(cudaMemset(st->kscale, 0, sb), "lock: cudaMemset(K scales)");
+        TRY(cudaMemset(st->vscale, 0, sb), "lock: cudaMemset(V scales)");
+    }
     TRY(cudaMalloc(&st->kmin, sum), "lock: cudaMalloc(summaries)");
     TRY(cudaMalloc(&st->kmax, sum), "lock: cudaMalloc(summaries)");
     if (D.sum_fp8)
@@ -361,15 +379,23 @@ resa_status cuda_copy_pages(resa_ctx *ctx, int32_t n, const int32_t *dst, const 
 {
     cuda_state *st = state(ctx);
     const resa_cuda_dims &D = st->dims;
-    const size_t kv_page = (size_t)D.hkv * D.b * D.d * 2;
+    const size_t kv_page = (size_t)D.hkv * D.b * D.d * kv_elt(D);
     const size_t sum_page = (size_t)D.hkv * D.d * sum_elt(D), exp_page = (size_t)D.hkv;
+    const size_t scale_page = (size_t)D.hkv * D.b * sizeof(float);
+    // every per-page array: K, V, summaries, and where present the fp8
+    // summaries' exponents and the fp8 cache's scales (they travel with
+    // their page: copy-on-write and fork copies are plain page copies)
+    char *bases[7] = {(char *)st->k, (char *)st->v, (char *)st->kmin, (char *)st->kmax,
+                      (char *)st->kexp, (char *)st->kscale, (char *)st->vscale};
+    const size_t page_bytes[7] = {kv_page, kv_page, sum_page, sum_page, exp_page, scale_page,
+                                  scale_page};
     for (int32_t i = 0; i < n; i++)
         for (int32_t l = 0; l < D.n_layers; l++) {
             size_t to = ((size_t)l * D.n_pages + dst[i]), from = ((size_t)l * D.n_pages + src[i]);
-            char *bases[5] = {(char *)st->k, (char *)st->v, (char *)st->kmin, (char *)st->kmax,
-                              (char *)st->kexp};
-            for (int a = 0; a < (st->kexp ? 5 : 4); a++) {
-                size_t bytes = a < 2 ? kv_page : a < 4 ? sum_page : exp_page;
+            for (int a = 0; a < 7; a++) {
+                if (!bases[a])
+                    continue;
+                const size_t bytes = page_bytes[a];
                 TRY(cudaMemcpyAsync(bases[a] + to * bytes, bases[a] + from * bytes, bytes,
                                     cudaMemcpyDeviceToDevice, st->stream),
                     "copy_pages: cudaMemcpyAsync");
@@ -384,7 +410,7 @@ resa_status cuda_refresh_summaries(resa_ctx *ctx, const int32_t *pages, int64_t 
     cuda_state *st = state(ctx);
     // pages points into the host page tables; the device holds the same row
     const size_t slot = (size_t)(pages - ctx->page_tables) / ctx->lo.max_seq_blocks;
-    TRY(resa_cuda_refresh_summaries(&st->dims, st->k, st->kmin, st->kmax, st->kexp,
+    TRY(resa_cuda_refresh_summaries(&st->dims, st->k, st->kscale, st->kmin, st->kmax, st->kexp,
                                     st->page_tables + slot * st->dims.max_seq_blocks, lo, hi,
                                     valid, st->stream),
         "resa_cuda_refresh_summaries");
@@ -536,10 +562,13 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     }
     const resa_cuda_dims &D = st->dims;
     resa_cuda_layer_args a = st->step;
-    const size_t kv_off = kv_elems_per_layer(D) * layer * 2, sum_off = sum_elems_per_layer(D) * layer * sum_elt(D);
+    const size_t kv_off = kv_elems_per_layer(D) * layer * kv_elt(D);
+    const size_t sum_off = sum_elems_per_layer(D) * layer * sum_elt(D);
     a.layer = layer;
     a.k = (char *)st->k + kv_off;
     a.v = (char *)st->v + kv_off;
+    a.kscale = st->kscale ? st->kscale + scale_elems_per_layer(D) * layer : NULL;
+    a.vscale = st->vscale ? st->vscale + scale_elems_per_layer(D) * layer : NULL;
     a.kmin = (char *)st->kmin + sum_off;
     a.kmax = (char *)st->kmax + sum_off;
     a.kexp = st->kexp ? st->kexp + exp_elems_per_layer(D) * layer : NULL;

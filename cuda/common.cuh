@@ -6,9 +6,11 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <type_traits>
 #include <utility>
 
 #include "kernels.h"
@@ -27,6 +29,31 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x)
 {
     return __float2bfloat16_rn(x);
+}
+
+// ---- the fp8 cache (lib/kv_fp8.h) ----
+// Value of an e4m3 byte, exact (e4m3 is a subset of f16; 0x7f, 0xff: NaN).
+__device__ __forceinline__ float fp8_to_f32(uint8_t v)
+{
+    const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)v, __NV_E4M3);
+    return __half2float(__half(h));
+}
+// What a stored byte reads back as: e4m3 * scale, an fp32 product, rounded
+// to T, as the CPU does (lib/cpu/kv_codec.c), so both see the same values.
+template <typename T> __device__ __forceinline__ T fp8_read(uint8_t v, float scale)
+{
+    return from_f32<T>(fp8_to_f32(v) * scale);
+}
+// 8 consecutive bytes of one token's head vector as 8 T values (16 bytes).
+template <typename T> __device__ __forceinline__ uint4 fp8x8_read(uint2 raw, float scale)
+{
+    uint4 out;
+    const uint8_t *b = reinterpret_cast<const uint8_t *>(&raw);
+    T *o = reinterpret_cast<T *>(&out);
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        o[i] = fp8_read<T>(b[i], scale);
+    return out;
 }
 
 // Entry holding row r: the entries' rows are contiguous and ascending.
@@ -104,6 +131,14 @@ cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
         cfg.numAttrs = 1;
     }
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+}
+
+// Calls f(c) with c a std::integral_constant<bool, dims.kv_fp8>: the launchers'
+// compile-time switch between a T cache and an fp8 one.
+template <typename F> auto dispatch_f8(const resa_cuda_dims &D, F &&f)
+{
+    return D.kv_fp8 ? f(std::integral_constant<bool, true>())
+                    : f(std::integral_constant<bool, false>());
 }
 
 } // namespace resa

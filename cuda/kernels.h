@@ -26,8 +26,14 @@
 typedef struct resa_cuda_dims {
     int32_t n_layers, hq, hkv, group, d, b, log2_b;
     int32_t n_pages, max_seqs, max_seq_blocks, sel_words;
-    int32_t kv_dtype;            /* resa_dtype: RESA_DTYPE_F16 or RESA_DTYPE_BF16 (== IO dtype) */
-    int32_t sum_fp8;             /* summaries in fp8 e4m3 + kexp (lib/summary_fp8.h), else kv_dtype */
+    int32_t kv_dtype;            /* resa_dtype: the IO dtype, or RESA_DTYPE_FP8_E4M3 */
+    int32_t io_dtype;            /* resa_dtype: RESA_DTYPE_F16 or RESA_DTYPE_BF16; the type T of
+                                    q, k, v, out, of the values the cache reads back as and
+                                    of the summaries (without sum_fp8) */
+    int32_t kv_fp8;              /* the fp8 cache (lib/kv_fp8.h): K/V are e4m3 bytes with one
+                                    fp32 scale per token and head, read back as
+                                    T(e4m3 * scale) */
+    int32_t sum_fp8;             /* summaries in fp8 e4m3 + kexp (lib/summary_fp8.h), else io_dtype */
     int64_t max_step_tokens;
     int32_t num_sms;
 } resa_cuda_dims;
@@ -47,12 +53,15 @@ typedef struct resa_dev_entry {
 } resa_dev_entry;
 
 /* Everything one layer of a step needs.  Pool pointers are already offset to
- * this layer: k/v [n_pages][hkv][b][d], kmin/kmax [n_pages][hkv][d] (kv dtype,
- * or bytes with sum_fp8), kexp [n_pages][hkv] (sum_fp8 only, else NULL). */
+ * this layer: k/v [n_pages][hkv][b][d] (kv dtype: T, or e4m3 bytes with
+ * kv_fp8), kscale/vscale [n_pages][hkv][b] (kv_fp8 only, else NULL),
+ * kmin/kmax [n_pages][hkv][d] (T, or bytes with sum_fp8), kexp [n_pages][hkv]
+ * (sum_fp8 only, else NULL). */
 typedef struct resa_cuda_layer_args {
     resa_cuda_dims dims;
     int32_t layer;
     void *k, *v, *kmin, *kmax;
+    float *kscale, *vscale;
     int8_t *kexp;
     uint32_t *selection;         /* [hkv][sel_words] bitmaps of slot 0 of this layer,
                                     stride per slot n_layers*hkv*sel_words; NULL = off */
@@ -98,8 +107,10 @@ cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select,
 cudaError_t resa_cuda_kv_write(const resa_cuda_layer_args *a);
 /* kv_write.cu: summaries of the blocks of one page table (device) holding
  * positions [lo, hi), over valid positions < valid, every layer (pool base
- * pointers, not offset to a layer).  For step cancellation. */
-cudaError_t resa_cuda_refresh_summaries(const resa_cuda_dims *dims, void *k, void *kmin,
+ * pointers, not offset to a layer; kscale NULL unless kv_fp8).  For step
+ * cancellation. */
+cudaError_t resa_cuda_refresh_summaries(const resa_cuda_dims *dims, void *k,
+                                        const float *kscale, void *kmin,
                                         void *kmax, int8_t *kexp, const int32_t *d_pages,
                                         int64_t lo, int64_t hi, int64_t valid,
                                         cudaStream_t stream);

@@ -1247,7 +1247,7 @@ cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)
     float *hs = (float *)((char *)a->ws_select + hscores_offset(&D));
     float2 *hp = (float2 *)((char *)a->ws_select + hparts_offset(&D));
     const dim3 grid = score_grid(D, a->n_decode);
-    cudaError_t err = RESA_DISPATCH_DTYPE(D.kv_dtype, T, [&] {
+    cudaError_t err = RESA_DISPATCH_DTYPE(D.io_dtype, T, [&] { // T: the summaries
         if (a->group_score == 1) // RESA_GROUP_SCORE_HEAD_SHARE
             return D.sum_fp8 ? launch_share<T, fp8_e4m3>(a, grid, keys, cells, hs, hp)
                              : launch_share<T, T>(a, grid, keys, cells, hs, hp);

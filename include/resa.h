@@ -97,9 +97,10 @@ RESA_API const char *resa_status_name(resa_status s);   /* "RESA_ERR_CAPACITY", 
 /* ------------------------------------------------------------------------ */
 typedef struct resa_ctx resa_ctx;
 
-/* The CUDA backend takes device pointers; it needs KV_DTYPE == IO_DTYPE, F16
- * or BF16, HEAD_DIM 64, 128 or 256, BLOCK_SIZE 8 to 64 and at most 16 query
- * heads per KV head (else RESA_ERR_NOT_SUPPORTED at the first resa_seq_create).
+/* The CUDA backend takes device pointers; it needs IO_DTYPE F16 or BF16 with
+ * KV_DTYPE == IO_DTYPE or FP8_E4M3, HEAD_DIM 64, 128 or 256, BLOCK_SIZE 8 to
+ * 64 and at most 16 query heads per KV head (else RESA_ERR_NOT_SUPPORTED at
+ * the first resa_seq_create).
  * It works on the device that was current at resa_ctx_create. */
 typedef enum resa_backend {
     RESA_BACKEND_CPU  = 0,  /* portable C, always built; the reference */
@@ -115,13 +116,19 @@ typedef enum resa_backend {
 typedef enum resa_dtype {
     RESA_DTYPE_F32  = 0,
     RESA_DTYPE_F16  = 1,    /* IEEE binary16 */
-    RESA_DTYPE_BF16 = 2     /* bfloat16 */
+    RESA_DTYPE_BF16 = 2,    /* bfloat16 */
+    RESA_DTYPE_FP8_E4M3 = 3 /* (0.3.0) KV_DTYPE only; as IO_DTYPE it is
+                               RESA_ERR_INVALID_ARGUMENT.  OCP fp8 e4m3 with one fp32
+                               scale per token and KV head (amax / 448) for K and one
+                               for V; a stored value reads back as e4m3 * scale rounded
+                               to IO_DTYPE (docs/API.md, "fp8 KV cache") */
 } resa_dtype;
 
 /* How the block summaries (per block and KV head, the element-wise min and
  * max of its keys) are stored; RESA_PARAM_SUMMARY_FORMAT. */
 typedef enum resa_summary_format {
-    RESA_SUMMARY_KV_DTYPE = 0, /* in the KV dtype: exact, 2 d elements per block and head */
+    RESA_SUMMARY_KV_DTYPE = 0, /* in the KV dtype: exact, 2 d elements per block and head
+                                  (an fp8 cache: in IO_DTYPE, still exact) */
     RESA_SUMMARY_FP8_E4M3 = 1  /* fp8 e4m3 with one power-of-two scale per block and head,
                                   rounded outward (min down, max up) so the block score
                                   stays an upper bound; 2 d + 1 bytes, half the scoring
@@ -180,7 +187,8 @@ typedef enum resa_param {
     RESA_PARAM_NUM_KV_HEADS     = 102, /* default 1,     [1, 1024] */
     RESA_PARAM_HEAD_DIM         = 103, /* default 128,   [1, 256] (CUDA: 64, 128, 256) */
     RESA_PARAM_KV_DTYPE         = 104, /* default F32:   storage type of the cache (resa_dtype) */
-    RESA_PARAM_IO_DTYPE         = 105, /* default F32:   type of q, k, v and out (resa_dtype) */
+    RESA_PARAM_IO_DTYPE         = 105, /* default F32:   type of q, k, v and out (resa_dtype;
+                                          not FP8_E4M3) */
     RESA_PARAM_MAX_TOKENS       = 106, /* default 65536: pool size, tokens over all sequences */
     RESA_PARAM_MAX_SEQUENCES    = 107, /* default 64,    [1, 65535] live sequences */
     RESA_PARAM_MAX_SEQ_TOKENS   = 108, /* default 0 = MAX_TOKENS: longest sequence */

@@ -243,8 +243,10 @@ static resa_status layout_from_config(resa_ctx *ctx, resa_layout *lo)
     lo->io_dtype = (resa_dtype)c->io_dtype;
     lo->kv_elt = resa_dtype_size(lo->kv_dtype);
     lo->io_elt = resa_dtype_size(lo->io_dtype);
+    lo->kv_fp8 = lo->kv_dtype == RESA_DTYPE_FP8_E4M3;
+    lo->val_dtype = lo->kv_fp8 ? lo->io_dtype : lo->kv_dtype;
     lo->sum_fp8 = c->summary_format == RESA_SUMMARY_FP8_E4M3;
-    lo->sum_elt = lo->sum_fp8 ? 1 : lo->kv_elt;
+    lo->sum_elt = lo->sum_fp8 ? 1 : resa_dtype_size(lo->val_dtype);
     return RESA_OK;
 }
 

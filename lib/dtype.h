@@ -71,7 +71,19 @@ static inline uint16_t resa_f32_to_bf16(float f)
     return (uint16_t)(x >> 16);
 }
 
-/* n elements of type t starting at element `at` of src, to fp32. */
+/* x rounded to type t (F32, F16 or BF16, not FP8_E4M3), as an fp32 value:
+ * what storing x in a buffer of type t and loading it back gives. */
+static inline float resa_round_f32(resa_dtype t, float x)
+{
+    if (t == RESA_DTYPE_F16)
+        return resa_f16_to_f32(resa_f32_to_f16(x));
+    if (t == RESA_DTYPE_BF16)
+        return resa_bf16_to_f32(resa_f32_to_bf16(x));
+    return x;
+}
+
+/* n elements of type t (F32, F16 or BF16: an fp8 cache is read through its
+ * scales, lib/cpu/kv_read.c) starting at element `at` of src, to fp32. */
 static inline void resa_load_f32(const void *src, resa_dtype t, size_t at, int32_t n, float *dst)
 {
     if (t == RESA_DTYPE_F32) {

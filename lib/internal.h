@@ -48,15 +48,22 @@ typedef struct resa_layout {
     int32_t sel_words;       /* uint32 words of one selection bitmap (max_seq_blocks bits) */
     int64_t max_step_tokens;
     resa_dtype kv_dtype, io_dtype;
-    size_t kv_elt, io_elt;   /* bytes per element */
+    size_t kv_elt, io_elt;   /* bytes per element (1 for an fp8 cache) */
+    int32_t kv_fp8;          /* KV_DTYPE FP8_E4M3: K/V bytes plus per-token scales
+                                (lib/kv_fp8.h) */
+    resa_dtype val_dtype;    /* the dtype of the values the cache holds: kv_dtype, or
+                                for an fp8 cache io_dtype (its dequantized values are
+                                rounded to it); summaries without sum_fp8 use it */
     int32_t sum_fp8;         /* RESA_SUMMARY_FP8_E4M3 (lib/summary_fp8.h) */
-    size_t sum_elt;          /* bytes per summary element: kv_elt, or 1 with sum_fp8 */
+    size_t sum_elt;          /* bytes per summary element: val_dtype's, or 1 with sum_fp8 */
 } resa_layout;
 
 /*
  * KV pool layout, identical on every backend (only the memory space differs):
  *   K, V:        [layer][page][kv_head][b][d]       (kv_dtype)
- *   kmin, kmax:  [layer][page][kv_head][d]          (kv_dtype; min/max of the
+ *   kscale, vscale: [layer][page][kv_head][b]       (kv_fp8 only: fp32 scale of
+ *                each token's K and V head vector; index = K/V offset / d)
+ *   kmin, kmax:  [layer][page][kv_head][d]          (val_dtype; min/max of the
  *                valid keys of the block, exact, so the KV dtype loses nothing;
  *                or, with sum_fp8, e4m3 bytes rounded outward)
  *   kexp:        [layer][page][kv_head]             (sum_fp8 only: int8 scale
@@ -68,6 +75,12 @@ static inline size_t resa_kv_offset(const resa_layout *lo, int32_t layer, int32_
 {
     return (((size_t)layer * (size_t)lo->n_pages + (size_t)page) * (size_t)lo->hkv +
             (size_t)head) * (size_t)lo->b * (size_t)lo->d;
+}
+/* Index of the scale of (layer, page, head) slot 0 in kscale/vscale (kv_fp8). */
+static inline size_t resa_scale_offset(const resa_layout *lo, int32_t layer, int32_t page,
+                                       int32_t head)
+{
+    return resa_kv_offset(lo, layer, page, head) / (size_t)lo->d;
 }
 static inline size_t resa_summary_offset(const resa_layout *lo, int32_t layer, int32_t page,
                                          int32_t head)

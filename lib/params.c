@@ -28,7 +28,8 @@ static const param_row rows[] = {
     INT_ROW(RESA_PARAM_NUM_Q_HEADS, n_q_heads, 1, 1, 1, 1024),
     INT_ROW(RESA_PARAM_NUM_KV_HEADS, n_kv_heads, 1, 1, 1, 1024),
     INT_ROW(RESA_PARAM_HEAD_DIM, head_dim, 1, 128, 1, RESA_MAX_HEAD_DIM),
-    INT_ROW(RESA_PARAM_KV_DTYPE, kv_dtype, 1, RESA_DTYPE_F32, RESA_DTYPE_F32, RESA_DTYPE_BF16),
+    INT_ROW(RESA_PARAM_KV_DTYPE, kv_dtype, 1, RESA_DTYPE_F32, RESA_DTYPE_F32,
+            RESA_DTYPE_FP8_E4M3),
     INT_ROW(RESA_PARAM_IO_DTYPE, io_dtype, 1, RESA_DTYPE_F32, RESA_DTYPE_F32, RESA_DTYPE_BF16),
     INT_ROW(RESA_PARAM_MAX_TOKENS, max_tokens, 1, 65536, 1, (double)(1ll << 40)),
     INT_ROW(RESA_PARAM_MAX_SEQUENCES, max_seqs, 1, 64, 1, 65535),
@@ -125,6 +126,11 @@ resa_status resa_ctx_set_param(resa_ctx *ctx, resa_param p, int64_t value)
         s = check_settable(ctx, r);
     if (s != RESA_OK)
         return s;
+    if (p == RESA_PARAM_IO_DTYPE && value == RESA_DTYPE_FP8_E4M3)
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
+                         "param: RESA_PARAM_IO_DTYPE cannot be RESA_DTYPE_FP8_E4M3: fp8 is a "
+                         "storage type of the cache only (RESA_PARAM_KV_DTYPE); q, k, v and "
+                         "out are F32, F16 or BF16");
     if ((double)value < r->lo || (double)value > r->hi)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "param: %s = %lld is outside [%.0f, %.0f]",
                          r->name, (long long)value, r->lo, r->hi);

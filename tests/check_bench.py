@@ -51,6 +51,20 @@ kv_bytes = {(r["context"], r["batch"], r["hq"], r["d"]): float(r["sparse_bytes"]
 for r in fp8:
     assert float(r["sparse_bytes"]) < kv_bytes[(r["context"], r["batch"], r["hq"], r["d"])], r
 
+# an fp8 KV cache: the column says so, I/O stays f32, and a dense step reads
+# d + 4 bytes per token and head for K and for V instead of 4 d
+kv8 = list(csv.DictReader(io.StringIO(subprocess.run(
+    args + ["--csv", "--kv-dtype", "fp8", "--modes", "dense"], check=True,
+    capture_output=True, text=True).stdout)))
+assert len(kv8) == 8 and all(r["kv_dtype"] == "fp8" and r["dtype"] == "f32" for r in kv8), kv8
+assert all(r["kv_dtype"] == "f32" for r in rows), rows
+dense_bytes = {(r["context"], r["batch"], r["hq"], r["d"]): float(r["dense_bytes"]) for r in rows}
+for r in kv8:
+    assert float(r["dense_ms"]) > 0, r
+    d = int(r["d"])
+    want = dense_bytes[(r["context"], r["batch"], r["hq"], r["d"])] * (d + 4) / (4 * d)
+    assert abs(float(r["dense_bytes"]) - want) <= 1, (r, want)
+
 doc = json.loads(subprocess.run(args + ["--json"], check=True, capture_output=True,
                                 text=True).stdout)
 assert len(doc["points"]) == 8 and all(p["resa_ms"] > 0 for p in doc["points"]), doc
@@ -70,7 +84,7 @@ for flag in ("--help", "-h"):
     h = subprocess.run([bench, flag], capture_output=True, text=True)
     assert h.returncode == 0 and h.stdout.startswith("usage: resa-bench") and h.stderr == "", h
     assert "--batch B,B,...            sequences per step, 1 to 256 (default 1)" in h.stdout, h
-    for opt in ("--backend", "--contexts", "--heads", "--dim", "--shapes", "--dtype",
+    for opt in ("--backend", "--contexts", "--heads", "--dim", "--shapes", "--dtype", "--kv-dtype",
                 "--fraction", "--interval", "--summary", "--sink", "--width", "--reps",
                 "--threads", "--modes", "--csv", "--json", "--plot"):
         assert f"  {opt} " in h.stdout, (opt, h.stdout)

@@ -3,7 +3,10 @@
  * The CUDA backend against the float64 reference (through the same harness
  * as the CPU tests: every output, selection, length and pending count of
  * every step), and against the CPU backend for a CUDA-graph-captured decode
- * step.  Skips (exit 77) where there is no GPU or no CUDA module.
+ * step.  Each also with an fp8 cache (KV_DTYPE FP8_E4M3, the IO dtype f16 or
+ * bf16: the reference attends its own dequantized values, ref.c; the graph
+ * test compares with the CPU backend's fp8 cache).
+ * Skips (exit 77) where there is no GPU or no CUDA module.
  * RESA_TEST_QUICK=1 runs a smaller set (for compute-sanitizer).
  */
 #include <math.h>
@@ -68,15 +71,18 @@ static const gcase gcases[] = {
 };
 #define N_GCASES ((int)(sizeof gcases / sizeof gcases[0]))
 
+/* _i >= N_GCASES: the same case with an fp8 cache. */
 START_TEST(test_cuda_decode)
 {
-    const gcase *c = &gcases[_i];
+    const gcase *c = &gcases[_i % N_GCASES];
     if (quick() && c->len > 5000)
         return;
     char name[64];
     snprintf(name, sizeof name, "cuda_decode_%d", _i);
     ref_params p;
     cuda_params(&p, 2 * c->g, 2, c->d, c->dt, 2);
+    if (_i >= N_GCASES)
+        p.kv_dtype = RESA_DTYPE_FP8_E4M3;
     p.summary_fp8 = _i % 2; /* fp8 summaries on every other case */
     th t;
     cuda_init(&t, name, &p, c->len + 4096);
@@ -123,12 +129,16 @@ END_TEST
 START_TEST(test_cuda_mixed_batch)
 {
     ref_params p;
-    cuda_params(&p, 8, 2, 128, _i ? RESA_DTYPE_F16 : RESA_DTYPE_BF16, 3);
-    p.summary_fp8 = _i; /* f16 with fp8 summaries: their refresh on fork and rectify */
+    cuda_params(&p, 8, 2, 128, _i % 2 ? RESA_DTYPE_F16 : RESA_DTYPE_BF16, 3);
+    p.summary_fp8 = _i % 2; /* f16 with fp8 summaries: their refresh on fork and rectify */
+    if (_i >= 2) /* an fp8 cache: scales through fork, copy-on-write and rectify */
+        p.kv_dtype = RESA_DTYPE_FP8_E4M3;
     p.min_blocks = 2;
     p.interval = 5;
     th t;
-    cuda_init(&t, _i ? "cuda_mixed_f16" : "cuda_mixed_bf16", &p, 65536);
+    static const char *const names[] = {"cuda_mixed_bf16", "cuda_mixed_f16", "cuda_mixed_fp8_bf16",
+                                        "cuda_mixed_fp8_f16"};
+    cuda_init(&t, names[_i], &p, 65536);
     th_seq s[5];
     for (int i = 0; i < 5; i++)
         th_seq_create(&t, &s[i]);
@@ -207,6 +217,7 @@ static float from_bf16(uint16_t h)
     return f;
 }
 
+/* _i = 1: both contexts with an fp8 cache (the same bytes and scales). */
 START_TEST(test_cuda_graph_replay)
 {
     enum { L = 4, HQ = 16, HKV = 4, D = 128, B = 3, LEN = 3000 };
@@ -225,7 +236,8 @@ START_TEST(test_cuda_graph_replay)
         TOK(x, resa_ctx_set_param(x, RESA_PARAM_NUM_Q_HEADS, HQ));
         TOK(x, resa_ctx_set_param(x, RESA_PARAM_NUM_KV_HEADS, HKV));
         TOK(x, resa_ctx_set_param(x, RESA_PARAM_HEAD_DIM, D));
-        TOK(x, resa_ctx_set_param(x, RESA_PARAM_KV_DTYPE, RESA_DTYPE_BF16));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_KV_DTYPE,
+                                  _i ? RESA_DTYPE_FP8_E4M3 : RESA_DTYPE_BF16));
         TOK(x, resa_ctx_set_param(x, RESA_PARAM_IO_DTYPE, RESA_DTYPE_BF16));
         TOK(x, resa_ctx_set_param(x, RESA_PARAM_MAX_TOKENS, B * (LEN + 64)));
         TOK(x, resa_ctx_set_param(x, RESA_PARAM_MAX_SEQUENCES, B));
@@ -233,7 +245,7 @@ START_TEST(test_cuda_graph_replay)
         TOK(x, resa_ctx_set_param(x, RESA_PARAM_SELECT_MIN_BLOCKS, 4));
     }
     int32_t sg[B], sc[B];
-    ref_rng rng = {th_test_seed("cuda_graph")};
+    ref_rng rng = {th_test_seed(_i ? "cuda_graph_fp8" : "cuda_graph")};
     size_t kv_elems = (size_t)LEN * HKV * D;
     uint16_t *hk = malloc(kv_elems * 2), *hv = malloc(kv_elems * 2);
     void *dk, *dv;
@@ -383,10 +395,10 @@ int main(void)
     TCase *tc = tcase_create("cuda");
     tcase_set_tags(tc, "gpu");
     tcase_set_timeout(tc, 600);
-    tcase_add_loop_test(tc, test_cuda_decode, 0, N_GCASES);
-    tcase_add_loop_test(tc, test_cuda_mixed_batch, 0, 2);
+    tcase_add_loop_test(tc, test_cuda_decode, 0, 2 * N_GCASES);
+    tcase_add_loop_test(tc, test_cuda_mixed_batch, 0, 4);
     tcase_add_test(tc, test_cuda_capacity);
-    tcase_add_test(tc, test_cuda_graph_replay);
+    tcase_add_loop_test(tc, test_cuda_graph_replay, 0, 2);
     suite_add_tcase(su, tc);
     /* CUDA cannot be used in a child forked after the parent touched it
      * (th_cuda_usable did), so the GPU tests run in-process; meson's

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Sparse decode against the float64 reference: contexts of 0 to 5000
- * tokens, head dims 64/128/256, group sizes 1/2/4/7/8, dtypes f32/f16/bf16,
+ * tokens, head dims 64/128/256, group sizes 1/2/4/7/8, dtypes f32/f16/bf16
+ * and the fp8 cache,
  * block sizes 1 to 256, exact and fp8 summaries; selection, budget and forced
  * blocks; SELECT_FRACTION 1
  * equals dense attention; softmax scale; thread counts.
@@ -52,9 +53,11 @@ static void prefill(th *t, th_seq *s, int64_t len)
     }
 }
 
-/* Loop index i < N_CASES: exact summaries; i >= N_CASES: the same case with
- * fp8 summaries (RESA_SUMMARY_FP8_E4M3), whose selection the reference
- * derives from its own e4m3 table. */
+/* Loop index i < N_CASES: exact summaries; N_CASES <= i < 2 N_CASES: the same
+ * case with fp8 summaries (RESA_SUMMARY_FP8_E4M3), whose selection the
+ * reference derives from its own e4m3 table; i >= 2 N_CASES: the same case
+ * with an fp8 cache (KV_DTYPE FP8_E4M3, the case's IO dtype), fp8 summaries
+ * on odd i, the reference attending its own dequantized values (ref.c). */
 START_TEST(test_decode_case)
 {
     const dcase *c = &cases[_i % N_CASES];
@@ -62,13 +65,13 @@ START_TEST(test_decode_case)
     snprintf(name, sizeof name, "decode_case_%d", _i);
     ref_params p;
     ref_params_default(&p);
-    p.summary_fp8 = _i >= N_CASES;
+    p.summary_fp8 = _i >= 2 * N_CASES ? _i % 2 : _i >= N_CASES;
     p.n_layers = c->layers;
     p.hq = c->hq;
     p.hkv = c->hkv;
     p.d = c->d;
     p.b = c->b;
-    p.kv_dtype = c->kv;
+    p.kv_dtype = _i >= 2 * N_CASES ? RESA_DTYPE_FP8_E4M3 : c->kv;
     p.io_dtype = c->io;
     th t;
     th_init(&t, name, &p, NULL);
@@ -366,7 +369,7 @@ static Suite *suite(void)
     Suite *s = suite_create("decode");
     TCase *tc = tcase_create("decode");
     tcase_set_timeout(tc, 600);
-    tcase_add_loop_test(tc, test_decode_case, 0, 2 * N_CASES);
+    tcase_add_loop_test(tc, test_decode_case, 0, 3 * N_CASES);
     tcase_add_loop_test(tc, test_budget_random, 0, 2);
     tcase_add_test(tc, test_budget_exact_decimal);
     tcase_add_test(tc, test_fraction_one_is_dense);

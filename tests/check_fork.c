@@ -3,7 +3,9 @@
  * Fork isolation (white-box): parent and child share full pages, the partial
  * page is copied; they diverge and each matches its own reference; writes to
  * one never change the other's bytes; RECTIFY of a shared page copies it
- * first; release of either keeps the other intact.
+ * first; release of either keeps the other intact.  Each also with an fp8
+ * cache (KV_DTYPE FP8_E4M3), whose per-token scales must travel with their
+ * pages.
  */
 #include <stdlib.h>
 
@@ -33,11 +35,11 @@ static int64_t free_tokens(th *t)
 START_TEST(test_fork_partial_and_full)
 {
     static const int64_t lens[] = {50, 64, 0, 1};
-    int64_t len = lens[_i];
+    int64_t len = lens[_i % 4];
     th t;
     char name[32];
-    snprintf(name, sizeof name, "fork_len_%lld", (long long)len);
-    setup(&t, name, _i % 2 ? RESA_DTYPE_F16 : RESA_DTYPE_F32);
+    snprintf(name, sizeof name, "fork_len_%lld_%d", (long long)len, _i);
+    setup(&t, name, _i >= 4 ? RESA_DTYPE_FP8_E4M3 : _i % 2 ? RESA_DTYPE_F16 : RESA_DTYPE_F32);
     int32_t b = t.p.b;
     th_seq P, C;
     th_seq_create(&t, &P);
@@ -96,8 +98,9 @@ END_TEST
 /* RECTIFY of pages shared with a fork copies them first. */
 START_TEST(test_fork_cow_rectify)
 {
+    static const resa_dtype kvs[] = {RESA_DTYPE_F32, RESA_DTYPE_BF16, RESA_DTYPE_FP8_E4M3};
     th t;
-    setup(&t, "fork_cow_rectify", _i ? RESA_DTYPE_BF16 : RESA_DTYPE_F32);
+    setup(&t, "fork_cow_rectify", kvs[_i]);
     int32_t b = t.p.b;
     th_seq P, C;
     th_seq_create(&t, &P);
@@ -205,7 +208,7 @@ END_TEST
 START_TEST(test_fork_chain)
 {
     th t;
-    setup(&t, "fork_chain", RESA_DTYPE_F16);
+    setup(&t, "fork_chain", _i ? RESA_DTYPE_FP8_E4M3 : RESA_DTYPE_F16);
     th_seq A, B, C;
     th_seq_create(&t, &A);
     th_prefill(&t, &A, 100, 100, 1);
@@ -245,9 +248,9 @@ static Suite *suite(void)
     Suite *s = suite_create("fork");
     TCase *tc = tcase_create("fork");
     tcase_set_timeout(tc, 600);
-    tcase_add_loop_test(tc, test_fork_partial_and_full, 0, 4);
-    tcase_add_loop_test(tc, test_fork_cow_rectify, 0, 2);
-    tcase_add_test(tc, test_fork_chain);
+    tcase_add_loop_test(tc, test_fork_partial_and_full, 0, 8);
+    tcase_add_loop_test(tc, test_fork_cow_rectify, 0, 3);
+    tcase_add_loop_test(tc, test_fork_chain, 0, 2);
     tcase_add_test(tc, test_fork_both_rectify);
     suite_add_tcase(s, tc);
     return s;

@@ -1,5 +1,19 @@
 /* SPDX-License-Identifier: MIT */
 /*
+ * The fp8 KV cache (RESA_DTYPE_FP8_E4M3 as KV_DTYPE, lib/kv_fp8.h):
+ *  - its codec against the test's own e4m3 table and quantizer (ref.c, from
+ *    the OCP definition): every byte decodes to its table value (NaN bytes
+ *    too); encoding is round to nearest even with saturation, on every table
+ *    value, every midpoint between neighbours (ties) and its two float
+ *    neighbours, subnormals, +-0, the saturation edge, infinities, NaN and
+ *    200000 random floats of every magnitude;
+ *  - a head vector's scale and read-back values, bit for bit, on random rows
+ *    of every magnitude (subnormal amax included), IO dtypes f32/f16/bf16,
+ *    and rows with NaN or an infinity (which read back as NaN);
+ *  - the parameter: FP8_E4M3 is a KV_DTYPE, never an IO_DTYPE.
+ * The decode, rectification and fork paths with an fp8 cache are in
+ * check_decode, check_rectify, check_fork, check_random and check_nonfinite.
+ *
  * fp8 block summaries (RESA_SUMMARY_FP8_E4M3).
  *  - The codec of lib/summary_fp8.h against the test's own e4m3 table (ref.c,
  *    from the OCP definition): every byte decodes to its table value; the
@@ -16,9 +30,167 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "harness.h"
+#include "kv_fp8.h"
 #include "summary_fp8.h"
+
+/* ---- the fp8 KV cache's codec ---- */
+
+static int same_value(double a, double b)
+{
+    return (isnan(a) && isnan(b)) || (a == b && !signbit(a) == !signbit(b));
+}
+
+START_TEST(test_kv_decode_all)
+{
+    for (int b = 0; b < 256; b++) {
+        double want = ref_e4m3_value((uint8_t)b), got = resa_fp8_decode((uint8_t)b);
+        TCHECK(same_value(got, want), "byte 0x%02x decodes to %.9g, table %.9g", b, got, want);
+        if (!isnan(want)) /* a value encodes to its own byte */
+            TCHECK(resa_fp8_encode((float)want) == b, "%.9g encodes to 0x%02x, not 0x%02x",
+                   want, resa_fp8_encode((float)want), b);
+    }
+}
+END_TEST
+
+/* The library's byte for x equals the reference's (same value, same sign). */
+static void check_encode(float x)
+{
+    uint8_t got = resa_fp8_encode(x);
+    double want = ref_e4m3_rne((double)x);
+    TCHECK(same_value(ref_e4m3_value(got), want),
+           "e4m3(%.9g) = 0x%02x (%.9g), reference %.9g", (double)x, got,
+           ref_e4m3_value(got), want);
+    if (isnan(x))
+        TCHECK(got == RESA_FP8_NAN, "NaN encodes to 0x%02x", got);
+}
+
+START_TEST(test_kv_encode_edges)
+{
+    /* every midpoint between neighbouring finite values (a tie: the even
+     * byte), and the float just below and above it, both signs */
+    for (int b = 0; b < 0x7e; b++) {
+        float lo = (float)ref_e4m3_value((uint8_t)b), hi = (float)ref_e4m3_value((uint8_t)(b + 1));
+        float mid = 0.5f * (lo + hi); /* exact: at most 5 significant bits */
+        float xs[3] = {mid, nextafterf(mid, 0.0f), nextafterf(mid, INFINITY)};
+        for (int i = 0; i < 3; i++) {
+            check_encode(xs[i]);
+            check_encode(-xs[i]);
+        }
+        uint8_t even = (b & 1) ? (uint8_t)(b + 1) : (uint8_t)b;
+        TCHECK(resa_fp8_encode(mid) == even, "tie %.9g: 0x%02x, not the even 0x%02x",
+               (double)mid, resa_fp8_encode(mid), even);
+    }
+    static const float edge[] = {0.0f, -0.0f, 448.0f, 449.0f, 463.99f, 464.0f, 464.01f, 480.0f,
+                                 1e4f, 3.4e38f, INFINITY, -INFINITY, 1.401298e-45f,
+                                 0.0009765625f /* 2^-10: the tie below the smallest subnormal */,
+                                 0.00097656256f, 0.015625f, 0.0146484375f};
+    for (size_t i = 0; i < sizeof edge / sizeof edge[0]; i++) {
+        check_encode(edge[i]);
+        check_encode(-edge[i]);
+    }
+    check_encode(NAN);
+    TCHECK(resa_fp8_encode(INFINITY) == 0x7e && resa_fp8_encode(-INFINITY) == 0xfe &&
+               resa_fp8_encode(1e30f) == 0x7e,
+           "saturation: inf 0x%02x, -inf 0x%02x, 1e30 0x%02x", resa_fp8_encode(INFINITY),
+           resa_fp8_encode(-INFINITY), resa_fp8_encode(1e30f));
+    TCHECK(resa_fp8_encode(-0.0f) == 0x80, "-0 encodes to 0x%02x", resa_fp8_encode(-0.0f));
+}
+END_TEST
+
+START_TEST(test_kv_encode_random)
+{
+    ref_rng rng = {th_test_seed("fp8_kv_encode_random")};
+    for (int i = 0; i < 200000; i++) {
+        double mag = ldexp(1.0 + ref_rng_uniform(&rng), (int)ref_rng_range(&rng, -150, 12));
+        float x = (float)(ref_rng_uniform(&rng) < 0.5 ? -mag : mag);
+        check_encode(x);
+    }
+}
+END_TEST
+
+/* Rows of d values of IO dtype io: scale and read-back values equal the
+ * reference quantizer's bit for bit. */
+static void check_row(resa_dtype io, const float *x, int32_t d)
+{
+    double xd[RESA_MAX_HEAD_DIM], want[RESA_MAX_HEAD_DIM], want_scale;
+    float amax = 0.0f;
+    for (int32_t j = 0; j < d; j++) {
+        xd[j] = x[j];
+        amax = resa_fp8_amax(amax, x[j]);
+    }
+    ref_fp8_quantize(io, xd, d, want, &want_scale);
+    float scale = resa_fp8_scale(amax);
+    TCHECK(same_value(scale, want_scale), "row of amax %.9g: scale %.9g, reference %.9g",
+           (double)amax, (double)scale, want_scale);
+    for (int32_t j = 0; j < d; j++) {
+        uint8_t c = resa_fp8_quantize(x[j], scale);
+        /* read back as the library defines it: the test's table value times
+         * the scale, an fp32 product, rounded to the IO dtype */
+        double got = ref_round(io, ref_round(RESA_DTYPE_F32, ref_e4m3_value(c) * (double)scale));
+        TCHECK(same_value(got, want[j]) || (got == 0 && want[j] == 0),
+               "io %d, element %d of a row of amax %.9g: %.9g (byte 0x%02x) reads back as "
+               "%.9g, reference %.9g", (int)io, j, (double)amax, (double)x[j], c, got, want[j]);
+        if (isnan(want_scale) || isinf(want_scale))
+            TCHECK(isnan(got), "a non-finite row reads back %.9g", got);
+    }
+}
+
+START_TEST(test_kv_rows)
+{
+    static const resa_dtype ios[] = {RESA_DTYPE_F32, RESA_DTYPE_F16, RESA_DTYPE_BF16};
+    ref_rng rng = {th_test_seed("fp8_kv_rows")};
+    float x[RESA_MAX_HEAD_DIM];
+    for (int i = 0; i < 20000; i++) {
+        resa_dtype io = ios[i % 3];
+        int32_t d = (int32_t)ref_rng_range(&rng, 1, RESA_MAX_HEAD_DIM);
+        /* magnitudes the IO dtype holds: f32 down to subnormal amax (whose
+         * scale underflows to 2^-149) and up to 1e38 */
+        int lo = io == RESA_DTYPE_F16 ? -20 : -148, hi = io == RESA_DTYPE_F16 ? 14 : 126;
+        int e = (int)ref_rng_range(&rng, lo, hi);
+        for (int32_t j = 0; j < d; j++) {
+            double v = ldexp(ref_rng_normal(&rng), e);
+            if (i % 7 == 0 && j % 5 == 0)
+                v = 0.0; /* exact zeros among the values */
+            x[j] = (float)ref_round(io, v);
+        }
+        if (i % 101 == 0)
+            for (int32_t j = 0; j < d; j++)
+                x[j] = 0.0f; /* all zero: scale 0 */
+        if (i % 97 == 1)
+            x[ref_rng_range(&rng, 0, d - 1)] = (i % 2) ? NAN : (i % 3 ? INFINITY : -INFINITY);
+        check_row(io, x, d);
+    }
+}
+END_TEST
+
+/* FP8_E4M3 is a storage type: KV_DTYPE takes it, IO_DTYPE refuses it by name. */
+START_TEST(test_kv_param)
+{
+    resa_ctx *c = NULL;
+    TCHECK(resa_ctx_create(RESA_BACKEND_CPU, NULL, &c) == RESA_OK, "create");
+    int64_t lo = -1, hi = -1;
+    TOK(c, resa_param_bounds(RESA_PARAM_KV_DTYPE, &lo, &hi));
+    TCHECK(lo == RESA_DTYPE_F32 && hi == RESA_DTYPE_FP8_E4M3, "KV_DTYPE bounds [%lld, %lld]",
+           (long long)lo, (long long)hi);
+    TOK(c, resa_param_bounds(RESA_PARAM_IO_DTYPE, &lo, &hi));
+    TCHECK(lo == RESA_DTYPE_F32 && hi == RESA_DTYPE_BF16, "IO_DTYPE bounds [%lld, %lld]",
+           (long long)lo, (long long)hi);
+    TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "RESA_PARAM_IO_DTYPE",
+          resa_ctx_set_param(c, RESA_PARAM_IO_DTYPE, RESA_DTYPE_FP8_E4M3));
+    TCHECK(strstr(resa_ctx_last_error(c), "RESA_PARAM_KV_DTYPE") != NULL,
+           "the error should say where fp8 goes: %s", resa_ctx_last_error(c));
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_KV_DTYPE, RESA_DTYPE_FP8_E4M3));
+    int64_t v = -1;
+    TOK(c, resa_ctx_get_param(c, RESA_PARAM_KV_DTYPE, &v));
+    TCHECK(v == RESA_DTYPE_FP8_E4M3, "KV_DTYPE reads back %lld", (long long)v);
+    TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "RESA_PARAM_KV_DTYPE",
+          resa_ctx_set_param(c, RESA_PARAM_KV_DTYPE, 4));
+    resa_ctx_destroy(c);
+}
+END_TEST
 
 START_TEST(test_codec_table)
 {
@@ -193,6 +365,11 @@ int main(void)
     Suite *s = suite_create("fp8");
     TCase *tc = tcase_create("fp8");
     tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_kv_decode_all);
+    tcase_add_test(tc, test_kv_encode_edges);
+    tcase_add_test(tc, test_kv_encode_random);
+    tcase_add_test(tc, test_kv_rows);
+    tcase_add_test(tc, test_kv_param);
     tcase_add_test(tc, test_codec_table);
     tcase_add_test(tc, test_codec_random);
     tcase_add_test(tc, test_selection_overlap);

@@ -3,7 +3,9 @@
  * Non-finite inputs are contained (docs/API.md, "Non-finite values").  NaN,
  * +inf, -inf and finite values that overflow when stored to an f16 or bf16
  * cache are put in K, V or Q of one token of a prefill (APPEND), a decode or a
- * rectification, next to a clean sequence in the same step.  Every output row
+ * rectification, next to a clean sequence in the same step.  With an fp8 cache
+ * a NaN or infinity anywhere in a token's K (or V) head vector makes all of
+ * it read back as NaN (ref.c models it).  Every output row
  * of every layer is then classified from the float64 reference of the cache
  * as the library stores it (tests/ref.c):
  *  - a row that attends a non-finite V, a key whose score q.k is NaN or +inf,
@@ -66,15 +68,22 @@ static const nf_config cpu_configs[] = {
     {128, 4, 1, 16, RESA_DTYPE_BF16, RESA_DTYPE_BF16, 0},
     {40, 3, 1, 4, RESA_DTYPE_F32, RESA_DTYPE_F32, 0},    /* d not a multiple of 16 */
     {64, 4, 2, 16, RESA_DTYPE_F16, RESA_DTYPE_F32, 1},   /* fp8 summaries */
+    /* fp8 caches: a non-finite element makes its whole head vector NaN */
+    {64, 4, 2, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_F32, 0},
+    {128, 4, 1, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_BF16, 1},
 };
-/* CUDA: KV = IO, f16 or bf16; d 64 is the mma.sync dense kernel, 128 and 256
- * the wgmma one on Hopper; groups 1 to 16. */
+/* CUDA: KV = IO, f16 or bf16, or an fp8 cache; d 64 is the mma.sync dense
+ * kernel, 128 and 256 the wgmma one on Hopper (not with an fp8 cache, which
+ * always takes mma.sync); groups 1 to 16. */
 static const nf_config cuda_configs[] = {
     {64, 4, 2, 16, RESA_DTYPE_F16, RESA_DTYPE_F16, 0},
     {128, 8, 2, 16, RESA_DTYPE_BF16, RESA_DTYPE_BF16, 0},
     {256, 4, 2, 8, RESA_DTYPE_BF16, RESA_DTYPE_BF16, 0},
     {128, 2, 2, 16, RESA_DTYPE_F16, RESA_DTYPE_F16, 1},
     {128, 16, 1, 32, RESA_DTYPE_F16, RESA_DTYPE_F16, 0},
+    {128, 8, 2, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_BF16, 0},
+    {64, 4, 2, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_F16, 1},
+    {256, 4, 2, 8, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_BF16, 0},
 };
 #define N_CPU ((int)(sizeof cpu_configs / sizeof cpu_configs[0]))
 #define N_CUDA ((int)(sizeof cuda_configs / sizeof cuda_configs[0]))
@@ -124,11 +133,13 @@ static double poison_value(const ref_params *p, int kind)
 }
 
 /* Whether (where, kind) is a case of this configuration: overflow on store
- * needs a 16-bit cache and applies to K and V (q is never stored). */
+ * needs a 16-bit cache and applies to K and V (q is never stored).  An fp8
+ * cache has no overflow on store: the token's scale covers its largest value. */
 static int case_applies(const ref_params *p, int where, int kind)
 {
     if (kind == NF_OVER || kind == NF_NOVER)
-        return where != NF_Q && p->kv_dtype != RESA_DTYPE_F32;
+        return where != NF_Q &&
+               (p->kv_dtype == RESA_DTYPE_F16 || p->kv_dtype == RESA_DTYPE_BF16);
     return 1;
 }
 

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Randomized sessions (white-box): random shapes, dtypes, block sizes and
+ * Randomized sessions (white-box): random shapes, dtypes (the fp8 cache
+ * included), block sizes and
  * method parameters; random batches of APPEND / DECODE / RECTIFY / APPEND_KV
  * over several sequences with forks and releases in between.  Every output is
  * checked by the harness; every sequence's stored K/V and summaries are
@@ -17,7 +18,8 @@ START_TEST(test_random_session)
     static const int32_t ds[] = {64, 128, 256};
     static const int32_t gs[] = {1, 2, 4, 7, 8};
     static const int32_t bs[] = {1, 2, 4, 8, 16, 32, 64};
-    static const resa_dtype dts[] = {RESA_DTYPE_F32, RESA_DTYPE_F16, RESA_DTYPE_BF16};
+    static const resa_dtype dts[] = {RESA_DTYPE_F32, RESA_DTYPE_F16, RESA_DTYPE_BF16,
+                                     RESA_DTYPE_FP8_E4M3}; /* fp8: KV_DTYPE only */
     char name[32];
     snprintf(name, sizeof name, "random_session_%d", _i);
     ref_rng pick = {th_test_seed(name) ^ 0x5eedull};
@@ -29,7 +31,7 @@ START_TEST(test_random_session)
     p.hq = p.hkv * g;
     p.n_layers = (int32_t)ref_rng_range(&pick, 1, 3);
     p.b = bs[ref_rng_range(&pick, 0, 6)];
-    p.kv_dtype = dts[ref_rng_range(&pick, 0, 2)];
+    p.kv_dtype = dts[ref_rng_range(&pick, 0, 3)];
     p.io_dtype = dts[ref_rng_range(&pick, 0, 2)];
     p.min_blocks = ref_rng_range(&pick, 0, 6);
     p.fraction = ref_rng_range(&pick, 0, 30) / 100.0;

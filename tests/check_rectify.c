@@ -4,7 +4,9 @@
  * (every stored K/V compared with the reference; other sequences byte-identical),
  * block summaries equal a from-scratch recomputation over the stored keys,
  * pending returns to 0, rectify_due at f; when nothing becomes pending;
- * step_cancel around RECTIFY and APPEND.
+ * step_cancel around RECTIFY and APPEND.  Each with an fp8 cache too
+ * (KV_DTYPE FP8_E4M3): its stored bytes and scales read back as the test's own
+ * quantizer's values, 0 ulp (wb.c).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,11 +32,14 @@ static void setup(th *t, const char *name, resa_dtype kv, resa_dtype io, int32_t
 
 START_TEST(test_rectify_overwrites_pending)
 {
-    static const resa_dtype kvs[] = {RESA_DTYPE_F32, RESA_DTYPE_F16, RESA_DTYPE_BF16};
+    static const resa_dtype kvs[] = {RESA_DTYPE_F32, RESA_DTYPE_F16, RESA_DTYPE_BF16,
+                                     RESA_DTYPE_FP8_E4M3, RESA_DTYPE_FP8_E4M3};
+    static const resa_dtype ios[] = {RESA_DTYPE_F32, RESA_DTYPE_F32, RESA_DTYPE_F16,
+                                     RESA_DTYPE_F32, RESA_DTYPE_BF16};
     th t;
     char name[32];
     snprintf(name, sizeof name, "rectify_overwrites_%d", _i);
-    setup(&t, name, kvs[_i], _i == 2 ? RESA_DTYPE_F16 : RESA_DTYPE_F32, 2);
+    setup(&t, name, kvs[_i], ios[_i], 2);
     th_seq s, x;
     th_seq_create(&t, &s);
     th_seq_create(&t, &x);
@@ -169,7 +174,8 @@ END_TEST
 START_TEST(test_rectify_partial)
 {
     th t;
-    setup(&t, "rectify_partial", _i ? RESA_DTYPE_BF16 : RESA_DTYPE_F32, RESA_DTYPE_F32, 2);
+    static const resa_dtype kvs[] = {RESA_DTYPE_F32, RESA_DTYPE_BF16, RESA_DTYPE_FP8_E4M3};
+    setup(&t, "rectify_partial", kvs[_i], RESA_DTYPE_F32, 2);
     t.p.interval = 10;
     th_push_method(&t);
     th_seq s, x;
@@ -209,7 +215,7 @@ END_TEST
 START_TEST(test_cancel_rectify)
 {
     th t;
-    setup(&t, "cancel_rectify", RESA_DTYPE_BF16, RESA_DTYPE_F32, 2);
+    setup(&t, "cancel_rectify", _i ? RESA_DTYPE_FP8_E4M3 : RESA_DTYPE_BF16, RESA_DTYPE_F32, 2);
     th_seq s;
     th_seq_create(&t, &s);
     th_prefill(&t, &s, 150, 150, 1);
@@ -243,7 +249,7 @@ END_TEST
 START_TEST(test_cancel_append)
 {
     th t;
-    setup(&t, "cancel_append", RESA_DTYPE_F32, RESA_DTYPE_F32, 2);
+    setup(&t, "cancel_append", _i ? RESA_DTYPE_FP8_E4M3 : RESA_DTYPE_F32, RESA_DTYPE_F32, 2);
     th_seq s, x;
     th_seq_create(&t, &s);
     th_seq_create(&t, &x);
@@ -287,7 +293,8 @@ END_TEST
 START_TEST(test_reused_pages_summaries)
 {
     th t;
-    setup(&t, "reused_pages_summaries", RESA_DTYPE_F16, RESA_DTYPE_F32, 1);
+    setup(&t, "reused_pages_summaries", _i ? RESA_DTYPE_FP8_E4M3 : RESA_DTYPE_F16,
+          RESA_DTYPE_F32, 1);
     th_seq a, b;
     th_seq_create(&t, &a);
     t.k_scale = 50.0;
@@ -310,14 +317,14 @@ static Suite *suite(void)
     Suite *s = suite_create("rectify");
     TCase *tc = tcase_create("rectify");
     tcase_set_timeout(tc, 600);
-    tcase_add_loop_test(tc, test_rectify_overwrites_pending, 0, 3);
+    tcase_add_loop_test(tc, test_rectify_overwrites_pending, 0, 5);
     tcase_add_test(tc, test_pending_starts_at_first_sparse);
     tcase_add_test(tc, test_rectify_due_interval);
     tcase_add_test(tc, test_rectify_wrong_count);
-    tcase_add_loop_test(tc, test_rectify_partial, 0, 2);
-    tcase_add_test(tc, test_cancel_rectify);
-    tcase_add_test(tc, test_cancel_append);
-    tcase_add_test(tc, test_reused_pages_summaries);
+    tcase_add_loop_test(tc, test_rectify_partial, 0, 3);
+    tcase_add_loop_test(tc, test_cancel_rectify, 0, 2);
+    tcase_add_loop_test(tc, test_cancel_append, 0, 2);
+    tcase_add_loop_test(tc, test_reused_pages_summaries, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

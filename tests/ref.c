@@ -36,7 +36,7 @@ double ref_scale(const ref_params *p)
 /* ------------------------------------------------------------------------ */
 size_t ref_dtype_size(resa_dtype t)
 {
-    return t == RESA_DTYPE_F32 ? 4 : 2;
+    return t == RESA_DTYPE_F32 ? 4 : t == RESA_DTYPE_FP8_E4M3 ? 1 : 2;
 }
 
 /* Rounds x to `mant` fraction bits, exponent >= emin (subnormals below), ties to even. */
@@ -72,6 +72,8 @@ double ref_round(resa_dtype t, double x)
         double r = round_bits(x, 7, -126);
         return fabs(r) > 3.3895313892515355e38 ? copysign(INFINITY, x) : r;
     }
+    case RESA_DTYPE_FP8_E4M3:
+        return ref_e4m3_rne(x);
     }
     return x;
 }
@@ -127,6 +129,8 @@ static uint16_t bf16_encode(double r) /* r representable */
 double ref_load(resa_dtype t, const void *buf, size_t i)
 {
     switch (t) {
+    case RESA_DTYPE_FP8_E4M3:
+        return ref_e4m3_value(((const uint8_t *)buf)[i]);
     case RESA_DTYPE_F32: {
         float f;
         memcpy(&f, (const char *)buf + 4 * i, 4);
@@ -149,6 +153,10 @@ double ref_load(resa_dtype t, const void *buf, size_t i)
 void ref_store(resa_dtype t, void *buf, size_t i, double x)
 {
     double r = ref_round(t, x);
+    if (t == RESA_DTYPE_FP8_E4M3) {
+        ((uint8_t *)buf)[i] = ref_e4m3_byte(r);
+        return;
+    }
     if (t == RESA_DTYPE_F32) {
         float f = (float)r;
         memcpy((char *)buf + 4 * i, &f, 4);
@@ -210,9 +218,13 @@ ref_seq *ref_seq_new(const ref_params *p, int64_t cap)
         cap = 1;
     s->cap = cap;
     size_t per = (size_t)cap * (size_t)p->hkv * (size_t)p->d;
+    s->ks = calloc((size_t)p->n_layers, sizeof(double *));
+    s->vs = calloc((size_t)p->n_layers, sizeof(double *));
     for (int32_t l = 0; l < p->n_layers; l++) {
         s->k[l] = calloc(per, sizeof(double));
         s->v[l] = calloc(per, sizeof(double));
+        s->ks[l] = calloc((size_t)cap * (size_t)p->hkv, sizeof(double));
+        s->vs[l] = calloc((size_t)cap * (size_t)p->hkv, sizeof(double));
     }
     return s;
 }
@@ -224,11 +236,18 @@ ref_seq *ref_seq_clone(const ref_seq *o)
     s->k = calloc((size_t)o->n_layers, sizeof(double *));
     s->v = calloc((size_t)o->n_layers, sizeof(double *));
     size_t per = (size_t)o->cap * (size_t)o->hkv * (size_t)o->d;
+    size_t sper = (size_t)o->cap * (size_t)o->hkv;
+    s->ks = calloc((size_t)o->n_layers, sizeof(double *));
+    s->vs = calloc((size_t)o->n_layers, sizeof(double *));
     for (int32_t l = 0; l < o->n_layers; l++) {
         s->k[l] = malloc(per * sizeof(double));
         s->v[l] = malloc(per * sizeof(double));
         memcpy(s->k[l], o->k[l], per * sizeof(double));
         memcpy(s->v[l], o->v[l], per * sizeof(double));
+        s->ks[l] = malloc(sper * sizeof(double));
+        s->vs[l] = malloc(sper * sizeof(double));
+        memcpy(s->ks[l], o->ks[l], sper * sizeof(double));
+        memcpy(s->vs[l], o->vs[l], sper * sizeof(double));
     }
     return s;
 }
@@ -240,9 +259,13 @@ void ref_seq_free(ref_seq *s)
     for (int32_t l = 0; l < s->n_layers; l++) {
         free(s->k[l]);
         free(s->v[l]);
+        free(s->ks[l]);
+        free(s->vs[l]);
     }
     free(s->k);
     free(s->v);
+    free(s->ks);
+    free(s->vs);
     free(s);
 }
 
@@ -258,11 +281,16 @@ static void ref_seq_reserve(ref_seq *s, int64_t need)
     int64_t cap = s->cap * 2 > need ? s->cap * 2 : need;
     size_t old = (size_t)s->cap * (size_t)s->hkv * (size_t)s->d;
     size_t per = (size_t)cap * (size_t)s->hkv * (size_t)s->d;
+    size_t sold = (size_t)s->cap * (size_t)s->hkv, sper = (size_t)cap * (size_t)s->hkv;
     for (int32_t l = 0; l < s->n_layers; l++) {
         s->k[l] = realloc(s->k[l], per * sizeof(double));
         s->v[l] = realloc(s->v[l], per * sizeof(double));
         memset(s->k[l] + old, 0, (per - old) * sizeof(double));
         memset(s->v[l] + old, 0, (per - old) * sizeof(double));
+        s->ks[l] = realloc(s->ks[l], sper * sizeof(double));
+        s->vs[l] = realloc(s->vs[l], sper * sizeof(double));
+        memset(s->ks[l] + sold, 0, (sper - sold) * sizeof(double));
+        memset(s->vs[l] + sold, 0, (sper - sold) * sizeof(double));
     }
     s->cap = cap;
 }
@@ -271,6 +299,21 @@ void ref_write_kv(const ref_params *p, ref_seq *s, int32_t layer, int64_t pos, i
                   const void *k, const void *v, int64_t row)
 {
     ref_seq_reserve(s, pos + n);
+    if (p->kv_dtype == RESA_DTYPE_FP8_E4M3) {
+        double *x = malloc(sizeof(double) * (size_t)p->d);
+        for (int64_t t = 0; t < n; t++)
+            for (int32_t h = 0; h < p->hkv; h++)
+                for (int is_v = 0; is_v < 2; is_v++) {
+                    size_t src = ((size_t)(row + t) * (size_t)p->hkv + (size_t)h) * (size_t)p->d;
+                    for (int32_t j = 0; j < p->d; j++)
+                        x[j] = ref_load(p->io_dtype, is_v ? v : k, src + (size_t)j);
+                    double *dst = is_v ? ref_v(s, layer, pos + t, h) : ref_k(s, layer, pos + t, h);
+                    ref_fp8_quantize(p->io_dtype, x, p->d, dst,
+                                     ref_scale_at(s, is_v, layer, pos + t, h));
+                }
+        free(x);
+        return;
+    }
     for (int64_t t = 0; t < n; t++)
         for (int32_t h = 0; h < p->hkv; h++)
             for (int32_t j = 0; j < p->d; j++) {
@@ -328,6 +371,59 @@ double ref_e4m3_value(uint8_t byte)
         return NAN;
     double mag = e == 0 ? ldexp(m / 8.0, -6) : ldexp(1.0 + m / 8.0, e - 7);
     return (byte & 0x80) ? -mag : mag;
+}
+
+double ref_e4m3_rne(double x)
+{
+    if (isnan(x))
+        return x;
+    if (fabs(x) >= 448.0)
+        return copysign(448.0, x); /* saturating: e4m3 has no infinity, 448 is the nearest */
+    double best = 0.0;
+    int best_byte = 0;
+    for (int b = 0; b < 256; b++) { /* the nearest finite value; ties to the even byte */
+        double v = ref_e4m3_value((uint8_t)b);
+        if (isnan(v))
+            continue;
+        double dv = fabs(v - x), db = fabs(best - x);
+        if (dv < db || (dv == db && (b & 1) == 0 && (best_byte & 1) == 1)) {
+            best = v;
+            best_byte = b;
+        }
+    }
+    return best == 0.0 ? copysign(0.0, x) : best;
+}
+
+uint8_t ref_e4m3_byte(double v)
+{
+    if (isnan(v))
+        return 0x7f;
+    for (int b = 0; b < 256; b++)
+        if (ref_e4m3_value((uint8_t)b) == v && !signbit(ref_e4m3_value((uint8_t)b)) == !signbit(v))
+            return (uint8_t)b;
+    return 0x7f; /* not an e4m3 value */
+}
+
+void ref_fp8_quantize(resa_dtype io, const double *x, int32_t d, double *out, double *scale_out)
+{
+    int nan = 0;
+    double amax = 0.0;
+    for (int32_t j = 0; j < d; j++) {
+        nan |= isnan(x[j]);
+        amax = fmax(amax, fabs(x[j]));
+    }
+    /* fp32 quotients and products: the float64 operation is exact or rounds
+     * once more than fp32, which for one division or one product of two
+     * floats gives the fp32 result (53 >= 2 * 24 + 2 bits) */
+    double scale = nan ? NAN : ref_round(RESA_DTYPE_F32, amax / 448.0);
+    if (scale == 0.0 && amax > 0.0)
+        scale = ldexp(1.0, -149);
+    for (int32_t j = 0; j < d; j++) {
+        double y = scale == 0.0 ? x[j] : ref_round(RESA_DTYPE_F32, x[j] / scale);
+        double v = ref_e4m3_rne(y);
+        out[j] = ref_round(io, ref_round(RESA_DTYPE_F32, v * scale));
+    }
+    *scale_out = scale;
 }
 
 int ref_fp8_scale(double amax)

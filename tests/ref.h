@@ -33,7 +33,8 @@ double ref_scale(const ref_params *p);
 
 /* ---- dtypes (round to nearest even, written from the IEEE definitions) ---- */
 size_t ref_dtype_size(resa_dtype t);
-/* x rounded to the nearest value of type t (overflow to +-inf for f16). */
+/* x rounded to the nearest value of type t (overflow to +-inf for f16; for
+ * FP8_E4M3 the unscaled e4m3 value, ref_e4m3_rne). */
 double ref_round(resa_dtype t, double x);
 /* Element i of a buffer of type t. */
 double ref_load(resa_dtype t, const void *buf, size_t i);
@@ -52,7 +53,9 @@ typedef struct ref_seq {
     int64_t rect_start;   /* first pending position; == len when none */
     int64_t cap;          /* positions allocated */
     int32_t n_layers, hkv, d;
-    double **k, **v;      /* [layer] -> [cap][hkv][d], values as stored (rounded) */
+    double **k, **v;      /* [layer] -> [cap][hkv][d], values as stored (rounded; an
+                             fp8 cache: dequantized, ref_fp8_quantize) */
+    double **ks, **vs;    /* [layer] -> [cap][hkv]: an fp8 cache's K and V scales */
 } ref_seq;
 
 ref_seq *ref_seq_new(const ref_params *p, int64_t cap);
@@ -66,6 +69,11 @@ static inline double *ref_k(const ref_seq *s, int32_t layer, int64_t pos, int32_
 static inline double *ref_v(const ref_seq *s, int32_t layer, int64_t pos, int32_t h)
 {
     return s->v[layer] + ((size_t)pos * (size_t)s->hkv + (size_t)h) * (size_t)s->d;
+}
+static inline double *ref_scale_at(const ref_seq *s, int is_v, int32_t layer, int64_t pos,
+                                   int32_t h)
+{
+    return (is_v ? s->vs : s->ks)[layer] + (size_t)pos * (size_t)s->hkv + (size_t)h;
 }
 
 /* Writes n rows of IO-dtype K/V (layout [rows][hkv][d], starting at row `row`)
@@ -85,6 +93,16 @@ void ref_block_minmax(const ref_params *p, const ref_seq *s, int32_t layer, int3
 /* ---- fp8 e4m3 summaries, from the OCP FP8 definition (a table, not bit tricks) ---- */
 /* Value of an e4m3 byte (bias 7, 3 mantissa bits, 0x7f/0xff NaN). */
 double ref_e4m3_value(uint8_t byte);
+/* x to the nearest e4m3 value (table search), ties to the even byte,
+ * saturating at +-448 (infinities too), NaN kept, the sign of zero kept. */
+double ref_e4m3_rne(double x);
+/* The byte of an e4m3 value (0x7f for NaN). */
+uint8_t ref_e4m3_byte(double v);
+/* The fp8 KV cache (docs/API.md, "fp8 KV cache"), from its definition: the
+ * head vector x[d] (IO values) as it reads back, out[d] = IO(fp32(e4m3(
+ * fp32(x / scale)) * scale)), scale = fp32(amax / 448) (NaN with a NaN in x,
+ * 2^-149 where it underflows), in *scale_out. */
+void ref_fp8_quantize(resa_dtype io, const double *x, int32_t d, double *out, double *scale_out);
 /* Smallest integer s with amax <= 448 * 2^s, clamped to [-128, 127]; 0 for amax 0. */
 int ref_fp8_scale(double amax);
 /* x * 2^-s rounded to the e4m3 value toward +inf (up) or -inf (!up), times 2^s. */

@@ -10,7 +10,8 @@
 #include "harness.h"
 
 /* Stored K/V of every position of s equal the reference bit for bit (values
- * rounded to KV_DTYPE), and every block summary equals the element-wise
+ * rounded to KV_DTYPE; an fp8 cache: dequantized values and scales, against
+ * the test's own quantizer), and every block summary equals the element-wise
  * min/max recomputed from scratch over the stored keys. */
 void wb_check_cache(th *t, const th_seq *s);
 /* Only the summaries. */
@@ -34,8 +35,11 @@ void wb_snap_free(wb_snap *s);
 int32_t wb_page(const resa_ctx *ctx, int32_t id, int64_t blk);
 /* Reference count of a page (0 = free). */
 int32_t wb_refcount(const resa_ctx *ctx, int32_t page);
-/* Stored K (is_v = 0) or V element as double. */
+/* Stored K (is_v = 0) or V element as double (an fp8 cache: as it reads back,
+ * decoded by the test's own e4m3 table times the stored scale). */
 double wb_kv(const resa_ctx *ctx, int32_t id, int is_v, int32_t layer, int64_t pos, int32_t h,
              int32_t j);
+/* An fp8 cache's stored scale of one token's K (is_v = 0) or V head vector. */
+double wb_scale(const resa_ctx *ctx, int32_t id, int is_v, int32_t layer, int64_t pos, int32_t h);
 
 #endif

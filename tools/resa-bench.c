@@ -41,6 +41,7 @@ typedef struct opts {
     double width;     /* RESA_PARAM_SCORE_WIDTH of the sparse steps (-1: the default) */
     int32_t group;    /* RESA_PARAM_GROUP_SCORE of the sparse steps (-1: the default) */
     int dtype; /* -1: backend default (f32 on CPU, bf16 on CUDA) */
+    int kv_fp8; /* --kv-dtype fp8: KV_DTYPE RESA_DTYPE_FP8_E4M3 (I/O stays --dtype) */
     int summary; /* RESA_PARAM_SUMMARY_FORMAT */
     int csv, json;
     const char *plot;
@@ -51,7 +52,7 @@ typedef struct opts {
 typedef struct result {
     int64_t context;
     int32_t batch, hq, hkv, d;
-    const char *backend, *dtype, *summary;
+    const char *backend, *dtype, *summary, *kv_dtype;
     double fraction;
     int32_t interval;
     double dense_ms, sparse_ms, rectify_ms, resa_ms;
@@ -270,7 +271,8 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_NUM_Q_HEADS, o->hq));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_NUM_KV_HEADS, o->hkv));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_HEAD_DIM, o->d));
-    CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_KV_DTYPE, B->dt));
+    CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_KV_DTYPE,
+                             o->kv_fp8 ? RESA_DTYPE_FP8_E4M3 : B->dt));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_IO_DTYPE, B->dt));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_MAX_SEQUENCES, o->batch));
     CHECK(resa_ctx_set_param(B->ctx, RESA_PARAM_MAX_TOKENS, per_seq * o->batch));
@@ -344,6 +346,8 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     if (n_sel < (M < 16 ? M : 16))
         n_sel = M < 16 ? M : 16;
     double per_head = (double)B->elt * o->d * o->batch * o->hkv;
+    /* K/V bytes per token and head: elements, or fp8 bytes plus one fp32 scale */
+    double kv_head = o->kv_fp8 ? (o->d + 4.0) * o->batch * o->hkv : per_head;
     res->context = ctx_len;
     res->batch = o->batch;
     res->hq = o->hq;
@@ -355,12 +359,14 @@ static void run_context(const opts *o, int64_t ctx_len, double copy_bw, result *
     res->sparse_ms = sparse * 1e3;
     res->rectify_ms = rect * 1e3;
     res->resa_ms = resa * 1e3;
-    res->dense_bytes = per_head * 2.0 * (double)(ctx_len + 1);
-    /* summaries: kmin and kmax in the KV dtype, or fp8 bytes plus one exponent */
+    res->kv_dtype = o->kv_fp8 ? "fp8" : res->dtype;
+    res->dense_bytes = kv_head * 2.0 * (double)(ctx_len + 1);
+    /* summaries: kmin and kmax in the KV dtype (fp8 cache: the I/O dtype), or fp8
+     * bytes plus one exponent */
     double sum_bytes = o->summary == RESA_SUMMARY_FP8_E4M3
                            ? (2.0 * o->d + 1.0) * o->batch * o->hkv * (double)M
                            : per_head * 2.0 * (double)M;
-    res->sparse_bytes = sum_bytes + per_head * 2.0 * 16.0 * (double)n_sel;
+    res->sparse_bytes = sum_bytes + kv_head * 2.0 * 16.0 * (double)n_sel;
     res->summary = o->summary == RESA_SUMMARY_FP8_E4M3 ? "fp8" : "kv";
     res->fraction = o->fraction;
     res->interval = f;
@@ -421,13 +427,13 @@ static void print_row(const result *r)
 static const char *csv_header =
     "context,batch,hq,hkv,d,backend,dtype,dense_ms,sparse_ms,rectify_ms,resa_ms,speedup,"
     "dense_bytes,sparse_bytes,dense_GBps,sparse_GBps,dense_pct_copy_bw,sparse_pct_copy_bw,"
-    "summary,fraction,interval";
+    "summary,fraction,interval,kv_dtype";
 
 /* Unmeasured values are empty fields. */
 static void print_csv(FILE *f, const result *r)
 {
     char b[9][32];
-    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%s,%s,%s,%s,%s,%.0f,%.0f,%s,%s,%s,%s,%s,%g,%d\n",
+    fprintf(f, "%lld,%d,%d,%d,%d,%s,%s,%s,%s,%s,%s,%s,%.0f,%.0f,%s,%s,%s,%s,%s,%g,%d,%s\n",
             (long long)r->context, r->batch, r->hq, r->hkv, r->d, r->backend, r->dtype,
             num(b[0], 32, r->dense_ms, "%.4f", ""), num(b[1], 32, r->sparse_ms, "%.4f", ""),
             num(b[2], 32, r->rectify_ms, "%.4f", ""), num(b[3], 32, r->resa_ms, "%.4f", ""),
@@ -435,7 +441,7 @@ static void print_csv(FILE *f, const result *r)
             r->dense_bytes, r->sparse_bytes,
             num(b[5], 32, r->dense_gbps, "%.1f", ""), num(b[6], 32, r->sparse_gbps, "%.1f", ""),
             num(b[7], 32, r->dense_pct, "%.1f", ""), num(b[8], 32, r->sparse_pct, "%.1f", ""),
-            r->summary, r->fraction, r->interval);
+            r->summary, r->fraction, r->interval, r->kv_dtype);
     fflush(f);
 }
 
@@ -454,12 +460,12 @@ static void print_json(const opts *o, const result *r, int n, double copy_bw)
     for (int i = 0; i < n; i++) {
         char b[8][32];
         printf("  {\"context\": %lld, \"batch\": %d, \"hq\": %d, \"hkv\": %d, \"d\": %d, "
-               "\"backend\": \"%s\", \"dtype\": \"%s\", \"summary\": \"%s\", "
+               "\"backend\": \"%s\", \"dtype\": \"%s\", \"kv_dtype\": \"%s\", \"summary\": \"%s\", "
                "\"dense_ms\": %s, \"sparse_ms\": %s, "
                "\"rectify_ms\": %s, \"resa_ms\": %s, \"speedup\": %s, "
                "\"dense_GBps\": %s, \"sparse_GBps\": %s, \"sparse_pct_copy_bw\": %s}%s\n",
                (long long)r[i].context, r[i].batch, r[i].hq, r[i].hkv, r[i].d, r[i].backend,
-               r[i].dtype, r[i].summary, jnum(b[0], 32, r[i].dense_ms, "%.4f"),
+               r[i].dtype, r[i].kv_dtype, r[i].summary, jnum(b[0], 32, r[i].dense_ms, "%.4f"),
                jnum(b[1], 32, r[i].sparse_ms, "%.4f"), jnum(b[2], 32, r[i].rectify_ms, "%.4f"),
                jnum(b[3], 32, r[i].resa_ms, "%.4f"),
                jnum(b[4], 32, r[i].dense_ms / r[i].resa_ms, "%.3f"),
@@ -531,6 +537,7 @@ static void print_usage(FILE *f)
             "  --shapes HQ/HKVxD,...      several head shapes, e.g. 32/8x128,28/4x128;\n"
             "                             replaces --heads and --dim (default 32/8x128)\n"
             "  --dtype f32|f16|bf16       K/V and I/O type (default f32 on cpu, bf16 on cuda)\n"
+            "  --kv-dtype fp8             an fp8 KV cache (I/O stays --dtype)\n"
             "  --fraction R               SELECT_FRACTION of the sparse steps (default 0.1)\n"
             "  --interval F               rectification interval f (default 32)\n"
             "  --summary kv|fp8           block summaries in the K/V type or fp8 (default kv)\n"
@@ -609,7 +616,7 @@ int main(int argc, char **argv)
         if (!val) {
             static const char *const valued[] = {
                 "--backend", "--contexts", "--batch", "--heads", "--dim", "--shapes",
-                "--dtype", "--fraction", "--sink", "--width", "--group-score", "--summary", "--interval",
+                "--dtype", "--kv-dtype", "--fraction", "--sink", "--width", "--group-score", "--summary", "--interval",
                 "--reps", "--threads", "--plot", "--modes"};
             for (size_t j = 0; j < sizeof valued / sizeof valued[0]; j++)
                 if (!strcmp(a, valued[j]))
@@ -647,6 +654,13 @@ int main(int argc, char **argv)
         } else if (!strcmp(a, "--dtype"))
             o.dtype = !strcmp(val, "f16") ? RESA_DTYPE_F16
                       : !strcmp(val, "bf16") ? RESA_DTYPE_BF16 : RESA_DTYPE_F32;
+        else if (!strcmp(a, "--kv-dtype")) {
+            if (strcmp(val, "fp8") && strcmp(val, "io")) {
+                fprintf(stderr, "resa-bench: --kv-dtype: fp8 or io, not '%s'\n", val);
+                return 2;
+            }
+            o.kv_fp8 = !strcmp(val, "fp8");
+        }
         else if (!strcmp(a, "--fraction"))
             o.fraction = atof(val);
         else if (!strcmp(a, "--sink"))

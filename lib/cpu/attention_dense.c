@@ -13,7 +13,8 @@
 #include "cpu.h"
 
 /* Points kt/vt at one block of the pool as fp32: directly for an fp32 pool,
- * else through the worker's conversion buffers. */
+ * else through the worker's conversion buffers (an fp8 cache dequantized,
+ * lib/cpu/kv_codec.c). */
 void resa_cpu_block_f32(const resa_cpu_job *job, int32_t page, int32_t head, int32_t n,
                         resa_cpu_scratch *sc, const float **kt, const float **vt)
 {
@@ -24,8 +25,8 @@ void resa_cpu_block_f32(const resa_cpu_job *job, int32_t page, int32_t head, int
         *vt = (const float *)job->st->v + at;
         return;
     }
-    resa_load_f32(job->st->k, L->kv_dtype, at, n * L->d, sc->kt);
-    resa_load_f32(job->st->v, L->kv_dtype, at, n * L->d, sc->vt);
+    resa_cpu_kv_load(job->ctx, job->st, 0, at, n, sc->kt);
+    resa_cpu_kv_load(job->ctx, job->st, 1, at, n, sc->vt);
     *kt = sc->kt;
     *vt = sc->vt;
 }

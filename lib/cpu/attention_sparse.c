@@ -112,12 +112,12 @@ static float load_summary(const resa_cpu_job *job, int32_t page, int32_t head,
         *mx = sc->kmax;
         return ldexpf(1.0f, job->st->kexp[at / (size_t)d]); /* applied once per block */
     }
-    if (L->kv_dtype == RESA_DTYPE_F32) {
+    if (L->val_dtype == RESA_DTYPE_F32) {
         *mn = (const float *)job->st->kmin + at;
         *mx = (const float *)job->st->kmax + at;
     } else {
-        resa_load_f32(job->st->kmin, L->kv_dtype, at, d, sc->kmin);
-        resa_load_f32(job->st->kmax, L->kv_dtype, at, d, sc->kmax);
+        resa_load_f32(job->st->kmin, L->val_dtype, at, d, sc->kmin);
+        resa_load_f32(job->st->kmax, L->val_dtype, at, d, sc->kmax);
         *mn = sc->kmin;
         *mx = sc->kmax;
     }

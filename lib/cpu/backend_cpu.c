@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "../backend.h"
+#include "../kv_fp8.h"
 #include "../summary_fp8.h"
 #include "cpu.h"
 
@@ -53,6 +54,8 @@ static void cpu_pool_destroy(resa_ctx *ctx)
     resa_free(ctx, st->kmin);
     resa_free(ctx, st->kmax);
     resa_free(ctx, st->kexp);
+    resa_free(ctx, st->kscale);
+    resa_free(ctx, st->vscale);
     resa_free(ctx, st->selection);
     resa_free(ctx, st->items);
     memset(st, 0, sizeof *st);
@@ -122,7 +125,14 @@ static resa_status cpu_pool_create(resa_ctx *ctx)
         for (int i = 0; i < 256; i++)
             st->e4m3[i] = resa_e4m3_to_f32((uint8_t)i);
     }
-    if (!st->k || !st->v || !st->kmin || !st->kmax || (L->sum_fp8 && !st->kexp))
+    if (L->kv_fp8) { /* one fp32 scale per token, head and layer, for K and for V */
+        st->kscale = resa_alloc(ctx, kv_elems / (size_t)L->d * sizeof(float));
+        st->vscale = resa_alloc(ctx, kv_elems / (size_t)L->d * sizeof(float));
+        for (int i = 0; i < 256; i++)
+            st->fp8[i] = resa_fp8_decode((uint8_t)i);
+    }
+    if (!st->k || !st->v || !st->kmin || !st->kmax || (L->sum_fp8 && !st->kexp) ||
+        (L->kv_fp8 && (!st->kscale || !st->vscale)))
         return resa_fail(ctx, RESA_ERR_OUT_OF_MEMORY,
                          "lock: cannot allocate the KV pool (%zu bytes for K and for V)", kv_bytes);
     if (ctx->cfg.record_selection) {
@@ -185,6 +195,13 @@ static resa_status cpu_copy_pages(resa_ctx *ctx, int32_t n, const int32_t *dst,
             size_t from = resa_kv_offset(L, l, src[i], 0) * L->kv_elt;
             memcpy((char *)st->k + to, (char *)st->k + from, kv);
             memcpy((char *)st->v + to, (char *)st->v + from, kv);
+            if (st->kscale) { /* an fp8 cache's scales travel with their page */
+                size_t sto = resa_scale_offset(L, l, dst[i], 0);
+                size_t sfrom = resa_scale_offset(L, l, src[i], 0);
+                size_t sb = sizeof(float) * (size_t)L->hkv * (size_t)L->b;
+                memcpy(st->kscale + sto, st->kscale + sfrom, sb);
+                memcpy(st->vscale + sto, st->vscale + sfrom, sb);
+            }
             to = resa_summary_offset(L, l, dst[i], 0);
             from = resa_summary_offset(L, l, src[i], 0);
             memcpy((char *)st->kmin + to * L->sum_elt, (char *)st->kmin + from * L->sum_elt, sum);
@@ -305,6 +322,13 @@ static resa_status cpu_merge_states(resa_ctx *ctx, int32_t n_parts, int64_t n_ro
     resa_merge_rows_host((resa_dtype)ctx->cfg.io_dtype, n_parts, n_rows,
                          (int32_t)ctx->cfg.head_dim, parts_out, parts_lse, out, lse);
     return RESA_OK;
+}
+
+void resa_cpu_pool_scales(const resa_ctx *ctx, const float **kscale, const float **vscale)
+{
+    const resa_cpu_state *st = ctx->impl;
+    *kscale = st->kscale;
+    *vscale = st->vscale;
 }
 
 static const resa_backend_ops cpu_ops = {

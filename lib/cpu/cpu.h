@@ -37,6 +37,8 @@ typedef struct resa_cpu_item {
 
 typedef struct resa_cpu_state {
     void *k, *v, *kmin, *kmax;   /* the pool, layout in internal.h */
+    float *kscale, *vscale;      /* fp8 cache: per-token scales of K and V, or NULL */
+    float fp8[256];              /* fp8 cache: resa_fp8_decode of every byte, a table */
     int8_t *kexp;                /* fp8 summaries' scale exponents, or NULL */
     float e4m3[256];             /* fp8 summaries: resa_e4m3_to_f32 of every byte, a table */
     uint32_t *selection;         /* RECORD_SELECTION bitmaps, or NULL */
@@ -60,6 +62,14 @@ typedef struct resa_cpu_job {
     const resa_attend_extra *x; /* lse and thresholds (resa_ctx_step_attend_ex), or NULL */
 } resa_cpu_job;
 
+/* kv_codec.c: `rows` rows of K (is_v 0) or V (1) from element offset `at`
+ * (a row start) of the pool, as fp32 values of lo.val_dtype, into dst. */
+RESA_HIDDEN void resa_cpu_kv_load(const resa_ctx *ctx, const resa_cpu_state *st, int is_v,
+                                  size_t at, int32_t rows, float *dst);
+/* kv_codec.c: one row of d fp32 values into the pool at element offset `at`
+ * (rounded to KV_DTYPE, or quantized with its scale for an fp8 cache). */
+RESA_HIDDEN void resa_cpu_kv_store(const resa_ctx *ctx, const resa_cpu_state *st, int is_v,
+                                   size_t at, const float *src);
 /* kv_write.c: store one entry's rows of K and V for one head, then recompute
  * the summaries of the blocks they touch. */
 RESA_HIDDEN void resa_cpu_kv_write(const resa_cpu_job *job, const resa_step_entry *e,
@@ -119,5 +129,8 @@ RESA_HIDDEN void resa_cpu_pool_views(const resa_ctx *ctx, void **k, void **v, vo
                                      void **kmax);
 /* fp8 summaries' scale exponents (lib/internal.h: kexp), or NULL. */
 RESA_HIDDEN const int8_t *resa_cpu_pool_kexp(const resa_ctx *ctx);
+/* fp8 cache: the per-token scales of K and V (lib/internal.h), or NULL. */
+RESA_HIDDEN void resa_cpu_pool_scales(const resa_ctx *ctx, const float **kscale,
+                                      const float **vscale);
 
 #endif

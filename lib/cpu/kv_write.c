@@ -37,7 +37,7 @@ void resa_cpu_refresh_summaries(const resa_ctx *ctx, const resa_cpu_state *st, i
             mx[j] = -FLT_MAX;
         }
         for (int32_t t = 0; t < n; t++) {
-            resa_load_f32(st->k, L->kv_dtype, kbase + (size_t)t * d, d, row);
+            resa_cpu_kv_load(ctx, st, 0, kbase + (size_t)t * d, 1, row);
             /* a NaN element fails both comparisons and takes no part, as in
              * fminf/fmaxf on the GPU (docs/API.md, "Non-finite values") */
             for (int32_t j = 0; j < d; j++) {
@@ -50,23 +50,26 @@ void resa_cpu_refresh_summaries(const resa_ctx *ctx, const resa_cpu_state *st, i
             resa_fp8_summary_encode(mn, mx, d, (uint8_t *)st->kmin + sbase,
                                     (uint8_t *)st->kmax + sbase, st->kexp + sbase / (size_t)d);
         } else {
-            resa_store_f32(st->kmin, L->kv_dtype, sbase, d, mn); /* exact: stored values */
-            resa_store_f32(st->kmax, L->kv_dtype, sbase, d, mx);
+            /* exact: the values read back are of val_dtype */
+            resa_store_f32(st->kmin, L->val_dtype, sbase, d, mn);
+            resa_store_f32(st->kmax, L->val_dtype, sbase, d, mx);
         }
     }
 }
 
-/* One row of d values from the IO layout to the KV layout. */
-static void convert_row(const void *src, resa_dtype st, size_t si, void *dst, resa_dtype dt,
-                        size_t di, int32_t d, size_t dsize)
+/* One row of d values of K (is_v 0) or V from the IO layout into the pool. */
+static void convert_row(const resa_cpu_job *job, int is_v, size_t si, size_t di)
 {
-    if (st == dt) {
-        memcpy(elt(dst, di, dsize), (const char *)src + si * dsize, dsize * (size_t)d);
+    const resa_layout *L = &job->ctx->lo;
+    const void *src = is_v ? job->v : job->k;
+    if (L->io_dtype == L->kv_dtype) {
+        memcpy(elt(is_v ? job->st->v : job->st->k, di, L->kv_elt),
+               (const char *)src + si * L->kv_elt, L->kv_elt * (size_t)L->d);
         return;
     }
     float tmp[RESA_MAX_HEAD_DIM];
-    resa_load_f32(src, st, si, d, tmp);
-    resa_store_f32(dst, dt, di, d, tmp);
+    resa_load_f32(src, L->io_dtype, si, L->d, tmp);
+    resa_cpu_kv_store(job->ctx, job->st, is_v, di, tmp);
 }
 
 void resa_cpu_kv_write(const resa_cpu_job *job, const resa_step_entry *e, int32_t head)
@@ -80,8 +83,8 @@ void resa_cpu_kv_write(const resa_cpu_job *job, const resa_step_entry *e, int32_
         size_t dst = resa_kv_offset(L, job->layer, page, head) +
                      (size_t)(pos & (L->b - 1)) * (size_t)d;
         size_t src = ((size_t)(e->row + t) * (size_t)L->hkv + (size_t)head) * (size_t)d;
-        convert_row(job->k, L->io_dtype, src, st->k, L->kv_dtype, dst, d, L->kv_elt);
-        convert_row(job->v, L->io_dtype, src, st->v, L->kv_dtype, dst, d, L->kv_elt);
+        convert_row(job, 0, src, dst);
+        convert_row(job, 1, src, dst);
     }
     resa_cpu_refresh_summaries(job->ctx, st, job->layer, head, e->pages, e->start, e->end,
                                e->valid);

@@ -30,7 +30,7 @@ const sh_param sh_params[SH_NPARAMS] = {
     {RESA_PARAM_NUM_Q_HEADS, "RESA_PARAM_NUM_Q_HEADS", 0, 1, 1, 1, 1024},
     {RESA_PARAM_NUM_KV_HEADS, "RESA_PARAM_NUM_KV_HEADS", 0, 1, 1, 1, 1024},
     {RESA_PARAM_HEAD_DIM, "RESA_PARAM_HEAD_DIM", 0, 1, 128, 1, 256},
-    {RESA_PARAM_KV_DTYPE, "RESA_PARAM_KV_DTYPE", 0, 1, 0, 0, 2},
+    {RESA_PARAM_KV_DTYPE, "RESA_PARAM_KV_DTYPE", 0, 1, 0, 0, 3},
     {RESA_PARAM_IO_DTYPE, "RESA_PARAM_IO_DTYPE", 0, 1, 0, 0, 2},
     {RESA_PARAM_MAX_TOKENS, "RESA_PARAM_MAX_TOKENS", 0, 1, 65536, 1, P40},
     {RESA_PARAM_MAX_SEQUENCES, "RESA_PARAM_MAX_SEQUENCES", 0, 1, 64, 1, 65535},
@@ -62,7 +62,7 @@ int sh_param_index(int32_t id)
 
 size_t sh_dtype_size(int32_t dtype)
 {
-    return dtype == RESA_DTYPE_F32 ? 4 : 2;
+    return dtype == RESA_DTYPE_F32 ? 4 : dtype == RESA_DTYPE_FP8_E4M3 ? 1 : 2;
 }
 
 SH_NO_COVERAGE
@@ -749,7 +749,8 @@ static int selection_exact(const shadow *m)
     int64_t g = m->iv[P_QHEADS] / m->iv[P_KVHEADS];
     double w4 = m->st_width * 4;
     return m->st_group == RESA_GROUP_SCORE_POOLED &&
-           m->iv[P_SUMMARY] == RESA_SUMMARY_KV_DTYPE && (g & (g - 1)) == 0 && w4 == floor(w4);
+           m->iv[P_SUMMARY] == RESA_SUMMARY_KV_DTYPE && (g & (g - 1)) == 0 && w4 == floor(w4) &&
+           m->iv[P_KV_DTYPE] != RESA_DTYPE_FP8_E4M3; /* fp8: the grid is not exact */
 }
 
 /* The blocks a DECODE entry attends for (layer, kv head), ascending, into
@@ -881,7 +882,10 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
     m->layer_done[layer] = 1;
     /* 2. the selection record and the outputs */
     int exact_sel = selection_exact(m);
-    int check_values = m->st_scale <= 4.0;
+    /* An fp8 cache does not hold the grid values exactly (3 mantissa bits):
+     * the model checks its protocol (statuses, lengths, selections' structure,
+     * written and bounded outputs), the Check suites its values (ref.c). */
+    int check_values = m->st_scale <= 4.0 && m->iv[P_KV_DTYPE] != RESA_DTYPE_FP8_E4M3;
     int64_t work = 0; /* multiply-adds of the reference, to sample rows of long steps */
     for (int32_t i = 0; i < m->n_entries; i++)
         if (m->entries[i].mode != RESA_MODE_APPEND_KV)
@@ -1019,10 +1023,15 @@ double sh_lock_bytes(const shadow *m)
     double b = (double)m->iv[P_BLOCK], pages = ceil((double)m->iv[P_MAX_TOKENS] / b);
     double layers = (double)m->iv[P_LAYERS], hkv = (double)m->iv[P_KVHEADS];
     double d = (double)m->iv[P_HEAD_DIM], kv = (double)sh_dtype_size((int32_t)m->iv[P_KV_DTYPE]);
+    int fp8 = m->iv[P_KV_DTYPE] == RESA_DTYPE_FP8_E4M3;
+    /* summaries: of the KV dtype, or for an fp8 cache of the IO dtype */
+    double sum = fp8 ? (double)sh_dtype_size((int32_t)m->iv[P_IO_DTYPE]) : kv;
     double seqs = (double)m->iv[P_MAX_SEQS];
     double blocks = ceil((double)sh_get_int(m, P_MAX_SEQ_TOKENS) / b);
     double bytes = 2 * layers * pages * hkv * b * d * kv;      /* K and V */
-    bytes += 2 * layers * pages * hkv * d * kv;                /* summaries */
+    bytes += 2 * layers * pages * hkv * d * sum;               /* summaries */
+    if (fp8)
+        bytes += 2 * layers * pages * hkv * b * 4;             /* per-token scales */
     bytes += seqs * (blocks * 4 + 128) + pages * 12;           /* tables */
     bytes += hkv * ((double)m->iv[P_MAX_STEP] + seqs + 1) * 16; /* the work list */
     bytes += 4 * (1024 * d * 3 + 1024 * (b + 16) + blocks * 3); /* scratch */

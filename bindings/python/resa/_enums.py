@@ -32,6 +32,7 @@ class DType(enum.IntEnum):
     F32 = 0
     F16 = 1
     BF16 = 2
+    FP8_E4M3 = 3  # kv_dtype only: the fp8 KV cache (as io_dtype the library refuses it)
 
 
 class SummaryFormat(enum.IntEnum):

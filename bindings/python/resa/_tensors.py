@@ -20,6 +20,10 @@ _NAMES = {DType.F32: "float32", DType.F16: "float16", DType.BF16: "bfloat16"}
 _ALIASES = {"f32": "float32", "fp32": "float32", "float": "float32", "float32": "float32",
             "f16": "float16", "fp16": "float16", "half": "float16", "float16": "float16",
             "bf16": "bfloat16", "bfloat16": "bfloat16"}
+# the fp8 KV cache: a storage type for kv_dtype only (ml_dtypes / torch spell it
+# float8_e4m3fn); no buffer the library reads or writes has it
+_KV_ONLY = {"fp8": DType.FP8_E4M3, "fp8_e4m3": DType.FP8_E4M3, "e4m3": DType.FP8_E4M3,
+            "float8_e4m3": DType.FP8_E4M3, "float8_e4m3fn": DType.FP8_E4M3}
 
 
 class View:
@@ -169,9 +173,14 @@ def to_dtype(value, what="dtype"):
         key = value.lower().replace("torch.", "").replace("numpy.", "")
         if key in _ALIASES:
             return _BY_NAME[_ALIASES[key]]
-        raise ValueError("%s: unknown dtype %r (use float32, float16 or bfloat16)" % (what, value))
+        if key in _KV_ONLY:
+            return _KV_ONLY[key]
+        raise ValueError("%s: unknown dtype %r (use float32, float16 or bfloat16; kv_dtype "
+                         "also fp8)" % (what, value))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.dtype):
+        if value == getattr(torch, "float8_e4m3fn", None):
+            return DType.FP8_E4M3
         found = _torch_dtype_map(torch).get(value)
         if found is None:
             raise TypeError("%s: expected torch.float32, torch.float16 or torch.bfloat16, got %s"
@@ -182,6 +191,8 @@ def to_dtype(value, what="dtype"):
     except TypeError:
         raise TypeError("%s: expected a resa.DType, a dtype name, a numpy or a torch dtype, got %r"
                         % (what, value)) from None
+    if name in _KV_ONLY:
+        return _KV_ONLY[name]
     if name not in _BY_NAME:
         raise TypeError("%s: expected float32, float16 or bfloat16, got %s" % (what, name))
     return _BY_NAME[name]

@@ -210,8 +210,10 @@ class ResaLM:
                 raise ValueError(f"the CUDA backend allows at most 16 query heads per KV head, "
                                  f"not {hq // hkv}")
             kv = resa_params.get("kv_dtype")
-            if kv is not None and to_dtype(kv, "kv_dtype") != _DTYPES[dtype]:
-                raise ValueError("the CUDA backend needs kv_dtype equal to the model dtype")
+            if kv is not None and to_dtype(kv, "kv_dtype") not in (_DTYPES[dtype],
+                                                                    DType.FP8_E4M3):
+                raise ValueError("the CUDA backend needs kv_dtype equal to the model dtype "
+                                 "or fp8")
         elif cuda_graph:
             raise ValueError("cuda_graph=True needs the CUDA backend")
         if "record_selection" in resa_params:

@@ -51,6 +51,23 @@ def attention(q, keys, values, scale):
     return (w / w.sum()) @ values
 
 
+def fp8_kv(rows, io_dtype):
+    """The fp8 KV cache (docs/API.md, "fp8 KV cache") from its definition, with
+    ml_dtypes' e4m3 as the codec: each (token, head) vector x of the IO values
+    reads back as IO(float32(e4m3(float32(x / scale)) * scale)), scale =
+    float32(max |x| / 448).  rows: float64 [n, hkv, d] of IO values."""
+    import ml_dtypes
+    x = rows.astype(np.float32)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = amax / np.float32(448.0)  # float32 division
+    scale = np.where((scale == 0) & (amax > 0), np.float32(2.0 ** -149), scale)
+    y = np.where(scale == 0, x, x / np.where(scale == 0, np.float32(1), scale))
+    e4m3 = y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)  # round to nearest even
+    io = {resa.DType.F32: np.float32, resa.DType.F16: np.float16,
+          resa.DType.BF16: ml_dtypes.bfloat16}[io_dtype]
+    return (e4m3 * scale).astype(io).astype(np.float64)
+
+
 class Sequence:
     def __init__(self, layers, hkv, d):
         self.length = 0
@@ -70,8 +87,9 @@ class Reference:
     """The float64 model of one context."""
 
     def __init__(self, layers, hq, hkv, d, block, r, n_min, local, sink, scale=None, width=1.0,
-                 group_score=0):
+                 group_score=0, kv_fp8_io=None):
         self.layers, self.hq, self.hkv, self.d, self.b = layers, hq, hkv, d, block
+        self.kv_fp8_io = kv_fp8_io  # the IO dtype of an fp8 KV cache, else None
         self.r, self.n_min, self.local, self.sink = r, n_min, local, sink
         self.width = width  # SCORE_WIDTH: 1 is the paper's upper bound
         self.group_score = int(group_score)  # GROUP_SCORE: 0 pooled query, 1 per-head shares
@@ -98,6 +116,8 @@ class Reference:
         s = self.seqs[seq]
         lo, hi = self._positions(seq, mode, n)
         for store, rows in ((s.k, k_rows), (s.v, v_rows)):
+            if self.kv_fp8_io is not None:
+                rows = fp8_kv(rows, self.kv_fp8_io)
             if hi > store[layer].shape[0]:
                 grown = np.zeros((hi, self.hkv, self.d))
                 grown[:store[layer].shape[0]] = store[layer]
@@ -245,7 +265,8 @@ class Scenario:
         self.ref = Reference(L, hq, hkv, d, ctx.get("block_size"), ctx.get("select_fraction"),
                              ctx.get("select_min_blocks"), ctx.get("local_blocks"),
                              ctx.get("sink_blocks"), ctx.get("softmax_scale"),
-                             ctx.get("score_width"), ctx.get("group_score"))
+                             ctx.get("score_width"), ctx.get("group_score"),
+                             dtype if ctx.get("kv_dtype") == resa.DType.FP8_E4M3 else None)
         self.worst = 0.0
 
     def _input(self, shape):

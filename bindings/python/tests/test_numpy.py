@@ -61,6 +61,24 @@ class TestNumpy(unittest.TestCase):
                                  "numpy %s" % dtype.name).run()
                 print("numpy %s: max |error| %.3g (limit %.3g)" % (dtype.name, worst, ATOL[dtype]))
 
+    def test_fp8_kv_cache_against_float64(self):
+        """kv_dtype fp8 (every IO dtype): the model quantizes its K/V with ml_dtypes'
+        e4m3 by the documented rule and attends those values, so the tolerances
+        are the IO dtype's, as above."""
+        rng = seeded_rng("test_numpy_fp8_kv")
+        for dtype in (resa.DType.F32, resa.DType.F16, resa.DType.BF16):
+            with self.subTest(dtype=dtype.name), \
+                    resa.Context("cpu", io_dtype=dtype, kv_dtype="fp8", **Scenario.PARAMS) as ctx:
+                self.assertIs(ctx.get("kv_dtype"), resa.DType.FP8_E4M3)
+                worst = Scenario(ctx, NumpyAdapter, dtype, rng, ATOL[dtype],
+                                 "numpy fp8 kv %s" % dtype.name).run()
+                print("numpy fp8 kv, io %s: max |error| %.3g (limit %.3g)"
+                      % (dtype.name, worst, ATOL[dtype]))
+        with self.assertRaises(resa.InvalidArgumentError) as cm:  # a storage type only
+            resa.Context("cpu", num_layers=1, num_q_heads=1, num_kv_heads=1, head_dim=8,
+                         io_dtype="fp8")
+        self.assertIn("RESA_PARAM_KV_DTYPE", str(cm.exception))
+
     def test_head_share_against_float64(self):
         """GROUP_SCORE HEAD_SHARE: the chosen blocks rank by the summed per-head shares of
         the float64 model, and the outputs match it."""

@@ -62,6 +62,8 @@ pub type resa_dtype = i32;
 pub const RESA_DTYPE_F32: resa_dtype = 0;
 pub const RESA_DTYPE_F16: resa_dtype = 1;
 pub const RESA_DTYPE_BF16: resa_dtype = 2;
+/// KV_DTYPE only (the fp8 KV cache); as IO_DTYPE the library refuses it.
+pub const RESA_DTYPE_FP8_E4M3: resa_dtype = 3;
 
 pub type resa_summary_format = i32;
 pub const RESA_SUMMARY_KV_DTYPE: resa_summary_format = 0;

@@ -188,6 +188,8 @@ pub enum Dtype {
     F32 = sys::RESA_DTYPE_F32,
     F16 = sys::RESA_DTYPE_F16,
     Bf16 = sys::RESA_DTYPE_BF16,
+    /// The fp8 KV cache: a `KvDtype` value only (q, k, v and out are never fp8).
+    Fp8E4m3 = sys::RESA_DTYPE_FP8_E4M3,
 }
 
 impl Dtype {
@@ -196,6 +198,7 @@ impl Dtype {
             0 => Some(Dtype::F32),
             1 => Some(Dtype::F16),
             2 => Some(Dtype::Bf16),
+            3 => Some(Dtype::Fp8E4m3),
             _ => None,
         }
     }
