@@ -48,6 +48,10 @@ def parser():
     p.add_argument("--gen-variants", default="dense,sparse,resa")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and libresa CPU threads (default: their defaults)")
+    p.add_argument("--kv-dtype", choices=("model", "fp8"), default="model",
+                   help="KV_DTYPE of every variant's context, dense included: the model's "
+                   "dtype, or fp8 (RESA_DTYPE_FP8_E4M3, per-token scales; docs/API.md). The "
+                   "bytes column still counts the model dtype's K/V (default model)")
     p.add_argument("--block-size", type=int, default=16,
                    help="BLOCK_SIZE b of every variant's context (a power of two; default 16)")
     p.add_argument("--no-record-selection", action="store_true",
@@ -134,6 +138,8 @@ def main(argv=None):
         f"variants {', '.join(v.name for v in variants)}")
 
     resa_params = {}
+    if args.kv_dtype == "fp8":
+        resa_params["kv_dtype"] = "fp8_e4m3"
     if args.threads and args.device == "cpu":
         resa_params["num_threads"] = args.threads
     result = protocol.run(model, texts, buckets, window, variants, gen_tokens=gen_tokens,
@@ -162,7 +168,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - t_start
     meta = {"model": data.find_model(args.model)[1].name, "device": args.device, "dtype": dtype,
             "texts": ",".join(texts), "window": window, "buckets": ",".join(map(str, buckets)),
-            "block size": args.block_size,
+            "block size": args.block_size, "kv dtype": args.kv_dtype,
             "threads": args.threads or torch.get_num_threads(),
             "wall time": f"{elapsed / 60:.1f} min"}
     out = pathlib.Path(args.out)
