@@ -252,6 +252,11 @@ static inline resa_status resa_refuse_lost(resa_ctx *ctx, const char *what)
                      "%s: refused: a device fault lost the CUDA context (%s); only "
                      "resa_ctx_destroy and the queries work now", what, ctx->device_fault);
 }
+/* The checks every call inside an open step starts with (step.c): clears the
+ * last error, then a lost device, flags != 0, no open step, a step begun with
+ * RESA_STEP_REPLAY (replay_hint, "" or a sentence, ends that message). */
+RESA_HIDDEN resa_status resa_open_step_preamble(resa_ctx *ctx, const char *what, uint32_t flags,
+                                                const char *replay_hint);
 RESA_HIDDEN size_t resa_dtype_size(resa_dtype t);
 
 /* Parameters (params.c): every field of c to its default, nothing set by the

@@ -350,10 +350,8 @@ resa_status resa_ctx_step_begin(resa_ctx *ctx, int32_t n_seqs, const int32_t *se
     return RESA_OK;
 }
 
-/* step_attend and step_attend_ex: checks, then the backend. */
-static resa_status attend(resa_ctx *ctx, const char *what, int32_t layer, const void *q,
-                          const void *k, const void *v, void *out, const resa_attend_extra *x,
-                          uint32_t flags)
+resa_status resa_open_step_preamble(resa_ctx *ctx, const char *what, uint32_t flags,
+                                    const char *replay_hint)
 {
     resa_clear_error(ctx);
     if (ctx->device_lost)
@@ -364,9 +362,20 @@ static resa_status attend(resa_ctx *ctx, const char *what, int32_t layer, const 
     if (!ctx->step_open)
         return resa_fail(ctx, RESA_ERR_BAD_STATE, "%s: no step is open", what);
     if (ctx->step.replay)
-        return resa_fail(ctx, RESA_ERR_BAD_STATE,
-                         "%s: the step was begun with RESA_STEP_REPLAY; launch the "
-                         "captured graph instead", what);
+        return resa_fail(ctx, RESA_ERR_BAD_STATE, "%s: the step was begun with RESA_STEP_REPLAY%s",
+                         what, replay_hint);
+    return RESA_OK;
+}
+
+/* step_attend and step_attend_ex: checks, then the backend. */
+static resa_status attend(resa_ctx *ctx, const char *what, int32_t layer, const void *q,
+                          const void *k, const void *v, void *out, const resa_attend_extra *x,
+                          uint32_t flags)
+{
+    resa_status s = resa_open_step_preamble(ctx, what, flags,
+                                            "; launch the captured graph instead");
+    if (s != RESA_OK)
+        return s;
     if (layer < 0 || layer >= ctx->lo.n_layers)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                          "%s: layer %d is outside [0, %d) (RESA_PARAM_NUM_LAYERS)", what,
@@ -390,7 +399,7 @@ static resa_status attend(resa_ctx *ctx, const char *what, int32_t layer, const 
                          "%s: threshold_scores: the two-phase selection ranks with "
                          "RESA_GROUP_SCORE_POOLED only (HEAD_SHARE's ranking needs a softmax "
                          "over every block of the sequence)", what);
-    resa_status s = ctx->ops->step_attend(ctx, &ctx->step, layer, q, k, v, out, x);
+    s = ctx->ops->step_attend(ctx, &ctx->step, layer, q, k, v, out, x);
     if (s == RESA_OK)
         ctx->layer_done[layer] = 1;
     return s;

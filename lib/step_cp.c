@@ -12,17 +12,9 @@
 /* Checks common to the two calls: an open step, not replayed, flags 0. */
 static resa_status cp_preamble(resa_ctx *ctx, const char *what, uint32_t flags)
 {
-    resa_clear_error(ctx);
-    if (ctx->device_lost)
-        return resa_refuse_lost(ctx, what);
-    if (flags != 0)
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: flags = 0x%x must be 0", what,
-                         flags);
-    if (!ctx->step_open)
-        return resa_fail(ctx, RESA_ERR_BAD_STATE, "%s: no step is open", what);
-    if (ctx->step.replay)
-        return resa_fail(ctx, RESA_ERR_BAD_STATE,
-                         "%s: the step was begun with RESA_STEP_REPLAY", what);
+    resa_status s = resa_open_step_preamble(ctx, what, flags, "");
+    if (s != RESA_OK)
+        return s;
     if (ctx->step.n_sparse > 0 && ctx->step.group_score == RESA_GROUP_SCORE_HEAD_SHARE)
         return resa_fail(ctx, RESA_ERR_NOT_SUPPORTED,
                          "%s: the two-phase selection ranks with RESA_GROUP_SCORE_POOLED only "
