@@ -193,15 +193,19 @@ typedef enum resa_param {
     RESA_PARAM_MAX_SEQUENCES    = 107, /* default 64,    [1, 65535] live sequences */
     RESA_PARAM_MAX_SEQ_TOKENS   = 108, /* default 0 = MAX_TOKENS: longest sequence */
     RESA_PARAM_MAX_STEP_TOKENS  = 109, /* default 8192:  tokens in one step, all sequences */
-    RESA_PARAM_SUMMARY_FORMAT   = 110, /* default RESA_SUMMARY_KV_DTYPE (resa_summary_format) */
+    RESA_PARAM_SUMMARY_FORMAT   = 110, /* default RESA_SUMMARY_FP8_E4M3 since 0.3.0 (resa_summary_format;
+                                          0.2.0 and the paper: RESA_SUMMARY_KV_DTYPE) */
     /* ReSA method */
     RESA_PARAM_BLOCK_SIZE       = 200, /* default 16,    power of two in [1, 256] (locks) */
-    RESA_PARAM_SELECT_FRACTION  = 201, /* f64, default 0.1, [0, 1]: r, fraction of blocks attended */
+    RESA_PARAM_SELECT_FRACTION  = 201, /* f64, default 0.15 since 0.3.0 (0.2.0 and the paper: 0.1),
+                                          [0, 1]: r, fraction of blocks attended */
     RESA_PARAM_SELECT_MIN_BLOCKS = 202,/* default 16,    [0, 2^30]: n_min */
     RESA_PARAM_LOCAL_BLOCKS     = 203, /* default 1,     [1, 2^30]: trailing blocks always attended */
     RESA_PARAM_SINK_BLOCKS      = 204, /* default 1,     [0, 2^30]: leading blocks always attended
                                           (the paper: 0; docs/quality.md) */
-    RESA_PARAM_RECTIFY_INTERVAL = 205, /* default 32,    [0, 2^30]: f; 0 disables the "due" signal */
+    RESA_PARAM_RECTIFY_INTERVAL = 205, /* default 128 since 0.3.0 (0.2.0 and the paper: 32),
+                                          [0, 2^30]: f; 0 disables the "due" signal
+                                          (r 0.15, f 128, fp8 summaries: docs/quality.md) */
     RESA_PARAM_SOFTMAX_SCALE    = 206, /* f64, default 0 = 1/sqrt(HEAD_DIM), [0, 1e6] */
     RESA_PARAM_SCORE_WIDTH      = 207, /* f64, default 0.5, [0, 1]: w in the block score
                                           s = q.(kmax+kmin)/2 + w |q|.(kmax-kmin)/2; 1 is
@@ -274,6 +278,8 @@ typedef enum resa_preset {
     RESA_PRESET_DEFAULT = 0, /* the parameters' defaults (this header) */
     RESA_PRESET_PAPER   = 1  /* the paper's method: r 0.1, n_min 16, LOCAL 1, SINK 0,
                                 f 32, SCORE_WIDTH 1 (the min/max upper bound),
+                                (its exact summaries are SUMMARY_FORMAT KV_DTYPE, a
+                                shape parameter no preset sets),
                                 GROUP_SCORE POOLED */
 } resa_preset;
 /* Not inside an open step (RESA_ERR_BAD_STATE). */

@@ -344,7 +344,7 @@ START_TEST(test_param)
     TCHECK(resa_ctx_create(RESA_BACKEND_CPU, NULL, &c) == RESA_OK, "create");
     int64_t v = -1;
     TOK(c, resa_ctx_get_param(c, RESA_PARAM_SUMMARY_FORMAT, &v));
-    TCHECK(v == RESA_SUMMARY_KV_DTYPE, "default summary format %lld", (long long)v);
+    TCHECK(v == RESA_SUMMARY_FP8_E4M3, "default summary format %lld (fp8 since 0.3.0)", (long long)v);
     TFAIL(c, RESA_ERR_INVALID_ARGUMENT, "RESA_PARAM_SUMMARY_FORMAT",
           resa_ctx_set_param(c, RESA_PARAM_SUMMARY_FORMAT, 2));
     TOK(c, resa_ctx_set_param(c, RESA_PARAM_SUMMARY_FORMAT, RESA_SUMMARY_FP8_E4M3));

@@ -24,7 +24,7 @@ runs and is restored afterwards, so the same model object still works with
 its own attention (e.g. ``model.generate``) between ResaLM calls.
 
     from resa.hf import ResaLM
-    lm = ResaLM(model, block_size=16, select_fraction=0.1, rectify_interval=32)
+    lm = ResaLM(model, block_size=16, select_fraction=0.15, rectify_interval=128)
     new_tokens = lm.generate([[1, 2, 3], [4, 5]], max_new_tokens=64)
 
 torch and transformers are imported here only (``import resa`` needs neither).

@@ -255,7 +255,7 @@ class Scenario:
     PARAMS = dict(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=20, block_size=4,
                   select_fraction=0.25, select_min_blocks=3, local_blocks=2, sink_blocks=1,
                   rectify_interval=4, record_selection=1, max_tokens=2048, max_sequences=8,
-                  num_threads=2)
+                  num_threads=2, summary_format="kv_dtype")  # the model scores exact summaries
 
     def __init__(self, ctx, adapter, dtype, rng, atol, name):
         self.ctx, self.adapter, self.dtype, self.rng, self.atol, self.name = (
