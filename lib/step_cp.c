@@ -23,9 +23,14 @@ static resa_status cp_preamble(resa_ctx *ctx, const char *what, uint32_t flags)
     return RESA_OK;
 }
 
-/* capacity must hold every entry's candidates. */
-static resa_status check_capacity(resa_ctx *ctx, const char *what, int64_t capacity)
+/* The candidate lists: scores and blocks given when capacity > 0, and capacity
+ * holding every entry's candidates. */
+static resa_status check_lists(resa_ctx *ctx, const char *what, int64_t capacity,
+                               const float *scores, const int32_t *blocks)
 {
+    if (capacity > 0 && (!scores || !blocks))
+        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: %s is NULL with capacity %lld",
+                         what, !scores ? "scores" : "blocks", (long long)capacity);
     if (capacity < 0)
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: capacity = %lld is negative",
                          what, (long long)capacity);
@@ -57,10 +62,7 @@ resa_status resa_ctx_step_block_scores(resa_ctx *ctx, int32_t layer, const void 
     if (!counts || (ctx->step.n_sparse > 0 && !q))
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: %s is NULL", what,
                          !counts ? "counts" : "q");
-    if (capacity > 0 && (!scores || !blocks))
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: %s is NULL with capacity %lld",
-                         what, !scores ? "scores" : "blocks", (long long)capacity);
-    s = check_capacity(ctx, what, capacity);
+    s = check_lists(ctx, what, capacity, scores, blocks);
     if (s != RESA_OK)
         return s;
     return ctx->ops->block_scores(ctx, &ctx->step, layer, q, capacity, scores, blocks, counts);
@@ -84,10 +86,7 @@ resa_status resa_ctx_step_thresholds(resa_ctx *ctx, int32_t n_ranks, int64_t cap
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: %s is NULL", what,
                          !counts ? "counts" : !threshold_scores ? "threshold_scores"
                                                                 : "threshold_blocks");
-    if (capacity > 0 && (!scores || !blocks))
-        return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT, "%s: %s is NULL with capacity %lld",
-                         what, !scores ? "scores" : "blocks", (long long)capacity);
-    s = check_capacity(ctx, what, capacity);
+    s = check_lists(ctx, what, capacity, scores, blocks);
     if (s != RESA_OK)
         return s;
     return ctx->ops->thresholds(ctx, &ctx->step, n_ranks, capacity, scores, blocks, counts,
