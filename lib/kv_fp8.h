@@ -36,13 +36,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#ifndef RESA_HD
-#  ifdef __CUDACC__
-#    define RESA_HD __host__ __device__ __forceinline__
-#  else
-#    define RESA_HD static inline
-#  endif
-#endif
+#include "summary_fp8.h" /* RESA_HD and the e4m3 byte's value, resa_e4m3_to_f32 */
 
 #define RESA_FP8_MAX 448.0f   /* largest finite e4m3 value */
 #define RESA_FP8_NAN 0x7f     /* the NaN byte the encoder writes (0xff is NaN too) */
@@ -74,14 +68,13 @@ RESA_HD uint8_t resa_fp8_encode(float x)
     return (uint8_t)(sign | (uint32_t)((e + 7) * 8 + (int)m - 8));
 }
 
-/* Value of an e4m3 byte, exact; 0x7f and 0xff are NaN. */
+/* Value of an e4m3 byte, exact; 0x7f and 0xff are NaN (the summaries'
+ * decoder, which never sees them, otherwise). */
 RESA_HD float resa_fp8_decode(uint8_t v)
 {
-    const uint32_t e = (v >> 3) & 15u, m = v & 7u;
-    if (e == 15u && m == 7u)
+    if ((v & 0x7fu) == 0x7fu)
         return nanf("");
-    const float mag = e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(8u + m), (int)e - 10);
-    return (v & 0x80u) ? -mag : mag;
+    return resa_e4m3_to_f32(v);
 }
 
 /* One step of amax = max |x_j|, NaN-sticky (fmaxf would drop a NaN). */
