@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|sanitize|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|bench|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|sanitize|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|bench|fp8kv|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -54,30 +54,60 @@ if [[ $phases == all || $phases == *build* ]]; then
   ninja -C $build >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
   grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20
 fi
-if [[ $phases == all || $phases == *test* ]]; then
+if [[ $phases == all || $phases == *test* && $phases != *gputest* ]]; then
   say "tests (CPU and GPU)"
   meson test -C $build --print-errorlogs --num-processes 8 2>&1 | tee "$OUT/test.log" | tail -25
 fi
+if [[ $phases == *gputest* ]]; then
+  # the GPU suite only (CI runs the CPU tests)
+  say "tests (suite gpu)"
+  meson test -C $build --suite gpu --print-errorlogs --num-processes ${RESA_TEST_JOBS:-8} 2>&1 \
+    | tee "$OUT/test-gpu.log" | grep -E "^ *[0-9]+/[0-9]+ |^(Ok|Fail|Skipped|Timeout|Expected)"
+fi
+# every GPU test of the suite under one compute-sanitizer tool, through
+# meson's --wrapper so that each keeps its own environment
+# (check_nonfinite_cuda_mma's RESA_CUDA_NO_WGMMA=1); left out: the fault
+# tests, which fault on purpose, check_cuda_oom, whose cudaMalloc failures are
+# on purpose too (memcheck counts each failed API call as an error), and the
+# torch test (an uninstrumentable interpreter).  RESA_TEST_QUICK=1 shrinks
+# check_cuda; soak_diff runs its short test length.  Each tool keeps its own
+# meson log (--logbase), so that several tools can run at once.
+san_tests=${RESA_SANITIZE_TESTS:-check_cuda check_cuda_cp_async check_nonfinite_cuda check_nonfinite_cuda_mma check_cp_cuda soak_diff}
+sanitize_one() { # tool -> $OUT/sanitize-$tool.log, sanitize-$tool-testlog.log, summary line
+  local tool=$1
+  RESA_TEST_QUICK=1 CK_FORK=no meson test -C $build --no-rebuild --print-errorlogs \
+    --num-processes ${RESA_SANITIZE_JOBS:-1} --logbase sanitize-$tool \
+    --timeout-multiplier ${RESA_SANITIZE_TIMEOUT_MULT:-20} \
+    --wrapper "compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 1000" $san_tests \
+    >"$OUT/sanitize-$tool.log" 2>&1
+  local rc=$?
+  # every test's own summary line (meson keeps each test's output in its log)
+  cat $build/meson-logs/sanitize-$tool*.txt >"$OUT/sanitize-$tool-testlog.log" # meson appends the wrapper name
+  echo "$tool: exit $rc; ERROR SUMMARY lines: $(grep -h 'ERROR SUMMARY' "$OUT/sanitize-$tool-testlog.log" | grep -v 'not printed' | sort | uniq -c | tr '\n' ';')"
+  grep -E "^ *[0-9]+/[0-9]+ " "$OUT/sanitize-$tool.log" | tail -8
+}
 if [[ $phases == all || $phases == *sanitize* ]]; then
-  # every GPU test of the suite under each tool, through meson's --wrapper so
-  # that each keeps its own environment (check_nonfinite_cuda_mma's
-  # RESA_CUDA_NO_WGMMA=1); left out: the fault tests, which fault on purpose,
-  # check_cuda_oom, whose cudaMalloc failures are on purpose too (memcheck
-  # counts each failed API call as an error), and the torch test (an
-  # uninstrumentable interpreter).  RESA_TEST_QUICK=1
-  # shrinks check_cuda; soak_diff runs its short test length.
   say "compute-sanitizer over the GPU suite: ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}"
-  tests=${RESA_SANITIZE_TESTS:-check_cuda check_cuda_cp_async check_nonfinite_cuda check_nonfinite_cuda_mma soak_diff}
+  for tool in ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do sanitize_one $tool; done
+fi
+if [[ $phases == *sanbg* ]]; then
+  # the tools at once, in their own process session so that they outlive this
+  # call (a warm machine keeps setsid processes); "sanwait" collects them
+  say "compute-sanitizer in the background: ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}"
+  mkdir -p /tmp/resa-san
   for tool in ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
-    RESA_TEST_QUICK=1 CK_FORK=no meson test -C $build --print-errorlogs --num-processes 1 \
-      --timeout-multiplier ${RESA_SANITIZE_TIMEOUT_MULT:-20} \
-      --wrapper "compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 1000" $tests \
-      >"$OUT/sanitize-$tool.log" 2>&1
-    rc=$?
-    # every test's own summary line (meson keeps each test's output in testlog.txt)
-    cp $build/meson-logs/testlog.txt "$OUT/sanitize-$tool-testlog.log"
-    echo "$tool: exit $rc; ERROR SUMMARY lines: $(grep -h 'ERROR SUMMARY' "$OUT/sanitize-$tool-testlog.log" | grep -v 'not printed' | sort | uniq -c | tr '\n' ';')"
-    grep -E "^ *[0-9]+/[0-9]+ " "$OUT/sanitize-$tool.log" | tail -8
+    rm -rf /tmp/resa-san/$tool && mkdir -p /tmp/resa-san/$tool
+    OUT=/tmp/resa-san/$tool setsid nohup bash -c "cd $PWD; source <(sed -n '/^sanitize_one()/,/^}/p' scripts/device-run.sh); \
+      build=$build san_tests='$san_tests' sanitize_one $tool >/tmp/resa-san/$tool/summary.txt 2>&1; \
+      echo done >/tmp/resa-san/$tool/rc" </dev/null >/dev/null 2>&1 &
+  done
+  sleep 2; echo "started: $(ls /tmp/resa-san)"
+fi
+if [[ $phases == *sanwait* ]]; then
+  say "compute-sanitizer (background): waiting"
+  for d in /tmp/resa-san/*/; do
+    while [ ! -f $d/rc ]; do sleep 5; done
+    cat $d/summary.txt; cp $d/sanitize-*.log "$OUT/"
   done
 fi
 if [[ $phases == *soakbg* ]]; then
@@ -200,6 +230,25 @@ if [[ $phases == *levers* ]]; then
       done
     done; } | tee "$OUT/levers-bench.csv"
 fi
+if [[ $phases == *fp8kv* ]]; then
+  # issue 15: the ReSA step with an fp8 KV cache next to the 16-bit cache and
+  # the dense peers (cuDNN SDPA, bf16), same card, same run; library defaults
+  # and the paper's settings
+  say "resa-bench: fp8 KV cache against bf16, and the dense peers"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  { for round in 1 2; do
+      for cfg in "--kv-dtype io --fraction 0.15 --interval 128 --summary fp8" \
+                 "--kv-dtype fp8 --fraction 0.15 --interval 128 --summary fp8" \
+                 "--kv-dtype io --fraction 0.1 --interval 32 --summary kv" \
+                 "--kv-dtype fp8 --fraction 0.1 --interval 32 --summary kv" \
+                 "--kv-dtype fp8 --fraction 0.1 --interval 32 --summary fp8"; do
+        $build/tools/resa-bench --backend cuda --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,262144} \
+          --reps ${RESA_FP8KV_REPS:-20} --csv $cfg 2>/dev/null | tail -n +2 | sed "s/^/$round,$cfg,/"
+      done
+    done; } | tee "$OUT/fp8kv-bench.csv" | cut -c1-160
+  python3 bench/peers/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,262144} --csv \
+    2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
+fi
 if [[ $phases == *defaults* ]]; then
   # candidate defaults against the 0.2.0 ones, the whole ReSA step (sparse +
   # rectify / f) and dense in the same rounds, interleaved so that clocks
@@ -224,9 +273,11 @@ if [[ $phases == *quality* ]]; then
   export RESA_LIBRARY=${RESA_LIBRARY:-$PWD/$build/lib/libresa.so} RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   export PYTHONPATH=$PWD/bindings/python${PYTHONPATH:+:$PYTHONPATH} RESA_TEXTS=${RESA_TEXTS:-$PWD/.model/texts}
   if [ "${RESA_EVAL:-1}" != 0 ]; then # RESA_EVAL=0: the simulation only
+    # RESA_EVAL_TAG names the run's folder and log (several runs in one call)
+    tag=${RESA_EVAL_TAG:-quality}
     PYTHONUNBUFFERED=1 timeout ${RESA_EVAL_TIMEOUT:-420} python3 -m resa.eval.cli --device cuda --dtype bfloat16 \
-      --out "$OUT/quality" ${RESA_EVAL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/quality.log" | tail -70
-    rm -f "$OUT/quality/steps.npz"
+      --out "$OUT/$tag" ${RESA_EVAL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/$tag.log" | tail -70
+    rm -f "$OUT/$tag/steps.npz"
   fi
   if [ -f scripts/sim-variants.json ] && [ "${RESA_SIM:-1}" != 0 ]; then
     PYTHONUNBUFFERED=1 timeout ${RESA_SIM_TIMEOUT:-240} python3 bench/quality/sparse_sim.py --device cuda \

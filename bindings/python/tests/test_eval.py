@@ -176,6 +176,24 @@ class Variants(unittest.TestCase):
         self.assertEqual(by["resa-fp8"].group, "fp8")
         self.assertEqual(by["resa-sink1"].sink_blocks, 1)
 
+    def test_defaults_preset_is_the_librarys(self):
+        """resa-defaults must be what a fresh context holds, so that it follows a change
+        of the library's defaults or fails here."""
+        import resa
+        v = protocol.PRESETS["resa-defaults"]
+        ctx = resa.Context("cpu", num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8)
+        try:
+            self.assertAlmostEqual(v.select_fraction, ctx.get("select_fraction"), places=12)
+            self.assertEqual(v.rectify_interval, ctx.get("rectify_interval"))
+            self.assertEqual(v.sink_blocks, ctx.get("sink_blocks"))
+            self.assertAlmostEqual(v.score_width, ctx.get("score_width"), places=12)
+            self.assertEqual(v.group_score, int(ctx.get("group_score")))
+            self.assertEqual(v.local_blocks, ctx.get("local_blocks"))
+            self.assertEqual(v.select_min_blocks, ctx.get("select_min_blocks"))
+            self.assertEqual(v.fp8_summaries, ctx.get("summary_format") == resa.SummaryFormat.FP8_E4M3)
+        finally:
+            ctx.close()
+
     def test_custom(self):
         (v,) = protocol.parse_variants("mine:r=0.3;f=16;sink=2")
         self.assertEqual((v.name, v.select_fraction, v.rectify_interval, v.sink_blocks),

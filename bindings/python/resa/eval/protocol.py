@@ -84,6 +84,10 @@ PRESETS = dict([
             fp8_summaries=True),
     _preset("floor", "r=0.1, rectified after every token (f=1): the error of one sparse "
             "step on an exact cache, no drift", rectify_interval=1),
+    _preset("resa-defaults", "libresa's defaults since 0.3.0: r=0.15, f=128, fp8 summaries, "
+            "the first block always attended, score width 0.5",
+            select_fraction=0.15, rectify_interval=128, fp8_summaries=True, sink_blocks=1,
+            score_width=0.5),
 ])
 FULL = tuple(PRESETS)
 QUICK = ("dense", "resa")
