@@ -67,7 +67,7 @@ struct Point {
     const Options &o;
     long ctx_len;
     int batch;
-    const std::vector<ModeSpec> &modes; // all of one KV dtype
+    const std::vector<ModeSpec> &specs; // the modes to run, all of one KV dtype
     bool kv_fp8;
     bool lead;                          // rank 0 (or no TP): progress messages, profiling
     int64_t seq_cap = 0;
@@ -83,7 +83,7 @@ struct Point {
     std::vector<int32_t> seqs;
 
     Point(Rank &r, const Options &o_, long c, int n, const std::vector<ModeSpec> &ms)
-        : m(r.m), g(*r.gemms), s(r.s), o(o_), ctx_len(c), batch(n), modes(ms),
+        : m(r.m), g(*r.gemms), s(r.s), o(o_), ctx_len(c), batch(n), specs(ms),
           kv_fp8(!ms.empty() && ms[0].kv_fp8), lead(r.m.rank == 0)
     {
     }
@@ -122,7 +122,7 @@ void Point::setup()
     // the timed passes: decode (batch rows, logits) and rectification
     // (interval rows per sequence, no logits); the prefill keeps the default
     model_tune_gemms(m, a, g, batch, 1, true);
-    for (const ModeSpec &ms : modes)
+    for (const ModeSpec &ms : specs)
         if (ms.mode == "resa") {
             model_tune_gemms(m, a, g, batch * o.interval, o.interval, false);
             break;

@@ -316,12 +316,17 @@ void report(const Options &o, long ctx, int batch, const std::vector<ModeResult>
                         tps / gpus, 100 * attn / t.ms, 100 * t.rect_tok / t.ms,
                         100 * r.rest_ms / t.ms, r.n_rect, t.rect_each, speed, tput, agree,
                         compared);
-        else
-            std::printf("%-7s %4s %10.3f %11.1f %9.1f %7.1f %7.1f %7.1f %6d %9.3f %7.2fx %7.2fx "
-                        "%d/%d\n",
+        else {
+            char vs[16] = "       -", tp[16] = "       -"; // no dense here / no dense bf16
+            if (speed > 0)
+                std::snprintf(vs, sizeof vs, "%7.2fx", speed);
+            if (tput > 0)
+                std::snprintf(tp, sizeof tp, "%7.2fx", tput);
+            std::printf("%-7s %4s %10.3f %11.1f %9.1f %7.1f %7.1f %7.1f %6d %9.3f %8s %8s %d/%d\n",
                         r.spec.mode.c_str(), r.spec.kv_name(), t.ms, tps, tps / gpus,
                         100 * attn / t.ms, 100 * t.rect_tok / t.ms, 100 * r.rest_ms / t.ms,
-                        r.n_rect, t.rect_each, speed, tput, agree, compared);
+                        r.n_rect, t.rect_each, vs, tp, agree, compared);
+        }
     }
     std::fflush(stdout);
 }
