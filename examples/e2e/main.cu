@@ -597,7 +597,9 @@ int main(int argc, char **argv)
                     "bytes/token/sequence (+ summaries) + workspaces\n",
                     weights * 1e-9, kv_bf16 / nranks, kv_fp8 / nranks);
     }
-    const size_t overhead = 256ull << 20; // CUDA graphs and cuBLAS internals beyond the workspace
+    // CUDA graphs and cuBLAS internals beyond the workspace; under TP also
+    // what NCCL takes for the collectives captured in the graphs
+    const size_t overhead = (256ull << 20) + (o.tp ? 256ull << 20 : 0);
     auto fits = [&](long ctx, int batch, bool fp8) {
         return weights + point_bytes(local, ctx, batch, o, fp8) + overhead <= free_b;
     };

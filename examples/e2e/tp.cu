@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // resa-e2e: NCCL communicators and the all-reduce (tp.h).
 #include <cstdlib>
+#include <initializer_list>
 
 #include "tp.h"
 
@@ -38,6 +39,30 @@ std::vector<void *> tp_init(int n)
     for (int i = 0; i < n; i++)
         devs[i] = i;
     CN(ncclCommInitAll(c.data(), n, devs.data()));
+    // NCCL connects its peers (and takes their buffers) at the first
+    // collective: all-reduces of the engine's sizes now (a decode step's
+    // rows up to a prefill's), so that the caller measures free memory after.
+    const size_t most = 4u << 20; // bf16 elements, 8 MiB
+    std::vector<void *> buf(n);
+    std::vector<cudaStream_t> st(n);
+    for (int i = 0; i < n; i++) {
+        CK(cudaSetDevice(i));
+        CK(cudaMalloc(&buf[i], most * 2));
+        CK(cudaMemset(buf[i], 0, most * 2));
+        CK(cudaStreamCreateWithFlags(&st[i], cudaStreamNonBlocking));
+    }
+    for (size_t count : {(size_t)8 * 3584, (size_t)512 * 3584, most}) {
+        CN(ncclGroupStart()); // one thread, several devices: one group
+        for (int i = 0; i < n; i++)
+            CN(ncclAllReduce(buf[i], buf[i], count, ncclBfloat16, ncclSum, c[i], st[i]));
+        CN(ncclGroupEnd());
+    }
+    for (int i = 0; i < n; i++) {
+        CK(cudaSetDevice(i));
+        CK(cudaStreamSynchronize(st[i]));
+        CK(cudaStreamDestroy(st[i]));
+        CK(cudaFree(buf[i]));
+    }
     return std::vector<void *>(c.begin(), c.end());
 }
 

@@ -20,9 +20,11 @@
 bool tp_available();
 // "NCCL 2.28.3" (linked library), or why there is none.
 std::string tp_describe();
-// One communicator per device 0 .. n - 1 (ncclCommInitAll).  Sets
-// NCCL_NVLS_ENABLE=0 first unless the environment sets it (no NVLink
-// multicast: see scripts/device-run.sh).
+// One communicator per device 0 .. n - 1 (ncclCommInitAll), connected by a
+// few all-reduces of the engine's sizes (so that NCCL's buffers are taken
+// before the engine sizes its batches).  Sets NCCL_NVLS_ENABLE=0 first unless
+// the environment sets it (no NVLink multicast: see scripts/device-run.sh).
+// Leaves an arbitrary device current.
 std::vector<void *> tp_init(int n);
 void tp_destroy(std::vector<void *> &comms);
 // buf[0 .. count) = its sum over the ranks of `comm`, bf16, in place, on s
