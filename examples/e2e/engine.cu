@@ -161,6 +161,12 @@ void Point::fill_and_prefill(ModeResult &r)
 {
     const ModelDims &D = m.dims;
     const int64_t fill_len = ctx_len - o.prompt;
+    // The first decode feeds position ctx.  Uploaded before the prefill's
+    // all-reduces (under TP): a copy from pageable memory may wait for the
+    // stream while holding a driver lock that another rank's thread needs
+    // before it can issue its side of those all-reduces.
+    std::vector<int> pos(batch, (int)ctx_len);
+    CK(cudaMemcpyAsync(d_pos, pos.data(), batch * sizeof(int), cudaMemcpyHostToDevice, s));
     double t0 = wall_s();
     for (int b = 0; b < batch; b++)
         for (int64_t start = 0; start < fill_len; start += o.chunk) {
@@ -194,8 +200,6 @@ void Point::fill_and_prefill(ModeResult &r)
         model_forward(m, a, g, s, p);
         CR(ctx, resa_ctx_step_end(ctx, 0));
     }
-    std::vector<int> pos(batch, (int)ctx_len); // the first decode feeds position ctx
-    CK(cudaMemcpyAsync(d_pos, pos.data(), batch * sizeof(int), cudaMemcpyHostToDevice, s));
     CR(ctx, resa_ctx_synchronize(ctx));
     r.fill_s = t1 - t0;
     r.prefill_s = wall_s() - t1;
@@ -323,9 +327,11 @@ ModeResult Point::run_mode(const ModeSpec &spec)
             CR(ctx, resa_ctx_step_end(ctx, 0));
         }
         if (o.record_logits && lead) { // --check-tp only: never in a timed run
-            CK(cudaMemcpyAsync(r.logits.data() + logit_row * step, a.logits,
-                               logit_row * sizeof(float), cudaMemcpyDeviceToHost, s));
+            // the stream first (its all-reduces need the other ranks), then
+            // the copy to pageable memory (as in fill_and_prefill)
             CK(cudaStreamSynchronize(s));
+            CK(cudaMemcpy(r.logits.data() + logit_row * step, a.logits, logit_row * sizeof(float),
+                          cudaMemcpyDeviceToHost));
         }
         due.clear();
         for (int b = 0; b < batch; b++) {

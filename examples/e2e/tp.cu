@@ -34,6 +34,9 @@ std::string tp_describe()
 std::vector<void *> tp_init(int n)
 {
     setenv("NCCL_NVLS_ENABLE", "0", 0); // keep the caller's setting if any
+    // every connection at init (not at a later first collective, from inside
+    // a rank thread or a graph capture)
+    setenv("NCCL_RUNTIME_CONNECT", "0", 0);
     std::vector<ncclComm_t> c(n);
     std::vector<int> devs(n);
     for (int i = 0; i < n; i++)
