@@ -133,18 +133,14 @@ if [[ $e2e_only == *e2e* ]]; then # (not e2eprof or e2etp alone)
   # dense bf16 baseline (each at its own largest batch for "max"; the tput/d16
   # column); RESA_E2E_TP=N: tensor parallel over N GPUs (NCCL);
   # RESA_E2E_MODES overrides the modes, RESA_E2E_ARGS adds flags (--params defaults ...)
+  # (fp8 without RESA_E2E_MODES: dense, sparse, ReSA from fp8 and dense:bf16)
   kv=${RESA_E2E_KV:-bf16}
-  case $kv in
-    bf16) modes=${RESA_E2E_MODES:-dense,sparse,resa} ;;
-    fp8) modes=${RESA_E2E_MODES:-dense:bf16,dense,sparse,resa} ;;
-    *) echo "RESA_E2E_KV=$kv: bf16 or fp8"; exit 2 ;;
-  esac
   tag=${RESA_E2E_SUMMARY:-kv}-kv$kv${RESA_E2E_TP:+-tp$RESA_E2E_TP}
-  say "end to end: Qwen2.5-7B-shaped decoder (random weights), $modes, KV $kv${RESA_E2E_TP:+, TP $RESA_E2E_TP}"
+  say "end to end: Qwen2.5-7B-shaped decoder (random weights), ${RESA_E2E_MODES:-dense / sparse / ReSA}, KV $kv${RESA_E2E_TP:+, TP $RESA_E2E_TP}"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   $build/examples/resa-e2e --contexts ${RESA_E2E_CONTEXTS:-16384,65536,131072,262144} \
     --batch ${RESA_E2E_BATCH:-1,max} --steps ${RESA_E2E_STEPS:-64} \
-    --summary ${RESA_E2E_SUMMARY:-kv} --modes $modes --kv-dtype $kv \
+    --summary ${RESA_E2E_SUMMARY:-kv} --kv-dtype $kv ${RESA_E2E_MODES:+--modes $RESA_E2E_MODES} \
     ${RESA_E2E_TP:+--tp $RESA_E2E_TP} ${RESA_E2E_ARGS:-} 2>&1 | tee "$OUT/e2e-$tag.txt" | tail -40
 fi
 if [[ $phases == *e2etp* ]]; then
@@ -157,8 +153,10 @@ if [[ $phases == *e2etp* ]]; then
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   timeout ${RESA_E2ETP_TIMEOUT:-300} $build/examples/resa-e2e --check-tp --tp $n --kv-dtype bf16,fp8 \
     >"$OUT/e2etp-check.txt" 2>"$OUT/e2etp-check.log"
-  echo "check-tp: exit $?"
+  rc=$?
+  echo "check-tp: exit $rc"
   grep -E "^check-tp|^# check-tp|^# tensor" "$OUT/e2etp-check.txt"
+  [ $rc = 0 ] || tail -5 "$OUT/e2etp-check.log" # (a build without NCCL says so here)
   rm -f "$OUT/e2etp-timing.txt"
   for tp in "" "--tp $n"; do
     timeout ${RESA_E2ETP_TIMEOUT:-300} $build/examples/resa-e2e --contexts 262144 \

@@ -34,7 +34,8 @@ void usage()
         "                [--params paper|defaults] [--fraction R] [--interval F]\n"
         "                [--summary kv|fp8] [--tp N] [--check-tp] [--csv]\n"
         "  --modes      dense, sparse, resa, each optionally MODE:bf16 or MODE:fp8 (its KV\n"
-        "               cache); modes without a suffix run once per --kv-dtype entry\n"
+        "               cache); modes without a suffix run once per --kv-dtype entry;\n"
+        "               without --modes, --kv-dtype fp8 adds dense:bf16 as the baseline\n"
         "  --kv-dtype   bf16, fp8 or bf16,fp8 (default bf16): libresa's KV cache, bf16 or fp8\n"
         "               e4m3 with per-token per-head scales (RESA_PARAM_KV_DTYPE); each dtype\n"
         "               is its own point, \"max\" its own largest batch.  The issue's comparison:\n"
@@ -109,7 +110,7 @@ Options parse(int argc, char **argv)
     Options o;
     std::vector<std::string> modes{"dense", "sparse", "resa"}, kvs{"bf16"};
     bool steps_set = false, warmup_set = false, contexts_set = false, batches_set = false;
-    bool fraction_set = false, interval_set = false;
+    bool fraction_set = false, interval_set = false, modes_set = false;
     double fraction = 0;
     int interval = 0;
     for (int i = 1; i < argc; i++) {
@@ -162,6 +163,7 @@ Options parse(int argc, char **argv)
             warmup_set = true;
         } else if (!std::strcmp(a, "--modes")) {
             modes = split(v);
+            modes_set = true;
         } else if (!std::strcmp(a, "--tp")) {
             o.tp = (int)parse_long(v, 1, 64);
         } else {
@@ -179,6 +181,9 @@ Options parse(int argc, char **argv)
         o.interval = interval;
     if (kvs.empty())
         usage();
+    // --kv-dtype fp8 alone: the default modes from fp8, plus the dense bf16 baseline
+    if (!modes_set && std::find(kvs.begin(), kvs.end(), "bf16") == kvs.end())
+        modes.insert(modes.begin(), "dense:bf16");
     // bf16 points first, so that every fp8 row can be set against dense bf16
     for (bool fp8 : {false, true})
         for (const std::string &m : modes) {
@@ -566,8 +571,8 @@ int main(int argc, char **argv)
                         "each): a rank holds %d query and %d KV heads (its own libresa "
                         "context), 1/%d of the qkv and gate/up rows and of the o_proj and down "
                         "columns (%.2f GB of weights, embedding and LM head replicated); "
-                        "all-reduce (sum, bf16) after o_proj and after down; times are rank "
-                        "0's; tok/s/GPU = tokens/s / %d\n",
+                        "all-reduce (sum, bf16) after o_proj and after down (inside rest); "
+                        "times are rank 0's; tok/s/GPU = tokens/s / %d\n",
                         o.tp, o.tp == 1 ? "" : "s", o.tp - 1, tp_describe().c_str(), local.hq,
                         local.hkv, o.tp, weights * 1e-9, o.tp);
         else
