@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|sanitize|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|bench|fp8kv|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|sanitize|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -155,12 +155,44 @@ if [[ $phases == *profile* ]]; then
   grep -E "^  [a-z_]+.*\(|gpu__time|dram__throughput|dram__bytes|sm__throughput|hmma|grid_size" \
     "$OUT/ncu-sparse.txt" "$OUT/ncu-rectify.txt" | sed 's#.*/##' | head -60
 fi
-if [[ ${phases//e2eprof/} == *e2e* ]]; then # (not e2eprof alone)
-  say "end to end: Qwen2.5-7B-shaped decoder (random weights), dense / sparse / ReSA"
+# NCCL (resa-e2e --tp): no NVLink multicast on these shared hosts
+export NCCL_NVLS_ENABLE=0
+e2e_only=${phases//e2eprof/}; e2e_only=${e2e_only//e2etp/}
+if [[ $e2e_only == *e2e* ]]; then # (not e2eprof or e2etp alone)
+  # RESA_E2E_KV=fp8: libresa's KV cache in fp8 e4m3 for every mode, next to the
+  # dense bf16 baseline (each at its own largest batch for "max"; the tput/d16
+  # column); RESA_E2E_TP=N: tensor parallel over N GPUs (NCCL);
+  # RESA_E2E_MODES overrides the modes, RESA_E2E_ARGS adds flags (--params defaults ...)
+  # (fp8 without RESA_E2E_MODES: dense, sparse, ReSA from fp8 and dense:bf16)
+  kv=${RESA_E2E_KV:-bf16}
+  tag=${RESA_E2E_SUMMARY:-kv}-kv$kv${RESA_E2E_TP:+-tp$RESA_E2E_TP}
+  say "end to end: Qwen2.5-7B-shaped decoder (random weights), ${RESA_E2E_MODES:-dense / sparse / ReSA}, KV $kv${RESA_E2E_TP:+, TP $RESA_E2E_TP}"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   $build/examples/resa-e2e --contexts ${RESA_E2E_CONTEXTS:-16384,65536,131072,262144} \
     --batch ${RESA_E2E_BATCH:-1,max} --steps ${RESA_E2E_STEPS:-64} \
-    --summary ${RESA_E2E_SUMMARY:-kv} 2>&1 | tee "$OUT/e2e-${RESA_E2E_SUMMARY:-kv}.txt" | tail -40
+    --summary ${RESA_E2E_SUMMARY:-kv} --kv-dtype $kv ${RESA_E2E_MODES:+--modes $RESA_E2E_MODES} \
+    ${RESA_E2E_TP:+--tp $RESA_E2E_TP} ${RESA_E2E_ARGS:-} 2>&1 | tee "$OUT/e2e-$tag.txt" | tail -40
+fi
+if [[ $phases == *e2etp* ]]; then
+  # tensor parallelism through NCCL (resa-e2e --tp): the agreement check (tokens
+  # and logits with and without TP, bf16 and fp8 caches, 8K x 2), then a short
+  # timing at 256K without TP and with it (~1-2 min on one H100 at TP 1).
+  # RESA_E2E_TP=N for N GPUs (default 1: the NCCL path on one GPU).
+  n=${RESA_E2E_TP:-1}
+  say "resa-e2e --tp $n: agreement check, then 256K timing without and with TP"
+  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  timeout ${RESA_E2ETP_TIMEOUT:-300} $build/examples/resa-e2e --check-tp --tp $n --kv-dtype bf16,fp8 \
+    >"$OUT/e2etp-check.txt" 2>"$OUT/e2etp-check.log"
+  rc=$?
+  echo "check-tp: exit $rc"
+  grep -E "^check-tp|^# check-tp|^# tensor" "$OUT/e2etp-check.txt"
+  [ $rc = 0 ] || tail -5 "$OUT/e2etp-check.log" # (a build without NCCL says so here)
+  rm -f "$OUT/e2etp-timing.txt"
+  for tp in "" "--tp $n"; do
+    timeout ${RESA_E2ETP_TIMEOUT:-300} $build/examples/resa-e2e --contexts 262144 \
+      --batch ${RESA_E2ETP_BATCH:-1} --modes dense,resa --steps 32 $tp 2>>"$OUT/e2etp-timing.log" \
+      | tee -a "$OUT/e2etp-timing.txt" | grep -E "^# tensor|^context|^mode|^dense|^resa|skipped"
+  done
 fi
 if [[ $phases == *e2eprof* ]]; then
   # one decode step per mode under ncu (RESA_E2E_PROFILE_STEP), summed by kernel

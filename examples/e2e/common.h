@@ -55,6 +55,21 @@ struct ModelDims {
     float eps = 1e-6f;
     double rope_theta = 1e6;
     int qkv() const { return (hq + 2 * hkv) * d; }  // fused q|k|v projection rows
+    // One rank's share under tensor parallelism over `tp` GPUs: hq / tp query
+    // and hkv / tp KV heads, inter / tp MLP columns (the caller checks that tp
+    // divides all three); hidden and vocab stay whole.
+    ModelDims shard(int tp) const
+    {
+        ModelDims s = *this;
+        s.hq /= tp;
+        s.hkv /= tp;
+        s.inter /= tp;
+        return s;
+    }
 };
+
+// Every stream capture (decode steps, GEMM timing): thread-local, so that the
+// rank threads of --tp capture at the same time (NCCL's multi-thread mode).
+constexpr cudaStreamCaptureMode kCaptureMode = cudaStreamCaptureModeThreadLocal;
 
 constexpr uint64_t kSeed = 0x5EEDC0FFEE123457ull;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <thread>
 
 #include <cuda_profiler_api.h>
 
@@ -58,7 +59,7 @@ float elapsed_ms(cudaEvent_t a, cudaEvent_t b)
     return ms;
 }
 
-// Everything one (context, batch) point owns.
+// Everything one (context, batch) point owns on one GPU.
 struct Point {
     const Model &m;
     Gemms &g;
@@ -66,6 +67,9 @@ struct Point {
     const Options &o;
     long ctx_len;
     int batch;
+    const std::vector<ModeSpec> &specs; // the modes to run, all of one KV dtype
+    bool kv_fp8;
+    bool lead;                          // rank 0 (or no TP): progress messages, profiling
     int64_t seq_cap = 0;
     resa_ctx *ctx = nullptr;
     Acts a;
@@ -78,14 +82,15 @@ struct Point {
     bf16 *fill_k = nullptr, *fill_v = nullptr; // one chunk of random K/V
     std::vector<int32_t> seqs;
 
-    Point(const Model &m_, Gemms &g_, cudaStream_t s_, const Options &o_, long c, int n)
-        : m(m_), g(g_), s(s_), o(o_), ctx_len(c), batch(n)
+    Point(Rank &r, const Options &o_, long c, int n, const std::vector<ModeSpec> &ms)
+        : m(r.m), g(*r.gemms), s(r.s), o(o_), ctx_len(c), batch(n), specs(ms),
+          kv_fp8(!ms.empty() && ms[0].kv_fp8), lead(r.m.rank == 0)
     {
     }
 
     void setup();
     void teardown();
-    ModeResult run_mode(const std::string &mode);
+    ModeResult run_mode(const ModeSpec &spec);
     void fill_and_prefill(ModeResult &r);
     void rectify(const std::vector<int> &due, cudaEvent_t e0, cudaEvent_t e1);
     Pass decode_pass(bool attention) const;
@@ -100,7 +105,8 @@ void Point::setup()
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_NUM_Q_HEADS, D.hq));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_NUM_KV_HEADS, D.hkv));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_HEAD_DIM, D.d));
-    CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_KV_DTYPE, RESA_DTYPE_BF16));
+    CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_KV_DTYPE,
+                               kv_fp8 ? RESA_DTYPE_FP8_E4M3 : RESA_DTYPE_BF16));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_IO_DTYPE, RESA_DTYPE_BF16));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_SUMMARY_FORMAT,
                                o.fp8_summaries ? RESA_SUMMARY_FP8_E4M3 : RESA_SUMMARY_KV_DTYPE));
@@ -109,13 +115,18 @@ void Point::setup()
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_MAX_SEQ_TOKENS, seq_cap));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_MAX_STEP_TOKENS, step_capacity(batch, o)));
     CR(ctx, resa_ctx_set_stream(ctx, (void *)s));
+    // the method (sink, width, n_min, ...); r and f are set per mode
+    CR(ctx, resa_ctx_set_preset(ctx, o.preset));
 
     acts_alloc(a, D, act_rows(batch, o), batch);
     // the timed passes: decode (batch rows, logits) and rectification
     // (interval rows per sequence, no logits); the prefill keeps the default
     model_tune_gemms(m, a, g, batch, 1, true);
-    if (std::find(o.modes.begin(), o.modes.end(), "resa") != o.modes.end())
-        model_tune_gemms(m, a, g, batch * o.interval, o.interval, false);
+    for (const ModeSpec &ms : specs)
+        if (ms.mode == "resa") {
+            model_tune_gemms(m, a, g, batch * o.interval, o.interval, false);
+            break;
+        }
     CK(cudaMalloc(&d_tok, batch * sizeof(int)));
     CK(cudaMalloc(&d_pos, batch * sizeof(int)));
     CK(cudaMalloc(&d_scratch, batch * sizeof(int)));
@@ -150,6 +161,12 @@ void Point::fill_and_prefill(ModeResult &r)
 {
     const ModelDims &D = m.dims;
     const int64_t fill_len = ctx_len - o.prompt;
+    // The first decode feeds position ctx.  Uploaded before the prefill's
+    // all-reduces (under TP): a copy from pageable memory may wait for the
+    // stream while holding a driver lock that another rank's thread needs
+    // before it can issue its side of those all-reduces.
+    std::vector<int> pos(batch, (int)ctx_len);
+    CK(cudaMemcpyAsync(d_pos, pos.data(), batch * sizeof(int), cudaMemcpyHostToDevice, s));
     double t0 = wall_s();
     for (int b = 0; b < batch; b++)
         for (int64_t start = 0; start < fill_len; start += o.chunk) {
@@ -183,8 +200,6 @@ void Point::fill_and_prefill(ModeResult &r)
         model_forward(m, a, g, s, p);
         CR(ctx, resa_ctx_step_end(ctx, 0));
     }
-    std::vector<int> pos(batch, (int)ctx_len); // the first decode feeds position ctx
-    CK(cudaMemcpyAsync(d_pos, pos.data(), batch * sizeof(int), cudaMemcpyHostToDevice, s));
     CR(ctx, resa_ctx_synchronize(ctx));
     r.fill_s = t1 - t0;
     r.prefill_s = wall_s() - t1;
@@ -247,11 +262,11 @@ void Point::rectify(const std::vector<int> &due, cudaEvent_t e0, cudaEvent_t e1)
         CK(cudaEventRecord(e1, s));
 }
 
-ModeResult Point::run_mode(const std::string &mode)
+ModeResult Point::run_mode(const ModeSpec &spec)
 {
     ModeResult r;
-    r.mode = mode;
-    const bool dense = mode == "dense", resa = mode == "resa";
+    r.spec = spec;
+    const bool dense = spec.mode == "dense", resa = spec.mode == "resa";
     CR(ctx, resa_ctx_set_param_f64(ctx, RESA_PARAM_SELECT_FRACTION, dense ? 1.0 : o.fraction));
     CR(ctx, resa_ctx_set_param(ctx, RESA_PARAM_RECTIFY_INTERVAL, resa ? o.interval : 0));
     for (int b = 0; b < batch; b++)
@@ -267,8 +282,11 @@ ModeResult Point::run_mode(const std::string &mode)
     std::vector<cudaEvent_t> rect_ev; // pairs, measured rectification steps
     std::vector<int> due;
     const int total = o.warmup + o.steps;
-    const int want_profile = profile_step(); // -1: none (read once, not every step)
+    const int want_profile = lead ? profile_step() : -1; // -1: none (read once, not every step)
     const int profiled_step = want_profile < 0 ? -1 : o.warmup + want_profile;
+    const size_t logit_row = (size_t)batch * m.dims.vocab; // one step's logits (record_logits)
+    if (o.record_logits && lead)
+        r.logits.assign(logit_row * total, 0.0f);
     for (int step = 0; step < total; step++) {
         const bool measured = step >= o.warmup;
         if (step == o.warmup)
@@ -286,14 +304,14 @@ ModeResult Point::run_mode(const std::string &mode)
         if (step == 0) {
             // begin outside the capture; every layer's step_attend inside one graph
             CR(ctx, resa_ctx_step_begin(ctx, batch, seqs.data(), modes.data(), ones.data(), 0));
-            CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+            CK(cudaStreamBeginCapture(s, kCaptureMode));
             model_forward(m, a, g, s, decode_pass(true));
             CK(cudaStreamEndCapture(s, &graph));
             CK(cudaGraphInstantiate(&exec, graph, 0));
             CK(cudaGraphLaunch(exec, s));
             CR(ctx, resa_ctx_step_end(ctx, 0));
             // the same step without the attention calls, for the time split
-            CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+            CK(cudaStreamBeginCapture(s, kCaptureMode));
             model_forward(m, a, g, s, decode_pass(false));
             CK(cudaStreamEndCapture(s, &graph_na));
             CK(cudaGraphInstantiate(&exec_na, graph_na, 0));
@@ -307,6 +325,13 @@ ModeResult Point::run_mode(const std::string &mode)
             if (profiled)
                 CK(cudaProfilerStop());
             CR(ctx, resa_ctx_step_end(ctx, 0));
+        }
+        if (o.record_logits && lead) { // --check-tp only: never in a timed run
+            // the stream first (its all-reduces need the other ranks), then
+            // the copy to pageable memory (as in fill_and_prefill)
+            CK(cudaStreamSynchronize(s));
+            CK(cudaMemcpy(r.logits.data() + logit_row * step, a.logits, logit_row * sizeof(float),
+                          cudaMemcpyDeviceToHost));
         }
         due.clear();
         for (int b = 0; b < batch; b++) {
@@ -356,11 +381,16 @@ ModeResult Point::run_mode(const std::string &mode)
 
 } // namespace
 
-size_t point_bytes(const ModelDims &m, long ctx, int batch, const Options &o)
+size_t point_bytes(const ModelDims &m, long ctx, int batch, const Options &o, bool kv_fp8)
 {
     const size_t cap = (size_t)seq_capacity(ctx, o), tokens = cap * batch, blocks = cap / kBlock;
-    const size_t kv = 2 * (size_t)m.layers * tokens * m.hkv * m.d * sizeof(bf16);
-    const size_t summaries = kv / kBlock;              // min and max of K per block
+    // K and V: bf16, or fp8 bytes and one fp32 scale per token and head
+    const size_t kv_bf16 = 2 * (size_t)m.layers * tokens * m.hkv * m.d * sizeof(bf16);
+    const size_t kv = kv_fp8 ? 2 * (size_t)m.layers * tokens * m.hkv * (m.d + sizeof(float))
+                             : kv_bf16;
+    // min and max of K per block: bf16 when exact (the IO dtype for an fp8
+    // cache), counted so for fp8 summaries too (a bound, as before)
+    const size_t summaries = kv_bf16 / kBlock;
     const size_t tables = (size_t)batch * blocks * 4 * 4; // page tables, step metadata
     const size_t select = 2 * (size_t)batch * m.hkv * blocks * 4 * 2; // selection lists (bound)
     const size_t other = 256ull << 20;                 // attention partials, staging
@@ -371,18 +401,71 @@ size_t point_bytes(const ModelDims &m, long ctx, int batch, const Options &o)
     return kv + summaries + tables + select + other + host_side + margin;
 }
 
-std::vector<ModeResult> run_point(const Model &m, Gemms &g, cudaStream_t s, const Options &o,
-                                  long ctx, int batch)
+void rank_open(Rank &r, int device)
 {
-    Point p(m, g, s, o, ctx, batch);
+    r.device = device;
+    CK(cudaSetDevice(device));
+    CK(cudaStreamCreateWithFlags(&r.s, cudaStreamNonBlocking));
+    CB(cublasCreate(&r.blas));
+    CB(cublasSetStream(r.blas, r.s));
+    // A fixed workspace: no allocation inside the captured graphs.
+    const size_t blas_ws_bytes = 64ull << 20;
+    CK(cudaMalloc(&r.blas_ws, blas_ws_bytes));
+    CB(cublasSetWorkspace(r.blas, r.blas_ws, blas_ws_bytes));
+    r.gemms = new Gemms(r.blas, r.s, 64ull << 20);
+}
+
+void rank_close(Rank &r)
+{
+    CK(cudaSetDevice(r.device));
+    if (r.m.arena)
+        model_free(r.m);
+    delete r.gemms;
+    r.gemms = nullptr;
+    CB(cublasDestroy(r.blas));
+    CK(cudaFree(r.blas_ws));
+    CK(cudaStreamDestroy(r.s));
+}
+
+std::vector<ModeResult> run_point(Rank &r, const Options &o, long ctx, int batch,
+                                  const std::vector<ModeSpec> &modes)
+{
+    Point p(r, o, ctx, batch, modes);
     p.setup();
     std::vector<ModeResult> out;
-    for (const std::string &mode : o.modes) {
-        if (!o.csv)
-            std::fprintf(stderr, "resa-e2e: context %ld batch %d: %s\n", ctx, batch,
-                         mode.c_str());
-        out.push_back(p.run_mode(mode));
+    for (const ModeSpec &ms : modes) {
+        if (!o.csv && p.lead)
+            std::fprintf(stderr, "resa-e2e: context %ld batch %d: %s (kv %s)%s\n", ctx, batch,
+                         ms.mode.c_str(), ms.kv_name(), r.m.comm ? " (TP)" : "");
+        out.push_back(p.run_mode(ms));
     }
     p.teardown();
     return out;
+}
+
+std::vector<ModeResult> run_point_tp(std::vector<Rank> &ranks, const Options &o, long ctx,
+                                     int batch, const std::vector<ModeSpec> &modes)
+{
+    const size_t n = ranks.size();
+    std::vector<std::vector<ModeResult>> res(n);
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < n; i++)
+        threads.emplace_back([&, i] {
+            CK(cudaSetDevice(ranks[i].device)); // current device is per thread
+            res[i] = run_point(ranks[i], o, ctx, batch, modes);
+        });
+    for (std::thread &t : threads)
+        t.join();
+    for (size_t i = 1; i < n; i++)
+        for (size_t k = 0; k < modes.size(); k++)
+            if (res[i][k].tokens != res[0][k].tokens || res[i][k].n_rect != res[0][k].n_rect) {
+                std::fprintf(stderr,
+                             "resa-e2e: TP rank %zu diverged from rank 0 in mode %s (kv %s): "
+                             "tokens %s, rectifications %d vs %d\n",
+                             i, modes[k].mode.c_str(), modes[k].kv_name(),
+                             res[i][k].tokens == res[0][k].tokens ? "equal" : "differ",
+                             res[i][k].n_rect, res[0][k].n_rect);
+                std::exit(1);
+            }
+    return res[0];
 }

@@ -208,7 +208,7 @@ class PassTimer {
         CK(cudaStreamSynchronize(s_));
         bool ok = true;
         cudaGraph_t g = nullptr;
-        CK(cudaStreamBeginCapture(s_, cudaStreamCaptureModeGlobal));
+        CK(cudaStreamBeginCapture(s_, kCaptureMode));
         for (const bf16 *w : ws_)
             if (!(ok = one(w)))
                 break;

@@ -38,6 +38,17 @@ __global__ void init_uniform_k(bf16 *w, size_t n, uint64_t seed, float center, f
         w[i] = __float2bfloat16(center + amp * unit(seed, i));
 }
 
+__global__ void init_slice_k(bf16 *w, size_t rows, size_t cols, size_t full_cols, size_t row0,
+                             size_t col0, uint64_t seed, float center, float amp)
+{
+    const size_t n = rows * cols;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t full = (row0 + i / cols) * full_cols + col0 + i % cols;
+        w[i] = __float2bfloat16(center + amp * unit(seed, full));
+    }
+}
+
 __global__ void fill_kv_k(bf16 *k, bf16 *v, int rows, int width, uint64_t seed, int64_t first_pos)
 {
     const float amp = 1.7320508f; // uniform with unit variance
@@ -239,6 +250,14 @@ __global__ void argmax_k(const float *logits, int vocab, int *tok_out, int *pos,
 void launch_init_uniform(bf16 *w, size_t n, uint64_t seed, float center, float amp, cudaStream_t s)
 {
     init_uniform_k<<<grid_for(n, 256), 256, 0, s>>>(w, n, seed, center, amp);
+    CK(cudaGetLastError());
+}
+
+void launch_init_slice(bf16 *w, size_t rows, size_t cols, size_t full_cols, size_t row0,
+                       size_t col0, uint64_t seed, float center, float amp, cudaStream_t s)
+{
+    init_slice_k<<<grid_for(rows * cols, 256), 256, 0, s>>>(w, rows, cols, full_cols, row0, col0,
+                                                            seed, center, amp);
     CK(cudaGetLastError());
 }
 

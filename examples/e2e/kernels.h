@@ -13,6 +13,13 @@ typedef __nv_bfloat16 bf16;
 void launch_init_uniform(bf16 *w, size_t n, uint64_t seed, float center, float amp,
                          cudaStream_t s);
 
+// Rows row0 .. row0 + rows and columns col0 .. col0 + cols of the tensor
+// [.][full_cols] that launch_init_uniform(seed, center, amp) fills, as a
+// [rows][cols] matrix: w[i][j] = center + amp * u(seed, (row0 + i) full_cols
+// + col0 + j).  A tensor-parallel shard is a slice of the same weights.
+void launch_init_slice(bf16 *w, size_t rows, size_t cols, size_t full_cols, size_t row0,
+                       size_t col0, uint64_t seed, float center, float amp, cudaStream_t s);
+
 // Random K and V rows for the context fill: [rows][width] each, values of
 // unit variance, a function of (seed, first_pos + row, column) only.
 void launch_fill_kv(bf16 *k, bf16 *v, int rows, int width, uint64_t seed, int64_t first_pos,

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
 // resa-e2e: weights, activations and the forward pass.
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "model.h"
+#include "tp.h"
 
 namespace {
 
@@ -21,9 +23,14 @@ size_t model_param_elems(const ModelDims &m)
     return layer_elems(m) * m.layers + 2 * (size_t)m.vocab * m.hidden + m.hidden;
 }
 
-void model_init(Model &m, cudaStream_t s)
+void model_init(Model &m, const ModelDims &full, int tp, int rank, cudaStream_t s)
 {
-    const ModelDims &D = m.dims;
+    m.full = full;
+    m.tp = tp;
+    m.rank = rank;
+    m.comm = nullptr;
+    m.dims = full.shard(tp);
+    const ModelDims &D = m.dims, &F = m.full;
     if (D.layers > 64) {
         std::fprintf(stderr, "resa-e2e: at most 64 layers\n");
         std::exit(1);
@@ -32,27 +39,47 @@ void model_init(Model &m, cudaStream_t s)
     CK(cudaMalloc(&m.arena, m.arena_elems * sizeof(bf16)));
     bf16 *p = m.arena;
     uint64_t tensor = 0;
-    // uniform with standard deviation `sd` around `center`
-    auto take = [&](size_t n, float center, float sd) {
+    // A tensor of the whole model, [rows][cols], uniform with standard
+    // deviation `sd` around `center` (sd from the whole model's sizes); this
+    // rank keeps the row ranges `pieces` (first row, count), one after the
+    // other, of columns [col0, col0 + ncols).
+    struct Piece {
+        size_t row0, rows;
+    };
+    auto take = [&](size_t cols, std::initializer_list<Piece> pieces, size_t col0, size_t ncols,
+                    float center, float sd) {
+        const uint64_t seed = kSeed + 0x1000 * ++tensor;
         bf16 *t = p;
-        p += n;
-        launch_init_uniform(t, n, kSeed + 0x1000 * ++tensor, center, sd * 1.7320508f, s);
+        for (const Piece &pc : pieces) {
+            launch_init_slice(p, pc.rows, ncols, cols, pc.row0, col0, seed, center,
+                              sd * 1.7320508f, s);
+            p += pc.rows * ncols;
+        }
         return t;
     };
-    const size_t h = D.hidden, qkv = D.qkv(), qd = (size_t)D.hq * D.d, in = D.inter;
+    auto whole = [&](size_t rows, size_t cols, float center, float sd) {
+        return take(cols, {{0, rows}}, 0, cols, center, sd);
+    };
+    const size_t h = F.hidden, d = F.d, in = F.inter, qd = (size_t)F.hq * d;
+    const size_t r = (size_t)rank, hq = D.hq, hkv = D.hkv, in_r = D.inter; // this rank's share
+    // q | k | v rows of this rank's heads; gate | up rows of its MLP columns
+    const std::initializer_list<Piece> qkv = {{r * hq * d, hq * d},
+                                              {qd + r * hkv * d, hkv * d},
+                                              {qd + ((size_t)F.hkv + r * hkv) * d, hkv * d}};
+    const std::initializer_list<Piece> gu = {{r * in_r, in_r}, {in + r * in_r, in_r}};
     for (int l = 0; l < D.layers; l++) {
         Layer &L = m.layers[l];
-        L.ln1 = take(h, 1.0f, 0.05f);
-        L.ln2 = take(h, 1.0f, 0.05f);
-        L.w_qkv = take(qkv * h, 0.0f, 1.0f / std::sqrt((float)h));
-        L.b_qkv = take(qkv, 0.0f, 0.05f);
-        L.w_o = take(h * qd, 0.0f, 1.0f / std::sqrt((float)qd));
-        L.w_gu = take(2 * in * h, 0.0f, 1.0f / std::sqrt((float)h));
-        L.w_down = take(h * in, 0.0f, 1.0f / std::sqrt((float)in));
+        L.ln1 = whole(1, h, 1.0f, 0.05f);
+        L.ln2 = whole(1, h, 1.0f, 0.05f);
+        L.w_qkv = take(h, qkv, 0, h, 0.0f, 1.0f / std::sqrt((float)h));
+        L.b_qkv = take(1, qkv, 0, 1, 0.0f, 0.05f);
+        L.w_o = take(qd, {{0, h}}, r * hq * d, hq * d, 0.0f, 1.0f / std::sqrt((float)qd));
+        L.w_gu = take(h, gu, 0, h, 0.0f, 1.0f / std::sqrt((float)h));
+        L.w_down = take(in, {{0, h}}, r * in_r, in_r, 0.0f, 1.0f / std::sqrt((float)in));
     }
-    m.emb = take((size_t)D.vocab * h, 0.0f, 1.0f);
-    m.lm_head = take((size_t)D.vocab * h, 0.0f, 1.0f / std::sqrt((float)h));
-    m.final_norm = take(h, 1.0f, 0.05f);
+    m.emb = whole(D.vocab, h, 0.0f, 1.0f);
+    m.lm_head = whole(D.vocab, h, 0.0f, 1.0f / std::sqrt((float)h));
+    m.final_norm = whole(1, h, 1.0f, 0.05f);
     if ((size_t)(p - m.arena) != m.arena_elems) {
         std::fprintf(stderr, "resa-e2e: internal error: weight arena layout\n");
         std::exit(1);
@@ -152,6 +179,8 @@ void model_forward(const Model &m, const Acts &a, const Gemms &g, cudaStream_t s
         if (p.ctx) // store K/V of these rows, attention over the cache (libresa)
             CR(p.ctx, resa_ctx_step_attend(p.ctx, l, a.q, a.k, a.v, a.attn, 0));
         g.run(L.w_o, a.attn, qd, a.tmp, CUDA_R_16BF, T, H, qd);
+        if (m.comm) // row-parallel o_proj: the sum of the ranks' partial outputs
+            tp_allreduce_bf16(m.comm, a.tmp, (size_t)T * H, s);
         launch_add_rmsnorm(a.x, a.tmp, L.ln2, a.xn, T, H, D.eps, s);
         g.run(L.w_gu, a.xn, H, a.gu, CUDA_R_16BF, T, 2 * D.inter, H);
         launch_swiglu(a.gu, a.act, T, D.inter, s);
@@ -160,6 +189,8 @@ void model_forward(const Model &m, const Acts &a, const Gemms &g, cudaStream_t s
         if (last && !p.logits) { // rectification: K/V are all it needs; logits discarded
             break;
         }
+        if (m.comm) // row-parallel down projection, as o_proj
+            tp_allreduce_bf16(m.comm, a.tmp, (size_t)T * H, s);
         launch_add_rmsnorm(a.x, a.tmp, last ? m.final_norm : m.layers[l + 1].ln1, a.xn, T, H,
                            D.eps, s);
     }

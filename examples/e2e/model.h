@@ -2,6 +2,14 @@
 // resa-e2e: a Qwen2.5-7B-shaped decoder with random bf16 weights.  The host
 // side of the model: weights, activations and one forward pass over a batch
 // of rows; attention is delegated to libresa (resa_ctx_step_attend).
+//
+// Tensor parallelism (--tp N, tp.h): rank t holds query heads [t hq/N,
+// (t+1) hq/N) and KV heads [t hkv/N, (t+1) hkv/N) (q, k and v rows of the
+// fused projection and its bias: column-parallel), MLP columns [t inter/N,
+// (t+1) inter/N) of gate and of up (column-parallel), and the matching input
+// columns of o_proj and down (row-parallel), whose partial outputs are summed
+// over the ranks by an all-reduce (bf16) before the residual add.  Embedding,
+// norms and LM head are replicated; every rank samples the same tokens.
 #pragma once
 
 #include "gemm.h"
@@ -17,7 +25,10 @@ struct Layer {
 };
 
 struct Model {
-    ModelDims dims;
+    ModelDims dims;          // this rank's shard (full.shard(tp)); the whole model at tp 1
+    ModelDims full;          // the whole model
+    int tp = 1, rank = 0;
+    void *comm = nullptr;    // NCCL communicator of the tp ranks (tp.h); NULL: no all-reduce
     bf16 *arena = nullptr;
     size_t arena_elems = 0;
     Layer layers[64];
@@ -25,10 +36,14 @@ struct Model {
     double *rope_inv_freq = nullptr; // [d / 2], on the device
 };
 
-// Parameter count of the model (elements).
+// Parameter count of a model or shard of these dims (elements).
 size_t model_param_elems(const ModelDims &m);
-// Allocates and fills the weights on the device (hash kernel, kSeed).
-void model_init(Model &m, cudaStream_t s);
+// Allocates and fills rank `rank`'s shard of the weights of `full` split over
+// `tp` ranks on the current device (hash kernel, kSeed): each element is a
+// function of its tensor and its index in the whole tensor only, so a shard
+// holds exactly the corresponding slice of the tp = 1 weights.  m.comm is
+// left NULL.
+void model_init(Model &m, const ModelDims &full, int tp, int rank, cudaStream_t s);
 void model_free(Model &m);
 
 // Activations for up to `tmax` rows, logits for up to `max_out` rows.
