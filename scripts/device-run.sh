@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|sanitize|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|cudashards|sanitize|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -57,6 +57,21 @@ fi
 if [[ $phases == all || $phases == *test* && $phases != *gputest* ]]; then
   say "tests (CPU and GPU)"
   meson test -C $build --print-errorlogs --num-processes 8 2>&1 | tee "$OUT/test.log" | tail -25
+fi
+if [[ $phases == *cudashards* ]]; then
+  # check_cuda's full set in RESA_CUDA_SHARDS processes at once (RESA_TEST_SHARD=k/n):
+  # the float64 reference is the long part, and one process uses one core
+  n=${RESA_CUDA_SHARDS:-6}
+  say "check_cuda (full set) in $n shards"
+  for k in $(seq 0 $((n - 1))); do
+    RESA_TEST_SHARD=$k/$n RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0 \
+      LD_LIBRARY_PATH=$PWD/$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+      timeout ${RESA_SHARD_TIMEOUT:-600} $build/tests/check_cuda >"$OUT/check_cuda-shard$k.log" 2>&1 &
+    pids="${pids:-} $!"
+  done
+  rcs=""; for pid in $pids; do wait $pid; rcs="$rcs $?"; done
+  echo "check_cuda shards: exit statuses$rcs"
+  grep -h "Checks\|:F:\|:E:" "$OUT"/check_cuda-shard*.log | head -20
 fi
 if [[ $phases == *gputest* ]]; then
   # the GPU suite only (CI runs the CPU tests)
