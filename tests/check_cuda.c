@@ -396,26 +396,11 @@ int main(void)
     TCase *tc = tcase_create("cuda");
     tcase_set_tags(tc, "gpu");
     tcase_set_timeout(tc, 600);
-    /* RESA_TEST_SHARD=k/n runs every n-th test from the k-th (0-based), so
-     * that n processes share the suite on a machine with many cores; the
-     * long fp8 cases are spread by the interleaving */
-    int shard = 0, shards = 1;
-    const char *sh = getenv("RESA_TEST_SHARD");
-    if (sh && (sscanf(sh, "%d/%d", &shard, &shards) != 2 || shards < 1 || shard < 0 ||
-               shard >= shards)) {
-        fprintf(stderr, "check_cuda: RESA_TEST_SHARD must be k/n with 0 <= k < n, not '%s'\n", sh);
-        return 2;
-    }
-    int next = 0;
-#define ADD_LOOP(fn, lo, hi)                                                                       \
-    for (int i_ = (lo); i_ < (hi); i_++)                                                           \
-        if (next++ % shards == shard)                                                              \
-            tcase_add_loop_test(tc, fn, i_, i_ + 1);
-    ADD_LOOP(test_cuda_decode, 0, 2 * N_GCASES)
-    ADD_LOOP(test_cuda_mixed_batch, 0, 4)
-    ADD_LOOP(test_cuda_capacity, 0, 1)
-    ADD_LOOP(test_cuda_graph_replay, 0, 2)
-#undef ADD_LOOP
+    /* RESA_TEST_SHARD=k/n: one n-th of the tests (th_add_loop) */
+    th_add_loop(tc, test_cuda_decode, 0, 2 * N_GCASES);
+    th_add_loop(tc, test_cuda_mixed_batch, 0, 4);
+    th_add_loop(tc, test_cuda_capacity, 0, 1);
+    th_add_loop(tc, test_cuda_graph_replay, 0, 2);
     suite_add_tcase(su, tc);
     /* CUDA cannot be used in a child forked after the parent touched it
      * (th_cuda_usable did), so the GPU tests run in-process; meson's

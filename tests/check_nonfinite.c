@@ -716,10 +716,11 @@ static Suite *suite(int n_configs)
     tcase_set_timeout(tc, 900);
     if (g_backend == RESA_BACKEND_CUDA)
         tcase_set_tags(tc, "gpu");
-    tcase_add_loop_test(tc, test_prefill, 0, n_configs);
-    tcase_add_loop_test(tc, test_decode, 0, n_configs);
-    tcase_add_loop_test(tc, test_decode_nan_query_selection, 0, n_configs);
-    tcase_add_loop_test(tc, test_rectify, 0, n_configs);
+    /* RESA_TEST_SHARD=k/n: one n-th of the tests (th_add_loop) */
+    th_add_loop(tc, test_prefill, 0, n_configs);
+    th_add_loop(tc, test_decode, 0, n_configs);
+    th_add_loop(tc, test_decode_nan_query_selection, 0, n_configs);
+    th_add_loop(tc, test_rectify, 0, n_configs);
     suite_add_tcase(s, tc);
     return s;
 }

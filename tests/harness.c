@@ -119,6 +119,23 @@ int th_run_suite(Suite *s, int fork)
     return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
 
+void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi)
+{
+    static int shard = -1, shards = 1, next = 0;
+    if (shard < 0) {
+        const char *e = getenv("RESA_TEST_SHARD");
+        shard = 0;
+        if (e && *e && (sscanf(e, "%d/%d", &shard, &shards) != 2 || shards < 1 || shard < 0 ||
+                  shard >= shards)) {
+            fprintf(stderr, "RESA_TEST_SHARD must be k/n with 0 <= k < n, not '%s'\n", e);
+            exit(2);
+        }
+    }
+    for (int i = lo; i < hi; i++)
+        if (next++ % shards == shard)
+            tcase_add_loop_test(tc, fn, i, i + 1);
+}
+
 int th_cuda_usable(void)
 {
     if (g_cu_state == 0)

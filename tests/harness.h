@@ -123,6 +123,12 @@ void th_fill(th *t, void *buf, size_t n, double scale);
  * returns the process exit status: EXIT_SUCCESS when nothing failed. */
 int th_run_suite(Suite *s, int fork);
 
+/* Adds the loop test `fn` for _i in [lo, hi), or, with RESA_TEST_SHARD=k/n set,
+ * only the tests of shard k: every n-th test counted over all th_add_loop
+ * calls of the process, from the k-th (a long suite in n processes at once).
+ * A malformed RESA_TEST_SHARD ends the process with status 2. */
+void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi);
+
 /* 1 when the CUDA backend and libcudart are usable here (GPU tests skip otherwise). */
 int th_cuda_usable(void);
 
