@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Dense causal attention of every APPEND and RECTIFY entry (prompt chunks and
-// rectification) on tensor cores.  CPU twin: lib/cpu/attention_dense.c.
+// rectification), and the unmasked one of QUERY_DENSE entries (context
+// parallelism: every row sees [0, end), attention_dense.cuh's row_pos), on
+// tensor cores.  CPU twin: lib/cpu/attention_dense.c.
 //
 // Tiling (same as the CPU): a tile is BM = 128 "rows" of one entry and one KV
 // head, row r = token * g + j for the g query heads j of the group, so every
@@ -198,8 +200,11 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
 
     const int slot = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     work_item w;
-    if (!begin_work<BN>(p, &tref, &w))
-        return; // uniform over the CTA
+    if (!begin_work<BN>(p, &tref, &w)) { // uniform over the CTA
+        if (w.empty)
+            store_empty_rows<T, D>(p, w, kvh);
+        return;
+    }
     const resa_dev_entry &e = w.e;
     const split_plan &sp = w.sp;
     const int kt_begin = w.kt_begin, kt_end = w.kt_end;
@@ -295,10 +300,11 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
     const bool warp_active = wr0 < valid;
     const int lr0 = wr0 + (lane >> 2), lr1 = lr0 + 8;
     // Positions as int: a sequence holds at most max_seq_blocks * b < 2^31 tokens.
-    const int pos0 = (int)e.start + (r0 + min(lr0, valid - 1)) / g;
-    const int pos1 = (int)e.start + (r0 + min(lr1, valid - 1)) / g;
-    const int wpos_min = (int)e.start + (r0 + min(wr0, valid - 1)) / g;
-    const int wpos_max = (int)e.start + (r0 + min(wr0 + 15, valid - 1)) / g;
+    // QUERY_DENSE: every row at end - 1 (row_pos), so nothing below end is masked.
+    const int pos0 = row_pos(e, r0 + min(lr0, valid - 1), g);
+    const int pos1 = row_pos(e, r0 + min(lr1, valid - 1), g);
+    const int wpos_min = row_pos(e, r0 + min(wr0, valid - 1), g);
+    const int wpos_max = row_pos(e, r0 + min(wr0 + 15, valid - 1), g);
 
     float o[D / 2]; // D/8 n-tiles of 4 (layout of causal_mask in attention_dense.cuh)
 #pragma unroll
@@ -447,11 +453,13 @@ inline bool wgmma_enabled()
     return cache[dev] == 2 && !(off && off[0] == '1') && (WGMMA_BY_DEFAULT || (on && on[0] == '1'));
 }
 
-// F8: the fp8 cache always takes this kernel (the wgmma one reads T tiles).
+// F8: the fp8 cache always takes this kernel (the wgmma one reads T tiles);
+// so does a step with a QUERY_DENSE entry (the wgmma kernel knows only the
+// causal positions).
 template <typename T, int D, bool F8>
 cudaError_t launch(const resa_cuda_layer_args *a)
 {
-    if ((D == 128 || D == 256) && !F8 && wgmma_enabled())
+    if ((D == 128 || D == 256) && !F8 && a->n_query_dense == 0 && wgmma_enabled())
         return resa_cuda_dense_sm90(a);
     int64_t slots;
     const dense_params p = make_params(a, tile_cfg<D>::MINB, &slots);

@@ -5,7 +5,18 @@
 // of one entry and one KV head, row r = token * g + j), cut the key range into
 // splits the same way, keep each thread's two rows (r and r + 8 of an m16
 // fragment) in the same register layout, and leave the same output or fp32
-// partials (acc, m, l) for the same log-sum-exp combine kernel.
+// partials (acc, m, l) for the same log-sum-exp combine kernel.  With
+// p.lse (resa_ctx_step_attend_ex) the row's natural log-sum-exp,
+// (m + log2 l) ln 2 (m is in log2 units of the scaled scores), is written
+// where its output is: by store_rows for a single split, by the combine
+// otherwise.
+//
+// QUERY_DENSE entries (context parallelism) have no causal mask: every row
+// sees the keys [0, end), which row_pos() expresses as every row standing at
+// position end - 1.  Only the mma.sync kernel takes them (attention_dense.cu
+// routes a step that has one there); an entry with end = 0 (this context holds
+// none of the sequence's keys) has no key tile, and the mma.sync kernel's
+// split-0 CTAs write its rows as 0 with lse -inf (store_empty_rows).
 #ifndef RESA_CUDA_ATTENTION_DENSE_CUH
 #define RESA_CUDA_ATTENTION_DENSE_CUH
 
@@ -42,6 +53,7 @@ struct dense_params {
     const resa_dev_entry *entries;
     const int32_t *dense_ids;
     float *ws;          // partial acc [units][BM][D], then (m, l) [units][BM][2]
+    float *lse;         // [n_rows][hq] the rows' log-sum-exps, or NULL
     int64_t ws_units;
     int32_t n_dense, hq, hkv, g, b, log2_b, max_seq_blocks, splits;
     float scale_log2;   // softmax scale * log2(e): exp(x * scale) = exp2(x * scale_log2)
@@ -84,6 +96,13 @@ struct tile_ref {
 };
 
 __device__ __forceinline__ int tiles_of(int32_t n, int32_t g) { return (n * g + BM - 1) / BM; }
+
+// The last key position row r of the entry attends (it sees [0, row_pos]):
+// its own position for the causal modes, end - 1 for QUERY_DENSE.
+__device__ __forceinline__ int row_pos(const resa_dev_entry &e, int r, int g)
+{
+    return e.mode == RESA_MODE_QUERY_DENSE ? (int)e.end - 1 : (int)e.start + r / g;
+}
 
 // Maps a linear tile slot to (entry, tile) with warp 0: prefix sums of the
 // entries' tile counts, 32 entries per round.  Result in shared memory.
@@ -136,7 +155,7 @@ __device__ __forceinline__ split_plan plan_splits(const dense_params &p, const r
     split_plan s;
     const int rows = e.n * p.g;
     const int r_last = min(rows, (tile + 1) * BM) - 1;
-    s.kend = e.start + r_last / p.g + 1;
+    s.kend = e.mode == RESA_MODE_QUERY_DENSE ? e.end : e.start + r_last / p.g + 1;
     s.nt = (int)((s.kend + BN - 1) / BN);
     const int by_len = (int)max((int64_t)1, s.kend / MIN_SPLIT_KEYS);
     s.sa = min(p.splits, by_len);
@@ -151,13 +170,16 @@ struct work_item {
     split_plan sp;
     int kt_begin, kt_end; // key tiles of this split
     int rows, r0, valid;  // rows of the entry, first row of the tile, valid rows in it
+    bool empty;           // split 0 of a tile with no key at all (QUERY_DENSE, end 0)
 };
 // Fills *w for blockIdx (slot, KV head, split); false when the CTA has no
-// work (uniform over the CTA).  tref: a __shared__ tile_ref of the caller.
+// work (uniform over the CTA), with w->empty when it must write the tile's
+// rows as empty (store_empty_rows).  tref: a __shared__ tile_ref of the caller.
 template <int BN>
 __device__ __forceinline__ bool begin_work(const dense_params &p, tile_ref *tref, work_item *w)
 {
     const int split = blockIdx.z;
+    w->empty = false;
     find_tile(p, blockIdx.x, tref);
     __syncthreads();
     const tile_ref tr = *tref;
@@ -170,7 +192,25 @@ __device__ __forceinline__ bool begin_work(const dense_params &p, tile_ref *tref
     w->rows = w->e.n * p.g;
     w->r0 = tr.tile * BM;
     w->valid = min(BM, w->rows - w->r0);
+    w->empty = split == 0 && w->sp.kend <= 0;
     return split < w->sp.sa && w->kt_begin < w->kt_end;
+}
+
+// The valid rows of a tile that attends no key in this context: output 0
+// and lse -inf (the neutral part of a merge; the CPU's empty rows), by the
+// whole CTA.
+template <typename T, int D>
+__device__ void store_empty_rows(const dense_params &p, const work_item &w, int kvh)
+{
+    const int g = p.g;
+    T *out = static_cast<T *>(p.out);
+    for (int i = threadIdx.x; i < w.valid * (D / 2); i += blockDim.x) {
+        const int lr = i / (D / 2), c = i % (D / 2), rr = w.r0 + lr;
+        const size_t row = (size_t)(w.e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g;
+        *reinterpret_cast<uint32_t *>(out + row * D + 2 * c) = pack2<T>(0.f, 0.f);
+        if (p.lse && c == 0)
+            p.lse[row] = -INFINITY;
+    }
 }
 
 // ---- one thread's part of an m16 x (8 NT) score fragment ----
@@ -294,7 +334,10 @@ __device__ __forceinline__ void store_rows(const dense_params &p, const resa_dev
                 continue;
             const int rr = r0 + lr;
             const float inv = 1.f / (h ? l1 : l0);
-            T *dst = out + ((size_t)(e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g) * D;
+            const size_t row = (size_t)(e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g;
+            T *dst = out + row * D;
+            if (p.lse && (lane & 3) == 0) // m in log2 units: lse = (m + log2 l) ln 2
+                p.lse[row] = ((h ? m1 : m0) + log2f(h ? l1 : l0)) * 0.6931471805599453f;
 #pragma unroll
             for (int i = 0; i < D / 8; i++) {
                 const uint32_t v = pack2<T>(o[4 * i + 2 * h] * inv, o[4 * i + 2 * h + 1] * inv);
@@ -358,7 +401,10 @@ __global__ void __launch_bounds__(CWARPS * 32) dense_combine_kernel(const dense_
     }
     const float inv = 1.f / lsum;
     const int rr = r0 + r;
-    T *dst = out + ((size_t)(e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g) * D;
+    const size_t row = (size_t)(e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g;
+    T *dst = out + row * D;
+    if (p.lse && lane == 0)
+        p.lse[row] = (mmax + log2f(lsum)) * 0.6931471805599453f;
     for (int c = lane * 4; c < D; c += 128) {
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int s = 0; s < n_used; s++) {
@@ -407,6 +453,7 @@ inline dense_params make_params(const resa_cuda_layer_args *a, int ctas_per_sm, 
     p.entries = a->entries;
     p.dense_ids = a->dense_ids;
     p.ws = static_cast<float *>(a->ws_dense);
+    p.lse = a->lse;
     p.ws_units = units;
     p.n_dense = a->n_dense;
     p.hq = dm.hq;

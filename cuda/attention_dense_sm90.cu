@@ -2,8 +2,10 @@
 // Dense causal attention on Hopper tensor cores (sm_90a, wgmma): the d = 128
 // and d = 256 path of resa_cuda_attention_dense (attention_dense.cu
 // dispatches here on a compute capability 9.0 device).  Same parameters, tile
-// slots, key splits, causal masking, outputs and fp32 partials as the
-// mma.sync kernel; the pieces they share are in attention_dense.cuh.
+// slots, key splits, causal masking, outputs and fp32 partials (and lse) as
+// the mma.sync kernel; the pieces they share are in attention_dense.cuh.
+// Causal modes only: a step with a QUERY_DENSE entry takes the mma.sync
+// kernel (attention_dense.cu, launch).
 // FlashAttention-3 style:
 //
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.

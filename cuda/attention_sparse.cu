@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: MIT
-// ReSA decode attention over the blocks chosen by select_blocks.cu: split-KV
-// flash decoding, then a log-sum-exp combine.
+// ReSA decode attention (DECODE and QUERY_SPARSE rows) over the blocks chosen
+// by select_blocks.cu: split-KV flash decoding, then a log-sum-exp combine.
 // CPU twin: lib/cpu/attention_sparse.c (the attention half).
 //
 // attend_split: grid (splits, n_decode * hkv), 4 warps.  Split s of an
-// (entry, head) takes list entries [s*per, min(n, (s+1)*per)) with
-// per = ceil(n_select / splits); splits depends only on the shape (num_sms,
+// (entry, head) takes list entries [s*per, min(n, (s+1)*per)) with n the
+// pair's chosen-block count (a->sel_counts, written by select_blocks: the
+// budget n_select for a whole sequence, any number from 0 for a split one)
+// and per = ceil(n / splits); splits depends only on the shape (num_sms,
 // n_decode, hkv), so a CUDA graph replays for any lengths, and empty splits
-// exit at once.
+// exit at once.  A pair with n = 0 (a QUERY_SPARSE row that chose none of
+// this context's blocks) gets a 0 output row and lse -inf from the combine,
+// as the CPU's empty rows.
 //  - Work unit: 16 keys (two half-tiles of 8 consecutive positions; a half is
 //    one block when b = 8, part of one when b >= 16), so any power-of-two
 //    block size b >= 8 maps onto one m16n8k16 MMA step.
@@ -475,19 +479,16 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     const int splits = gridDim.x, s = blockIdx.x, pair = blockIdx.y;
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
     const resa_dev_entry &e = a.entries[a.decode_ids[i]];
-    const int n = e.n_select, per = (n + splits - 1) / splits;
-    const int lo = s * per, hi = min(n, lo + per);
-    if (lo >= hi) { // the combine reads only the non-empty splits
-        pdl_wait();
-        pdl_trigger();
-        return;
-    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // The queries were written before the layer began: staged while the
-    // select kernel finishes; the chosen list only after it has.
+    // select kernel finishes; the chosen list and its count only after it has.
     stage_queries<T, D>(a, e.row, h, q_tile);
     pdl_wait();
     pdl_trigger(); // the combine may launch; it waits for our partials
+    const int n = a.sel_counts[pair], per = (n + splits - 1) / splits;
+    const int lo = s * per, hi = min(n, lo + per);
+    if (lo >= hi) // the combine reads only the non-empty splits (uniform over the CTA)
+        return;
 
     Chunk c;
     c.list = (const int32_t *)a.ws_select + (size_t)pair * Dm.max_seq_blocks;
@@ -606,7 +607,21 @@ __global__ void __launch_bounds__(kThreads) combine(resa_cuda_layer_args a, int 
     const int pair = item / g, r = item % g;
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
     const resa_dev_entry &e = a.entries[a.decode_ids[i]];
-    const int n = e.n_select, per = (n + splits - 1) / splits;
+    T *const orow = (T *)a.out + ((size_t)e.row * Dm.hq + (size_t)h * g + r) * D;
+    const int n = a.sel_counts[pair];
+    if (n <= 0) { // no block chosen here (uniform over the CTA): out 0, lse -inf
+        if (warp == 0) {
+            float zero[PER];
+#pragma unroll
+            for (int x = 0; x < PER; x++)
+                zero[x] = 0.0f;
+            store_row<T, PER>(orow + lane * PER, zero);
+            if (a.lse && lane == 0)
+                a.lse[(size_t)e.row * Dm.hq + (size_t)h * g + r] = -INFINITY;
+        }
+        return;
+    }
+    const int per = (n + splits - 1) / splits;
     const int used = (n + per - 1) / per;
     const int stride = 2 * kRows + g * D;
     const float *p = parts + (size_t)pair * splits * stride;
@@ -658,8 +673,7 @@ __global__ void __launch_bounds__(kThreads) combine(resa_cuda_layer_args a, int 
     // and L are in log2 units (the scores were scaled by log2 e)
     if (a.lse && lane == 0)
         a.lse[(size_t)e.row * Dm.hq + (size_t)h * g + r] = (M + log2f(L)) * 0.6931471805599453f;
-    store_row<T, PER>((T *)a.out + ((size_t)e.row * Dm.hq + (size_t)h * g + r) * D + lane * PER,
-                      acc);
+    store_row<T, PER>(orow + lane * PER, acc);
 }
 
 // ---- launch configuration (from the shape alone) ----

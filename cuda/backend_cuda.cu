@@ -457,29 +457,33 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
     int32_t *touched = (int32_t *)(h + st->off_touched);
     int32_t *deltas = (int32_t *)(h + st->off_deltas);
     int32_t n_decode = 0, n_dense = 0, n_touched = 0, n_deltas = 0;
+    int32_t n_query_dense = 0;
     for (int32_t i = 0; i < step->n_entries; i++) {
         const resa_step_entry *e = &step->entries[i];
-        if (!resa_mode_stores(e->mode) || e->first_block != 0)
-            return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                        "step_begin: seqs[%d]: the CUDA backend has no QUERY modes and no "
-                        "sequences with a span (resa_seq_set_span, first_token > 0) yet; the "
-                        "CPU backend has", i);
         resa_dev_entry &d = ent[i];
         d.slot = e->slot;
         d.mode = e->mode;
         d.n = e->n;
         d.n_blocks = e->n_blocks;
         d.n_select = e->n_select;
-        d.pad = 0;
+        d.n_pick = e->n_pick;
+        d.first_block = e->first_block;
+        d.local_blocks = e->local_blocks;
         d.row = e->row;
         d.start = e->start;
         d.end = e->end;
         d.valid = e->valid;
-        if (e->mode == RESA_MODE_DECODE)
+        // sparse entries (DECODE, QUERY_SPARSE): selection and split-KV decode;
+        // dense ones (APPEND, RECTIFY, QUERY_DENSE): the dense kernels
+        if (resa_mode_sparse(e->mode))
             decode[n_decode++] = i;
-        else if (e->mode != RESA_MODE_APPEND_KV)
+        else if (resa_mode_dense(e->mode))
             dense[n_dense++] = i;
-        for (int64_t blk = e->start >> D.log2_b; blk <= (e->end - 1) >> D.log2_b; blk++) {
+        n_query_dense += e->mode == RESA_MODE_QUERY_DENSE;
+        // QUERY entries write no key, so no summary changes (their page
+        // tables are still synced below: their kernels read them)
+        for (int64_t blk = e->start >> D.log2_b;
+             resa_mode_stores(e->mode) && blk <= (e->end - 1) >> D.log2_b; blk++) {
             touched[2 * n_touched] = i;
             touched[2 * n_touched + 1] = (int32_t)blk;
             n_touched++;
@@ -518,6 +522,8 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
     a.n_decode = n_decode;
     a.dense_ids = (const int32_t *)(st->d_meta + st->off_dense);
     a.n_dense = n_dense;
+    a.n_query_dense = n_query_dense;
+    a.sel_counts = resa_cuda_select_counts(&D, st->ws_select);
     a.touched = (const int32_t *)(st->d_meta + st->off_touched);
     a.n_touched = n_touched;
     a.n_rows = step->n_rows;
@@ -533,19 +539,30 @@ resa_status cuda_step_prepare(resa_ctx *ctx, const resa_step *step)
     return RESA_OK;
 }
 
+// The prepared step's arguments with the pool pointers of `layer`.
+resa_cuda_layer_args layer_args(cuda_state *st, int32_t layer)
+{
+    const resa_cuda_dims &D = st->dims;
+    resa_cuda_layer_args a = st->step;
+    const size_t kv_off = kv_elems_per_layer(D) * layer * kv_elt(D);
+    const size_t sum_off = sum_elems_per_layer(D) * layer * sum_elt(D);
+    a.layer = layer;
+    a.k = (char *)st->k + kv_off;
+    a.v = (char *)st->v + kv_off;
+    a.kscale = st->kscale ? st->kscale + scale_elems_per_layer(D) * layer : NULL;
+    a.vscale = st->vscale ? st->vscale + scale_elems_per_layer(D) * layer : NULL;
+    a.kmin = (char *)st->kmin + sum_off;
+    a.kmax = (char *)st->kmax + sum_off;
+    a.kexp = st->kexp ? st->kexp + exp_elems_per_layer(D) * layer : NULL;
+    a.selection = st->selection ? st->selection + (size_t)layer * D.hkv * D.sel_words : NULL;
+    a.stream = st->stream;
+    return a;
+}
+
 resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer, const void *q,
                              const void *k, const void *v, void *out, const resa_attend_extra *x)
 {
     cuda_state *st = state(ctx);
-    if (x->threshold_scores)
-        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                    "step_attend_ex: threshold_scores: the CUDA backend has no two-phase "
-                    "selection yet (the CPU backend has)");
-    if (x->lse && st->step.n_dense > 0)
-        return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                    "step_attend_ex: lse: the CUDA backend writes the log-sum-exp of DECODE "
-                    "rows only so far; APPEND and RECTIFY rows (the dense kernels) are not "
-                    "done");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     TRY(cudaStreamIsCapturing(st->stream, &capture), "step_attend: cudaStreamIsCapturing");
     if (capture == cudaStreamCaptureStatusActive)
@@ -560,25 +577,18 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
             ctx->captured_next = (ctx->captured_next + 1) % RESA_CAPTURED_SHAPES;
         }
     }
-    const resa_cuda_dims &D = st->dims;
-    resa_cuda_layer_args a = st->step;
-    const size_t kv_off = kv_elems_per_layer(D) * layer * kv_elt(D);
-    const size_t sum_off = sum_elems_per_layer(D) * layer * sum_elt(D);
-    a.layer = layer;
-    a.k = (char *)st->k + kv_off;
-    a.v = (char *)st->v + kv_off;
-    a.kscale = st->kscale ? st->kscale + scale_elems_per_layer(D) * layer : NULL;
-    a.vscale = st->vscale ? st->vscale + scale_elems_per_layer(D) * layer : NULL;
-    a.kmin = (char *)st->kmin + sum_off;
-    a.kmax = (char *)st->kmax + sum_off;
-    a.kexp = st->kexp ? st->kexp + exp_elems_per_layer(D) * layer : NULL;
-    a.selection = st->selection ? st->selection + (size_t)layer * D.hkv * D.sel_words : NULL;
+    resa_cuda_layer_args a = layer_args(st, layer);
     a.q = q;
     a.k_in = k;
     a.v_in = v;
     a.out = out;
     a.lse = x->lse;
-    a.stream = st->stream;
+    a.thr_scores = x->threshold_scores;
+    a.thr_blocks = x->threshold_blocks;
+    // The first kernel (kv_write's, a plain launch) always runs, also for a
+    // step of QUERY entries only (its warps store nothing then): the
+    // selection is a programmatic dependent and reads q before its
+    // griddepcontrol.wait, which is safe only behind a kernel of ours.
     TRY(resa_cuda_kv_write(&a), "step_attend: resa_cuda_kv_write");
     if (a.n_decode > 0) {
         TRY(resa_cuda_select_blocks(&a), "step_attend: resa_cuda_select_blocks");
@@ -589,24 +599,44 @@ resa_status cuda_step_attend(resa_ctx *ctx, const resa_step *step, int32_t layer
     return RESA_OK;
 }
 
-// The two-phase selection is not in the CUDA backend yet (docs/API.md,
-// "Context parallelism", CUDA): select_blocks.cu would need the span's
-// global block offset, a host threshold in place of find_threshold, a
-// per-pair count for attention_sparse.cu and an export of the top-K keys.
-resa_status cuda_block_scores(resa_ctx *ctx, const resa_step *, int32_t, const void *, int64_t,
-                              float *, int32_t *, int32_t *)
+
+// Phase 1 of the two-phase selection (docs/API.md, "Context parallelism"):
+// the counts of the entries that are not sparse are zeroed (one memset, only
+// when the step has such entries), then the selection kernel runs in its
+// export mode (select_blocks.cu, resa_cuda_block_scores) on this layer's
+// summaries.  Device pointers, only enqueued, no allocation.
+resa_status cuda_block_scores(resa_ctx *ctx, const resa_step *step, int32_t layer, const void *q,
+                              int64_t capacity, float *scores, int32_t *blocks, int32_t *counts)
 {
-    return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                "step_block_scores: the CUDA backend has no two-phase selection yet (the CPU "
-                "backend has)");
+    cuda_state *st = state(ctx);
+    resa_cuda_layer_args a = layer_args(st, layer);
+    if (step->n_sparse < step->n_entries)
+        TRY(cudaMemsetAsync(counts, 0, sizeof(int32_t) * (size_t)step->n_entries * st->dims.hkv,
+                            st->stream),
+            "step_block_scores: cudaMemsetAsync(counts)");
+    if (a.n_decode == 0)
+        return RESA_OK;
+    a.q = q;
+    a.selection = NULL; // phase 1 records nothing
+    a.cp_scores = scores;
+    a.cp_blocks = blocks;
+    a.cp_counts = counts;
+    a.cp_capacity = capacity;
+    TRY(resa_cuda_block_scores(&a), "step_block_scores: resa_cuda_block_scores");
+    return RESA_OK;
 }
 
-resa_status cuda_thresholds(resa_ctx *ctx, const resa_step *, int32_t, int64_t, const float *,
-                            const int32_t *, const int32_t *, float *, int32_t *)
+// The thresholds from the gathered lists: one kernel (select_cp.cu) that
+// reads the step's entries (n_pick, mode) from the uploaded metadata.
+resa_status cuda_thresholds(resa_ctx *ctx, const resa_step *step, int32_t n_ranks,
+                            int64_t capacity, const float *scores, const int32_t *blocks,
+                            const int32_t *counts, float *thr_scores, int32_t *thr_blocks)
 {
-    return fail(ctx, RESA_ERR_NOT_SUPPORTED,
-                "step_thresholds: the CUDA backend has no two-phase selection yet (the CPU "
-                "backend has)");
+    cuda_state *st = state(ctx);
+    TRY(resa_cuda_thresholds(st->step.entries, step->n_entries, st->dims.hkv, n_ranks, capacity,
+                             scores, blocks, counts, thr_scores, thr_blocks, st->stream),
+        "step_thresholds: resa_cuda_thresholds");
+    return RESA_OK;
 }
 
 resa_status cuda_merge_states(resa_ctx *ctx, int32_t n_parts, int64_t n_rows,

@@ -3,7 +3,9 @@
  * The interface between the CUDA backend's glue (cuda/backend_cuda.cu) and
  * its kernels, one operation per file, each the twin of a CPU file:
  *   cuda/kv_write.cu          <-> lib/cpu/kv_write.c
- *   cuda/select_blocks.cu     <-> lib/cpu/attention_sparse.c (choose_blocks)
+ *   cuda/select_blocks.cu     <-> lib/cpu/attention_sparse.c (choose_blocks) and
+ *                                 lib/cpu/block_scores.c (phase 1 of the two-phase selection)
+ *   cuda/select_cp.cu         <-> lib/cpu/block_scores.c (the thresholds)
  *   cuda/attention_sparse.cu  <-> lib/cpu/attention_sparse.c (attention)
  *   cuda/attention_dense.cu   <-> lib/cpu/attention_dense.c
  *
@@ -43,12 +45,14 @@ typedef struct resa_dev_entry {
     int32_t slot;     /* sequence slot: row of page_tables */
     int32_t mode;     /* resa_mode */
     int32_t n;        /* rows */
-    int32_t n_blocks; /* DECODE: M */
-    int32_t n_select; /* DECODE: budget n (forced blocks included, <= M) */
-    int32_t pad;
+    int32_t n_blocks; /* DECODE, QUERY_SPARSE: M, over every context of a split sequence */
+    int32_t n_select; /* DECODE, QUERY_SPARSE: budget n (forced blocks included, <= M) */
+    int32_t n_pick;   /* DECODE, QUERY_SPARSE: n minus the forced blocks (0 when n == M) */
+    int32_t first_block;  /* global index of this context's block 0 (resa_seq_set_span) */
+    int32_t local_blocks; /* DECODE, QUERY_SPARSE: blocks of this context the row may attend */
     int64_t row;      /* first row in q, k, v, out */
-    int64_t start;    /* position of the first row */
-    int64_t end;      /* start + n */
+    int64_t start;    /* position of the first row (local: this context's positions) */
+    int64_t end;      /* start + n; QUERY modes: the length (keys [0, end) are visible) */
     int64_t valid;    /* positions holding keys after the writes: max(end, old length) */
 } resa_dev_entry;
 
@@ -68,10 +72,14 @@ typedef struct resa_cuda_layer_args {
     const int32_t *page_tables;  /* [max_seqs][max_seq_blocks] */
     const resa_dev_entry *entries;
     int32_t n_entries;
-    const int32_t *decode_ids;   /* [n_decode] indices of DECODE entries */
+    const int32_t *decode_ids;   /* [n_decode] indices of the sparse entries: DECODE and
+                                    QUERY_SPARSE (the selection and the split-KV kernels) */
     int32_t n_decode;
-    const int32_t *dense_ids;    /* [n_dense] indices of APPEND and RECTIFY entries */
+    const int32_t *dense_ids;    /* [n_dense] indices of APPEND, RECTIFY and QUERY_DENSE
+                                    entries */
     int32_t n_dense;
+    int32_t n_query_dense;       /* QUERY_DENSE entries among them (no causal mask: every
+                                    row sees [0, end); the mma.sync kernel serves them) */
     const int32_t *touched;      /* [n_touched] (entry, block) pairs whose summaries the
                                     step's writes change, 2 int32 each */
     int32_t n_touched;
@@ -82,8 +90,21 @@ typedef struct resa_cuda_layer_args {
     int32_t local_blocks, sink_blocks;
     const void *q, *k_in, *v_in; /* IO dtype, layouts of resa.h */
     void *out;
-    float *lse;                  /* [n_rows][hq] log-sum-exps of the rows (DECODE rows
-                                    only, resa_ctx_step_attend_ex), or NULL */
+    float *lse;                  /* [n_rows][hq] natural log-sum-exps of the rows that
+                                    attend (resa_ctx_step_attend_ex), or NULL */
+    const float *thr_scores;     /* [n_entries][hkv] thresholds of the two-phase selection
+                                    (resa_ctx_step_thresholds), or NULL: each sparse entry */
+    const int32_t *thr_blocks;   /* then takes its candidates ranking at or above them */
+    int32_t *sel_counts;         /* [max_seqs][hkv] blocks chosen per (sparse entry, head),
+                                    written by select_blocks, read by attention_sparse
+                                    (resa_cuda_select_counts of ws_select) */
+    /* Phase 1 (resa_ctx_step_block_scores; resa_cuda_block_scores only): the best
+     * candidates' (score, global block) of each sparse entry and head at
+     * [(entry * hkv + head) * cp_capacity + j], their number in cp_counts. */
+    float *cp_scores;
+    int32_t *cp_blocks;
+    int32_t *cp_counts;
+    int64_t cp_capacity;
     void *ws_select;             /* resa_cuda_select_workspace() bytes */
     void *ws_sparse;             /* resa_cuda_sparse_workspace() bytes */
     void *ws_dense;              /* resa_cuda_dense_workspace() bytes */
@@ -114,16 +135,35 @@ cudaError_t resa_cuda_refresh_summaries(const resa_cuda_dims *dims, void *k,
                                         void *kmax, int8_t *kexp, const int32_t *d_pages,
                                         int64_t lo, int64_t hi, int64_t valid,
                                         cudaStream_t stream);
-/* select_blocks.cu: for every DECODE entry and KV head: pooled query, block
- * scores, budget with forced blocks, top-n; writes the chosen block indices
- * (ascending) to the workspace and, when a->selection, the bitmap. */
+/* select_blocks.cu: for every DECODE and QUERY_SPARSE entry and KV head:
+ * pooled query, block scores, budget with forced blocks, top-n (or, with
+ * a->thr_scores, every candidate ranking at or above the threshold); writes
+ * the chosen local block indices (ascending) to the workspace, their number
+ * to a->sel_counts and, when a->selection, the bitmap. */
 cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a);
-/* attention_sparse.cu: split-KV attention of every DECODE entry over the
- * blocks chosen by resa_cuda_select_blocks (same a->ws_select), all g query
- * heads of a group sharing each K/V load, then the log-sum-exp combine. */
+/* select_blocks.cu: phase 1 of the two-phase selection: the same scores and
+ * top-K of this context's candidates, into a->cp_scores / cp_blocks /
+ * cp_counts (counts of the sparse entries only; the caller zeroes the
+ * others).  A plain launch (its inputs may come straight from the host's
+ * kernels). */
+cudaError_t resa_cuda_block_scores(const resa_cuda_layer_args *a);
+/* select_blocks.cu: where ws_select keeps the per-(sparse entry, head) counts. */
+int32_t *resa_cuda_select_counts(const resa_cuda_dims *dims, void *ws_select);
+/* select_cp.cu: resa_ctx_step_thresholds: per (entry, head) the K-th best of
+ * the gathered (score, block) lists (lib/cpu/block_scores.c's rule), one
+ * plain launch on stream. */
+cudaError_t resa_cuda_thresholds(const resa_dev_entry *entries, int32_t n_entries, int32_t hkv,
+                                 int32_t n_ranks, int64_t capacity, const float *scores,
+                                 const int32_t *blocks, const int32_t *counts, float *thr_scores,
+                                 int32_t *thr_blocks, cudaStream_t stream);
+/* attention_sparse.cu: split-KV attention of every DECODE and QUERY_SPARSE
+ * entry over the blocks chosen by resa_cuda_select_blocks (same a->ws_select,
+ * a->sel_counts), all g query heads of a group sharing each K/V load, then
+ * the log-sum-exp combine. */
 cudaError_t resa_cuda_attention_sparse(const resa_cuda_layer_args *a);
-/* attention_dense.cu: dense causal attention of every APPEND and RECTIFY
- * entry (row at position p sees [0, p]) on tensor cores. */
+/* attention_dense.cu: dense attention of every APPEND and RECTIFY entry
+ * (causal: row at position p sees [0, p]) and QUERY_DENSE entry (every row
+ * sees [0, end)) on tensor cores; with a->lse, the rows' log-sum-exps. */
 cudaError_t resa_cuda_attention_dense(const resa_cuda_layer_args *a);
 
 /* merge_states.cu: resa_ctx_merge_states on device memory (lib/merge.c's
@@ -133,7 +173,8 @@ cudaError_t resa_cuda_merge_states(int32_t dtype, int32_t n_parts, int64_t n_row
                                    float *lse, cudaStream_t stream);
 
 /* Where select_blocks leaves its result for attention_sparse:
- * list of (decode index i, head h) at ws_select + sel_list_offset, length n_select. */
+ * list of (decode index i, head h) at ws_select + sel_list_offset, length
+ * sel_counts[i * hkv + h]. */
 static inline int32_t *resa_cuda_sel_list(const resa_cuda_dims *dims, void *ws_select,
                                           int32_t decode_index, int32_t head)
 {

@@ -64,7 +64,8 @@ __device__ __forceinline__ void quantize_row(const T *src, uint8_t *dst, float *
 
 // Stores K and V of one (row, KV head) into its page with 16-byte copies by
 // the lanes of one warp (F8: quantized, with their scales); false for a warp
-// past the last item (warp-uniform).
+// past the last item or on a row of a QUERY entry, which stores nothing (its
+// k and v rows are not read: they may not exist) (warp-uniform).
 template <typename T, bool F8>
 __device__ __forceinline__ bool store_row(const resa_cuda_layer_args &a, row_slot *out)
 {
@@ -77,6 +78,8 @@ __device__ __forceinline__ bool store_row(const resa_cuda_layer_args &a, row_slo
     const int64_t row = item / D.hkv;
     const int head = (int)(item % D.hkv);
     const resa_dev_entry &e = a.entries[entry_of_row(a.entries, a.n_entries, row)];
+    if (e.mode == RESA_MODE_QUERY_DENSE || e.mode == RESA_MODE_QUERY_SPARSE)
+        return false;
     const int64_t pos = e.start + (row - e.row);
     const int32_t page = a.page_tables[(size_t)e.slot * D.max_seq_blocks + (pos >> D.log2_b)];
     const size_t s = ((size_t)page * D.hkv + head) * D.d;
@@ -279,7 +282,9 @@ cudaError_t resa_cuda_kv_write(const resa_cuda_layer_args *a)
     const int64_t touched = (int64_t)a->n_touched * a->dims.hkv;
     if (rows <= 0 && touched <= 0)
         return cudaGetLastError();
-    // Decode-only step: each entry is one DECODE row touching one block.
+    // Decode-only step: each entry is one DECODE row touching one block (a
+    // QUERY_SPARSE entry, also counted in n_decode, touches none, so the
+    // step is not decode-only then).
     const bool decode_only = a->n_decode == a->n_entries && a->n_rows == a->n_entries &&
                              a->n_touched == a->n_entries;
     // The first kernel of the layer is a plain launch: its inputs come from

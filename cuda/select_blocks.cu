@@ -1,7 +1,24 @@
 // SPDX-License-Identifier: MIT
-// ReSA block selection for every DECODE entry and KV head: pooled group query,
-// block scores from the min/max summaries, forced sink/local blocks, top-n.
-// CPU twin: lib/cpu/attention_sparse.c (choose_blocks).
+// ReSA block selection for every DECODE and QUERY_SPARSE entry and KV head:
+// pooled group query, block scores from the min/max summaries, forced
+// sink/local blocks, top-n.  CPU twins: lib/cpu/attention_sparse.c
+// (choose_blocks) and lib/cpu/block_scores.c (phase 1 of the two-phase
+// selection, resa_cuda_block_scores).
+//
+// A sequence with a span (resa_seq_set_span) is selected in local block
+// indices: this context's block j is the sequence's block first_block + j.
+// The budget, the forced blocks (the sequence's first sink and last local
+// blocks) and the candidate count K come from the whole sequence; the
+// candidates here are the local blocks outside the forced ranges.  Without
+// thresholds the tail takes the best min(K, candidates here) of them (ties:
+// lower index, the same order as lower global index); with thresholds
+// (resa_ctx_step_attend_ex) it takes every candidate ranking at or above the
+// entry's (t, t_block): key > order_key(t), or key == order_key(t) and
+// first_block + j <= t_block, counted by one sweep before the write sweep.
+// Each (entry, head) leaves its number of chosen blocks in sel_counts for
+// attention_sparse.cu.  Phase 1 (resa_cuda_block_scores, cp_counts set) runs
+// the same scores and top-K search and writes the chosen candidates' scores
+// and global indices to the host's lists instead of the selection.
 //
 // One launch per layer (score_select), no host synchronization, no allocation:
 //  - scores: the summaries are 1/16 of the KV bytes and are read once, so
@@ -46,6 +63,8 @@
 //   cells    [max_seqs][hkv] PairCells: zero at rest (resa_cuda_select_init once)
 //   hscores  [max_seqs][hkv][group][max_seq_blocks] float: GROUP_SCORE HEAD_SHARE's
 //            per-head block scores in logits (the tail turns them into keys)
+//   hparts   HEAD_SHARE's per-CTA partial log-sum-exps
+//   counts   [max_seqs][hkv] int32: blocks chosen per (entry, head) (resa_cuda_select_counts)
 #include <cuda_fp8.h>
 #include <limits.h>
 
@@ -71,27 +90,38 @@ struct PairCells {
     uint32_t count, not_min, max, pad;
 };
 
-// One (decode entry, KV head) as both kernels see it.
+// One (sparse entry, KV head) as both kernels see it, in this context's
+// local block indices (global index = fb + local index).
 struct Pair {
-    int32_t slot, M, n;      // blocks so far, budget
+    int32_t slot, entry;     // sequence slot, index of the entry in the step
+    int32_t M;               // blocks of this context the row may attend
+    int32_t all;             // the budget covers the whole sequence: every block
     int32_t cand_lo, cand_hi; // candidates [cand_lo, cand_hi): neither sink nor local
-    int32_t k;               // candidates to choose: n minus the forced blocks
+    int32_t k;               // candidates to choose here: min(the sequence's n minus
+                             // its forced blocks, cand_hi - cand_lo); 0: none by score
+    int32_t fb;              // first_block: global index of local block 0
     int64_t row;             // the entry's query row
 };
 
+// lib/cpu/attention_sparse.c, candidate_range: the global forced ranges
+// [0, sink) and [M - local, M) cut out of the local blocks [0, Ml).
 __device__ Pair load_pair(const resa_cuda_layer_args &a, int i)
 {
-    const resa_dev_entry &e = a.entries[a.decode_ids[i]];
+    const int ei = a.decode_ids[i];
+    const resa_dev_entry &e = a.entries[ei];
     Pair p;
     p.slot = e.slot;
-    p.M = e.n_blocks;
-    p.n = e.n_select;
+    p.entry = ei;
     p.row = e.row;
-    const int sink = min(max(a.sink_blocks, 0), p.M);
-    const int local_from = p.M - min(max(a.local_blocks, 0), p.M);
-    p.cand_lo = sink;
-    p.cand_hi = max(local_from, sink); // the two forced ranges may overlap
-    p.k = p.n - (sink + (p.M - p.cand_hi));
+    p.fb = e.first_block;
+    const int M = e.n_blocks, Ml = e.local_blocks;
+    p.M = Ml;
+    p.all = e.n_select >= M;
+    const int sink = min(max(a.sink_blocks, 0), M);
+    const int local_from = M - min(max(a.local_blocks, 0), M);
+    p.cand_lo = min(max(sink - p.fb, 0), Ml);
+    p.cand_hi = min(max(local_from - p.fb, p.cand_lo), Ml); // the forced ranges may overlap
+    p.k = !p.all && e.n_pick > 0 ? min(e.n_pick, p.cand_hi - p.cand_lo) : 0;
     return p;
 }
 
@@ -573,45 +603,127 @@ __device__ void take_all(int M, int32_t *list, uint32_t *bits, int sel_words)
         }
 }
 
+// Phase 1 (a.cp_counts set): the best k candidates of this context (the same
+// search as select_tail's mode 2), written as (score, global block) to the
+// host's lists at x * cp_capacity, x = entry * hkv + head, in index order,
+// and their number to cp_counts[x].  The score is key_value(key): NaN was
+// stored as -inf, -0 as +0 (equal under ==, the order's comparison).
+__device__ void export_tail(const resa_cuda_layer_args &a, const Pair &p, int pair,
+                            const uint32_t *kg, uint32_t *keys_s, TailShared &ts)
+{
+    const resa_cuda_dims &Dm = a.dims;
+    const size_t x = (size_t)p.entry * Dm.hkv + pair % Dm.hkv;
+    const int ncand = p.cand_hi - p.cand_lo;
+    // 0: nothing chosen by score here; 1: every candidate; 2: threshold on the keys
+    const int mode = p.all || p.k <= 0 ? 0 : p.k >= ncand ? 1 : 2;
+    if (mode == 0) { // uniform over the CTA
+        if (threadIdx.x == 0)
+            a.cp_counts[x] = 0;
+        return;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const Seg sg = warp_seg(p);
+    if (lane == 0) // candidates of the segment taken so far (find_threshold adds its own)
+        ts.seg_take[warp] = mode == 1 ? sg.c1 - sg.c0 : 0;
+    __syncthreads();
+    const uint32_t *kp = kg;
+    bool global = true;
+    uint32_t T = 0u;
+    int jT = INT_MAX;
+    if (mode == 2) {
+        find_threshold(ts, p, sg, kg, keys_s);
+        kp = keys_s ? keys_s : kg;
+        global = keys_s == nullptr;
+        T = ts.T;
+        jT = ts.jT;
+    }
+    int pos = (int)warps_before((const uint32_t *)ts.seg_take);
+    float *so = a.cp_scores + x * (size_t)a.cp_capacity;
+    int32_t *bo = a.cp_blocks + x * (size_t)a.cp_capacity;
+    sweep_any(kp, global, sg.c0, sg.c1, [&](int j, uint32_t key, bool in) {
+        const bool take = in && (mode == 1 || key > T || (key == T && j <= jT));
+        const unsigned bt = __ballot_sync(0xffffffffu, take);
+        if (take) {
+            const int r = pos + __popc(bt & lanemask_lt());
+            so[r] = key_value(key);
+            bo[r] = p.fb + j;
+        }
+        pos += __popc(bt);
+    });
+    if (warp == kWarps - 1 && lane == 0) // the last segment ends at the total
+        a.cp_counts[x] = pos;
+}
+
 // The top-n of one (entry, head) by one CTA, once every score of it is in
 // `kg` (global, written by this grid: read through L2 after the acquire
 // fence) and ts.lo / ts.hi hold their key range; keys_s: shared staging of
 // max_seq_blocks keys, or null.  One index-ordered write sweep at the end:
-// warp w writes its segment's taken blocks at sum(seg_take[< w]).
+// warp w writes its segment's taken blocks at sum(seg_take[< w]); the last
+// warp's end is the pair's count (sel_counts).  With thresholds
+// (a.thr_scores) a counting sweep over the candidates comes first.
+// kExport: phase 1 (export_tail) instead, its own instantiation so that the
+// decode kernel does not carry its code (register pressure).
+template <bool kExport>
 __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pair,
                             const uint32_t *kg, uint32_t *keys_s, TailShared &ts)
 {
+    if constexpr (kExport) {
+        export_tail(a, p, pair, kg, keys_s, ts);
+        return;
+    }
     const resa_cuda_dims &Dm = a.dims;
     const int h = pair % Dm.hkv;
     int32_t *list = (int32_t *)a.ws_select + (size_t)pair * Dm.max_seq_blocks;
     uint32_t *bits = a.selection
                          ? a.selection + ((size_t)p.slot * Dm.n_layers * Dm.hkv + h) * Dm.sel_words
                          : nullptr;
-    if (p.n >= p.M) {
+    if (p.all) {
         take_all(p.M, list, bits, Dm.sel_words);
+        if (threadIdx.x == 0)
+            a.sel_counts[pair] = p.M;
         return;
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const Seg sg = warp_seg(p);
     const int ncand = p.cand_hi - p.cand_lo;
-    // 0: only forced blocks; 1: every block; 2: threshold on the keys
-    const int mode = p.k <= 0 ? 0 : p.k >= ncand ? 1 : 2;
+    // 0: only forced blocks; 1: every block; 2: threshold on the keys (this
+    // context's top k); 3: the thresholds of resa_ctx_step_thresholds
+    const int mode = p.k <= 0 ? 0 : a.thr_scores ? 3 : p.k >= ncand ? 1 : 2;
     if (lane == 0) // forced blocks of the segment (all of it in mode 1)
         ts.seg_take[warp] = (sg.w1 - sg.w0) - (mode == 1 ? 0 : sg.c1 - sg.c0);
     __syncthreads();
     const uint32_t *kp = nullptr;
     bool global = false;
+    uint32_t T = 0u;
+    int jT = 0;
     if (mode == 2) {
         find_threshold(ts, p, sg, kg, keys_s);
         kp = keys_s ? keys_s : kg;
         global = keys_s == nullptr;
+        T = ts.T;
+        jT = ts.jT;
+    } else if (mode == 3) {
+        // (t, t_block) of this entry and head; the local index of t_block
+        // (clamped: j <= jT keeps its meaning for any int32 t_block)
+        const size_t at = (size_t)p.entry * Dm.hkv + h;
+        T = order_key(a.thr_scores[at]); // NaN as -inf, -0 as +0: the CPU's finite_or_low and ==
+        const int64_t tb = (int64_t)a.thr_blocks[at] - p.fb;
+        jT = (int)max((int64_t)-1, min((int64_t)INT_MAX, tb));
+        kp = kg;
+        global = true;
+        int n = 0;
+        sweep<true>(kg, sg.c0, sg.c1, [&](int j, uint32_t key, bool in) {
+            n += __popc(__ballot_sync(0xffffffffu, in && (key > T || (key == T && j <= jT))));
+        });
+        if (lane == 0)
+            ts.seg_take[warp] += n;
+        __syncthreads();
     }
-    const uint32_t T = mode == 2 ? ts.T : 0u;
-    const int jT = mode == 2 ? ts.jT : 0;
     int pos = (int)warps_before((const uint32_t *)ts.seg_take);
     auto write = [&](int j, uint32_t key, bool in) {
         const bool cand = j >= p.cand_lo && j < p.cand_hi;
-        const bool take = in && (!cand || mode == 1 || (mode == 2 && (key > T || (key == T && j <= jT))));
+        const bool take = in && (!cand || mode == 1 ||
+                                 (mode >= 2 && (key > T || (key == T && j <= jT))));
         const unsigned bt = __ballot_sync(0xffffffffu, take);
         if (take)
             list[pos + __popc(bt & lanemask_lt())] = j;
@@ -621,11 +733,13 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
     };
     // the segment is 32-aligned, so each 32-step of the sweep is one bitmap
     // word; the keys of forced blocks (never scored) are loaded and ignored
-    if (mode == 2)
+    if (mode >= 2)
         sweep_any(kp, global, sg.w0, sg.w1, [&](int j, uint32_t key, bool in) { write(j, key, in); });
     else
         for (int base = sg.w0; base < sg.w1; base += 32)
             write(base + lane, 0u, base + lane < sg.w1);
+    if (warp == kWarps - 1 && lane == 0) // the last segment ends at the total
+        a.sel_counts[pair] = pos;
     if (bits)
         for (int w = (p.M + 31) / 32 + threadIdx.x; w < Dm.sel_words; w += blockDim.x)
             bits[w] = 0u;
@@ -944,7 +1058,7 @@ struct PooledQuery {
 // the tail.)  A lane reads 16 bytes of kmin and of kmax per block: V = 8
 // dimensions of 16-bit summaries or 16 of fp8 ones (fp8 at 8 dimensions and
 // 8-byte loads measured ~2 us slower at 8 x 256K, bench/harness/NOTES.md).
-template <typename T, typename S, int D, bool kTop, int kShareG>
+template <typename T, typename S, int D, bool kTop, int kShareG, bool kExport>
 __global__ void __launch_bounds__(kScoreThreads, 1)
 score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hscores,
              float2 *hparts, int stage_keys)
@@ -968,11 +1082,11 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
     const Pair p = load_pair(a, i); // step metadata: written before the layer began
     uint32_t *out = keys + (size_t)pair * Dm.max_seq_blocks;
-    if (p.n >= p.M || p.k <= 0) { // everything or only forced blocks: no score needed
+    if (p.all || p.k <= 0) { // everything or only forced blocks: no score needed
         pdl_wait();
         pdl_trigger();
         if (kTop && blockIdx.x == 0)
-            select_tail(a, p, pair, out, nullptr, ts);
+            select_tail<kExport>(a, p, pair, out, nullptr, ts);
         return;
     }
     // GROUP_SCORE HEAD_SHARE: its own instantiations, one per group size
@@ -1115,9 +1229,17 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     __syncthreads();
     if (!ts.last)
         return;
+    // POOLED: the pair again, from the step metadata (unchanged since the
+    // step began): keeping all of it live across the score loop cost spills
+    // under the 64-register cap (the loads cannot be merged with the first
+    // ones across this CTA's global stores and fences).  HEAD_SHARE keeps it
+    // (there the reload spilled more).
+    Pair pr = p;
+    if constexpr (!share)
+        pr = load_pair(a, i);
     if constexpr (share)
-        head_share_keys<S, D>(a, p, h, qp, hs, parts, out, ts);
-    select_tail(a, p, pair, out, stage_keys ? keys_s : nullptr, ts);
+        head_share_keys<S, D>(a, pr, h, qp, hs, parts, out, ts);
+    select_tail<kExport>(a, pr, pair, out, stage_keys ? keys_s : nullptr, ts);
 }
 
 size_t list_elems(const resa_cuda_dims *D)
@@ -1152,6 +1274,12 @@ size_t hparts_bytes(const resa_cuda_dims *D)
     return ((size_t)D->max_seqs * D->hkv + (size_t)D->num_sms) * D->group * sizeof(float2);
 }
 
+// The chosen-block counts of every (entry, head), [max_seqs][hkv] int32.
+size_t sel_counts_offset(const resa_cuda_dims *D)
+{
+    return (hparts_offset(D) + hparts_bytes(D) + 255) & ~(size_t)255;
+}
+
 // Shared staging of the keys for the top-n tail, when it fits (0: none).
 size_t keys_smem(const resa_cuda_dims &D)
 {
@@ -1169,20 +1297,43 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
     return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
 }
 
-template <typename T, typename S, int D, bool kTop, int kShare>
-cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
+// Phase 1 (a->cp_counts) is a plain launch: the first kernel of its call,
+// whose inputs (q) may come straight from the host's kernels, which know
+// nothing of programmatic launches (kv_write.cu's first kernel is plain for
+// the same reason); the selection of step_attend is a programmatic dependent
+// of kv_write's last kernel.
+template <typename T, typename S, int D, bool kTop, int kShare, bool kExport>
+cudaError_t launch_score_e(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
                            PairCells *cells, float *hs, float2 *hp)
 {
     const size_t smem = kTop ? keys_smem(a->dims) : 0;
     if (smem > 0) {
-        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, kTop, kShare>,
+        cudaError_t err = cudaFuncSetAttribute(score_select<T, S, D, kTop, kShare, kExport>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                (int)smem);
         if (err != cudaSuccess)
             return err;
     }
-    return launch_pdl(score_select<T, S, D, kTop, kShare>, grid, dim3(kScoreThreads), smem, a->stream,
-                      *a, keys, cells, hs, hp, smem > 0 ? 1 : 0);
+    if constexpr (kExport) {
+        score_select<T, S, D, kTop, kShare, true><<<grid, kScoreThreads, smem, a->stream>>>(
+            *a, keys, cells, hs, hp, smem > 0 ? 1 : 0);
+        return cudaGetLastError();
+    }
+    return launch_pdl(score_select<T, S, D, kTop, kShare, kExport>, grid, dim3(kScoreThreads),
+                      smem, a->stream, *a, keys, cells, hs, hp, smem > 0 ? 1 : 0);
+}
+
+// Phase 1 (a->cp_counts) only with POOLED (kShare 0).
+template <typename T, typename S, int D, bool kTop, int kShare>
+cudaError_t launch_score_d(const resa_cuda_layer_args *a, dim3 grid, uint32_t *keys,
+                           PairCells *cells, float *hs, float2 *hp)
+{
+    if constexpr (kShare == 0)
+        if (a->cp_counts)
+            return launch_score_e<T, S, D, kTop, 0, true>(a, grid, keys, cells, hs, hp);
+    if (a->cp_counts)
+        return cudaErrorInvalidValue;
+    return launch_score_e<T, S, D, kTop, kShare, false>(a, grid, keys, cells, hs, hp);
 }
 
 template <typename T, typename S, bool kTop, int kShare>
@@ -1224,8 +1375,14 @@ size_t resa_cuda_select_workspace(const resa_cuda_dims *dims)
 {
     // lists, keys, the cells of every (entry, head), zero between launches, then
     // the per-head scores of HEAD_SHARE (g floats a block: 4g bytes next to the
-    // 2 b d bytes of its K/V, since the mode may be chosen at any step)
-    return hparts_offset(dims) + hparts_bytes(dims);
+    // 2 b d bytes of its K/V, since the mode may be chosen at any step), the
+    // chosen-block counts
+    return sel_counts_offset(dims) + (size_t)dims->max_seqs * dims->hkv * sizeof(int32_t);
+}
+
+int32_t *resa_cuda_select_counts(const resa_cuda_dims *dims, void *ws_select)
+{
+    return (int32_t *)((char *)ws_select + sel_counts_offset(dims));
 }
 
 cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select, cudaStream_t stream)
@@ -1235,6 +1392,14 @@ cudaError_t resa_cuda_select_init(const resa_cuda_dims *dims, void *ws_select, c
     if (err != cudaSuccess)
         return err;
     return cudaStreamSynchronize(stream);
+}
+
+cudaError_t resa_cuda_block_scores(const resa_cuda_layer_args *a)
+{
+    // POOLED only (the core refuses HEAD_SHARE with sparse entries here)
+    if (!a->cp_counts || a->group_score != 0)
+        return cudaErrorInvalidValue;
+    return resa_cuda_select_blocks(a);
 }
 
 cudaError_t resa_cuda_select_blocks(const resa_cuda_layer_args *a)

@@ -24,13 +24,17 @@
  *  - resa_merge_states against float64, with -inf parts (NaN behind them).
  *  - Bad arguments give clear errors.
  *
- *  - The LSE of a whole context's decode rows against float64.
+ *  - The LSE of a whole context's prefill and decode rows against float64.
+ *  - QUERY entries of a context holding none or part of a sequence: empty
+ *    rows (0 and -inf), the listed candidates, every candidate taken.
+ *  - HEAD_SHARE is refused wherever a split sequence would need it.
  *
  * Run with the argument "cuda" for the CUDA backend (suite gpu; exit 77
- * without a GPU): the merge kernel, the decode LSE, the head split and the
- * refusals of what the CUDA backend does not do yet (docs/API.md, "On the
- * CUDA backend"); test_cp_cuda, the split sequence on CUDA, is written and
- * waits for the CUDA two-phase selection.
+ * without a GPU): the split sequence on CUDA contexts (IO BF16 and F16, an
+ * fp8 KV cache, block sizes 8 and 16, head dims 64 and 128; the prefill
+ * length is never a multiple of the block size), the LSE of dense and decode
+ * rows, the QUERY edge cases, the head split, the merge kernel and the
+ * HEAD_SHARE refusals.
  */
 #include <check.h>
 #include <math.h>
@@ -152,8 +156,10 @@ typedef struct cp_world {
 
 enum { kPeriod = 3, kCap = 64 };
 
+/* kv: the KV dtype (io, or FP8_E4M3 for the fp8 cache); b: the block size,
+ * 0 for the default choice. */
 static void cp_init(cp_world *w, const char *name, int32_t R, int ties, resa_dtype io,
-                    int32_t d)
+                    resa_dtype kv, int32_t d, int32_t b)
 {
     memset(w, 0, sizeof *w);
     w->rng.s = th_test_seed(name);
@@ -163,8 +169,9 @@ static void cp_init(cp_world *w, const char *name, int32_t R, int ties, resa_dty
     p->hq = 4;
     p->hkv = 2;
     p->d = d;
-    p->b = g_cuda ? 8 : 4 << ref_rng_range(&w->rng, 0, 1); /* 4 or 8 (CUDA: 8 to 64) */
-    p->kv_dtype = p->io_dtype = io;
+    p->b = b > 0 ? b : g_cuda ? 8 : 4 << ref_rng_range(&w->rng, 0, 1); /* 4 or 8 (CUDA: 8 to 64) */
+    p->io_dtype = io;
+    p->kv_dtype = kv;
     p->fraction = 0.25;
     p->min_blocks = 3;
     p->local_blocks = 1 + ref_rng_range(&w->rng, 0, 1);
@@ -569,11 +576,11 @@ static void cp_step(cp_world *w, int32_t mode, int32_t n)
     mem_free(&all_cn);
 }
 
-static void cp_run(const char *name, int32_t R, int ties, resa_dtype io, int32_t d,
-                   int32_t decodes)
+static void cp_run_kv(const char *name, int32_t R, int ties, resa_dtype io, resa_dtype kv,
+                      int32_t d, int32_t b, int32_t decodes)
 {
     cp_world w;
-    cp_init(&w, name, R, ties, io, d);
+    cp_init(&w, name, R, ties, io, kv, d, b);
     /* prefill, rank by rank, in chunks that never cross a rank boundary */
     for (int32_t r = 0; r < R; r++) {
         w.owner = r;
@@ -605,6 +612,12 @@ static void cp_run(const char *name, int32_t R, int ties, resa_dtype io, int32_t
     cp_fini(&w);
 }
 
+static void cp_run(const char *name, int32_t R, int ties, resa_dtype io, int32_t d,
+                   int32_t decodes)
+{
+    cp_run_kv(name, R, ties, io, io, d, 0, decodes);
+}
+
 START_TEST(test_cp_r2) { cp_run("cp_r2", 2, 0, RESA_DTYPE_F32, 32, 40); }
 END_TEST
 START_TEST(test_cp_r3) { cp_run("cp_r3", 3, 0, RESA_DTYPE_F32, 48, 40); }
@@ -615,12 +628,29 @@ START_TEST(test_cp_ties) { cp_run("cp_ties", 3 + _i, 1, RESA_DTYPE_F32, 32, 40);
 END_TEST
 START_TEST(test_cp_bf16) { cp_run("cp_bf16", 3, 0, RESA_DTYPE_BF16, 64, 30); }
 END_TEST
+/* CUDA (also run on the CPU): the IO dtypes it takes.  The prefill length
+ * is never a multiple of the block size (cp_init). */
 START_TEST(test_cp_cuda) { cp_run("cp_cuda", 2 + _i, _i == 1, RESA_DTYPE_BF16, 64, 30); }
+END_TEST
+/* F16, d 128 (the owner's and the single context's prefill and
+ * rectification take Hopper's wgmma kernel where it is built, the QUERY_DENSE
+ * ranks the mma.sync one), b 16 */
+START_TEST(test_cp_f16_b16)
+{
+    cp_run_kv("cp_f16_b16", 3, 0, RESA_DTYPE_F16, RESA_DTYPE_F16, 128, 16, 30);
+}
+END_TEST
+/* the fp8 KV cache (its dequantized values are the float64 model's too) */
+START_TEST(test_cp_fp8)
+{
+    cp_run_kv("cp_fp8", 2 + _i, _i == 1, RESA_DTYPE_BF16, RESA_DTYPE_FP8_E4M3, 64, 0, 30);
+}
 END_TEST
 
 /* ------------------------------------------------------------------------ */
-/* The LSE of one whole context's decode rows against float64 (what the CUDA  */
-/* backend writes so far, and the CPU backend too)                            */
+/* The LSE of one whole context's rows against float64: the prefill's dense   */
+/* rows (CUDA: the dense kernels, split over the keys or not) and the decode  */
+/* rows (CUDA: the split-KV combine)                                          */
 /* ------------------------------------------------------------------------ */
 START_TEST(test_lse_decode)
 {
@@ -640,15 +670,19 @@ START_TEST(test_lse_decode)
     resa_ctx *c = make_ctx(&p, hq, hkv);
     int32_t seq;
     TOK(c, resa_seq_create(c, &seq));
-    ref_seq *rs = ref_seq_new(&p, 512);
-    const int32_t P = 203;
+    ref_seq *rs = ref_seq_new(&p, 1200);
+    /* prefill in chunks of at most MAX_STEP_TOKENS: the last one's rows see
+     * over 1024 keys, so that the CUDA dense kernel splits them over the keys
+     * and its combine writes their LSE */
+    const int32_t P = 500, chunks[3] = {500, 500, 103};
     mem q = mem_new((size_t)P * hq * d * ie), k = mem_new((size_t)P * hkv * d * ie),
         v = mem_new((size_t)P * hkv * d * ie), out = mem_new((size_t)P * hq * d * ie),
         lse = mem_new((size_t)P * hq * sizeof(float));
     double *qd = malloc(sizeof(double) * d), *ref = malloc(sizeof(double) * d);
     int32_t sel[256];
-    for (int32_t step = 0; step < 25; step++) {
-        int32_t mode = step == 0 ? RESA_MODE_APPEND : RESA_MODE_DECODE, n = step == 0 ? P : 1;
+    for (int32_t step = 0; step < 28; step++) {
+        int32_t mode = step < 3 ? RESA_MODE_APPEND : RESA_MODE_DECODE,
+                n = step < 3 ? chunks[step] : 1;
         int64_t start = rs->len;
         TOK(c, resa_ctx_step_begin(c, 1, &seq, &mode, &n, 0));
         fill_normal(&rng, p.io_dtype, q.h, (size_t)n * hq * d, 1.5);
@@ -660,49 +694,53 @@ START_TEST(test_lse_decode)
         ref_write_kv(&p, rs, 0, start, n, k.h, v.h, 0);
         poison(&out);
         poison(&lse);
-        if (mode == RESA_MODE_APPEND) { /* dense rows: plain attend (CUDA: no LSE there yet) */
-            TOK(c, resa_ctx_step_attend(c, 0, dp(&q), dp(&k), dp(&v), dp(&out), 0));
-        } else {
-            TOK(c, resa_ctx_step_attend_ex(c, 0, dp(&q), dp(&k), dp(&v), dp(&out), dp(&lse),
-                                           NULL, NULL, 0));
-        }
+        TOK(c, resa_ctx_step_attend_ex(c, 0, dp(&q), dp(&k), dp(&v), dp(&out), dp(&lse), NULL,
+                                       NULL, 0));
         TOK(c, resa_ctx_step_end(c, 0));
         int64_t M = ref_blocks(start + 1, p.b);
         int64_t nsel = ref_budget(M, p.fraction, p.min_blocks, p.local_blocks, p.sink_blocks);
         ref_commit(rs, mode, n, nsel, M);
-        if (mode == RESA_MODE_APPEND)
-            continue;
         down(&out);
         down(&lse);
-        for (int32_t hh = 0; hh < hq; hh++) {
-            int64_t nb = selected(c, seq, 0, hh / g, sel, 256);
-            for (int32_t j = 0; j < d; j++)
-                qd[j] = ref_load(p.io_dtype, q.h, (size_t)hh * d + j);
-            double want = ref_attend_lse(&p, rs, 0, hh / g, qd, 0, start + 1, sel, nb, ref);
-            double smag = 0;
-            for (int64_t x = 0; x <= start; x++) {
-                double sm = 0;
+        /* the prefill: every row (dense causal, keys [0, pos]); a decode: its row */
+        for (int32_t t = 0; t < n; t++) {
+            const int64_t pos = start + t;
+            for (int32_t hh = 0; hh < hq; hh++) {
+                const size_t row = (size_t)t * hq + hh;
+                int64_t nb = 0;
+                if (mode == RESA_MODE_DECODE)
+                    nb = selected(c, seq, 0, hh / g, sel, 256);
                 for (int32_t j = 0; j < d; j++)
-                    sm += fabs(qd[j] * ref_k(rs, 0, x, hh / g)[j]);
-                smag = fmax(smag, sm * ref_scale(&p));
+                    qd[j] = ref_load(p.io_dtype, q.h, row * d + j);
+                double want = ref_attend_lse(&p, rs, 0, hh / g, qd, 0, pos + 1,
+                                             mode == RESA_MODE_DECODE ? sel : NULL, nb, ref);
+                double smag = 0;
+                for (int64_t x = 0; x <= pos; x++) {
+                    double sm = 0;
+                    for (int32_t j = 0; j < d; j++)
+                        sm += fabs(qd[j] * ref_k(rs, 0, x, hh / g)[j]);
+                    smag = fmax(smag, sm * ref_scale(&p));
+                }
+                /* fp32 scores over d products and sums over the keys; CUDA rounds P to
+                 * bf16 for P V only, the denominator stays fp32 */
+                double tol = 4.0 * (d + 2) * ldexp(1.0, -24) * smag +
+                             4.0 * (pos + 8) * ldexp(1.0, -24) * (1 + fabs(want)) +
+                             (g_cuda ? 1e-3 * (1 + fabs(want)) : 0.0);
+                double got = ((float *)lse.h)[row];
+                TCHECK(fabs(got - want) <= tol, "mode %d at %lld head %d: lse %.9g, float64 "
+                                                 "%.9g (bound %.3g)", mode, (long long)pos, hh,
+                       got, want, tol);
+                double e = 0, vmax = 1e-30;
+                for (int32_t j = 0; j < d; j++)
+                    e = fmax(e, fabs(ref_load(p.io_dtype, out.h, row * d + j) - ref[j]));
+                for (int64_t x = 0; x <= pos; x++)
+                    for (int32_t j = 0; j < d; j++)
+                        vmax = fmax(vmax, fabs(ref_v(rs, 0, x, hh / g)[j]));
+                TCHECK(e <= (g_cuda ? 16.0 : 4.0) * unit(p.io_dtype) * vmax +
+                                4.0 * (pos + 2 * d) * ldexp(1.0, -24) * vmax,
+                       "mode %d at %lld head %d: output off by %.3g", mode, (long long)pos, hh,
+                       e);
             }
-            /* fp32 scores over d products and sums over the keys; CUDA rounds P to
-             * bf16 for P V only, the denominator stays fp32 */
-            double tol = 4.0 * (d + 2) * ldexp(1.0, -24) * smag +
-                         4.0 * (start + 8) * ldexp(1.0, -24) * (1 + fabs(want)) +
-                         (g_cuda ? 1e-3 * (1 + fabs(want)) : 0.0);
-            double got = ((float *)lse.h)[hh];
-            TCHECK(fabs(got - want) <= tol, "decode at %lld head %d: lse %.9g, float64 %.9g "
-                                             "(bound %.3g)", (long long)start, hh, got, want, tol);
-            double e = 0, vmax = 1e-30;
-            for (int32_t j = 0; j < d; j++)
-                e = fmax(e, fabs(ref_load(p.io_dtype, out.h, (size_t)hh * d + j) - ref[j]));
-            for (int64_t x = 0; x <= start; x++)
-                for (int32_t j = 0; j < d; j++)
-                    vmax = fmax(vmax, fabs(ref_v(rs, 0, x, hh / g)[j]));
-            TCHECK(e <= (g_cuda ? 16.0 : 4.0) * unit(p.io_dtype) * vmax +
-                            4.0 * (start + 2 * d) * ldexp(1.0, -24) * vmax,
-                   "decode at %lld head %d: output off by %.3g", (long long)start, hh, e);
         }
     }
     free(qd);
@@ -715,24 +753,241 @@ START_TEST(test_lse_decode)
 }
 END_TEST
 
-/* What the CUDA backend does not do yet is refused with a clear text. */
-START_TEST(test_cuda_refusals)
+/* What is still refused, on every backend: GROUP_SCORE HEAD_SHARE wherever a
+ * split sequence (or a QUERY_SPARSE row) would need it (docs/API.md,
+ * "GROUP_SCORE"), with a clear text. */
+START_TEST(test_head_share_refusals)
 {
-    th_test_seed("cuda_refusals");
+    th_test_seed("head_share_refusals");
     ref_params p;
     ref_params_default(&p);
     p.d = 64;
     p.b = 8;
-    p.kv_dtype = p.io_dtype = RESA_DTYPE_BF16;
-    resa_ctx *c = make_ctx(&p, 1, 1);
-    int32_t a;
+    p.kv_dtype = p.io_dtype = g_cuda ? RESA_DTYPE_BF16 : RESA_DTYPE_F32;
+    resa_ctx *c = make_ctx(&p, 2, 1);
+    TOK(c, resa_ctx_set_param(c, RESA_PARAM_GROUP_SCORE, RESA_GROUP_SCORE_HEAD_SHARE));
+    int32_t a, w;
     TOK(c, resa_seq_create(c, &a));
-    TOK(c, resa_seq_set_span(c, a, 64, 100));
-    int32_t m = RESA_MODE_QUERY_DENSE, n = 1;
-    TFAIL(c, RESA_ERR_NOT_SUPPORTED, "QUERY", resa_ctx_step_begin(c, 1, &a, &m, &n, 0));
+    TOK(c, resa_seq_create(c, &w));
     TOK(c, resa_seq_set_span(c, a, 64, -1));
-    m = RESA_MODE_APPEND;
-    TFAIL(c, RESA_ERR_NOT_SUPPORTED, "span", resa_ctx_step_begin(c, 1, &a, &m, &n, 0));
+    /* 40 tokens (K/V only) in each */
+    const size_t ie = ref_dtype_size(p.io_dtype);
+    mem kv = mem_new((size_t)40 * p.d * ie), q = mem_new((size_t)2 * p.d * ie),
+        o = mem_new((size_t)2 * p.d * ie);
+    int32_t m = RESA_MODE_APPEND_KV, n = 40;
+    for (int i = 0; i < 2; i++) {
+        int32_t s = i ? w : a;
+        TOK(c, resa_ctx_step_begin(c, 1, &s, &m, &n, 0));
+        TOK(c, resa_ctx_step_attend(c, 0, NULL, dp(&kv), dp(&kv), NULL, 0));
+        TOK(c, resa_ctx_step_end(c, 0));
+    }
+    /* a split sequence's DECODE, and any QUERY_SPARSE */
+    m = RESA_MODE_DECODE;
+    n = 1;
+    TFAIL(c, RESA_ERR_NOT_SUPPORTED, "RESA_GROUP_SCORE_HEAD_SHARE",
+          resa_ctx_step_begin(c, 1, &a, &m, &n, 0));
+    m = RESA_MODE_QUERY_SPARSE;
+    TFAIL(c, RESA_ERR_NOT_SUPPORTED, "RESA_GROUP_SCORE_HEAD_SHARE",
+          resa_ctx_step_begin(c, 1, &w, &m, &n, 0));
+    /* a whole sequence's DECODE runs, but not the two-phase calls */
+    m = RESA_MODE_DECODE;
+    TOK(c, resa_ctx_step_begin(c, 1, &w, &m, &n, 0));
+    mem sc = mem_new(16 * sizeof(float)), bl = mem_new(16 * sizeof(int32_t)),
+        cn = mem_new(sizeof(int32_t)), ts = mem_new(sizeof(float)), tb = mem_new(sizeof(int32_t));
+    TFAIL(c, RESA_ERR_NOT_SUPPORTED, "RESA_GROUP_SCORE_POOLED",
+          resa_ctx_step_block_scores(c, 0, dp(&q), 16, dp(&sc), dp(&bl), dp(&cn), 0));
+    TFAIL(c, RESA_ERR_NOT_SUPPORTED, "RESA_GROUP_SCORE_POOLED",
+          resa_ctx_step_thresholds(c, 1, 16, dp(&sc), dp(&bl), dp(&cn), dp(&ts), dp(&tb), 0));
+    TFAIL(c, RESA_ERR_NOT_SUPPORTED, "RESA_GROUP_SCORE_POOLED",
+          resa_ctx_step_attend_ex(c, 0, dp(&q), dp(&kv), dp(&kv), dp(&o), NULL, dp(&ts),
+                                  dp(&tb), 0));
+    TOK(c, resa_ctx_step_attend_ex(c, 0, dp(&q), dp(&kv), dp(&kv), dp(&o), NULL, NULL, NULL, 0));
+    TOK(c, resa_ctx_step_end(c, 0));
+    mem *ms[] = {&kv, &q, &o, &sc, &bl, &cn, &ts, &tb};
+    for (size_t i = 0; i < sizeof ms / sizeof *ms; i++)
+        mem_free(ms[i]);
+    resa_ctx_destroy(c);
+}
+END_TEST
+
+/* QUERY entries at the edges, in one batch: a QUERY_SPARSE row on a context
+ * holding blocks 8-10 of a 26-block sequence (phase 1 lists exactly them, one
+ * rank's thresholds take them all: the budget's 14 candidates are more than
+ * the 3 here), and QUERY_DENSE and QUERY_SPARSE rows of a context that holds
+ * none of their sequence (0 output rows, lse -inf: the neutral part of a
+ * merge).  Then the QUERY_DENSE rows of the first sequence against float64. */
+START_TEST(test_query_edges)
+{
+    ref_rng rng = {th_test_seed("query_edges")};
+    ref_params p;
+    ref_params_default(&p);
+    p.hq = 2;
+    p.hkv = 1;
+    p.d = 64;
+    p.b = 8;
+    p.kv_dtype = p.io_dtype = g_cuda ? RESA_DTYPE_BF16 : RESA_DTYPE_F32;
+    const int32_t hq = p.hq, d = p.d;
+    const resa_dtype io = p.io_dtype;
+    const size_t ie = ref_dtype_size(io);
+    resa_ctx *c = make_ctx(&p, hq, p.hkv);
+    int32_t a, e1, e2;
+    TOK(c, resa_seq_create(c, &a));
+    TOK(c, resa_seq_create(c, &e1));
+    TOK(c, resa_seq_create(c, &e2));
+    TOK(c, resa_seq_set_span(c, a, 64, -1));
+    /* 20 tokens at positions 64..83 (blocks 8, 9, 10) */
+    ref_seq *rs = ref_seq_new(&p, 256);
+    const int32_t L = 20;
+    mem k = mem_new((size_t)L * d * ie), v = mem_new((size_t)L * d * ie);
+    fill_normal(&rng, io, k.h, (size_t)L * d, 1.0);
+    fill_normal(&rng, io, v.h, (size_t)L * d, 1.0);
+    up(&k);
+    up(&v);
+    ref_write_kv(&p, rs, 0, 64, L, k.h, v.h, 0);
+    int32_t m = RESA_MODE_APPEND_KV, n = L;
+    TOK(c, resa_ctx_step_begin(c, 1, &a, &m, &n, 0));
+    TOK(c, resa_ctx_step_attend(c, 0, NULL, dp(&k), dp(&v), NULL, 0));
+    TOK(c, resa_ctx_step_end(c, 0));
+    TOK(c, resa_seq_set_span(c, a, 64, 200)); /* M = ceil(201 / 8) = 26, n 16, 14 by score */
+
+    /* one batch: a QUERY_SPARSE, e1 QUERY_DENSE x 3, e2 QUERY_SPARSE */
+    int32_t seqs[3] = {a, e1, e2};
+    int32_t modes[3] = {RESA_MODE_QUERY_SPARSE, RESA_MODE_QUERY_DENSE, RESA_MODE_QUERY_SPARSE};
+    int32_t ns[3] = {1, 3, 1};
+    const int32_t T = 5;
+    mem q = mem_new((size_t)T * hq * d * ie), out = mem_new((size_t)T * hq * d * ie),
+        lse = mem_new((size_t)T * hq * sizeof(float));
+    fill_normal(&rng, io, q.h, (size_t)T * hq * d, 1.5);
+    up(&q);
+    enum { kC = 16 };
+    mem sc = mem_new(3 * kC * sizeof(float)), bl = mem_new(3 * kC * sizeof(int32_t)),
+        cn = mem_new(3 * sizeof(int32_t)), ts = mem_new(3 * sizeof(float)),
+        tb = mem_new(3 * sizeof(int32_t));
+    TOK(c, resa_ctx_step_begin(c, 3, seqs, modes, ns, 0));
+    poison(&cn);
+    TOK(c, resa_ctx_step_block_scores(c, 0, dp(&q), kC, dp(&sc), dp(&bl), dp(&cn), 0));
+    down(&sc);
+    down(&bl);
+    down(&cn);
+    const int32_t *cnt = cn.h;
+    TCHECK(cnt[0] == 3 && cnt[1] == 0 && cnt[2] == 0,
+           "phase 1 counts %d %d %d; expected 3 (blocks 8-10), 0, 0", cnt[0], cnt[1], cnt[2]);
+    int32_t listed[3] = {0, 0, 0};
+    for (int32_t j = 0; j < cnt[0] && j < 3; j++) {
+        int32_t blk = ((int32_t *)bl.h)[j];
+        float s = ((float *)sc.h)[j];
+        TCHECK(blk >= 8 && blk <= 10 && !isnan(s), "phase 1 listed block %d score %g", blk, s);
+        if (blk >= 8 && blk <= 10)
+            listed[blk - 8]++;
+    }
+    TCHECK(listed[0] == 1 && listed[1] == 1 && listed[2] == 1, "blocks 8-10 listed %d %d %d",
+           listed[0], listed[1], listed[2]);
+    poison(&ts);
+    poison(&tb);
+    TOK(c, resa_ctx_step_thresholds(c, 1, kC, dp(&sc), dp(&bl), dp(&cn), dp(&ts), dp(&tb), 0));
+    down(&ts);
+    down(&tb);
+    const float *tsh = ts.h;
+    const int32_t *tbh = tb.h;
+    /* one rank with 3 of 14: its worst pair; the others take nothing */
+    TCHECK(tbh[0] >= 8 && tbh[0] <= 10, "threshold block %d", tbh[0]);
+    TCHECK(tsh[1] == INFINITY && tbh[1] == -1 && tsh[2] == INFINITY && tbh[2] == -1,
+           "entries without candidates: thresholds (%g, %d) (%g, %d), expected (inf, -1)",
+           tsh[1], tbh[1], tsh[2], tbh[2]);
+    poison(&out);
+    poison(&lse);
+    TOK(c, resa_ctx_step_attend_ex(c, 0, dp(&q), NULL, NULL, dp(&out), dp(&lse), dp(&ts),
+                                   dp(&tb), 0));
+    TOK(c, resa_ctx_step_end(c, 0));
+    down(&out);
+    down(&lse);
+    int32_t got[32];
+    int64_t gn = -1;
+    TOK(c, resa_seq_selected_blocks(c, a, 0, 0, got, 32, &gn));
+    TCHECK(gn == 3 && got[0] == 8 && got[1] == 9 && got[2] == 10,
+           "QUERY_SPARSE with every candidate taken: %lld blocks from %d", (long long)gn,
+           got[0]);
+    TOK(c, resa_seq_selected_blocks(c, e2, 0, 0, got, 32, &gn));
+    TCHECK(gn == 0, "QUERY_SPARSE on an empty context selected %lld blocks", (long long)gn);
+    double *qd = malloc(sizeof(double) * d), *ref = malloc(sizeof(double) * d);
+    const double u32 = ldexp(1.0, -24), uio = unit(io);
+    const int32_t sel[3] = {8, 9, 10};
+    for (int32_t t = 0; t < T; t++)
+        for (int32_t hh = 0; hh < hq; hh++) {
+            const size_t row = (size_t)t * hq + hh;
+            const float l = ((float *)lse.h)[row];
+            if (t > 0) { /* e1, e2: nothing here */
+                int zero = 1;
+                for (int32_t j = 0; j < d; j++)
+                    zero &= ref_load(io, out.h, row * d + j) == 0.0;
+                TCHECK(zero && l == -INFINITY, "row %d head %d of an empty context: lse %g%s",
+                       t, hh, l, zero ? "" : ", output not 0");
+                continue;
+            }
+            for (int32_t j = 0; j < d; j++)
+                qd[j] = ref_load(io, q.h, row * d + j);
+            double want = ref_attend_lse(&p, rs, 0, 0, qd, 64, 84, sel, 3, ref);
+            double smag = 0, vmax = 1e-30, e = 0;
+            for (int64_t x = 64; x < 84; x++) {
+                double sm = 0;
+                for (int32_t j = 0; j < d; j++) {
+                    sm += fabs(qd[j] * ref_k(rs, 0, x, 0)[j]);
+                    vmax = fmax(vmax, fabs(ref_v(rs, 0, x, 0)[j]));
+                }
+                smag = fmax(smag, sm * ref_scale(&p));
+            }
+            for (int32_t j = 0; j < d; j++)
+                e = fmax(e, fabs(ref_load(io, out.h, row * d + j) - ref[j]));
+            double tol_lse = 4.0 * (d + 2) * u32 * smag + 4.0 * (L + 8) * u32 * (1 + fabs(want)) +
+                             (g_cuda ? 1e-3 * (1 + fabs(want)) : 0.0);
+            TCHECK(fabs(l - want) <= tol_lse, "QUERY_SPARSE head %d: lse %.9g, float64 %.9g", hh,
+                   l, want);
+            TCHECK(e <= (g_cuda ? 16.0 : 4.0) * uio * vmax + 4.0 * (L + 2 * d) * u32 * vmax,
+                   "QUERY_SPARSE head %d: output off by %.3g", hh, e);
+        }
+
+    /* QUERY_DENSE x 4 rows on the first sequence: every row sees all 20 keys */
+    int32_t md = RESA_MODE_QUERY_DENSE, nd = 4;
+    TOK(c, resa_ctx_step_begin(c, 1, &a, &md, &nd, 0));
+    fill_normal(&rng, io, q.h, (size_t)nd * hq * d, 1.5);
+    up(&q);
+    poison(&out);
+    poison(&lse);
+    TOK(c, resa_ctx_step_attend_ex(c, 0, dp(&q), NULL, NULL, dp(&out), dp(&lse), NULL, NULL, 0));
+    TOK(c, resa_ctx_step_end(c, 0));
+    down(&out);
+    down(&lse);
+    for (int32_t t = 0; t < nd; t++)
+        for (int32_t hh = 0; hh < hq; hh++) {
+            const size_t row = (size_t)t * hq + hh;
+            for (int32_t j = 0; j < d; j++)
+                qd[j] = ref_load(io, q.h, row * d + j);
+            double want = ref_attend_lse(&p, rs, 0, 0, qd, 64, 84, NULL, 0, ref);
+            double smag = 0, vmax = 1e-30, e = 0;
+            for (int64_t x = 64; x < 84; x++) {
+                double sm = 0;
+                for (int32_t j = 0; j < d; j++) {
+                    sm += fabs(qd[j] * ref_k(rs, 0, x, 0)[j]);
+                    vmax = fmax(vmax, fabs(ref_v(rs, 0, x, 0)[j]));
+                }
+                smag = fmax(smag, sm * ref_scale(&p));
+            }
+            for (int32_t j = 0; j < d; j++)
+                e = fmax(e, fabs(ref_load(io, out.h, row * d + j) - ref[j]));
+            const double l = ((float *)lse.h)[row];
+            double tol_lse = 4.0 * (d + 2) * u32 * smag + 4.0 * (L + 8) * u32 * (1 + fabs(want)) +
+                             (g_cuda ? 1e-3 * (1 + fabs(want)) : 0.0);
+            TCHECK(fabs(l - want) <= tol_lse, "QUERY_DENSE row %d head %d: lse %.9g, float64 "
+                                               "%.9g", t, hh, l, want);
+            TCHECK(e <= (g_cuda ? 16.0 : 4.0) * uio * vmax + 4.0 * (L + 2 * d) * u32 * vmax,
+                   "QUERY_DENSE row %d head %d: output off by %.3g", t, hh, e);
+        }
+    free(qd);
+    free(ref);
+    mem *ms[] = {&k, &v, &q, &out, &lse, &sc, &bl, &cn, &ts, &tb};
+    for (size_t i = 0; i < sizeof ms / sizeof *ms; i++)
+        mem_free(ms[i]);
+    ref_seq_free(rs);
     resa_ctx_destroy(c);
 }
 END_TEST
@@ -1139,19 +1394,19 @@ int main(int argc, char **argv)
     TCase *tc = tcase_create("cp");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_lse_decode);
-    if (g_cuda) {
-        /* the CUDA backend runs no context-parallel step yet (docs/API.md):
-         * test_cp_cuda is the one to enable when it does */
-        (void)test_cp_cuda;
-        tcase_add_test(tc, test_cuda_refusals);
-    } else {
+    if (!g_cuda) { /* IO F32 (the CUDA backend takes F16 and BF16) */
         tcase_add_test(tc, test_cp_r2);
         tcase_add_test(tc, test_cp_r3);
         tcase_add_test(tc, test_cp_r4);
         tcase_add_loop_test(tc, test_cp_ties, 0, 2);
-        tcase_add_test(tc, test_cp_bf16);
         tcase_add_test(tc, test_errors);
     }
+    tcase_add_test(tc, test_cp_bf16);
+    tcase_add_loop_test(tc, test_cp_cuda, 0, 2);
+    tcase_add_test(tc, test_cp_f16_b16);
+    tcase_add_loop_test(tc, test_cp_fp8, 0, 2);
+    tcase_add_test(tc, test_query_edges);
+    tcase_add_test(tc, test_head_share_refusals);
     tcase_add_test(tc, test_tp_heads);
     tcase_add_test(tc, test_merge);
     suite_add_tcase(s, tc);

@@ -39,6 +39,28 @@
 
 #include "select_blocks.cu" // cuda/select_blocks.cu, through -I cuda
 
+// A DECODE entry of a whole sequence (first_block 0, every block here) of
+// length len, as backend_cuda.cu's step_prepare fills it.
+static resa_dev_entry decode_entry(int slot, int M, int n, int sink, int local, int64_t row,
+                                   int64_t len)
+{
+    resa_dev_entry e{};
+    e.slot = slot;
+    e.mode = RESA_MODE_DECODE;
+    e.n = 1;
+    e.n_blocks = M;
+    e.n_select = n;
+    const int cl = std::min(sink, M), ch = std::max(M - std::min(local, M), cl);
+    e.n_pick = n < M ? std::max(0, n - (cl + (M - ch))) : 0;
+    e.first_block = 0;
+    e.local_blocks = M;
+    e.row = row;
+    e.start = len - 1;
+    e.end = len;
+    e.valid = len;
+    return e;
+}
+
 static void ck(cudaError_t e, const char *what, int line)
 {
     if (e != cudaSuccess) {
@@ -238,10 +260,13 @@ static Result run_case(const Case &c, uint64_t seed)
     for (auto &x : q)
         x = to_bits(2.0f * rng.uni(), c.dtype);
     std::vector<resa_dev_entry> ent(1 + nd);
-    ent[0] = resa_dev_entry{slot[nd], RESA_MODE_APPEND, 3, 0, 0, 0, 0, 0, 3, 3};
+    ent[0] = resa_dev_entry{};
+    ent[0].slot = slot[nd];
+    ent[0].mode = RESA_MODE_APPEND;
+    ent[0].n = 3;
+    ent[0].end = ent[0].valid = 3;
     for (int e = 0; e < nd; e++)
-        ent[1 + e] = resa_dev_entry{slot[e], RESA_MODE_DECODE, 1, M[e], n[e], 0,
-                                    3 + e, c.lens[e] - 1, c.lens[e], c.lens[e]};
+        ent[1 + e] = decode_entry(slot[e], M[e], n[e], c.sink, c.local, 3 + e, c.lens[e]);
     std::vector<int32_t> decode_ids(nd);
     std::iota(decode_ids.begin(), decode_ids.end(), 1);
     for (int i = nd - 1; i > 0; i--)
@@ -288,6 +313,7 @@ static Result run_case(const Case &c, uint64_t seed)
     a.out = dout;
     a.ws_select = ws_sel;
     a.ws_sparse = ws_sp;
+    a.sel_counts = resa_cuda_select_counts(&D, ws_sel);
     a.stream = 0;
     // Twice, lists and output poisoned in between: the second launch shows
     // that the first left the select workspace ready (arrival counters zero).
@@ -597,14 +623,16 @@ topn_kernel(resa_cuda_layer_args a, const uint32_t *keys, const int *Ms, const i
     const int pair = blockIdx.x;
     Pair p;
     p.slot = pair;
+    p.entry = pair;
     p.M = Ms[pair];
-    p.n = ns[pair];
+    p.all = ns[pair] >= p.M;
+    p.fb = 0;
     p.row = 0;
     const int sink = min(max(a.sink_blocks, 0), p.M);
     const int local_from = p.M - min(max(a.local_blocks, 0), p.M);
     p.cand_lo = sink;
     p.cand_hi = max(local_from, sink);
-    p.k = p.n - (sink + (p.M - p.cand_hi));
+    p.k = p.all ? 0 : max(0, ns[pair] - (sink + (p.M - p.cand_hi)));
     if (threadIdx.x == 0) {
         ts.lo = range[2 * pair];
         ts.hi = range[2 * pair + 1];
@@ -612,7 +640,8 @@ topn_kernel(resa_cuda_layer_args a, const uint32_t *keys, const int *Ms, const i
     for (int t = threadIdx.x; t < kBins; t += blockDim.x)
         ts.hist[t] = 0u; // as score_select does before its arrival barrier
     __syncthreads();
-    select_tail(a, p, pair, keys + (size_t)pair * a.dims.max_seq_blocks, stage ? keys_s : nullptr, ts);
+    select_tail<false>(a, p, pair, keys + (size_t)pair * a.dims.max_seq_blocks, stage ? keys_s : nullptr,
+                       ts);
 }
 
 static uint32_t host_key(float s)
@@ -692,9 +721,11 @@ static int topn_case(const std::vector<int> &Ms, const std::vector<int> &ns, con
     uint32_t *dsel = nullptr;
     if (record)
         dsel = dev_upload(std::vector<uint32_t>((size_t)P * D.sel_words, 0xDEADBEEFu));
+    int32_t *dcnt = dev_upload(std::vector<int32_t>((size_t)P, -1));
     resa_cuda_layer_args a{};
     a.dims = D;
     a.ws_select = dl;
+    a.sel_counts = dcnt;
     a.selection = dsel;
     a.sink_blocks = sink;
     a.local_blocks = local;
@@ -704,6 +735,7 @@ static int topn_case(const std::vector<int> &Ms, const std::vector<int> &ns, con
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     std::vector<int32_t> lists = dev_download(dl, (size_t)P * maxM);
+    std::vector<int32_t> counts = dev_download(dcnt, (size_t)P);
     std::vector<uint32_t> sel;
     if (record)
         sel = dev_download(dsel, (size_t)P * D.sel_words);
@@ -730,7 +762,7 @@ static int topn_case(const std::vector<int> &Ms, const std::vector<int> &ns, con
                 want.push_back(c[t]);
             std::sort(want.begin(), want.end());
         }
-        bool ok = true;
+        bool ok = counts[i] == (int)want.size(); // the count attention_sparse reads
         const int32_t *L = &lists[(size_t)i * maxM];
         for (size_t t = 0; t < want.size(); t++)
             ok &= L[t] == want[t];
@@ -748,7 +780,8 @@ static int topn_case(const std::vector<int> &Ms, const std::vector<int> &ns, con
         } else if (verbose)
             printf("    ok topn: pair %d M %d n %d dist %d\n", i, M, n, dists[i]);
     }
-    for (void *p : {(void *)dk, (void *)dr, (void *)dM, (void *)dn, (void *)dl, (void *)dsel})
+    for (void *p : {(void *)dk, (void *)dr, (void *)dM, (void *)dn, (void *)dl, (void *)dsel,
+                    (void *)dcnt})
         if (p)
             CK(cudaFree(p));
     return fails;
@@ -795,9 +828,11 @@ static void time_topn()
             int32_t *dl;
             CK(cudaMalloc(&dl, (size_t)P * maxM * 4));
             uint32_t *dsel = dev_upload(std::vector<uint32_t>((size_t)P * D.sel_words, 0));
+            int32_t *dcnt = dev_upload(std::vector<int32_t>((size_t)P, 0));
             resa_cuda_layer_args a{};
             a.dims = D;
             a.ws_select = dl;
+            a.sel_counts = dcnt;
             a.selection = dsel;
             a.local_blocks = 1;
             const size_t smem = keys_smem(D);
@@ -817,7 +852,8 @@ static void time_topn()
             CK(cudaEventElapsedTime(&ms, e0, e1));
             printf("TIME topn tail alone: %2d pairs M %d n 1639 dist %d: %.2f us per launch (back to back)\n", P,
                    M, dist, ms * 1e3 / N);
-            for (void *p : {(void *)dk, (void *)dr, (void *)dM, (void *)dn, (void *)dl, (void *)dsel})
+            for (void *p : {(void *)dk, (void *)dr, (void *)dM, (void *)dn, (void *)dl, (void *)dsel,
+                            (void *)dcnt})
                 CK(cudaFree(p));
             CK(cudaEventDestroy(e0));
             CK(cudaEventDestroy(e1));
@@ -986,7 +1022,7 @@ static void time_case(int batch, int64_t len, double copy_gbs)
         for (int r = 0; r < R; r++) {
             std::vector<resa_dev_entry> ent(batch);
             for (int e = 0; e < batch; e++)
-                ent[e] = resa_dev_entry{r * batch + e, RESA_MODE_DECODE, 1, M, n, 0, e, len - 1, len, len};
+                ent[e] = decode_entry(r * batch + e, M, n, 0, 1, e, len);
             dents.push_back(dev_upload(ent));
             resa_cuda_layer_args a{};
             a.dims = D;
@@ -1006,6 +1042,7 @@ static void time_case(int batch, int64_t len, double copy_gbs)
             a.out = out;
             a.ws_select = ws_sel;
             a.ws_sparse = ws_sp;
+            a.sel_counts = resa_cuda_select_counts(&D, ws_sel);
             a.k_in = kin;
             a.v_in = vin;
             a.touched = dtch;

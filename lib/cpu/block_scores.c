@@ -2,8 +2,9 @@
 /*
  * Context parallelism on the CPU: phase 1 of the two-phase selection (each
  * context's best candidates with their scores) and the thresholds from the
- * gathered lists (docs/API.md, "Context parallelism").  CUDA twin:
- * cuda/select_cp.cu.
+ * gathered lists (docs/API.md, "Context parallelism").  CUDA twins: phase 1
+ * is cuda/select_blocks.cu's export mode (resa_cuda_block_scores), the
+ * thresholds cuda/select_cp.cu.
  */
 #include <math.h>
 #include <string.h>
