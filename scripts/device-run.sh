@@ -283,7 +283,7 @@ if [[ $phases == *fp8kv* ]]; then
   # and the paper's settings
   say "resa-bench: fp8 KV cache against bf16, and the dense peers"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
-  { for round in 1 2; do
+  { for round in $(seq 1 ${RESA_FP8KV_ROUNDS:-2}); do
       for cfg in "--kv-dtype io --fraction 0.15 --interval 128 --summary fp8" \
                  "--kv-dtype fp8 --fraction 0.15 --interval 128 --summary fp8" \
                  "--kv-dtype io --fraction 0.1 --interval 32 --summary kv" \
