@@ -361,8 +361,10 @@ __device__ __forceinline__ Seg warp_seg(const Pair &p)
 
 // f(j, key, in) for j in [s0, s1) of the calling warp, 32 lanes at a time,
 // U loads in flight; every lane calls f the same number of times (in: j < s1).
+// Only keys in [l0, l1) are loaded (others are 0): a sweep over a whole
+// segment must not read the never-written key slots of forced blocks.
 template <bool kGlobal, typename F>
-__device__ __forceinline__ void sweep(const uint32_t *src, int s0, int s1, F f)
+__device__ __forceinline__ void sweep(const uint32_t *src, int s0, int s1, int l0, int l1, F f)
 {
     constexpr int U = 4; // 8 spills under the 64-register cap
     const int lane = threadIdx.x & 31;
@@ -371,20 +373,31 @@ __device__ __forceinline__ void sweep(const uint32_t *src, int s0, int s1, F f)
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int j = base + u * 32 + lane;
-            v[u] = j < s1 ? (kGlobal ? __ldcg(src + j) : src[j]) : 0u;
+            v[u] = j < s1 && j >= l0 && j < l1 ? (kGlobal ? __ldcg(src + j) : src[j]) : 0u;
         }
 #pragma unroll
         for (int u = 0; u < U; u++)
             f(base + u * 32 + lane, v[u], base + u * 32 + lane < s1);
     }
 }
+template <bool kGlobal, typename F>
+__device__ __forceinline__ void sweep(const uint32_t *src, int s0, int s1, F f)
+{
+    sweep<kGlobal>(src, s0, s1, s0, s1, f);
+}
+template <typename F>
+__device__ __forceinline__ void sweep_any(const uint32_t *src, bool global, int s0, int s1, int l0,
+                                          int l1, F f)
+{
+    if (global)
+        sweep<true>(src, s0, s1, l0, l1, f);
+    else
+        sweep<false>(src, s0, s1, l0, l1, f);
+}
 template <typename F>
 __device__ __forceinline__ void sweep_any(const uint32_t *src, bool global, int s0, int s1, F f)
 {
-    if (global)
-        sweep<true>(src, s0, s1, f);
-    else
-        sweep<false>(src, s0, s1, f);
+    sweep_any(src, global, s0, s1, s0, s1, f);
 }
 
 // The bin holding the need-th largest key of the histogram, the count still
@@ -732,9 +745,12 @@ __device__ void select_tail(const resa_cuda_layer_args &a, const Pair &p, int pa
         pos += __popc(bt);
     };
     // the segment is 32-aligned, so each 32-step of the sweep is one bitmap
-    // word; the keys of forced blocks (never scored) are loaded and ignored
+    // word; only the candidates' keys are loaded (write ignores the key of a
+    // forced block, and its slot was never written: compute-sanitizer's
+    // initcheck reported the load)
     if (mode >= 2)
-        sweep_any(kp, global, sg.w0, sg.w1, [&](int j, uint32_t key, bool in) { write(j, key, in); });
+        sweep_any(kp, global, sg.w0, sg.w1, sg.c0, sg.c1,
+                  [&](int j, uint32_t key, bool in) { write(j, key, in); });
     else
         for (int base = sg.w0; base < sg.w1; base += 32)
             write(base + lane, 0u, base + lane < sg.w1);
