@@ -466,6 +466,15 @@ __device__ void merge_warps(const State<D> &st, uint8_t *smem, float *part, int 
     }
 }
 
+// The pair chooses exactly its budget n_select (a whole sequence's DECODE with
+// no two-phase thresholds), so its count need not be read from the selection's
+// output (sel_counts holds the same number).
+__device__ __forceinline__ bool chosen_is_budget(const resa_cuda_layer_args &a,
+                                                 const resa_dev_entry &e)
+{
+    return e.mode == RESA_MODE_DECODE && e.first_block == 0 && a.thr_scores == nullptr;
+}
+
 template <typename T, int D, bool F8>
 __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a, float *parts)
 {
@@ -480,15 +489,28 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
     const resa_dev_entry &e = a.entries[a.decode_ids[i]];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // A whole sequence's DECODE without thresholds chooses exactly its budget,
+    // known at launch: its empty splits leave before staging anything.  Any
+    // other pair reads its count (select_blocks.cu) after the wait below.
+    const bool budget_known = chosen_is_budget(a, e);
+    int n = e.n_select, per = (n + splits - 1) / splits;
+    int lo = s * per, hi = min(n, lo + per);
+    if (budget_known && lo >= hi) { // the combine reads only the non-empty splits
+        pdl_wait();
+        pdl_trigger();
+        return;
+    }
     // The queries were written before the layer began: staged while the
     // select kernel finishes; the chosen list and its count only after it has.
     stage_queries<T, D>(a, e.row, h, q_tile);
     pdl_wait();
     pdl_trigger(); // the combine may launch; it waits for our partials
-    const int n = a.sel_counts[pair], per = (n + splits - 1) / splits;
-    const int lo = s * per, hi = min(n, lo + per);
-    if (lo >= hi) // the combine reads only the non-empty splits (uniform over the CTA)
-        return;
+    if (!budget_known) {
+        n = a.sel_counts[pair], per = (n + splits - 1) / splits;
+        lo = s * per, hi = min(n, lo + per);
+        if (lo >= hi) // uniform over the CTA
+            return;
+    }
 
     Chunk c;
     c.list = (const int32_t *)a.ws_select + (size_t)pair * Dm.max_seq_blocks;
@@ -608,7 +630,7 @@ __global__ void __launch_bounds__(kThreads) combine(resa_cuda_layer_args a, int 
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
     const resa_dev_entry &e = a.entries[a.decode_ids[i]];
     T *const orow = (T *)a.out + ((size_t)e.row * Dm.hq + (size_t)h * g + r) * D;
-    const int n = a.sel_counts[pair];
+    const int n = chosen_is_budget(a, e) ? e.n_select : a.sel_counts[pair];
     if (n <= 0) { // no block chosen here (uniform over the CTA): out 0, lse -inf
         if (warp == 0) {
             float zero[PER];
