@@ -816,6 +816,36 @@ END_TEST
  * the 3 here), and QUERY_DENSE and QUERY_SPARSE rows of a context that holds
  * none of their sequence (0 output rows, lse -inf: the neutral part of a
  * merge).  Then the QUERY_DENSE rows of the first sequence against float64. */
+/* One row of a query step over the 20 keys [64, 84) of test_query_edges's
+ * first sequence (sel: its chosen blocks, NULL for all) against float64: the
+ * lse and the output, bounds from the dtype units (ref: scratch of d). */
+static void check_query_row(const char *what, int32_t t, int32_t hh, const ref_params *p,
+                            ref_seq *rs, const double *qd, const int32_t *sel, int32_t n_sel,
+                            resa_dtype io, const void *out, size_t row, double l, int32_t L,
+                            double *ref)
+{
+    const int32_t d = p->d;
+    const double u32 = ldexp(1.0, -24), uio = unit(io);
+    double want = ref_attend_lse(p, rs, 0, 0, qd, 64, 84, sel, n_sel, ref);
+    double smag = 0, vmax = 1e-30, e = 0;
+    for (int64_t x = 64; x < 84; x++) {
+        double sm = 0;
+        for (int32_t j = 0; j < d; j++) {
+            sm += fabs(qd[j] * ref_k(rs, 0, x, 0)[j]);
+            vmax = fmax(vmax, fabs(ref_v(rs, 0, x, 0)[j]));
+        }
+        smag = fmax(smag, sm * ref_scale(p));
+    }
+    for (int32_t j = 0; j < d; j++)
+        e = fmax(e, fabs(ref_load(io, out, row * d + j) - ref[j]));
+    double tol_lse = 4.0 * (d + 2) * u32 * smag + 4.0 * (L + 8) * u32 * (1 + fabs(want)) +
+                     (g_cuda ? 1e-3 * (1 + fabs(want)) : 0.0);
+    TCHECK(fabs(l - want) <= tol_lse, "%s row %d head %d: lse %.9g, float64 %.9g", what, t, hh,
+           l, want);
+    TCHECK(e <= (g_cuda ? 16.0 : 4.0) * uio * vmax + 4.0 * (L + 2 * d) * u32 * vmax,
+           "%s row %d head %d: output off by %.3g", what, t, hh, e);
+}
+
 START_TEST(test_query_edges)
 {
     ref_rng rng = {th_test_seed("query_edges")};
@@ -910,7 +940,6 @@ START_TEST(test_query_edges)
     TOK(c, resa_seq_selected_blocks(c, e2, 0, 0, got, 32, &gn));
     TCHECK(gn == 0, "QUERY_SPARSE on an empty context selected %lld blocks", (long long)gn);
     double *qd = malloc(sizeof(double) * d), *ref = malloc(sizeof(double) * d);
-    const double u32 = ldexp(1.0, -24), uio = unit(io);
     const int32_t sel[3] = {8, 9, 10};
     for (int32_t t = 0; t < T; t++)
         for (int32_t hh = 0; hh < hq; hh++) {
@@ -926,24 +955,7 @@ START_TEST(test_query_edges)
             }
             for (int32_t j = 0; j < d; j++)
                 qd[j] = ref_load(io, q.h, row * d + j);
-            double want = ref_attend_lse(&p, rs, 0, 0, qd, 64, 84, sel, 3, ref);
-            double smag = 0, vmax = 1e-30, e = 0;
-            for (int64_t x = 64; x < 84; x++) {
-                double sm = 0;
-                for (int32_t j = 0; j < d; j++) {
-                    sm += fabs(qd[j] * ref_k(rs, 0, x, 0)[j]);
-                    vmax = fmax(vmax, fabs(ref_v(rs, 0, x, 0)[j]));
-                }
-                smag = fmax(smag, sm * ref_scale(&p));
-            }
-            for (int32_t j = 0; j < d; j++)
-                e = fmax(e, fabs(ref_load(io, out.h, row * d + j) - ref[j]));
-            double tol_lse = 4.0 * (d + 2) * u32 * smag + 4.0 * (L + 8) * u32 * (1 + fabs(want)) +
-                             (g_cuda ? 1e-3 * (1 + fabs(want)) : 0.0);
-            TCHECK(fabs(l - want) <= tol_lse, "QUERY_SPARSE head %d: lse %.9g, float64 %.9g", hh,
-                   l, want);
-            TCHECK(e <= (g_cuda ? 16.0 : 4.0) * uio * vmax + 4.0 * (L + 2 * d) * u32 * vmax,
-                   "QUERY_SPARSE head %d: output off by %.3g", hh, e);
+            check_query_row("QUERY_SPARSE", t, hh, &p, rs, qd, sel, 3, io, out.h, row, l, L, ref);
         }
 
     /* QUERY_DENSE x 4 rows on the first sequence: every row sees all 20 keys */
@@ -962,25 +974,8 @@ START_TEST(test_query_edges)
             const size_t row = (size_t)t * hq + hh;
             for (int32_t j = 0; j < d; j++)
                 qd[j] = ref_load(io, q.h, row * d + j);
-            double want = ref_attend_lse(&p, rs, 0, 0, qd, 64, 84, NULL, 0, ref);
-            double smag = 0, vmax = 1e-30, e = 0;
-            for (int64_t x = 64; x < 84; x++) {
-                double sm = 0;
-                for (int32_t j = 0; j < d; j++) {
-                    sm += fabs(qd[j] * ref_k(rs, 0, x, 0)[j]);
-                    vmax = fmax(vmax, fabs(ref_v(rs, 0, x, 0)[j]));
-                }
-                smag = fmax(smag, sm * ref_scale(&p));
-            }
-            for (int32_t j = 0; j < d; j++)
-                e = fmax(e, fabs(ref_load(io, out.h, row * d + j) - ref[j]));
-            const double l = ((float *)lse.h)[row];
-            double tol_lse = 4.0 * (d + 2) * u32 * smag + 4.0 * (L + 8) * u32 * (1 + fabs(want)) +
-                             (g_cuda ? 1e-3 * (1 + fabs(want)) : 0.0);
-            TCHECK(fabs(l - want) <= tol_lse, "QUERY_DENSE row %d head %d: lse %.9g, float64 "
-                                               "%.9g", t, hh, l, want);
-            TCHECK(e <= (g_cuda ? 16.0 : 4.0) * uio * vmax + 4.0 * (L + 2 * d) * u32 * vmax,
-                   "QUERY_DENSE row %d head %d: output off by %.3g", t, hh, e);
+            check_query_row("QUERY_DENSE", t, hh, &p, rs, qd, NULL, 0, io, out.h, row,
+                            ((float *)lse.h)[row], L, ref);
         }
     free(qd);
     free(ref);
