@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|cudashards|sanitize|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|cudashards|sanitize|sanshards|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -104,6 +104,12 @@ sanitize_one() { # tool -> $OUT/sanitize-$tool.log, sanitize-$tool-testlog.log, 
 if [[ $phases == all || $phases == *sanitize* ]]; then
   say "compute-sanitizer over the GPU suite: ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}"
   for tool in ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do sanitize_one $tool; done
+fi
+if [[ $phases == *sanshards* ]]; then
+  # every tool over the GPU suite, each test in RESA_SANITIZE_SHARDS shards, all
+  # at once (scripts/sanitize-shards.sh): the quickest way to the whole matrix
+  say "compute-sanitizer, sharded: ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}"
+  bash scripts/sanitize-shards.sh $build "$OUT" | tail -60
 fi
 if [[ $phases == *sanbg* ]]; then
   # the tools at once, in their own process session so that they outlive this

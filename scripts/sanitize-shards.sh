@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# compute-sanitizer over the GPU suite with each test split into shards
+# (RESA_TEST_SHARD=k/n, tests/harness.c th_add_loop), all shards of all tools
+# at once, RESA_SANITIZE_JOBS of them running (default: the CPU count): the
+# float64 reference and the sanitizer's own host work are the long part, and
+# one process uses one core.  Called by scripts/device-run.sh sanshards.
+#   scripts/sanitize-shards.sh BUILD OUT
+# Env: RESA_SANITIZE_TOOLS (default memcheck racecheck initcheck synccheck),
+#      RESA_SANITIZE_SHARDS (default 4), RESA_SANITIZE_TIMEOUT (s, default 1800).
+# Writes OUT/sanshard-<tool>-<test>-<k>.log and prints one line per run and a
+# summary; exit 0 only when every run exited 0 with "ERROR SUMMARY: 0 errors"
+# (racecheck: "0 hazards").
+set -uo pipefail
+build=$1 out=$2
+tools=${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}
+n=${RESA_SANITIZE_SHARDS:-4}
+export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+export LD_LIBRARY_PATH=$PWD/$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# name|environment|command: the GPU tests of tests/meson.build and
+# tests/soak/meson.build with their environments; the fault tests and
+# check_cuda_oom fault on purpose and stay out (device-run.sh says why)
+tests=(
+  "check_cuda|RESA_TEST_QUICK=1|$build/tests/check_cuda"
+  "check_cuda_cp_async|RESA_TEST_QUICK=1 RESA_CUDA_NO_TMA=1|$build/tests/check_cuda"
+  "check_nonfinite_cuda||$build/tests/check_nonfinite cuda"
+  "check_nonfinite_cuda_mma|RESA_CUDA_NO_WGMMA=1|$build/tests/check_nonfinite cuda"
+  "check_cp_cuda||$build/tests/check_cp cuda"
+)
+jobs_file=$(mktemp)
+for tool in $tools; do
+  for t in "${tests[@]}"; do
+    IFS='|' read -r name env cmd <<<"$t"
+    # check_cp has no sharded loops: one run
+    shards=$n; [ "$name" = check_cp_cuda ] && shards=1
+    for k in $(seq 0 $((shards - 1))); do
+      echo "$tool|$name|$k|$shards|$env|$cmd" >>"$jobs_file"
+    done
+  done
+  echo "$tool|soak_diff|0|1||$build/tests/soak/soak_diff 20" >>"$jobs_file"
+done
+run_one() {
+  IFS='|' read -r tool name k shards env cmd <<<"$1"
+  log="$out/sanshard-$tool-$name-$k.log"
+  env $env RESA_TEST_SHARD=$k/$shards CK_FORK=no timeout ${RESA_SANITIZE_TIMEOUT:-1800} \
+    compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 100 $cmd >"$log" 2>&1
+  rc=$?
+  sum=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$log" | grep -v "not printed" | tail -1)
+  checks=$(grep -h "Checks:" "$log" | tail -1)
+  echo "$tool $name shard $k/$shards: exit $rc; ${checks:-no Check summary}; ${sum:-no sanitizer summary}"
+}
+export -f run_one
+export out
+xargs -a "$jobs_file" -d '\n' -P "${RESA_SANITIZE_JOBS:-$(nproc)}" -I{} bash -c 'run_one "$@"' _ {} \
+  | sort | tee "$out/sanshards.txt"
+rm -f "$jobs_file"
+bad=$(grep -vc "exit 0; .*\(ERROR SUMMARY: 0 errors\|0 hazards displayed (0 errors, 0 warnings)\)" "$out/sanshards.txt")
+echo "sanitizer shards: $(wc -l <"$out/sanshards.txt") runs, $bad not clean"
+[ "$bad" = 0 ]
