@@ -38,7 +38,7 @@ DEFAULTS = dict(mode="floor", b=16, r=0.1, nmin=16, local=1, sink=0, score="pool
 
 class Sim:
     def __init__(self, model, start):
-        self.model, self.start, self.cfg, self.dense_kv = model, start, None, {}
+        self.model, self.start, self.cfg, self.dense_kv, self.pca = model, start, None, {}, {}
 
     def causal(self, t0, c, t_all, dev):
         t = torch.arange(t0, t0 + c, device=dev)[:, None]
@@ -60,6 +60,29 @@ class Sim:
                               + self.causal(t0, c, t_all, dev)[None, None], -1)
             s = F.pad(p, (0, pad)).view(hkv, g, c, m, b).sum(-1)
             s = s.amax(1) if cfg.get("group") == "max" else s.mean(1)
+        elif cfg["score"] == "lowrank":
+            # a per-token key sketch: the keys' top `rank` principal directions of
+            # this (layer, KV head), fitted on the prefill [0, start); each query
+            # head's approximate logits over every token, a block's log-sum-exp
+            # over its tokens, and the group's estimated shares summed (as head
+            # share).  Bytes: rank values a token (fp8: 1 byte each, plus a scale)
+            # against 2 d K/V values; min/max fp8 summaries are 2 d / b a token.
+            rk = cfg.get("rank", 8)
+            if layer not in self.pca:
+                kf = k[:, :self.start]
+                mu = kf.mean(1, keepdim=True)
+                cov = torch.einsum("htd,hte->hde", kf - mu, kf - mu) / kf.shape[1]
+                self.pca[layer] = (mu, torch.linalg.eigh(cov)[1][..., -rk:])
+            mu, u = self.pca[layer]
+            sk = torch.einsum("htd,hdr->htr", k - mu, u)
+            if cfg.get("fp8"):  # e4m3 with one fp32 scale a token
+                sc = sk.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 448.0
+                sk = (sk / sc).to(torch.float8_e4m3fn).float() * sc
+            st = torch.einsum("hgcr,htr->hgct", torch.einsum("hgcd,hdr->hgcr", qg, u), sk) * scaling
+            st = st + self.causal(t0, c, t_all, dev)[None, None]
+            sb = torch.logsumexp(F.pad(st, (0, pad), value=-float("inf")).view(hkv, g, c, m, b), -1)
+            s = torch.logsumexp(sb - torch.logsumexp(sb, -1, keepdim=True), 1)
+            s = torch.nan_to_num(s, nan=-float("inf"))
         elif cfg["score"] in ("centroid", "meanvar"):
             # per block the mean key (and per-dimension variance): d (2 d) values
             kp = F.pad(k, (0, 0, 0, pad)).view(hkv, m, b, d)
@@ -176,7 +199,7 @@ class Sim:
         return out.to(module.o_proj.weight.dtype).transpose(0, 1)[None].contiguous(), None
 
     def run(self, ids, cfg):
-        self.cfg, self.attended, self.rows = cfg, 0.0, 0
+        self.cfg, self.attended, self.rows, self.pca = cfg, 0.0, 0, {}
         with torch.no_grad():
             logits = self.model(ids, use_cache=False).logits[0, :-1].float()
         return torch.log_softmax(logits, -1), (self.attended / self.rows if self.rows else 1.0)
