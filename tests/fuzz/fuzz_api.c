@@ -34,6 +34,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define FZ_LOCK_BYTES (24.0 * 1024 * 1024) /* larger locks are not attempted */
 #define FZ_MAX_OPS 3000
+#define FZ_MAX_LIST (1 << 16) /* candidate list slots ([n_entries][hkv][capacity]) at most */
 
 /* ---- the allocator hooks: exact sizes, counted, optionally failing ---- */
 typedef struct fz_alloc {
@@ -915,6 +916,8 @@ static void two_phase(fz *f, int32_t layer, const void *q, const int8_t *qg, uin
     size_t nx = (size_t)m->n_entries * (size_t)m->iv[P_KVHEADS];
     int64_t cap = sh_max_kpick(m) + (arg & 0x40 ? (arg >> 7) + 1 : 0);
     size_t nl = nx * (size_t)cap;
+    if (nl > FZ_MAX_LIST / 3)
+        return; /* K_i of a sequence near 2^30 blocks: no buffer that large */
     float *sc = malloc(nl ? nl * 4 : 1);
     int32_t *bl = malloc(nl ? nl * 4 : 1), *cn = malloc(nx * 4);
     memset(sc, 0xff, nl ? nl * 4 : 1);
@@ -1491,6 +1494,8 @@ static void op_cp(fz *f)
     int32_t kmax = sh_max_kpick(m);
     int64_t caps[] = {kmax, kmax, kmax + 1, kmax - 1, 0, -1, kmax + 3, 1};
     int64_t cap = caps[y % 8];
+    if (cap > 0 && nx * (size_t)cap > FZ_MAX_LIST / 3)
+        cap = y & 1 ? 0 : -1; /* no buffer of K_i near 2^30: the capacity errors only */
     size_t nl = cap > 0 ? nx * (size_t)cap : 0;
     switch (c % 6) {
     case 0: { /* block scores */
