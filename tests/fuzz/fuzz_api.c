@@ -1629,6 +1629,10 @@ static void op_quick_setup(fz *f)
         do_set_param(f, RESA_PARAM_SELECT_MIN_BLOCKS, min_blocks[(x >> 4) % 4]);
         do_set_param_f64(f, RESA_PARAM_SELECT_FRACTION, fractions[(y >> 4) % 4]);
         do_set_param(f, RESA_PARAM_RECTIFY_INTERVAL, (int64_t)((c >> 1) % 9));
+        /* summaries in the KV dtype (the default is fp8 since 0.3.0): the
+         * model then predicts selections and listed scores exactly */
+        if ((x ^ y) & 1)
+            do_set_param(f, RESA_PARAM_SUMMARY_FORMAT, RESA_SUMMARY_KV_DTYPE);
     }
     if (c & 0x80)
         do_set_param(f, RESA_PARAM_RECORD_SELECTION, 1);
