@@ -911,6 +911,7 @@ static void two_phase(fz *f, int32_t layer, const void *q, const int8_t *qg, uin
                       float **ts_out, int32_t **tb_out)
 {
     shadow *m = &f->c->m;
+    m->thr_self = 0;
     *ts_out = NULL;
     *tb_out = NULL;
     size_t nx = (size_t)m->n_entries * (size_t)m->iv[P_KVHEADS];
@@ -967,6 +968,7 @@ static void two_phase(fz *f, int32_t layer, const void *q, const int8_t *qg, uin
     if (do_thresholds(f, n_ranks, cap, nl ? gs : NULL, nl ? gb : NULL, gc, ts, tb, 0) == RESA_OK) {
         *ts_out = ts;
         *tb_out = tb;
+        m->thr_self = n_ranks == 1;
     } else {
         free(ts);
         free(tb);
@@ -1204,11 +1206,14 @@ static void do_attend_x(fz *f, int32_t layer, unsigned nulls, uint32_t flags, co
                  layer, nulls, flags);
     }
     expect(f, f->msg, got, want, before);
+    if (got != RESA_OK)
+        m->thr_self = 0;
     if (memcmp(q, q0, nq * elt) || memcmp(k, k0, nk * elt) || memcmp(v, v0, nk * elt))
         fail(f, "the library wrote into q, k or v");
     if (got == RESA_OK) {
         const char *bad = sh_attended(m, layer, qg, kg, vg, po, lse, ts, tb, f->detail,
                                       sizeof f->detail);
+        m->thr_self = 0;
         if (bad)
             fail(f, "%s", bad);
         if (ex && ex->merge && po && lse && nl)

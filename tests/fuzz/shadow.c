@@ -1003,9 +1003,10 @@ static void choose(const shadow *m, int32_t ei, int32_t layer, int32_t hk, const
             chosen[i] = 1;
             forced++;
         }
-    c->known = n_cand == 0 || (exact || (!ts && top == 0));
-    c->lo = forced + (ts ? 0 : top);
-    c->hi = forced + (ts ? n_cand : top);
+    int by_top = !ts || m->thr_self; /* the count is forced + top */
+    c->known = n_cand == 0 || (exact || (by_top && top == 0));
+    c->lo = forced + (by_top ? top : 0);
+    c->hi = forced + (by_top ? top : n_cand);
     if (n_cand > 0 && exact) {
         double *score = xcalloc((size_t)e->ml, sizeof(double));
         cand_scores(m, e, layer, hk, qg, c0, c1, score);

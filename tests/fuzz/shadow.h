@@ -123,6 +123,10 @@ typedef struct shadow {
     int32_t n_sparse;        /* DECODE and QUERY_SPARSE entries */
     uint8_t *layer_done;     /* [layers] */
     int32_t st_local, st_sink, st_group;
+    /* set by the target around sh_attended: the thresholds came from this
+     * context's own block_scores lists alone (one rank), so each sparse
+     * entry takes exactly its own best min(K, candidates), as without them */
+    int32_t thr_self;
     double st_scale, st_width;
 
     /* what was checked (RESA_FUZZ_STATS=1) */
