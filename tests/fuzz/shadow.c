@@ -4,7 +4,8 @@
  * (see shadow.h).  Where the documents list several errors of one call
  * without an order, the model checks them in the order the function's
  * status table gives (and, for resa_ctx_step_begin, entry by entry in batch
- * order, as API.md says).
+ * order, as API.md says); the context-parallel calls' checks come in the
+ * order of lib/step.c, lib/step_cp.c and lib/sequence.c (shadow.h).
  */
 #include "shadow.h"
 
