@@ -1378,6 +1378,35 @@ START_TEST(test_errors)
 }
 END_TEST
 
+/* Found by the API fuzzer (tests/fuzz, 2026-12-06): resa_ctx_step_block_scores
+ * with capacity 0 and NULL scores and blocks, which API.md allows ("scores or
+ * blocks is NULL with capacity > 0" is the error), formed scores + item *
+ * capacity = NULL + 0 for every (entry, head) in lib/cpu/block_scores.c:
+ * undefined behaviour (C11 6.5.6), reported by clang's
+ * -fsanitize=undefined ("applying zero offset to null pointer").  A step
+ * without sparse entries needs capacity 0. */
+START_TEST(test_block_scores_no_lists)
+{
+    ref_params p;
+    ref_params_default(&p);
+    p.d = 8;
+    p.b = 4;
+    p.hq = 2;
+    p.hkv = 1;
+    p.n_layers = 1;
+    resa_ctx *c = make_ctx(&p, p.hq, p.hkv);
+    int32_t a, m = RESA_MODE_APPEND, n = 3, counts[1] = {-1};
+    float *buf = calloc(64, sizeof(float));
+    TOK(c, resa_seq_create(c, &a));
+    TOK(c, resa_ctx_step_begin(c, 1, &a, &m, &n, 0));
+    TOK(c, resa_ctx_step_block_scores(c, 0, buf, 0, NULL, NULL, counts, 0));
+    TCHECK(counts[0] == 0, "an APPEND entry lists %d candidates", counts[0]);
+    TOK(c, resa_ctx_step_cancel(c));
+    free(buf);
+    resa_ctx_destroy(c);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
     g_cuda = argc > 1 && strcmp(argv[1], "cuda") == 0;
@@ -1395,6 +1424,7 @@ int main(int argc, char **argv)
         tcase_add_test(tc, test_cp_r4);
         tcase_add_loop_test(tc, test_cp_ties, 0, 2);
         tcase_add_test(tc, test_errors);
+        tcase_add_test(tc, test_block_scores_no_lists);
     }
     tcase_add_test(tc, test_cp_bf16);
     tcase_add_loop_test(tc, test_cp_cuda, 0, 2);

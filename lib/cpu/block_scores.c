@@ -44,11 +44,11 @@ static void score_item(void *arg, int64_t item, int32_t worker)
     const resa_cpu_scratch *sc = &job->st->scratch[worker];
     int32_t k = e->n_pick < n_cand ? e->n_pick : n_cand;
     resa_cpu_select_top(sc->order, n_cand, k, sc->score);
-    float *s = sj->scores + item * sj->capacity;
-    int32_t *b = sj->blocks + item * sj->capacity;
+    /* scores and blocks may be NULL (capacity 0, nothing to list): index
+     * them only when something is written (NULL + 0 is undefined in C) */
     for (int32_t i = 0; i < k; i++) {
-        s[i] = sc->score[sc->order[i]];       /* NaN already -inf */
-        b[i] = e->first_block + sc->order[i]; /* global index */
+        sj->scores[item * sj->capacity + i] = sc->score[sc->order[i]];       /* NaN already -inf */
+        sj->blocks[item * sj->capacity + i] = e->first_block + sc->order[i]; /* global index */
     }
     sj->counts[item] = k;
 }

@@ -2,7 +2,9 @@
 /*
  * libFuzzer target: the input bytes become a session of API calls on a CPU
  * context (create, parameters, sequences, steps in every mode, queries,
- * selection record, reset, destroy, calls with NULL), and every status and
+ * selection record, reset, destroy, calls with NULL; since 0.3.0 also the
+ * context-parallel calls: spans, the QUERY modes, block scores, thresholds,
+ * step_attend_ex with lse and thresholds, the merges), and every status and
  * the visible state after every call are checked against the shadow model
  * (shadow.h).  Any disagreement, a leak through the allocator hooks or a
  * wrong attention output calls abort() with a message that names the call.
@@ -32,6 +34,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define FZ_LOCK_BYTES (24.0 * 1024 * 1024) /* larger locks are not attempted */
 #define FZ_MAX_OPS 3000
+#define FZ_MAX_LIST (1 << 16) /* candidate list slots ([n_entries][hkv][capacity]) at most */
 
 /* ---- the allocator hooks: exact sizes, counted, optionally failing ---- */
 typedef struct fz_alloc {
@@ -76,7 +79,9 @@ static void fz_free_fn(void *user, void *ptr)
 /* ---- totals over all inputs of the process (RESA_FUZZ_STATS=1 prints them) ---- */
 static struct fz_stats {
     int64_t inputs, calls, contexts, locks, injected;
-    int64_t modes[5], cow, rows_checked, sparse_checked;
+    int64_t modes[7], cow, rows_checked, sparse_checked;
+    int64_t lse_checked, split_entries, lists_checked, thresholds_checked, thr_selections;
+    int64_t merge_rows_checked;
 } stats;
 
 static void print_stats(void)
@@ -85,12 +90,21 @@ static void print_stats(void)
             "resa fuzz stats: %lld inputs, %lld API calls checked, %lld contexts, %lld locks, "
             "%lld injected allocation failures; step entries: %lld APPEND, %lld dense DECODE, "
             "%lld sparse DECODE, %lld RECTIFY, %lld APPEND_KV; %lld copy-on-write pages; "
-            "%lld output rows compared with the reference (%lld sparse decodes)\n",
+            "%lld output rows compared with the reference (%lld sparse decodes)\n"
+            "resa fuzz stats (context parallelism): step entries: %lld QUERY_DENSE, %lld "
+            "QUERY_SPARSE, %lld on a split sequence; %lld lse values compared with the "
+            "reference; %lld block_scores lists equal to the model's; %lld thresholds "
+            "recomputed; %lld selections by a threshold predicted exactly; %lld merged rows "
+            "compared with float64\n",
             (long long)stats.inputs, (long long)stats.calls, (long long)stats.contexts,
             (long long)stats.locks, (long long)stats.injected, (long long)stats.modes[0],
             (long long)stats.modes[1], (long long)stats.modes[4], (long long)stats.modes[2],
             (long long)stats.modes[3], (long long)stats.cow, (long long)stats.rows_checked,
-            (long long)stats.sparse_checked);
+            (long long)stats.sparse_checked, (long long)stats.modes[5],
+            (long long)stats.modes[6], (long long)stats.split_entries,
+            (long long)stats.lse_checked, (long long)stats.lists_checked,
+            (long long)stats.thresholds_checked, (long long)stats.thr_selections,
+            (long long)stats.merge_rows_checked);
 }
 
 /* ---- the session: up to two contexts, each with its model and hooks ---- */
@@ -396,8 +410,13 @@ static void destroy_ctx(fz *f)
     if (!f->c->ctx)
         return;
     trace(f, "resa_ctx_destroy");
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 7; i++)
         stats.modes[i] += f->c->m.n_entries_by_mode[i];
+    stats.lse_checked += f->c->m.n_lse_checked;
+    stats.split_entries += f->c->m.n_split_entries;
+    stats.lists_checked += f->c->m.n_lists_checked;
+    stats.thresholds_checked += f->c->m.n_thresholds_checked;
+    stats.thr_selections += f->c->m.n_thr_selections;
     stats.cow += f->c->m.n_cow_copies;
     stats.rows_checked += f->c->m.n_rows_checked;
     stats.sparse_checked += f->c->m.n_sparse_checked;
@@ -725,8 +744,9 @@ static void op_selected(fz *f)
     int32_t head = c & 0x40 ? (c & 1 ? hkv : -1) : (int32_t)((x >> 4) % hkv);
     int slot = sh_slot(&f->c->m, id);
     int64_t full = 0;
-    if (slot >= 0 && layer >= 0 && layer < layers && f->c->m.seqs[slot].rec[layer].has)
-        full = f->c->m.seqs[slot].rec[layer].n;
+    if (slot >= 0 && layer >= 0 && layer < layers && head >= 0 && head < hkv &&
+        f->c->m.seqs[slot].rec[layer].has)
+        full = f->c->m.seqs[slot].rec[layer].cnt_lo[head];
     int64_t capacity;
     switch ((c >> 1) & 7) {
     case 0: capacity = 0; break;
@@ -790,8 +810,331 @@ static void do_begin(fz *f, int32_t n, const int32_t *ids, const int32_t *modes,
     free(c);
 }
 
-/* step_attend of one layer with exactly sized buffers; `nulls` bits: q, k, v, out. */
-static void do_attend(fz *f, int32_t layer, unsigned nulls, uint32_t flags)
+/* ---- context parallelism: spans, the two-phase selection, merges ---- */
+
+static void do_set_span(fz *f, int32_t id, int64_t first, int64_t glen)
+{
+    int64_t before = f->c->al.failed;
+    resa_status want = sh_set_span(&f->c->m, id, first, glen, 0);
+    resa_status got = resa_seq_set_span(f->c->ctx, id, first, glen);
+    snprintf(f->msg, sizeof f->msg, "resa_seq_set_span(%d, %lld, %lld)", id, (long long)first,
+             (long long)glen);
+    expect(f, f->msg, got, want, before);
+    if (got == RESA_OK)
+        sh_set_span(&f->c->m, id, first, glen, 1);
+}
+
+static void op_set_span(fz *f)
+{
+    int32_t id = pick_id(f);
+    uint8_t c = u8(f), x = u8(f);
+    int slot = sh_slot(&f->c->m, id);
+    const sh_seq *q = slot >= 0 ? &f->c->m.seqs[slot] : NULL;
+    int64_t b = f->c->m.iv[P_BLOCK], limit = ((int64_t)1 << 30) * b;
+    int64_t first0 = q ? q->first : 0, end = q ? q->first + q->len : 0;
+    int64_t firsts[] = {first0, 0, b, 2 * b, 5 * b, 64 * b, first0 + b, b / 2, b + 1, -b,
+                        limit - b, limit, first0};
+    int64_t first = firsts[c % 13];
+    if (first != first0 || !q)
+        end = first + (q ? q->len : 0);
+    int64_t glens[] = {-1, -1, end, end + 1, end + b - 1, end + b, end + 3 * b + 1, end + 40 * b,
+                       end - 1, -2, limit - b - 1, limit - b, limit - 1, limit, INT64_MAX,
+                       INT64_MIN};
+    do_set_span(f, id, first, glens[x % 16]);
+}
+
+/* One q, k or v value for a list: a grid score (multiple of 1/16) or a
+ * special one. */
+static float pick_score(fz *f, uint8_t c)
+{
+    static const float special[] = {-INFINITY, INFINITY, NAN, 0.0f, -0.0f, 1.0f, -1.0f, 0.5f};
+    if (c >= 232)
+        return special[c % 8];
+    return (float)((int)(next_rand(f) % 129) - 64) / 16.0f;
+}
+
+/* resa_ctx_step_block_scores with these buffers ([n_entries][hkv][capacity]
+ * and [n_entries][hkv], filled with 0xff); returns the status. */
+static resa_status do_block_scores(fz *f, int32_t layer, const void *q, const int8_t *qg,
+                                   int64_t capacity, float *scores, int32_t *blocks,
+                                   int32_t *counts, uint32_t flags)
+{
+    shadow *m = &f->c->m;
+    int64_t before = f->c->al.failed;
+    resa_status want = sh_block_scores(m, layer, !q, capacity, !scores, !blocks, !counts, flags);
+    resa_status got = resa_ctx_step_block_scores(f->c->ctx, layer, q, capacity, scores, blocks,
+                                                 counts, flags);
+    snprintf(f->msg, sizeof f->msg, "resa_ctx_step_block_scores(layer %d, %s, capacity %lld, "
+             "%s, %s, %s, 0x%x)", layer, q ? "q" : "NULL", (long long)capacity,
+             scores ? "scores" : "NULL", blocks ? "blocks" : "NULL", counts ? "counts" : "NULL",
+             flags);
+    expect(f, f->msg, got, want, before);
+    if (got == RESA_OK) {
+        const char *bad = sh_check_block_scores(m, layer, qg, capacity, scores, blocks, counts,
+                                                f->detail, sizeof f->detail);
+        if (bad)
+            fail(f, "%s", bad);
+    }
+    return got;
+}
+
+static resa_status do_thresholds(fz *f, int32_t n_ranks, int64_t capacity, const float *scores,
+                                 const int32_t *blocks, const int32_t *counts, float *ts,
+                                 int32_t *tb, uint32_t flags)
+{
+    shadow *m = &f->c->m;
+    int64_t before = f->c->al.failed;
+    resa_status want = sh_thresholds(m, n_ranks, capacity, !scores, !blocks, !counts, !ts, !tb,
+                                     flags);
+    resa_status got = resa_ctx_step_thresholds(f->c->ctx, n_ranks, capacity, scores, blocks,
+                                               counts, ts, tb, flags);
+    snprintf(f->msg, sizeof f->msg, "resa_ctx_step_thresholds(%d ranks, capacity %lld, %s, %s, "
+             "%s, %s, %s, 0x%x)", n_ranks, (long long)capacity, scores ? "scores" : "NULL",
+             blocks ? "blocks" : "NULL", counts ? "counts" : "NULL", ts ? "ts" : "NULL",
+             tb ? "tb" : "NULL", flags);
+    expect(f, f->msg, got, want, before);
+    if (got == RESA_OK) {
+        const char *bad = sh_check_thresholds(m, n_ranks, capacity, scores, blocks, counts, ts,
+                                              tb, f->detail, sizeof f->detail);
+        if (bad)
+            fail(f, "%s", bad);
+    }
+    return got;
+}
+
+/* Phase 1 and the thresholds of one layer as a rank of a context-parallel
+ * group would run them: this context's lists (block_scores on the layer's q),
+ * gathered with the lists of 0 to 2 made-up ranks (ties with this one's
+ * scores, special scores, any blocks), then resa_ctx_step_thresholds.  On
+ * success *ts and *tb ([n_entries][hkv]) are the thresholds. */
+static void two_phase(fz *f, int32_t layer, const void *q, const int8_t *qg, uint8_t arg,
+                      float **ts_out, int32_t **tb_out)
+{
+    shadow *m = &f->c->m;
+    m->thr_self = 0;
+    *ts_out = NULL;
+    *tb_out = NULL;
+    size_t nx = (size_t)m->n_entries * (size_t)m->iv[P_KVHEADS];
+    int64_t cap = sh_max_kpick(m) + (arg & 0x40 ? (arg >> 7) + 1 : 0);
+    size_t nl = nx * (size_t)cap;
+    if (nl > FZ_MAX_LIST / 3)
+        return; /* K_i of a sequence near 2^30 blocks: no buffer that large */
+    float *sc = malloc(nl ? nl * 4 : 1);
+    int32_t *bl = malloc(nl ? nl * 4 : 1), *cn = malloc(nx * 4);
+    memset(sc, 0xff, nl ? nl * 4 : 1);
+    memset(bl, 0xff, nl ? nl * 4 : 1);
+    memset(cn, 0xff, nx * 4);
+    if (do_block_scores(f, layer, q, qg, cap, nl ? sc : NULL, nl ? bl : NULL, cn, 0) != RESA_OK) {
+        free(sc);
+        free(bl);
+        free(cn);
+        return;
+    }
+    int32_t n_ranks = 1 + arg % 3, own = (int32_t)((arg >> 2) % (uint8_t)n_ranks);
+    size_t ng = (size_t)n_ranks * nl;
+    float *gs = malloc(ng ? ng * 4 : 1);
+    int32_t *gb = malloc(ng ? ng * 4 : 1);
+    int32_t *gc = malloc((size_t)n_ranks * nx * 4);
+    for (int32_t r = 0; r < n_ranks; r++) {
+        if (r == own) {
+            memcpy(gs + (size_t)r * nl, sc, nl * 4);
+            memcpy(gb + (size_t)r * nl, bl, nl * 4);
+            memcpy(gc + (size_t)r * nx, cn, nx * 4);
+            continue;
+        }
+        for (size_t x = 0; x < nx; x++) {
+            const sh_entry *e = &m->entries[x / (size_t)m->iv[P_KVHEADS]];
+            int32_t k = SH_SPARSE(e->mode) ? e->kpick : 0;
+            int32_t c = k > 0 ? (int32_t)(next_rand(f) % (uint64_t)(k + 1)) : 0;
+            gc[(size_t)r * nx + x] = c;
+            for (int64_t j = 0; j < cap; j++) {
+                size_t at = (size_t)r * nl + x * (size_t)cap + (size_t)j;
+                uint64_t z = next_rand(f);
+                if (j >= c) { /* past the count: never read */
+                    gs[at] = NAN;
+                    gb[at] = -5;
+                } else if (z % 4 == 0 && cn[x] > 0) { /* a tie with this rank */
+                    gs[at] = sc[x * (size_t)cap + (size_t)(z >> 8) % (size_t)cn[x]];
+                    gb[at] = (int32_t)((z >> 20) % (uint64_t)(e->m + 2));
+                } else {
+                    gs[at] = pick_score(f, (uint8_t)(z >> 32));
+                    gb[at] = (int32_t)((z >> 20) % (uint64_t)(e->m + 2));
+                }
+            }
+        }
+    }
+    float *ts = malloc(nx * 4);
+    int32_t *tb = malloc(nx * 4);
+    if (do_thresholds(f, n_ranks, cap, nl ? gs : NULL, nl ? gb : NULL, gc, ts, tb, 0) == RESA_OK) {
+        *ts_out = ts;
+        *tb_out = tb;
+        m->thr_self = n_ranks == 1;
+    } else {
+        free(ts);
+        free(tb);
+    }
+    free(sc);
+    free(bl);
+    free(cn);
+    free(gs);
+    free(gb);
+    free(gc);
+}
+
+/* A merge call (resa_ctx_merge_states when ctx_version, else
+ * resa_merge_states) on exactly sized buffers, checked against a float64
+ * merge of the same parts: m = max lse_i, w_i = exp(lse_i - m) (0 for -inf,
+ * whose row is not read), out = sum w_i out_i / sum w_i, lse = m + log sum
+ * w_i; every part -inf: out NaN, lse -inf; a NaN lse_i (or +inf): NaN.
+ * `nulls` bits: parts_out, parts_lse, out, lse. */
+static void do_merge(fz *f, int ctx_version, int32_t dtype, int32_t n_parts, int64_t n_rows,
+                     int32_t d, const void *parts, const float *plse, unsigned nulls,
+                     uint32_t flags)
+{
+    shadow *m = &f->c->m;
+    int32_t dt = ctx_version ? (int32_t)m->iv[P_IO_DTYPE] : dtype;
+    int32_t hd = ctx_version ? (int32_t)m->iv[P_HEAD_DIM] : d;
+    int ok_shape = (dt >= 0 && dt <= 2) && n_rows >= 0 && hd >= 1 && hd <= 256;
+    size_t elt = sh_dtype_size(dt), n_out = ok_shape ? (size_t)n_rows * (size_t)hd : 0;
+    void *out = malloc(n_out ? n_out * elt : 1);
+    float *lse = malloc(ok_shape && n_rows ? (size_t)n_rows * 4 : 1);
+    memset(out, 0xff, n_out ? n_out * elt : 1);
+    memset(lse, 0xff, ok_shape && n_rows ? (size_t)n_rows * 4 : 1);
+    const void *pp = nulls & 1 ? NULL : parts;
+    const float *pl = nulls & 2 ? NULL : plse;
+    void *po = nulls & 4 ? NULL : out;
+    float *pL = nulls & 8 ? NULL : lse;
+    resa_status want = sh_merge(m, ctx_version, dtype, n_parts, n_rows, d, !pp, !pl, !po, flags);
+    resa_status got;
+    if (ctx_version) {
+        int64_t before = f->c->al.failed;
+        got = resa_ctx_merge_states(f->c->ctx, n_parts, n_rows, pp, pl, po, pL, flags);
+        snprintf(f->msg, sizeof f->msg, "resa_ctx_merge_states(%d parts, %lld rows, nulls 0x%x, "
+                 "0x%x)", n_parts, (long long)n_rows, nulls, flags);
+        expect(f, f->msg, got, want, before);
+    } else {
+        got = resa_merge_states((resa_dtype)dtype, n_parts, n_rows, d, pp, pl, po, pL, flags);
+        f->call = "resa_merge_states";
+        stats.calls++;
+        trace(f, "resa_merge_states(dtype %d, %d parts, %lld rows, d %d, nulls 0x%x, 0x%x) -> %s",
+              dtype, n_parts, (long long)n_rows, d, nulls, flags, resa_status_name(got));
+        if (got != want)
+            fail(f, "status %s, the model says %s", resa_status_name(got),
+                 resa_status_name(want));
+    }
+    if (got == RESA_OK) {
+        double tol = dt == RESA_DTYPE_F32 ? 2e-4 : dt == RESA_DTYPE_F16 ? 2e-3 : 1e-2;
+        for (int64_t r = 0; r < n_rows; r++) {
+            double mx = -INFINITY, sum = 0;
+            int nan = 0;
+            for (int32_t i = 0; i < n_parts; i++) {
+                double x = plse[(size_t)i * (size_t)n_rows + (size_t)r];
+                nan |= isnan(x) || x == INFINITY;
+                mx = x > mx ? x : mx;
+            }
+            for (int32_t i = 0; i < n_parts && !nan; i++) {
+                double x = plse[(size_t)i * (size_t)n_rows + (size_t)r];
+                if (x != -INFINITY)
+                    sum += exp(x - mx);
+            }
+            double want_lse = nan ? NAN : sum == 0 ? -INFINITY : mx + log(sum);
+            if (pL) {
+                double l = lse[r];
+                int good = isnan(want_lse) ? isnan(l)
+                           : isinf(want_lse) ? l == want_lse
+                                             : fabs(l - want_lse) <= 2e-5 * (1 + fabs(want_lse));
+                if (!good)
+                    fail(f, "row %lld: lse %.9g, float64 says %.9g", (long long)r, l, want_lse);
+            }
+            for (int32_t j = 0; j < hd; j++) {
+                double acc = 0;
+                for (int32_t i = 0; i < n_parts && !nan && sum > 0; i++) {
+                    double x = plse[(size_t)i * (size_t)n_rows + (size_t)r];
+                    if (x != -INFINITY)
+                        acc += exp(x - mx) *
+                               sh_decode(dt, parts, ((size_t)i * (size_t)n_rows + (size_t)r) *
+                                                        (size_t)hd + (size_t)j);
+                }
+                double o = sh_decode(dt, out, (size_t)r * (size_t)hd + (size_t)j);
+                int good = nan || sum == 0 ? isnan(o) : fabs(o - acc / sum) <= tol;
+                if (!good)
+                    fail(f, "row %lld element %d: out %.9g, float64 says %.9g", (long long)r, j,
+                         o, nan || sum == 0 ? NAN : acc / sum);
+            }
+            stats.merge_rows_checked++;
+        }
+    } else {
+        const unsigned char *o = out;
+        for (size_t i = 0; i < (n_out ? n_out * elt : 1); i++)
+            if (o[i] != 0xff)
+                fail(f, "a failed merge wrote out");
+    }
+    free(out);
+    free(lse);
+}
+
+/* lse of a merge part: mostly finite, some -inf (the part's row then holds
+ * NaN: it must not be read), rarely NaN or +inf. */
+static float pick_lse(fz *f, uint8_t c)
+{
+    uint64_t z = next_rand(f);
+    if (c % 8 == 0)
+        return -INFINITY;
+    if (c >= 250)
+        return c & 1 ? NAN : INFINITY;
+    if (c % 8 == 1)
+        return (float)((int)(z % 2001) - 1000) / 8.0f; /* far apart: weights underflow */
+    return (float)((int)(z % 161) - 80) / 16.0f;
+}
+
+/* Merges the rows just written (out, lse of one attend_ex) with a made-up
+ * second (and third) part, through resa_ctx_merge_states. */
+static void merge_with(fz *f, const void *out, const float *lse, int64_t n_rows, uint8_t arg)
+{
+    shadow *m = &f->c->m;
+    int32_t io = (int32_t)m->iv[P_IO_DTYPE], d = (int32_t)m->iv[P_HEAD_DIM];
+    int32_t n_parts = 2 + (arg & 1);
+    size_t elt = sh_dtype_size(io), row = (size_t)d * elt;
+    size_t n = (size_t)n_parts * (size_t)n_rows;
+    char *parts = malloc(n * row);
+    float *plse = malloc(n * 4);
+    int8_t *g = malloc((size_t)d);
+    int own = (arg >> 1) % (uint8_t)n_parts;
+    for (int32_t i = 0; i < n_parts; i++)
+        for (int64_t r = 0; r < n_rows; r++) {
+            size_t at = (size_t)i * (size_t)n_rows + (size_t)r;
+            if (i == own) {
+                memcpy(parts + at * row, (const char *)out + (size_t)r * row, row);
+                plse[at] = lse[r];
+                continue;
+            }
+            plse[at] = pick_lse(f, (uint8_t)next_rand(f));
+            if (plse[at] == -INFINITY) {
+                memset(parts + at * row, 0xff, row); /* NaN: never read */
+            } else {
+                for (int32_t j = 0; j < d; j++)
+                    g[j] = grid_value(f, 0);
+                sh_encode(io, g, (size_t)d, parts + at * row);
+            }
+        }
+    do_merge(f, 1, io, n_parts, n_rows, d, parts, plse, 0, 0);
+    free(parts);
+    free(plse);
+    free(g);
+}
+
+/* What attend adds as resa_ctx_step_attend_ex. */
+typedef struct fz_ex {
+    int lse;       /* pass an lse buffer */
+    int thr;       /* thresholds: 0 none, 1 from two_phase, 2 made up, 3 scores only,
+                      4 blocks only */
+    int merge;     /* merge out and lse with made-up parts afterwards */
+    uint8_t arg;   /* a byte for two_phase and the merge */
+} fz_ex;
+
+/* step_attend (ex NULL) or step_attend_ex of one layer with exactly sized
+ * buffers; `nulls` bits: q, k, v, out. */
+static void do_attend_x(fz *f, int32_t layer, unsigned nulls, uint32_t flags, const fz_ex *ex)
 {
     shadow *m = &f->c->m;
     size_t T = m->step_open ? (size_t)m->rows : 0;
@@ -821,23 +1164,68 @@ static void do_attend(fz *f, int32_t layer, unsigned nulls, uint32_t flags)
     memset(out, 0xff, nq ? nq * elt : 1);
     const void *pq = nulls & 1 ? NULL : q, *pk = nulls & 2 ? NULL : k, *pv = nulls & 4 ? NULL : v;
     void *po = nulls & 8 ? NULL : out;
+    /* attend_ex: lse [T][hq], thresholds [n_entries][hkv] */
+    size_t nl = T * hq, nx = m->step_open ? (size_t)m->n_entries * hkv : 0;
+    float *lse = NULL, *ts = NULL;
+    int32_t *tb = NULL;
+    if (ex && ex->lse) {
+        lse = malloc(nl ? nl * 4 : 1);
+        memset(lse, 0xff, nl ? nl * 4 : 1);
+    }
+    if (ex && ex->thr == 1 && m->step_open)
+        two_phase(f, layer, pq, qg, ex->arg, &ts, &tb);
+    else if (ex && ex->thr >= 2) {
+        ts = malloc(nx ? nx * 4 : 1);
+        tb = malloc(nx ? nx * 4 : 1);
+        for (size_t x = 0; x < nx; x++) {
+            const sh_entry *e = &m->entries[x / hkv];
+            uint64_t z = next_rand(f);
+            ts[x] = pick_score(f, (uint8_t)z);
+            int32_t bs[] = {-1, 0, (int32_t)e->fb, (int32_t)e->fb + 1, e->m - 1, e->m,
+                            INT32_MAX, (int32_t)((z >> 16) % (uint64_t)(e->m + 1))};
+            tb[x] = bs[(z >> 8) % 8];
+        }
+        if (ex->thr == 3) {
+            free(tb);
+            tb = NULL;
+        } else if (ex->thr == 4) {
+            free(ts);
+            ts = NULL;
+        }
+    }
     int64_t before = f->c->al.failed;
-    resa_status want = sh_step_attend(m, layer, !pq, !pk, !pv, !po, flags);
-    resa_status got = resa_ctx_step_attend(f->c->ctx, layer, pq, pk, pv, po, flags);
-    snprintf(f->msg, sizeof f->msg, "resa_ctx_step_attend(layer %d, nulls 0x%x, flags 0x%x)",
-             layer, nulls, flags);
+    resa_status want = sh_step_attend(m, layer, !pq, !pk, !pv, !po, !ts, !tb, flags), got;
+    if (ex) {
+        got = resa_ctx_step_attend_ex(f->c->ctx, layer, pq, pk, pv, po, lse, ts, tb, flags);
+        snprintf(f->msg, sizeof f->msg, "resa_ctx_step_attend_ex(layer %d, nulls 0x%x, lse %s, "
+                 "thresholds %d, flags 0x%x)", layer, nulls, lse ? "yes" : "NULL", ex->thr,
+                 flags);
+    } else {
+        got = resa_ctx_step_attend(f->c->ctx, layer, pq, pk, pv, po, flags);
+        snprintf(f->msg, sizeof f->msg, "resa_ctx_step_attend(layer %d, nulls 0x%x, flags 0x%x)",
+                 layer, nulls, flags);
+    }
     expect(f, f->msg, got, want, before);
+    if (got != RESA_OK)
+        m->thr_self = 0;
     if (memcmp(q, q0, nq * elt) || memcmp(k, k0, nk * elt) || memcmp(v, v0, nk * elt))
         fail(f, "the library wrote into q, k or v");
     if (got == RESA_OK) {
-        const char *bad = sh_attended(m, layer, qg, kg, vg, po, f->detail, sizeof f->detail);
+        const char *bad = sh_attended(m, layer, qg, kg, vg, po, lse, ts, tb, f->detail,
+                                      sizeof f->detail);
+        m->thr_self = 0;
         if (bad)
             fail(f, "%s", bad);
+        if (ex && ex->merge && po && lse && nl)
+            merge_with(f, po, lse, (int64_t)nl, ex->arg);
     } else {
         const unsigned char *o = out;
         for (size_t i = 0; i < (nq ? nq * elt : 1); i++)
             if (o[i] != 0xff)
                 fail(f, "a failed step_attend wrote out");
+        for (size_t i = 0; lse && i < nl * 4; i++)
+            if (((const unsigned char *)lse)[i] != 0xff)
+                fail(f, "a failed step_attend_ex wrote lse");
     }
     free(qg);
     free(kg);
@@ -849,6 +1237,14 @@ static void do_attend(fz *f, int32_t layer, unsigned nulls, uint32_t flags)
     free(q0);
     free(k0);
     free(v0);
+    free(lse);
+    free(ts);
+    free(tb);
+}
+
+static void do_attend(fz *f, int32_t layer, unsigned nulls, uint32_t flags)
+{
+    do_attend_x(f, layer, nulls, flags, NULL);
 }
 
 static void do_end(fz *f, uint32_t flags)
@@ -882,6 +1278,7 @@ static int32_t pick_tokens(fz *f, int32_t mode, const sh_seq *q)
     }
     switch (mode) {
     case RESA_MODE_DECODE:
+    case RESA_MODE_QUERY_SPARSE:
         return 1;
     case RESA_MODE_RECTIFY: {
         int64_t p = q ? q->pending : 1;
@@ -925,7 +1322,8 @@ static void op_begin(fz *f)
                 }
         }
         uint8_t mm = u8(f);
-        modes[i] = mm < 248 ? mm % 4 : (mm & 1 ? 6 : -1); /* 6: the first value that is no resa_mode */
+        /* 6: the first value that is no resa_mode */
+        modes[i] = mm < 232 ? mm % 4 : mm < 248 ? 4 + (mm & 1) : (mm & 1 ? 6 : -1);
         int slot = sh_slot(&f->c->m, ids[i]);
         nt[i] = pick_tokens(f, modes[i], slot >= 0 ? &f->c->m.seqs[slot] : NULL);
     }
@@ -973,7 +1371,10 @@ static void op_full_step(fz *f)
         uint8_t r = u8(f);
         int32_t due = f->c->m.iv[P_INTERVAL] > 0 && q->pending >= f->c->m.iv[P_INTERVAL];
         int32_t mode, cnt;
-        if (q->pending > 0 && (due || r % 8 < 2)) {
+        if (q->glen >= 0 && q->glen != q->first + q->len) { /* not the tail: queries only */
+            mode = r & 1 ? RESA_MODE_QUERY_SPARSE : RESA_MODE_QUERY_DENSE;
+            cnt = mode == RESA_MODE_QUERY_SPARSE ? 1 : 1 + (int32_t)((r >> 3) % (b + 1));
+        } else if (q->pending > 0 && (due || r % 8 < 2)) {
             mode = RESA_MODE_RECTIFY;
             cnt = (int32_t)(r & 0x80 && q->pending > 1 ? 1 + (r >> 3) % q->pending : q->pending);
         } else if (q->len == 0 || r % 8 == 2 || r % 8 == 3) {
@@ -1010,6 +1411,201 @@ static void op_full_step(fz *f)
         do_end(f, 0);
 }
 
+/* A context-parallel step that makes progress: maybe a span first (a first
+ * token on an empty sequence, a global length past this context's tokens,
+ * back to the tail), then one or two entries (QUERY modes where the context
+ * does not hold the tail, else rectify, append or decode), every layer with
+ * step_attend_ex (lse; thresholds from the two-phase calls, made up, or
+ * none; a merge of the result), then end or cancel. */
+static void op_cp_step(fz *f)
+{
+    if (n_live(f) == 0 && !do_create(f, 0))
+        return;
+    int32_t live = n_live(f);
+    if (f->c->m.step_open || live == 0)
+        return;
+    shadow *m = &f->c->m;
+    uint8_t c = u8(f), s = u8(f);
+    int64_t b = m->iv[P_BLOCK], max_len = sh_get_int(m, P_MAX_SEQ_TOKENS);
+    const sh_seq *q = live_seq(f, c % live);
+    static const int64_t firsts[] = {1, 2, 3, 5, 16, 0};
+    int64_t extras[] = {0, 1, b - 1, b, 2 * b + 1, 5 * b, 17, 64 * b};
+    switch (s & 3) {
+    case 1:
+        if (q->len == 0)
+            do_set_span(f, q->id, b * firsts[(s >> 2) % 6], -1);
+        break;
+    case 2:
+        do_set_span(f, q->id, q->first, q->first + q->len + extras[(s >> 2) % 8]);
+        break;
+    case 3:
+        do_set_span(f, q->id, q->first, -1);
+        break;
+    default:
+        break;
+    }
+    int32_t n = 1 + ((c >> 6) & 1 && live > 1), ids[2], modes[2], nt[2];
+    for (int32_t i = 0; i < n; i++) {
+        q = live_seq(f, (c + i) % live);
+        uint8_t r = u8(f);
+        int tail = q->glen < 0 || q->glen == q->first + q->len;
+        ids[i] = q->id;
+        nt[i] = 1;
+        if (!tail || r % 4 < 2) {
+            modes[i] = r % 2 ? RESA_MODE_QUERY_SPARSE : RESA_MODE_QUERY_DENSE;
+            if (modes[i] == RESA_MODE_QUERY_DENSE)
+                nt[i] = 1 + (int32_t)((r >> 2) % (b + 2));
+        } else if (q->pending > 0) {
+            modes[i] = RESA_MODE_RECTIFY;
+            nt[i] = (int32_t)q->pending;
+        } else if (q->len == 0 || r % 4 == 2) {
+            modes[i] = RESA_MODE_APPEND;
+            nt[i] = 1 + (int32_t)((r >> 2) % (2 * b + 1));
+            if (q->len + nt[i] > max_len)
+                nt[i] = (int32_t)(max_len - q->len);
+        } else {
+            modes[i] = RESA_MODE_DECODE;
+        }
+        if (nt[i] < 1)
+            modes[i] = RESA_MODE_QUERY_SPARSE, nt[i] = 1; /* full */
+    }
+    do_begin(f, n, ids, modes, nt, 0, 0);
+    if (!m->step_open)
+        return;
+    int32_t layers = (int32_t)m->iv[P_LAYERS];
+    uint8_t o = u8(f), arg = u8(f);
+    f->rng ^= (uint64_t)o << 29;
+    f->kind = o >> 5;
+    fz_ex ex = {!(o & 1) || (o & 6) == 0, (o >> 1) % 4 == 3 ? 2 : (o >> 1) % 4 == 0 ? 0 : 1,
+                (o & 0x10) != 0, arg};
+    for (int32_t l = 0; l < layers; l++)
+        do_attend_x(f, l, 0, 0, &ex);
+    if ((o & 0x18) == 0x18 && (arg & 1))
+        do_cancel(f);
+    else
+        do_end(f, 0);
+}
+
+/* One of the context-parallel calls with arguments from the input, good or
+ * wrong: block scores, thresholds, attend_ex, the merges, a span. */
+static void op_cp(fz *f)
+{
+    shadow *m = &f->c->m;
+    uint8_t c = u8(f), x = u8(f), y = u8(f);
+    int32_t layers = m->locked ? (int32_t)m->iv[P_LAYERS] : 1;
+    int32_t layer = x >= 248 ? (x & 1 ? -1 : layers) : x % layers;
+    uint32_t flags = (y & 0xf0) == 0xf0 ? 1u + (y & 1) : 0;
+    size_t hkv = (size_t)m->iv[P_KVHEADS], nx = m->step_open ? (size_t)m->n_entries * hkv : 0;
+    int32_t kmax = sh_max_kpick(m);
+    int64_t caps[] = {kmax, kmax, kmax + 1, kmax - 1, 0, -1, kmax + 3, 1};
+    int64_t cap = caps[y % 8];
+    if (cap > 0 && nx * (size_t)cap > FZ_MAX_LIST / 3)
+        cap = y & 1 ? 0 : -1; /* no buffer of K_i near 2^30: the capacity errors only */
+    size_t nl = cap > 0 ? nx * (size_t)cap : 0;
+    switch (c % 6) {
+    case 0: { /* block scores */
+        size_t T = m->step_open ? (size_t)m->rows : 0;
+        size_t nq = T * (size_t)m->iv[P_QHEADS] * (size_t)m->iv[P_HEAD_DIM];
+        int32_t io = (int32_t)m->iv[P_IO_DTYPE];
+        int8_t *qg = malloc(nq + 1);
+        for (size_t i = 0; i < nq; i++)
+            qg[i] = grid_value(f, x >> 5);
+        void *q = malloc(nq ? nq * sh_dtype_size(io) : 1);
+        sh_encode(io, qg, nq, q);
+        float *sc = malloc(nl ? nl * 4 : 1);
+        int32_t *bl = malloc(nl ? nl * 4 : 1), *cn = malloc(nx ? nx * 4 : 1);
+        memset(sc, 0xff, nl ? nl * 4 : 1);
+        memset(bl, 0xff, nl ? nl * 4 : 1);
+        unsigned nulls = (c >> 3) & 0x1f; /* q, scores, blocks, counts: mostly none */
+        nulls = nulls < 16 ? 0 : nulls & 15;
+        do_block_scores(f, layer, nulls & 1 ? NULL : q, qg, cap, nulls & 2 ? NULL : sc,
+                        nulls & 4 ? NULL : bl, nulls & 8 ? NULL : cn, flags);
+        free(qg);
+        free(q);
+        free(sc);
+        free(bl);
+        free(cn);
+        break;
+    }
+    case 1: { /* thresholds from made-up lists */
+        int32_t n_ranks = x >= 248 ? (x & 1 ? 0 : -1) : 1 + x % 3;
+        size_t nr = n_ranks > 0 ? (size_t)n_ranks : 0;
+        size_t ng = nr * nl, nc = nr * nx;
+        float *sc = malloc(ng ? ng * 4 : 1), *ts = malloc(nx ? nx * 4 : 1);
+        int32_t *bl = malloc(ng ? ng * 4 : 1), *cn = malloc(nc ? nc * 4 : 1);
+        int32_t *tb = malloc(nx ? nx * 4 : 1);
+        for (size_t i = 0; i < nr * nx; i++) {
+            const sh_entry *e = &m->entries[(i % nx) / hkv];
+            int64_t k = SH_SPARSE(e->mode) ? e->kpick : 0;
+            k = k < cap ? k : cap;
+            cn[i] = k > 0 ? (int32_t)(next_rand(f) % (uint64_t)(k + 1)) : 0;
+            for (int64_t j = 0; j < cap; j++) {
+                uint64_t z = next_rand(f);
+                sc[i * (size_t)cap + (size_t)j] = pick_score(f, (uint8_t)z);
+                bl[i * (size_t)cap + (size_t)j] = (int32_t)((z >> 20) % (uint64_t)(e->m + 2));
+            }
+        }
+        unsigned nulls = (c >> 3) & 0x1f; /* scores, blocks, counts, ts, tb */
+        nulls = nulls < 16 ? 0 : 1u << (nulls % 5);
+        do_thresholds(f, n_ranks, cap, nulls & 1 ? NULL : sc, nulls & 2 ? NULL : bl,
+                      nulls & 4 ? NULL : cn, nulls & 8 ? NULL : ts, nulls & 16 ? NULL : tb,
+                      flags);
+        free(sc);
+        free(bl);
+        free(cn);
+        free(ts);
+        free(tb);
+        break;
+    }
+    case 2: { /* attend_ex */
+        uint8_t seed = u8(f);
+        f->rng ^= (uint64_t)seed << 17;
+        f->kind = seed >> 5;
+        unsigned nulls = (c >> 3) >= 24 ? (c >> 3) & 15 : 0;
+        if (m->step_open && !m->has_kv && (y & 8))
+            nulls |= 2 | 4; /* queries only: k and v may be NULL */
+        fz_ex ex = {y & 1, (y >> 1) % 5, (y & 0x40) != 0, seed};
+        do_attend_x(f, layer, nulls, flags, &ex);
+        break;
+    }
+    case 3: case 4: { /* merges: the context's, or the context-free one */
+        static const int32_t dtypes[] = {0, 1, 2, 0, 1, 2, 3, -1};
+        static const int32_t dims[] = {1, 2, 3, 8, 16, 0, 257, 256};
+        static const int32_t parts[] = {1, 2, 3, 2, 4, 0, -1, 1};
+        static const int64_t rows[] = {1, 2, 3, 5, 0, 1, -1, 7};
+        int ctx_version = c % 6 == 3;
+        int32_t dt = ctx_version ? (int32_t)m->iv[P_IO_DTYPE] : dtypes[x % 8];
+        int32_t d = ctx_version ? (int32_t)m->iv[P_HEAD_DIM] : dims[(x >> 3) % 8];
+        int32_t np = parts[y % 8];
+        int64_t nr = rows[(y >> 3) % 8];
+        int ok = dt >= 0 && dt <= 2 && d >= 1 && d <= 256 && np >= 1 && nr >= 1;
+        size_t n = ok ? (size_t)np * (size_t)nr : 0, elt = sh_dtype_size(dt);
+        char *pp = malloc(n ? n * (size_t)d * elt : 1);
+        float *pl = malloc(n ? n * 4 : 1);
+        int8_t *g = malloc(ok ? (size_t)d : 1);
+        for (size_t i = 0; i < n; i++) {
+            pl[i] = pick_lse(f, (uint8_t)next_rand(f));
+            if (pl[i] == -INFINITY) {
+                memset(pp + i * (size_t)d * elt, 0xff, (size_t)d * elt);
+                continue;
+            }
+            for (int32_t j = 0; j < d; j++)
+                g[j] = grid_value(f, 0);
+            sh_encode(dt, g, (size_t)d, pp + i * (size_t)d * elt);
+        }
+        unsigned nulls = (c >> 3) >= 28 ? (c >> 3) & 15 : (y & 0x40) ? 8 : 0;
+        do_merge(f, ctx_version, dt, np, nr, d, pp, pl, nulls, flags);
+        free(pp);
+        free(pl);
+        free(g);
+        break;
+    }
+    default:
+        op_set_span(f);
+        break;
+    }
+}
+
 /* The model's shape and small sizes, so that most inputs get going. */
 static void op_quick_setup(fz *f)
 {
@@ -1038,6 +1634,10 @@ static void op_quick_setup(fz *f)
         do_set_param(f, RESA_PARAM_SELECT_MIN_BLOCKS, min_blocks[(x >> 4) % 4]);
         do_set_param_f64(f, RESA_PARAM_SELECT_FRACTION, fractions[(y >> 4) % 4]);
         do_set_param(f, RESA_PARAM_RECTIFY_INTERVAL, (int64_t)((c >> 1) % 9));
+        /* summaries in the KV dtype (the default is fp8 since 0.3.0): the
+         * model then predicts selections and listed scores exactly */
+        if ((x ^ y) & 1)
+            do_set_param(f, RESA_PARAM_SUMMARY_FORMAT, RESA_SUMMARY_KV_DTYPE);
     }
     if (c & 0x80)
         do_set_param(f, RESA_PARAM_RECORD_SELECTION, 1);
@@ -1075,6 +1675,16 @@ static void op_null_ctx(fz *f)
     for (int k = 0; k < n; k++)
         if (s[k] != RESA_ERR_INVALID_ARGUMENT)
             fail(f, "call %d of the list returned %s", k, resa_status_name(s[k]));
+    float fl = 0;
+    if (resa_seq_set_span(NULL, 0, 0, -1) != RESA_ERR_INVALID_ARGUMENT ||
+        resa_ctx_step_block_scores(NULL, 0, &dbl, 1, &fl, &i32, &i32, 0) !=
+            RESA_ERR_INVALID_ARGUMENT ||
+        resa_ctx_step_thresholds(NULL, 1, 1, &fl, &i32, &i32, &fl, &i32, 0) !=
+            RESA_ERR_INVALID_ARGUMENT ||
+        resa_ctx_step_attend_ex(NULL, 0, &dbl, &dbl, &dbl, &dbl, &fl, NULL, NULL, 0) !=
+            RESA_ERR_INVALID_ARGUMENT ||
+        resa_ctx_merge_states(NULL, 1, 1, &dbl, &fl, &dbl, &fl, 0) != RESA_ERR_INVALID_ARGUMENT)
+        fail(f, "a context-parallel call accepted ctx NULL");
     if (resa_ctx_step_end(NULL, 0) != RESA_ERR_INVALID_ARGUMENT ||
         resa_ctx_step_cancel(NULL) != RESA_ERR_INVALID_ARGUMENT ||
         resa_seq_selected_blocks(NULL, 0, 0, 0, NULL, 0, &i64) != RESA_ERR_INVALID_ARGUMENT)
@@ -1186,6 +1796,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 op_selected(f);
             }
             break;
+        case 28: op_cp_step(f); break;
+        case 29: op_cp(f); break;
         default: op_full_step(f); break;
         }
         check_state(f);

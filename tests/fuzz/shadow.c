@@ -4,7 +4,8 @@
  * (see shadow.h).  Where the documents list several errors of one call
  * without an order, the model checks them in the order the function's
  * status table gives (and, for resa_ctx_step_begin, entry by entry in batch
- * order, as API.md says).
+ * order, as API.md says); the context-parallel calls' checks come in the
+ * order of lib/step.c, lib/step_cp.c and lib/sequence.c (shadow.h).
  */
 #include "shadow.h"
 
@@ -233,8 +234,13 @@ static void free_seq(shadow *m, sh_seq *q)
     free(q->k);
     free(q->v);
     if (q->rec) {
-        for (int64_t l = 0; l < m->iv[P_LAYERS]; l++)
+        for (int64_t l = 0; l < m->iv[P_LAYERS]; l++) {
             free(q->rec[l].blocks);
+            free(q->rec[l].known);
+            free(q->rec[l].cnt_lo);
+            free(q->rec[l].cnt_hi);
+            free(q->rec[l].n_blocks);
+        }
         free(q->rec);
     }
     memset(q, 0, sizeof *q);
@@ -385,9 +391,15 @@ static void seq_start(shadow *m, sh_seq *q, int32_t id)
     q->live = 1;
     q->id = id;
     q->pages = xcalloc((size_t)m->max_seq_blocks, sizeof(int32_t));
+    q->glen = -1;
     q->rec = xcalloc((size_t)layers, sizeof(sh_record));
-    for (int64_t l = 0; l < layers; l++)
+    for (int64_t l = 0; l < layers; l++) {
         q->rec[l].blocks = xcalloc((size_t)(hkv * m->max_seq_blocks), sizeof(int32_t));
+        q->rec[l].known = xcalloc((size_t)hkv, sizeof(int32_t));
+        q->rec[l].cnt_lo = xcalloc((size_t)hkv, sizeof(int32_t));
+        q->rec[l].cnt_hi = xcalloc((size_t)hkv, sizeof(int32_t));
+        q->rec[l].n_blocks = xcalloc((size_t)hkv, sizeof(int32_t));
+    }
 }
 
 void sh_seq_created(shadow *m, int32_t slot, int32_t id)
@@ -471,6 +483,8 @@ void sh_seq_forked(shadow *m, int32_t parent, int32_t slot, int32_t id)
     seq_start(m, c, id);
     c->len = p->len;
     c->pending = p->pending;
+    c->first = p->first; /* a fork copies the span */
+    c->glen = p->glen;
     c->n_pages = p->n_pages;
     int partial = p->len % m->iv[P_BLOCK] != 0;
     for (int32_t i = 0; i < p->n_pages; i++) {
@@ -492,6 +506,33 @@ resa_status sh_query(const shadow *m, int32_t id, int null_out)
 {
     if (sh_slot(m, id) < 0 || null_out)
         return RESA_ERR_INVALID_ARGUMENT;
+    return RESA_OK;
+}
+
+/* resa_seq_set_span, in the order lib/sequence.c checks.  The upper bound of
+ * global_length: API.md says "below 2^30 blocks"; the library refuses from
+ * 2^30 - 1 blocks on (global_length >= (2^30 - 1) * BLOCK_SIZE), one block
+ * short of that, so that M = ceil((global_length + 1) / b) stays below 2^30.
+ * The model takes the library's bound (reported; see docs/fuzzing.md). */
+resa_status sh_set_span(shadow *m, int32_t id, int64_t first, int64_t glen, int apply)
+{
+    if (m->step_open)
+        return RESA_ERR_BAD_STATE;
+    int32_t slot = sh_slot(m, id);
+    if (slot < 0)
+        return RESA_ERR_INVALID_ARGUMENT;
+    sh_seq *q = &m->seqs[slot];
+    int64_t b = m->iv[P_BLOCK], limit = ((int64_t)1 << 30) * b;
+    if (first < 0 || first % b != 0 || first >= limit)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (q->len > 0 && first != q->first)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (glen != -1 && (glen < first + q->len || glen >= limit - b))
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (apply) {
+        q->first = first;
+        q->glen = glen;
+    }
     return RESA_OK;
 }
 
@@ -547,7 +588,21 @@ resa_status sh_step_begin(shadow *m, int32_t n, const int32_t *ids, const int32_
                 return RESA_ERR_INVALID_ARGUMENT; /* twice in the batch */
         const sh_seq *q = &m->seqs[slot];
         int32_t nt = n_tokens[i];
+        /* HEAD_SHARE ranks over every block of the sequence: not for a split one */
+        if (m->iv[P_GROUP] == RESA_GROUP_SCORE_HEAD_SHARE && SH_SPARSE(modes[i]) &&
+            (q->first != 0 || modes[i] == RESA_MODE_QUERY_SPARSE))
+            return RESA_ERR_NOT_SUPPORTED;
+        /* a context that does not hold the tail only answers queries */
+        if (SH_STORES(modes[i]) && q->glen >= 0 && q->glen != q->first + q->len)
+            return RESA_ERR_INVALID_ARGUMENT;
         switch (modes[i]) {
+        case RESA_MODE_QUERY_DENSE:
+        case RESA_MODE_QUERY_SPARSE:
+            if (nt < 1 || (modes[i] == RESA_MODE_QUERY_SPARSE && nt != 1))
+                return RESA_ERR_INVALID_ARGUMENT;
+            if (q->pending != 0)
+                return RESA_ERR_BAD_STATE;
+            break;
         case RESA_MODE_APPEND:
         case RESA_MODE_APPEND_KV:
         case RESA_MODE_DECODE:
@@ -596,6 +651,8 @@ resa_status sh_step_begin(shadow *m, int32_t n, const int32_t *ids, const int32_
 
     int64_t row = 0;
     m->has_output = 0;
+    m->has_kv = 0;
+    m->n_sparse = 0;
     for (int32_t i = 0; i < n; i++) {
         int32_t slot = sh_slot(m, ids[i]);
         sh_seq *q = &m->seqs[slot];
@@ -606,7 +663,10 @@ resa_status sh_step_begin(shadow *m, int32_t n, const int32_t *ids, const int32_
         e->n = n_tokens[i];
         e->row = row;
         e->old_len = q->len;
-        if (e->mode == RESA_MODE_RECTIFY) {
+        e->fb = q->first / b;
+        if (!SH_STORES(e->mode)) {
+            e->start = q->len; /* QUERY rows: after every stored token */
+        } else if (e->mode == RESA_MODE_RECTIFY) {
             e->start = q->len - q->pending;
             for (int64_t p = e->start / b; p <= (e->start + e->n - 1) / b; p++)
                 if (m->refcount[q->pages[p]] > 1) {
@@ -623,14 +683,27 @@ resa_status sh_step_begin(shadow *m, int32_t n, const int32_t *ids, const int32_
             }
             ensure_cap(m, q, q->len + e->n);
         }
-        if (e->mode == RESA_MODE_DECODE) {
-            e->m = (int32_t)blocks_for(q->len + 1, b);
+        if (SH_SPARSE(e->mode)) {
+            /* the whole sequence's budget and forced blocks (resa_seq_set_span):
+             * the query sits at global_length, or after this context's tokens */
+            int64_t gpos = e->mode == RESA_MODE_QUERY_SPARSE && q->glen >= 0 ? q->glen
+                                                                              : q->first + q->len;
+            e->m = (int32_t)blocks_for(gpos + 1, b);
             e->nsel = sh_budget(e->m, m->fv[P_FRACTION], m->iv[P_MIN_BLOCKS], m->iv[P_LOCAL],
                                 m->iv[P_SINK]);
+            int64_t forced = m->iv[P_LOCAL] + m->iv[P_SINK] < e->m ? m->iv[P_LOCAL] + m->iv[P_SINK]
+                                                                   : e->m;
+            e->kpick = e->nsel < e->m ? e->nsel - (int32_t)forced : 0;
+            e->ml = (int32_t)blocks_for(e->mode == RESA_MODE_DECODE ? q->len + 1 : q->len, b);
+            m->n_sparse++;
         }
         if (e->mode != RESA_MODE_APPEND_KV)
             m->has_output = 1;
-        m->n_entries_by_mode[e->mode == RESA_MODE_DECODE && e->nsel < e->m ? 4 : e->mode]++;
+        if (SH_STORES(e->mode))
+            m->has_kv = 1;
+        m->n_split_entries += q->first > 0 || (q->glen >= 0 && q->glen != q->first + q->len);
+        m->n_entries_by_mode[e->mode == RESA_MODE_DECODE && e->nsel < e->m ? 4
+                             : e->mode >= RESA_MODE_QUERY_DENSE ? e->mode + 1 : e->mode]++;
         row += e->n;
     }
     m->n_entries = n;
@@ -646,15 +719,94 @@ resa_status sh_step_begin(shadow *m, int32_t n, const int32_t *ids, const int32_
 }
 
 resa_status sh_step_attend(const shadow *m, int32_t layer, int q_null, int k_null, int v_null,
-                           int out_null, uint32_t flags)
+                           int out_null, int ts_null, int tb_null, uint32_t flags)
 {
     if (flags != 0)
         return RESA_ERR_INVALID_ARGUMENT;
     if (!m->step_open)
         return RESA_ERR_BAD_STATE;
-    if (layer < 0 || layer >= m->iv[P_LAYERS] || k_null || v_null)
+    if (layer < 0 || layer >= m->iv[P_LAYERS] || (m->has_kv && (k_null || v_null)))
         return RESA_ERR_INVALID_ARGUMENT;
     if (m->has_output && (q_null || out_null))
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (ts_null != tb_null)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (!ts_null && m->n_sparse > 0 && m->st_group == RESA_GROUP_SCORE_HEAD_SHARE)
+        return RESA_ERR_NOT_SUPPORTED;
+    return RESA_OK;
+}
+
+/* The checks common to the two-phase calls (lib/step_cp.c's order). */
+static resa_status cp_preamble(const shadow *m, uint32_t flags)
+{
+    if (flags != 0)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (!m->step_open)
+        return RESA_ERR_BAD_STATE;
+    if (m->n_sparse > 0 && m->st_group == RESA_GROUP_SCORE_HEAD_SHARE)
+        return RESA_ERR_NOT_SUPPORTED;
+    return RESA_OK;
+}
+
+int32_t sh_max_kpick(const shadow *m)
+{
+    int32_t k = 0;
+    for (int32_t i = 0; m->step_open && i < m->n_entries; i++)
+        if (SH_SPARSE(m->entries[i].mode) && m->entries[i].kpick > k)
+            k = m->entries[i].kpick;
+    return k;
+}
+
+/* scores and blocks given when capacity > 0; capacity holds every K_i */
+static resa_status check_lists(const shadow *m, int64_t capacity, int scores_null,
+                               int blocks_null)
+{
+    if (capacity > 0 && (scores_null || blocks_null))
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (capacity < 0 || sh_max_kpick(m) > capacity)
+        return RESA_ERR_INVALID_ARGUMENT;
+    return RESA_OK;
+}
+
+resa_status sh_block_scores(const shadow *m, int32_t layer, int q_null, int64_t capacity,
+                            int scores_null, int blocks_null, int counts_null, uint32_t flags)
+{
+    resa_status s = cp_preamble(m, flags);
+    if (s != RESA_OK)
+        return s;
+    if (layer < 0 || layer >= m->iv[P_LAYERS])
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (counts_null || (m->n_sparse > 0 && q_null))
+        return RESA_ERR_INVALID_ARGUMENT;
+    return check_lists(m, capacity, scores_null, blocks_null);
+}
+
+resa_status sh_thresholds(const shadow *m, int32_t n_ranks, int64_t capacity, int scores_null,
+                          int blocks_null, int counts_null, int ts_null, int tb_null,
+                          uint32_t flags)
+{
+    resa_status s = cp_preamble(m, flags);
+    if (s != RESA_OK)
+        return s;
+    if (n_ranks < 1 || counts_null || ts_null || tb_null)
+        return RESA_ERR_INVALID_ARGUMENT;
+    return check_lists(m, capacity, scores_null, blocks_null);
+}
+
+resa_status sh_merge(const shadow *m, int ctx_version, int32_t dtype, int32_t n_parts,
+                     int64_t n_rows, int32_t head_dim, int parts_null, int lse_null,
+                     int out_null, uint32_t flags)
+{
+    if (ctx_version) {
+        dtype = (int32_t)m->iv[P_IO_DTYPE];
+        head_dim = (int32_t)m->iv[P_HEAD_DIM];
+    }
+    if (flags != 0 || (dtype != RESA_DTYPE_F32 && dtype != RESA_DTYPE_F16 &&
+                       dtype != RESA_DTYPE_BF16))
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (n_parts < 1 || n_rows < 0 || head_dim < 1 || head_dim > 256)
+        return RESA_ERR_INVALID_ARGUMENT;
+    if (n_rows > 0 && (parts_null || lse_null || out_null))
         return RESA_ERR_INVALID_ARGUMENT;
     return RESA_OK;
 }
@@ -674,10 +826,14 @@ resa_status sh_step_end(shadow *m, uint32_t flags, int apply)
     for (int32_t i = 0; i < m->n_entries; i++) {
         const sh_entry *e = &m->entries[i];
         sh_seq *q = &m->seqs[e->slot];
+        if (!SH_STORES(e->mode))
+            continue; /* QUERY entries store nothing */
         if (e->mode == RESA_MODE_RECTIFY) {
             q->pending -= e->n;
             continue;
         }
+        if (q->glen >= 0) /* the tail: global_length follows the growth */
+            q->glen = q->first + q->len + e->n;
         int approximate = e->mode == RESA_MODE_DECODE && e->nsel < e->m;
         if (q->pending > 0 || approximate)
             q->pending += e->n;
@@ -739,11 +895,11 @@ static int8_t vval(const shadow *m, const sh_seq *q, int64_t pos, int32_t layer,
     return q->v[at];
 }
 
-/* Whether this DECODE's selection can be computed exactly: the pooled group
- * score (HEAD_SHARE goes through exp), summaries in the KV dtype (exact for
- * grid keys), a power-of-two group (an exact mean) and a width that is a
+/* Whether a sparse entry's selection can be computed exactly: the pooled
+ * group score (HEAD_SHARE goes through exp), summaries in the KV dtype (exact
+ * for grid keys), a power-of-two group (an exact mean) and a width that is a
  * multiple of 1/4; then every score is exact in fp32 and ties break the same
- * way. */
+ * way.  The same holds for the scores resa_ctx_step_block_scores lists. */
 static int selection_exact(const shadow *m)
 {
     int64_t g = m->iv[P_QHEADS] / m->iv[P_KVHEADS];
@@ -753,77 +909,141 @@ static int selection_exact(const shadow *m)
            m->iv[P_KV_DTYPE] != RESA_DTYPE_FP8_E4M3; /* fp8: the grid is not exact */
 }
 
-/* The blocks a DECODE entry attends for (layer, kv head), ascending, into
- * sel: all n of them when the selection is dense or `exact`; otherwise only
- * the forced ones (the rest is not computed, and not compared). */
+/* A sparse entry's candidates in this context: local blocks [*c0, *c1), those
+ * that are neither sink ([0, SINK)) nor local ([M - LOCAL, M)) blocks of the
+ * whole sequence (global block = fb + local block).  Returns how many of them
+ * compete for the K = nsel - forced places (0 when nsel >= M or K = 0). */
+static int32_t cand_range(const shadow *m, const sh_entry *e, int32_t *c0, int32_t *c1)
+{
+    int64_t M = e->m;
+    int64_t sink = m->st_sink < M ? m->st_sink : M;
+    int64_t from = M - (m->st_local < M ? m->st_local : M);
+    int64_t lo = sink - e->fb, hi = from - e->fb;
+    lo = lo < 0 ? 0 : lo > e->ml ? e->ml : lo;
+    hi = hi < lo ? lo : hi > e->ml ? e->ml : hi;
+    *c0 = (int32_t)lo;
+    *c1 = (int32_t)hi;
+    return e->nsel < e->m && e->kpick > 0 ? *c1 - *c0 : 0;
+}
+
+/* Scores (double; exact when selection_exact) of the candidates [c0, c1) of
+ * entry e for (layer, kv head hk) from the entry's query row of qg:
+ * API.md's score over the block's min/max box of its stored keys. */
 SH_NO_COVERAGE
-static void select_blocks(const shadow *m, const sh_entry *e, int32_t layer, int32_t hk,
-                          const int8_t *qrow, int exact, int32_t *sel)
+static void cand_scores(const shadow *m, const sh_entry *e, int32_t layer, int32_t hk,
+                        const int8_t *qg, int32_t c0, int32_t c1, double *score)
 {
     const sh_seq *q = &m->seqs[e->slot];
-    int32_t M = e->m, n = e->nsel, b = (int32_t)m->iv[P_BLOCK];
-    int32_t d = (int32_t)m->iv[P_HEAD_DIM], hq = (int32_t)m->iv[P_QHEADS];
-    int32_t g = hq / (int32_t)m->iv[P_KVHEADS];
-    int32_t k = 0;
-    if (n >= M) {
-        for (int32_t i = 0; i < M; i++)
+    int32_t b = (int32_t)m->iv[P_BLOCK], d = (int32_t)m->iv[P_HEAD_DIM];
+    int32_t hq = (int32_t)m->iv[P_QHEADS], g = hq / (int32_t)m->iv[P_KVHEADS];
+    const int8_t *qrow = qg + (size_t)e->row * (size_t)hq * (size_t)d;
+    double *qp = xcalloc((size_t)d, sizeof(double));
+    for (int32_t j = 0; j < d; j++) {
+        for (int32_t gi = 0; gi < g; gi++)
+            qp[j] += qrow[((size_t)hk * g + gi) * d + j] / SH_GRID;
+        qp[j] /= g;
+    }
+    int64_t valid = e->start; /* stored keys: a candidate is never the DECODE's own block */
+    for (int32_t i = c0; i < c1; i++) {
+        int64_t lo = (int64_t)i * b, hi = lo + b < valid ? lo + b : valid;
+        double s = 0;
+        for (int32_t j = 0; j < d; j++) {
+            int mn = 127, mx = -128;
+            for (int64_t p = lo; p < hi; p++) {
+                int x = kval(m, q, p, layer, hk, j);
+                mn = x < mn ? x : mn;
+                mx = x > mx ? x : mx;
+            }
+            double a = mn / SH_GRID, c = mx / SH_GRID;
+            s += 0.5 * (qp[j] * (c + a) + m->st_width * fabs(qp[j]) * (c - a));
+        }
+        score[i] = s;
+    }
+    free(qp);
+}
+
+/* The selection's strict order: higher score first, then the lower index. */
+static int better(const double *score, int32_t a, int32_t b)
+{
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+}
+
+/* What the model knows of one (sparse entry, layer, kv head)'s selection. */
+typedef struct sh_choice {
+    int32_t known;   /* sel[] is the whole selection */
+    int32_t n;       /* entries of sel[]: the selection, or only the forced blocks */
+    int32_t lo, hi;  /* bounds of the number of blocks attended here */
+} sh_choice;
+
+/* The blocks entry x (index ei) attends here for (layer, kv head hk), as
+ * local indices ascending into sel[0 .. e->ml): every block when nsel >= M;
+ * else the forced blocks here plus the candidates chosen by score, the best
+ * min(K, candidates) of them, or with thresholds (ts, tb) those ranking at or
+ * above the threshold of (ei, hk).  When the scores cannot be computed
+ * exactly only the forced blocks are listed. */
+SH_NO_COVERAGE
+static void choose(const shadow *m, int32_t ei, int32_t layer, int32_t hk, const int8_t *qg,
+                   int exact, const float *ts, const int32_t *tb, int32_t *sel, sh_choice *c)
+{
+    const sh_entry *e = &m->entries[ei];
+    int32_t c0, c1, k = 0;
+    memset(c, 0, sizeof *c);
+    if (e->nsel >= e->m) {
+        for (int32_t i = 0; i < e->ml; i++)
             sel[k++] = i;
+        c->known = 1;
+        c->n = c->lo = c->hi = k;
         return;
     }
-    int32_t sink = m->st_sink < M ? m->st_sink : M;
-    int32_t from = M - (m->st_local < M ? m->st_local : M);
-    uint8_t *chosen = xcalloc((size_t)M, 1);
+    int32_t n_cand = cand_range(m, e, &c0, &c1);
+    int32_t top = e->kpick < n_cand ? e->kpick : n_cand;
+    uint8_t *chosen = xcalloc((size_t)e->ml, 1);
     int32_t forced = 0;
-    for (int32_t i = 0; i < M; i++)
-        if (i < sink || i >= from) {
+    for (int32_t i = 0; i < e->ml; i++)
+        if (i < c0 || i >= c1) {
             chosen[i] = 1;
             forced++;
         }
-    if (n > forced && exact) {
-        double *qp = xcalloc((size_t)d, sizeof(double));
-        double *score = xcalloc((size_t)M, sizeof(double));
-        for (int32_t j = 0; j < d; j++) {
-            for (int32_t gi = 0; gi < g; gi++)
-                qp[j] += qrow[((size_t)hk * g + gi) * d + j] / SH_GRID;
-            qp[j] /= g;
-        }
-        int64_t valid = e->start + 1;
-        for (int32_t i = sink; i < from; i++) {
-            int64_t lo = (int64_t)i * b, hi = lo + b < valid ? lo + b : valid;
-            double s = 0;
-            for (int32_t j = 0; j < d; j++) {
-                int mn = 127, mx = -128;
-                for (int64_t p = lo; p < hi; p++) {
-                    int x = kval(m, q, p, layer, hk, j);
-                    mn = x < mn ? x : mn;
-                    mx = x > mx ? x : mx;
-                }
-                double a = mn / SH_GRID, c = mx / SH_GRID;
-                s += 0.5 * (qp[j] * (c + a) + m->st_width * fabs(qp[j]) * (c - a));
+    int by_top = !ts || m->thr_self; /* the count is forced + top */
+    c->known = n_cand == 0 || (exact || (by_top && top == 0));
+    c->lo = forced + (by_top ? top : 0);
+    c->hi = forced + (by_top ? top : n_cand);
+    if (n_cand > 0 && exact) {
+        double *score = xcalloc((size_t)e->ml, sizeof(double));
+        cand_scores(m, e, layer, hk, qg, c0, c1, score);
+        if (ts) {
+            size_t x = (size_t)ei * (size_t)m->iv[P_KVHEADS] + (size_t)hk;
+            double t = isnan(ts[x]) ? -INFINITY : (double)ts[x];
+            int64_t tl = (int64_t)tb[x] - e->fb;
+            for (int32_t i = c0; i < c1; i++)
+                chosen[i] = score[i] > t || (score[i] == t && i <= tl);
+        } else {
+            for (int32_t t = 0; t < top; t++) {
+                int32_t best = -1;
+                for (int32_t i = c0; i < c1; i++)
+                    if (!chosen[i] && (best < 0 || better(score, i, best)))
+                        best = i;
+                chosen[best] = 1;
             }
-            score[i] = s;
         }
-        for (int32_t t = forced; t < n; t++) { /* n - forced best: score, then lower index */
-            int32_t best = -1;
-            for (int32_t i = sink; i < from; i++)
-                if (!chosen[i] && (best < 0 || score[i] > score[best]))
-                    best = i;
-            chosen[best] = 1;
-        }
-        free(qp);
         free(score);
     }
-    for (int32_t i = 0; i < M; i++)
+    for (int32_t i = 0; i < e->ml; i++)
         if (chosen[i])
             sel[k++] = i;
     free(chosen);
+    c->n = k;
+    if (c->known)
+        c->lo = c->hi = k;
 }
 
-/* Dense or block-sparse attention of one query row, head h, in double. */
+/* Dense or block-sparse attention of one query row, head h, in double:
+ * keys [0, pos] (or those of the listed blocks up to pos).  *lse is the
+ * log-sum-exp of the scaled scores; no key: out NaN, lse -inf. */
 SH_NO_COVERAGE
 static void reference_row(const shadow *m, const sh_seq *q, int32_t layer, const int8_t *qv,
                           int32_t h, int64_t pos, const int32_t *blocks, int32_t n_blocks,
-                          double *out)
+                          double *out, double *lse)
 {
     int32_t d = (int32_t)m->iv[P_HEAD_DIM], b = (int32_t)m->iv[P_BLOCK];
     int32_t hk = h / (int32_t)(m->iv[P_QHEADS] / m->iv[P_KVHEADS]);
@@ -856,20 +1076,54 @@ static void reference_row(const shadow *m, const sh_seq *q, int32_t layer, const
     }
     for (int32_t j = 0; j < d; j++)
         out[j] /= sum;
+    *lse = mx + log(sum);
+}
+
+/* Records what a sparse entry attended for (layer, hk): global indices. */
+static void record(shadow *m, const sh_entry *e, int32_t layer, int32_t hk, const int32_t *sel,
+                   const sh_choice *c)
+{
+    sh_record *r = &m->seqs[e->slot].rec[layer];
+    r->has = 1;
+    r->m = e->m;
+    r->n = e->nsel;
+    r->sink = m->st_sink;
+    r->local = m->st_local;
+    r->fb = e->fb;
+    r->ml = e->ml;
+    r->known[hk] = c->known;
+    r->cnt_lo[hk] = c->lo;
+    r->cnt_hi[hk] = c->hi;
+    r->n_blocks[hk] = c->n;
+    int32_t *dst = r->blocks + (size_t)hk * (size_t)m->max_seq_blocks;
+    for (int32_t i = 0; i < c->n; i++)
+        dst[i] = (int32_t)(e->fb + sel[i]);
+}
+
+static const uint32_t LSE_FILL = 0xffffffffu; /* the 0xff bytes lse is filled with */
+
+static int untouched_f32(const float *p)
+{
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return u == LSE_FILL;
 }
 
 const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t *kg,
-                        const int8_t *vg, const void *out, char *msg, size_t msg_cap)
+                        const int8_t *vg, const void *out, const float *lse, const float *ts,
+                        const int32_t *tb, char *msg, size_t msg_cap)
 {
     int32_t d = (int32_t)m->iv[P_HEAD_DIM], hq = (int32_t)m->iv[P_QHEADS];
     int32_t hkv = (int32_t)m->iv[P_KVHEADS];
     int32_t io = (int32_t)m->iv[P_IO_DTYPE];
     size_t io_elt = sh_dtype_size(io);
     double tol = io == RESA_DTYPE_F32 ? 2e-4 : io == RESA_DTYPE_F16 ? 2e-3 : 1e-2;
-    /* 1. the writes of every entry (positions as resa.h gives them) */
+    /* 1. the writes of every entry that stores (positions as resa.h gives them) */
     for (int32_t i = 0; i < m->n_entries; i++) {
         const sh_entry *e = &m->entries[i];
         sh_seq *q = &m->seqs[e->slot];
+        if (!SH_STORES(e->mode))
+            continue;
         for (int32_t t = 0; t < e->n; t++)
             for (int32_t h = 0; h < hkv; h++) {
                 size_t src = ((size_t)(e->row + t) * (size_t)hkv + (size_t)h) * (size_t)d;
@@ -880,7 +1134,7 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
             }
     }
     m->layer_done[layer] = 1;
-    /* 2. the selection record and the outputs */
+    /* 2. the selection record, the outputs and the log-sum-exps */
     int exact_sel = selection_exact(m);
     /* An fp8 cache does not hold the grid values exactly (3 mantissa bits):
      * the model checks its protocol (statuses, lengths, selections' structure,
@@ -893,6 +1147,7 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
     work *= (int64_t)hq * d;
     int64_t stride = work / 4000000 + 1;
     int32_t *sel = NULL;
+    sh_choice *ch = xcalloc((size_t)hkv, sizeof(sh_choice));
     double *ref = xcalloc((size_t)d, sizeof(double));
     const char *bad = NULL;
     for (int32_t i = 0; i < m->n_entries && !bad; i++) {
@@ -911,44 +1166,79 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
                     bad = msg;
                     break;
                 }
+            for (size_t x = 0; lse && !bad && x < (size_t)e->n * (size_t)hq; x++)
+                if (!untouched_f32(lse + (size_t)e->row * (size_t)hq + x)) {
+                    snprintf(msg, msg_cap, "step_attend_ex: layer %d wrote lse of an APPEND_KV "
+                             "row (batch entry %d)", layer, i);
+                    bad = msg;
+                }
             continue;
         }
-        if (e->mode == RESA_MODE_DECODE) {
-            sh_record *r = &q->rec[layer];
+        int sparse = SH_SPARSE(e->mode), query = !SH_STORES(e->mode);
+        if (sparse) {
             free(sel);
-            sel = xcalloc((size_t)hkv * (size_t)e->m, sizeof(int32_t));
-            const int8_t *qrow = qg + (size_t)e->row * (size_t)hq * (size_t)d;
-            for (int32_t hk = 0; hk < hkv; hk++)
-                select_blocks(m, e, layer, hk, qrow, exact_sel, sel + (size_t)hk * e->m);
-            r->has = 1;
-            r->m = e->m;
-            r->n = e->nsel;
-            r->sink = m->st_sink;
-            r->local = m->st_local;
-            r->exact = exact_sel || e->nsel >= e->m;
-            if (r->exact)
-                for (int32_t hk = 0; hk < hkv; hk++)
-                    memcpy(r->blocks + (size_t)hk * m->max_seq_blocks, sel + (size_t)hk * e->m,
-                           sizeof(int32_t) * (size_t)e->nsel);
+            sel = xcalloc((size_t)hkv * (size_t)(e->ml > 0 ? e->ml : 1), sizeof(int32_t));
+            for (int32_t hk = 0; hk < hkv; hk++) {
+                choose(m, i, layer, hk, qg, exact_sel, ts, tb, sel + (size_t)hk * e->ml, &ch[hk]);
+                record(m, e, layer, hk, sel + (size_t)hk * e->ml, &ch[hk]);
+                m->n_thr_selections += ts && ch[hk].known && e->nsel < e->m;
+            }
         }
         for (int32_t t = 0; t < e->n && !bad; t++) {
-            int64_t row = e->row + t, pos = e->start + t;
-            int value_row = check_values && (t % stride == 0 || t == e->n - 1);
-            if (e->mode == RESA_MODE_DECODE && e->nsel < e->m && !exact_sel)
-                value_row = 0;
-            if (value_row) {
-                m->n_rows_checked++;
-                m->n_sparse_checked += e->mode == RESA_MODE_DECODE && e->nsel < e->m;
-            }
+            int64_t row = e->row + t;
+            /* the last key the row may see: QUERY rows see [0, len) */
+            int64_t pos = query ? e->start - 1 : e->start + t;
+            int sampled = check_values && (t % stride == 0 || t == e->n - 1);
+            int any_value = 0;
             for (int32_t h = 0; h < hq && !bad; h++) {
                 size_t base = ((size_t)row * (size_t)hq + (size_t)h) * (size_t)d;
+                int32_t hk = h / (hq / hkv);
+                /* empty: attends no key here (out 0, lse -inf); maybe: the
+                 * model does not know whether it attends one */
+                int empty = pos < 0 || (sparse && ch[hk].hi == 0);
+                int maybe = sparse && !empty && ch[hk].lo == 0;
+                int value_row = sampled && !empty && !maybe && (!sparse || ch[hk].known);
+                double ref_lse = 0;
                 if (value_row) {
-                    int32_t hk = h / (hq / hkv);
-                    if (e->mode == RESA_MODE_DECODE)
-                        reference_row(m, q, layer, qg + base, h, pos, sel + (size_t)hk * e->m,
-                                      e->nsel, ref);
+                    any_value = 1;
+                    if (sparse)
+                        reference_row(m, q, layer, qg + base, h, pos, sel + (size_t)hk * e->ml,
+                                      ch[hk].n, ref, &ref_lse);
                     else
-                        reference_row(m, q, layer, qg + base, h, pos, NULL, 0, ref);
+                        reference_row(m, q, layer, qg + base, h, pos, NULL, 0, ref, &ref_lse);
+                }
+                int zero = 1;
+                for (int32_t j = 0; j < d; j++)
+                    zero &= sh_decode(io, out, base + (size_t)j) == 0.0;
+                float l = lse ? lse[(size_t)row * (size_t)hq + (size_t)h] : 0.0f;
+                if (lse && untouched_f32(&lse[(size_t)row * (size_t)hq + (size_t)h])) {
+                    snprintf(msg, msg_cap, "step_attend_ex: layer %d, batch entry %d (mode %d): "
+                             "lse of row %lld head %d not written", layer, i, e->mode,
+                             (long long)row, h);
+                    bad = msg;
+                    break;
+                }
+                if (empty || (maybe && zero && lse && l == -INFINITY)) {
+                    if (!zero || (lse && l != -INFINITY)) {
+                        snprintf(msg, msg_cap, "step_attend: layer %d, batch entry %d (mode %d), "
+                                 "query head %d attends no key here: out %s, lse %.9g (want 0 "
+                                 "and -inf)", layer, i, e->mode, h, zero ? "0" : "not 0",
+                                 (double)l);
+                        bad = msg;
+                    }
+                    continue;
+                }
+                if (lse) {
+                    double tl = 1e-4 * (1 + fabs(ref_lse));
+                    if (!isfinite(l) || (value_row && fabs(l - ref_lse) > tl)) {
+                        snprintf(msg, msg_cap, "step_attend_ex: layer %d, batch entry %d (mode %d, "
+                                 "position %lld), query head %d: lse = %.9g, %s %.9g", layer, i,
+                                 e->mode, (long long)pos, h, (double)l,
+                                 value_row ? "reference" : "want finite", ref_lse);
+                        bad = msg;
+                        break;
+                    }
+                    m->n_lse_checked += value_row;
                 }
                 for (int32_t j = 0; j < d; j++) {
                     double x = sh_decode(io, out, base + (size_t)j);
@@ -964,11 +1254,149 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
                     }
                 }
             }
+            if (any_value) {
+                m->n_rows_checked++;
+                m->n_sparse_checked += sparse && e->nsel < e->m;
+            }
         }
     }
     free(sel);
+    free(ch);
     free(ref);
     return bad;
+}
+
+const char *sh_check_block_scores(shadow *m, int32_t layer, const int8_t *qg, int64_t capacity,
+                                  const float *scores, const int32_t *blocks,
+                                  const int32_t *counts, char *msg, size_t msg_cap)
+{
+    int32_t hkv = (int32_t)m->iv[P_KVHEADS];
+    int exact = selection_exact(m);
+    for (int32_t i = 0; i < m->n_entries; i++) {
+        const sh_entry *e = &m->entries[i];
+        int32_t c0 = 0, c1 = 0, n_cand = SH_SPARSE(e->mode) ? cand_range(m, e, &c0, &c1) : 0;
+        int32_t want = e->kpick < n_cand ? e->kpick : n_cand;
+        double *score = NULL;
+        int32_t *rank = NULL; /* rank[i]: 1 when candidate i is among the best `want` */
+        if (want > 0 && exact) {
+            score = xcalloc((size_t)e->ml, sizeof(double));
+            rank = xcalloc((size_t)e->ml, sizeof(int32_t));
+        }
+        for (int32_t hk = 0; hk < hkv; hk++) {
+            size_t x = (size_t)i * (size_t)hkv + (size_t)hk;
+            const char *why = NULL;
+            if (counts[x] != want) {
+                snprintf(msg, msg_cap, "step_block_scores: layer %d, entry %d (mode %d), head %d: "
+                         "count %d, the model says %d (K %d, %d candidates here)", layer, i,
+                         e->mode, hk, counts[x], want, e->kpick, n_cand);
+                free(score);
+                free(rank);
+                return msg;
+            }
+            for (int64_t j = want; j < capacity && !why; j++)
+                if (!untouched_f32(scores + x * (size_t)capacity + (size_t)j) ||
+                    blocks[x * (size_t)capacity + (size_t)j] != -1)
+                    why = "wrote past its count";
+            if (score) {
+                memset(rank, 0, sizeof(int32_t) * (size_t)e->ml);
+                cand_scores(m, e, layer, hk, qg, c0, c1, score);
+                for (int32_t t = 0; t < want; t++) {
+                    int32_t best = -1;
+                    for (int32_t c = c0; c < c1; c++)
+                        if (!rank[c] && (best < 0 || better(score, c, best)))
+                            best = c;
+                    rank[best] = 1;
+                }
+            }
+            for (int32_t j = 0; j < want && !why; j++) {
+                float s = scores[x * (size_t)capacity + (size_t)j];
+                int64_t bl = (int64_t)blocks[x * (size_t)capacity + (size_t)j] - e->fb;
+                if (bl < c0 || bl >= c1)
+                    why = "lists a block that is no candidate here";
+                else if (isnan(s))
+                    why = "lists a NaN score";
+                for (int32_t j2 = 0; j2 < j && !why; j2++)
+                    if (blocks[x * (size_t)capacity + (size_t)j2] == blocks[x * (size_t)capacity + (size_t)j])
+                        why = "lists a block twice";
+                if (!why && score && (!rank[bl] || (double)s != score[bl]))
+                    why = rank[bl] ? "lists a score that differs from the model's"
+                                   : "lists a block that is not among the best";
+            }
+            if (why) {
+                snprintf(msg, msg_cap, "step_block_scores: layer %d, entry %d (mode %d, M %d, "
+                         "budget %d, first block %lld), head %d: %s", layer, i, e->mode, e->m,
+                         e->nsel, (long long)e->fb, hk, why);
+                free(score);
+                free(rank);
+                return msg;
+            }
+        }
+        m->n_lists_checked += score != NULL;
+        free(score);
+        free(rank);
+    }
+    return NULL;
+}
+
+/* The gathered pairs' order (API.md): score descending (NaN as -inf, -0 as
+ * +0), then the lower block index. */
+typedef struct sh_pair {
+    double s;
+    int32_t b;
+} sh_pair;
+
+static int pair_desc(const void *pa, const void *pb)
+{
+    const sh_pair *a = pa, *b = pb;
+    if (a->s != b->s)
+        return a->s > b->s ? -1 : 1;
+    return a->b < b->b ? -1 : a->b > b->b;
+}
+
+const char *sh_check_thresholds(shadow *m, int32_t n_ranks, int64_t capacity,
+                                const float *scores, const int32_t *blocks,
+                                const int32_t *counts, const float *ts, const int32_t *tb,
+                                char *msg, size_t msg_cap)
+{
+    int32_t hkv = (int32_t)m->iv[P_KVHEADS];
+    int64_t pairs_per_rank = (int64_t)m->n_entries * hkv;
+    sh_pair *all = xcalloc((size_t)n_ranks * (size_t)(capacity > 0 ? capacity : 1),
+                           sizeof(sh_pair));
+    for (int64_t x = 0; x < pairs_per_rank; x++) {
+        const sh_entry *e = &m->entries[x / hkv];
+        int64_t n = 0;
+        for (int32_t r = 0; r < n_ranks; r++) {
+            int64_t c = counts[r * pairs_per_rank + x];
+            c = c < 0 ? 0 : c > capacity ? capacity : c;
+            for (int64_t j = 0; j < c; j++) {
+                size_t at = ((size_t)r * (size_t)pairs_per_rank + (size_t)x) * (size_t)capacity +
+                            (size_t)j;
+                double s = scores[at];
+                all[n].s = isnan(s) ? -INFINITY : s == 0 ? 0.0 : s;
+                all[n++].b = blocks[at];
+            }
+        }
+        int64_t k = SH_SPARSE(e->mode) ? e->kpick : 0;
+        k = k < n ? k : n;
+        double want_s = INFINITY;
+        int32_t want_b = -1;
+        if (k > 0) {
+            qsort(all, (size_t)n, sizeof(sh_pair), pair_desc);
+            want_s = all[k - 1].s;
+            want_b = all[k - 1].b;
+        }
+        if ((double)ts[x] != want_s || tb[x] != want_b) {
+            snprintf(msg, msg_cap, "step_thresholds: entry %lld head %lld: (%.9g, %d), the "
+                     "model says the %lld-th of %lld pairs, (%.9g, %d)", (long long)(x / hkv),
+                     (long long)(x % hkv), (double)ts[x], tb[x], (long long)k, (long long)n,
+                     want_s, want_b);
+            free(all);
+            return msg;
+        }
+        m->n_thresholds_checked++;
+    }
+    free(all);
+    return NULL;
 }
 
 const char *sh_check_selected(const shadow *m, int32_t id, int32_t layer, int32_t head,
@@ -977,10 +1405,11 @@ const char *sh_check_selected(const shadow *m, int32_t id, int32_t layer, int32_
 {
     const sh_seq *q = &m->seqs[sh_slot(m, id)];
     const sh_record *r = &q->rec[layer];
-    int64_t want = r->has ? r->n : 0;
-    if (count != want) {
+    int64_t lo = r->has ? r->cnt_lo[head] : 0, hi = r->has ? r->cnt_hi[head] : 0;
+    if (count < lo || count > hi) {
         snprintf(msg, msg_cap, "selected_blocks: seq %d layer %d head %d: count %lld, the model "
-                 "says %lld", id, layer, head, (long long)count, (long long)want);
+                 "says %lld to %lld", id, layer, head, (long long)count, (long long)lo,
+                 (long long)hi);
         return msg;
     }
     int64_t shown = count < capacity ? count : capacity;
@@ -988,31 +1417,32 @@ const char *sh_check_selected(const shadow *m, int32_t id, int32_t layer, int32_
     for (int64_t i = 0; i < shown; i++) {
         int32_t x = blocks[i];
         const char *why = NULL;
-        if (x < 0 || x >= r->m)
-            why = "outside [0, M)";
+        if (x < r->fb || x >= r->fb + r->ml)
+            why = "outside this context's blocks";
         else if (i > 0 && x <= blocks[i - 1])
             why = "not ascending";
-        else if (r->exact && x != mine[i])
+        else if (r->known[head] && x != mine[i])
             why = "not the model's selection";
-        else if (count == r->m && x != i)
+        else if (r->n >= r->m && x != r->fb + i)
             why = "not every block of a dense decode";
         if (why) {
             snprintf(msg, msg_cap, "selected_blocks: seq %d layer %d head %d: blocks[%lld] = %d "
-                     "is %s (M %d, n %d)", id, layer, head, (long long)i, x, why, r->m, r->n);
+                     "is %s (M %d, n %d, first block %lld)", id, layer, head, (long long)i, x,
+                     why, r->m, r->n, (long long)r->fb);
             return msg;
         }
     }
-    if (shown == count) { /* the whole list: the forced blocks are in it */
-        int32_t sink = r->sink < r->m ? r->sink : r->m;
-        int32_t from = r->m - (r->local < r->m ? r->local : r->m);
-        int64_t forced = 0;
-        for (int64_t i = 0; i < shown; i++)
-            forced += blocks[i] < sink || blocks[i] >= from;
-        if (forced != sink + (r->m - from) - (sink > from ? sink - from : 0)) {
-            snprintf(msg, msg_cap, "selected_blocks: seq %d layer %d head %d: a forced block "
-                     "is missing (M %d, sink %d, local %d)", id, layer, head, r->m, r->sink,
-                     r->local);
-            return msg;
+    if (shown == count && !r->known[head]) { /* the whole list: the forced blocks are in it */
+        for (int32_t k = 0; k < r->n_blocks[head]; k++) {
+            int found = 0;
+            for (int64_t i = 0; i < shown; i++)
+                found |= blocks[i] == mine[k];
+            if (!found) {
+                snprintf(msg, msg_cap, "selected_blocks: seq %d layer %d head %d: forced block "
+                         "%d is missing (M %d, sink %d, local %d)", id, layer, head, mine[k],
+                         r->m, r->sink, r->local);
+                return msg;
+            }
         }
     }
     return NULL;
