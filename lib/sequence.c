@@ -310,7 +310,8 @@ resa_status resa_seq_set_span(resa_ctx *ctx, int32_t seq, int64_t first_token,
         (global_length < first_token + q->length || global_length >= limit - b))
         return resa_fail(ctx, RESA_ERR_INVALID_ARGUMENT,
                          "seq_set_span: global_length = %lld must be -1 or at least "
-                         "first_token + length = %lld (and below 2^30 blocks)",
+                         "first_token + length = %lld (and below (2^30 - 1) blocks, so "
+                         "that the row at global_length leaves fewer than 2^30 blocks)",
                          (long long)global_length, (long long)(first_token + q->length));
     q->first_token = first_token;
     q->global_length = global_length;

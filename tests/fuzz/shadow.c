@@ -510,10 +510,8 @@ resa_status sh_query(const shadow *m, int32_t id, int null_out)
 }
 
 /* resa_seq_set_span, in the order lib/sequence.c checks.  The upper bound of
- * global_length: API.md says "below 2^30 blocks"; the library refuses from
- * 2^30 - 1 blocks on (global_length >= (2^30 - 1) * BLOCK_SIZE), one block
- * short of that, so that M = ceil((global_length + 1) / b) stays below 2^30.
- * The model takes the library's bound (reported; see docs/fuzzing.md). */
+ * global_length is (2^30 - 1) * BLOCK_SIZE, exclusive (API.md), so that
+ * M = ceil((global_length + 1) / b) stays below 2^30. */
 resa_status sh_set_span(shadow *m, int32_t id, int64_t first, int64_t glen, int apply)
 {
     if (m->step_open)

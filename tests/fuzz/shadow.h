@@ -20,8 +20,7 @@
  * converts.  Where API.md leaves the order of several errors open (within
  * one step_begin entry: HEAD_SHARE, then not the tail, then the mode's own
  * rules; set_span's step-open before its id), the model takes the order of
- * lib/step.c, lib/step_cp.c and lib/sequence.c, and for one bound it follows
- * the library against API.md (sh_set_span).
+ * lib/step.c, lib/step_cp.c and lib/sequence.c.
  */
 #ifndef RESA_FUZZ_SHADOW_H
 #define RESA_FUZZ_SHADOW_H
