@@ -36,7 +36,8 @@ try:  # written by meson (the header's version) when the package is installed
 except ImportError:  # the source tree: ask the library that was loaded
     __version__ = version_string()
 
-__all__ = ["Backend", "DType", "GroupScore", "Mode", "Param", "Preset", "Reset", "STEP_REPLAY", "Status", "SummaryFormat",
+__all__ = ["Backend", "DType", "GroupScore", "Mode", "Param", "Preset", "Reset", "STEP_REPLAY",
+           "Status", "SummaryFormat",
            "ResaError", "InvalidArgumentError", "BadStateError", "OutOfMemoryError",
            "DeviceOutOfMemoryError", "CapacityError", "NotSupportedError", "NoDeviceError",
            "BackendError", "VersionMismatchError", "InternalError", "ContextClosedError",
