@@ -133,11 +133,21 @@ def _overlaps(a, a_bytes, b, b_bytes):
         b.address < a.address + a_bytes
 
 
+def _describe_merged(obj, name, stream, host_only):
+    view = _tensors.describe(obj, name, stream)
+    if host_only and view.device != "cpu":
+        raise ValueError("%s: resa.merge_states takes host memory (numpy arrays, CPU tensors), "
+                         "got %s; Context.merge_states merges in a context's memory space"
+                         % (name, view.device))
+    return view
+
+
 def _merge_args(parts_out, parts_lse, out, lse_out, dtype, d, device, stream):
     """The checked buffers of a merge: (n_parts, n_rows, head_dim, dtype,
     out, lse_out or None, the views).  dtype, d: the context's IO_DTYPE and
-    HEAD_DIM, or None (resa.merge_states: parts_out's)."""
-    vpo = _tensors.describe(parts_out, "parts_out", stream)
+    HEAD_DIM, or None (resa.merge_states: parts_out's, on the host)."""
+    host_only = dtype is None
+    vpo = _describe_merged(parts_out, "parts_out", stream, host_only)
     shape = tuple(vpo.shape)
     if len(shape) < 3 or shape[0] < 1:
         raise ValueError("parts_out: expected shape [n_parts, rows, d] or [n_parts, T, Hq, d] "
@@ -153,19 +163,19 @@ def _merge_args(parts_out, parts_lse, out, lse_out, dtype, d, device, stream):
     for n in shape[1:-1]:
         rows *= n
     _int(n_parts, "parts_out: n_parts")
-    vpl = _tensors.describe(parts_lse, "parts_lse", stream)
+    vpl = _describe_merged(parts_lse, "parts_lse", stream, host_only)
     _tensors.check_fixed(vpl, "parts_lse", "float32", shape[:-1], "parts_out's shape without d",
                          device)
     if out is None:
         out = _empty(shape[1:], dtype, parts_out, vpo, device)
-    vo = _tensors.describe(out, "out", stream)
+    vo = _describe_merged(out, "out", stream, host_only)
     _tensors.check_io(vo, "out", dtype, "parts_out's dtype", shape[1:],
                       "parts_out's shape without n_parts", device, writable=True)
     views = [vpo, vpl, vo]
     if _want(lse_out):
         if lse_out is True:
             lse_out = _empty(shape[1:-1], "float32", parts_out, vpo, device)
-        vl = _tensors.describe(lse_out, "lse_out", stream)
+        vl = _describe_merged(lse_out, "lse_out", stream, host_only)
         _tensors.check_fixed(vl, "lse_out", "float32", shape[1:-1],
                              "parts_out's shape without n_parts and d", device, writable=True)
         views.append(vl)

@@ -208,6 +208,15 @@ class TestContextParallelTorch(unittest.TestCase):
             with self.assertRaises(TypeError) as cm:
                 resa.merge_states(torch.zeros(2, 3, 16), torch.zeros(2, 3, dtype=torch.float64))
             self.assertIn("parts_lse: expected dtype float32, got float64", str(cm.exception))
+            with self.assertRaises(ValueError) as cm:  # not host memory
+                resa.merge_states(torch.zeros(2, 3, 16), torch.zeros(2, 3),
+                                  torch.empty(3, 16, device="meta"))
+            self.assertIn("out: resa.merge_states takes host memory (numpy arrays, CPU tensors), "
+                          "got meta:0", str(cm.exception))
+            with self.assertRaises(ValueError) as cm:
+                ctx.merge_states(torch.zeros(2, 3, 16, device="meta"), torch.zeros(2, 3))
+            self.assertIn("parts_out: expected host memory (numpy array or CPU tensor) for the "
+                          "context's device cpu, got meta:0", str(cm.exception))
 
 
 class TestTorchCPU(unittest.TestCase):
