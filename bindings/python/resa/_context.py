@@ -17,7 +17,7 @@ from ._enums import (Backend, DType, GroupScore, Mode, Param, Reset, STEP_REPLAY
 from ._errors import ContextClosedError, ResaError, check, error_for
 from ._lib import lib
 
-__all__ = ["Context", "Step"]
+__all__ = ["Context", "Step", "merge_states"]
 
 _I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
@@ -94,10 +94,124 @@ def _param_value(p, value):
     return _int(value, p.name.lower(), _I64_MIN, _I64_MAX)
 
 
+_QUERY_MODES = (Mode.QUERY_DENSE, Mode.QUERY_SPARSE)
+_SPARSE_MODES = (Mode.DECODE, Mode.QUERY_SPARSE)
+
+
 class _StepState:
     """What attend checks against, fixed at step_begin."""
-    __slots__ = ("rows", "all_kv", "replay", "dtype", "hq", "hkv", "d", "device", "stream",
-                 "side")
+    __slots__ = ("rows", "entries", "all_kv", "no_kv", "sparse", "replay", "dtype", "hq", "hkv",
+                 "d", "device", "stream", "side")
+
+
+def _want(flag):
+    """Whether an optional output (lse=, lse_out=) is asked for: True or a buffer."""
+    return flag is not None and flag is not False
+
+
+def _pair(value, name, what):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError("%s: expected a pair %s, got %s" % (name, what, type(value).__name__))
+    return value
+
+
+def _empty(shape, dtype, like, like_view, device):
+    """An uninitialized output of dtype (a DType, "float32" or "int32"):
+    a torch tensor beside a torch `like`, a numpy array beside a numpy one;
+    for another producer or none, numpy on the host and torch on CUDA."""
+    torch_like = like_view is not None and like_view.kind == "torch"
+    if device == "cpu" and not torch_like:
+        return np.empty(shape, np.dtype(dtype) if isinstance(dtype, str)
+                        else _tensors.numpy_dtype(dtype))
+    import torch
+    return torch.empty(shape, dtype=_tensors.torch_dtype(dtype),
+                       device=like.device if torch_like else device)
+
+
+def _overlaps(a, a_bytes, b, b_bytes):
+    return a_bytes > 0 and b_bytes > 0 and a.address < b.address + b_bytes and \
+        b.address < a.address + a_bytes
+
+
+def _describe_merged(obj, name, stream, host_only):
+    view = _tensors.describe(obj, name, stream)
+    if host_only and view.device != "cpu":
+        raise ValueError("%s: resa.merge_states takes host memory (numpy arrays, CPU tensors), "
+                         "got %s; Context.merge_states merges in a context's memory space"
+                         % (name, view.device))
+    return view
+
+
+def _merge_args(parts_out, parts_lse, out, lse_out, dtype, d, device, stream):
+    """The checked buffers of a merge: (n_parts, n_rows, head_dim, dtype,
+    out, lse_out or None, the views).  dtype, d: the context's IO_DTYPE and
+    HEAD_DIM, or None (resa.merge_states: parts_out's, on the host)."""
+    host_only = dtype is None
+    vpo = _describe_merged(parts_out, "parts_out", stream, host_only)
+    shape = tuple(vpo.shape)
+    if len(shape) < 3 or shape[0] < 1:
+        raise ValueError("parts_out: expected shape [n_parts, rows, d] or [n_parts, T, Hq, d] "
+                         "with n_parts >= 1, got %s" % _tensors._shape_text(shape))
+    if d is None:
+        d = shape[-1]
+        why = "[n_parts, rows..., d]"
+    else:
+        why = "[n_parts, rows..., d] with d = %d, the context's HEAD_DIM" % d
+    dtype = _tensors.check_io(vpo, "parts_out", dtype, "the context's IO_DTYPE",
+                              shape[:-1] + (d,), why, device)
+    n_parts, rows = shape[0], 1
+    for n in shape[1:-1]:
+        rows *= n
+    _int(n_parts, "parts_out: n_parts")
+    vpl = _describe_merged(parts_lse, "parts_lse", stream, host_only)
+    _tensors.check_fixed(vpl, "parts_lse", "float32", shape[:-1], "parts_out's shape without d",
+                         device)
+    if out is None:
+        out = _empty(shape[1:], dtype, parts_out, vpo, device)
+    vo = _describe_merged(out, "out", stream, host_only)
+    _tensors.check_io(vo, "out", dtype, "parts_out's dtype", shape[1:],
+                      "parts_out's shape without n_parts", device, writable=True)
+    views = [vpo, vpl, vo]
+    if _want(lse_out):
+        if lse_out is True:
+            lse_out = _empty(shape[1:-1], "float32", parts_out, vpo, device)
+        vl = _describe_merged(lse_out, "lse_out", stream, host_only)
+        _tensors.check_fixed(vl, "lse_out", "float32", shape[1:-1],
+                             "parts_out's shape without n_parts and d", device, writable=True)
+        views.append(vl)
+    else:
+        lse_out = None
+    out_bytes = rows * d * _tensors.itemsize(dtype)
+    sizes = {"parts_out": n_parts * out_bytes, "parts_lse": n_parts * rows * 4, "out": out_bytes,
+             "lse_out": rows * 4}
+    for written, wname in ((vo, "out"), (views[3] if lse_out is not None else None, "lse_out")):
+        for read, rname in ((vpo, "parts_out"), (vpl, "parts_lse")):
+            if written is not None and _overlaps(written, sizes[wname], read, sizes[rname]):
+                raise ValueError("%s: must not overlap %s" % (wname, rname))
+    return n_parts, rows, d, dtype, out, lse_out, views
+
+
+def merge_states(parts_out, parts_lse, out=None, lse_out=None):
+    """resa_merge_states, on host memory (numpy arrays, CPU tensors): joins
+    the attention states of the same rows over disjoint key sets.
+
+    parts_out [P, rows, d] (or [P, T, Hq, d]: the parts' attend outputs
+    stacked) of float32, float16 or bfloat16; parts_lse [P, rows] (or [P, T,
+    Hq]) float32.  Returns out (parts_out's shape without P and its dtype;
+    allocated like parts_out when None), or (out, lse_out) when lse_out is
+    True (allocated) or a float32 buffer of shape [rows] (or [T, Hq]).  A row
+    whose every part is -inf gets a NaN out and lse -inf; a part with lse
+    -inf is never read.  Thread-safe; no context needed."""
+    n_parts, rows, d, dtype, out, lse_out, views = _merge_args(
+        parts_out, parts_lse, out, lse_out, None, None, "cpu", None)
+    status = lib.resa_merge_states(int(dtype), n_parts, rows, _int(d, "head_dim"),
+                                   views[0].address, views[1].address, views[2].address,
+                                   views[3].address if lse_out is not None else None, 0)
+    if status != 0:  # no context, so no message: say what was passed
+        raise error_for(status, "merge_states: refused dtype %s, n_parts %d, n_rows %d, "
+                        "head_dim %d (head_dim must be in [1, %d])"
+                        % (dtype.name, n_parts, rows, d, lib.resa_max_head_dim()))
+    return out if lse_out is None else (out, lse_out)
 
 
 class Context:
@@ -368,8 +482,22 @@ class Context:
     def free_tokens(self):
         return self._out_i64(lib.resa_ctx_free_tokens)
 
+    def seq_set_span(self, seq, first_token, global_length=-1):
+        """resa_seq_set_span (context parallelism): this context holds the
+        positions [first_token, first_token + length) of a longer sequence.
+        first_token: a multiple of BLOCK_SIZE, changed only while seq is
+        empty; global_length: the whole sequence's length (where QUERY rows
+        sit), or -1 when this context holds the tail and follows its growth.
+        A context whose global_length lies past its tokens takes only QUERY
+        entries for seq."""
+        h = self._handle()
+        check(lib.resa_seq_set_span(h, _int(seq, "seq"),
+                                    _int(first_token, "first_token", _I64_MIN, _I64_MAX),
+                                    _int(global_length, "global_length", _I64_MIN, _I64_MAX)), h)
+
     def selected_blocks(self, seq, layer, kv_head):
-        """Block indices (ascending) seq's last DECODE attended for (layer,
+        """Block indices (ascending, global: a span's first_token / BLOCK_SIZE
+        counts) seq's last DECODE or QUERY_SPARSE attended for (layer,
         kv_head); needs record_selection=1.  CUDA: synchronizes."""
         h = self._handle()
         args = (_int(seq, "seq"), _int(layer, "layer"), _int(kv_head, "kv_head"))
@@ -417,7 +545,10 @@ class Context:
             raise
         st = _StepState()
         st.rows = sum(n_tokens)
+        st.entries = n
         st.all_kv = all(m == Mode.APPEND_KV for m in modes)
+        st.no_kv = all(m in _QUERY_MODES for m in modes)  # nothing stores K/V
+        st.sparse = any(m in _SPARSE_MODES for m in modes)
         st.replay = bool(replay)
         st.dtype, st.hq, st.hkv, st.d = dtype, hq, hkv, d
         st.device = self.device if on_cuda else "cpu"
@@ -450,26 +581,65 @@ class Context:
         import torch
         return torch.empty(view.shape, dtype=_tensors.torch_dtype(st.dtype), device=st.device)
 
-    def attend(self, layer, q, k, v, out=None):
-        """resa_ctx_step_attend for one layer of the open step; returns out
-        (allocated like q when None).  q, out: [T, Hq, d]; k, v: [T, Hkv, d];
-        the context's IO dtype, on its device, C-contiguous."""
+    def _open(self, what):
         h = self._handle()
         st = self._step
         if st is None:
-            raise ValueError("attend: no step is open (use ctx.step(...) or ctx.step_begin)")
+            raise ValueError("%s: no step is open (use ctx.step(...) or ctx.step_begin)" % what)
+        return h, st
+
+    def _enqueue(self, h, side, call):
+        """Runs call() (a libresa call returning a status) and raises its
+        error.  side: a StepGraph's stream, which eager work orders against
+        torch's current stream both ways; inside a capture both are the same
+        stream."""
+        if side is None:
+            check(call(), h)
+            return
+        import torch
+        current = torch.cuda.current_stream(self._cuda_index)
+        if current.cuda_stream != side.cuda_stream:
+            side.wait_stream(current)
+            try:
+                check(call(), h)
+            finally:
+                current.wait_stream(side)
+        else:
+            check(call(), h)
+
+    def attend(self, layer, q, k, v, out=None, *, lse=None, thresholds=None):
+        """resa_ctx_step_attend for one layer of the open step; returns out
+        (allocated like q when None).  q, out: [T, Hq, d]; k, v: [T, Hkv, d];
+        the context's IO dtype, on its device, C-contiguous.  k and v may be
+        None when every entry is a QUERY mode.
+
+        lse: True (allocated) or a float32 [T, Hq] buffer: each row's
+        log-sum-exp over the keys it attended here (resa_ctx_step_attend_ex);
+        then (out, lse) is returned.  thresholds: (scores float32, blocks
+        int32), each [n_entries, Hkv], from thresholds(): the DECODE and
+        QUERY_SPARSE entries attend the candidates at or above them."""
+        h, st = self._open("attend")
         layer = _int(layer, "layer")
         rows, dtype, device, stream = st.rows, st.dtype, st.device, st.stream
         check_view = _tensors.check
         kv_shape = (rows, st.hkv, st.d)
         q_shape = (rows, st.hq, st.d)
-        if k is None or v is None:
-            raise ValueError("%s: required" % ("k" if k is None else "v"))
-        vk = _tensors.describe(k, "k", stream)
-        check_view(vk, "k", dtype, kv_shape, "[T, Hkv, d]", rows, device)
-        vv = _tensors.describe(v, "v", stream)
-        check_view(vv, "v", dtype, kv_shape, "[T, Hkv, d]", rows, device)
+        kv_views = []  # the views (DLPack capsules) stay alive until the call
+        for name, buf in (("k", k), ("v", v)):
+            if buf is None:
+                if not st.no_kv:
+                    raise ValueError("%s: required (None only when every entry is "
+                                     "Mode.QUERY_DENSE or Mode.QUERY_SPARSE)" % name)
+                kv_views.append(None)
+                continue
+            view = _tensors.describe(buf, name, stream)
+            check_view(view, name, dtype, kv_shape, "[T, Hkv, d]", rows, device)
+            kv_views.append(view)
+        vk, vv = kv_views
+        k_addr = vk.address if vk is not None else None
+        v_addr = vv.address if vv is not None else None
         q_addr = out_addr = None
+        vq = None
         if q is None:
             if not st.all_kv:
                 raise ValueError("q: required (None only when every entry is Mode.APPEND_KV)")
@@ -486,26 +656,144 @@ class Context:
             vo = _tensors.describe(out, "out", stream)
             check_view(vo, "out", dtype, q_shape, "[T, Hq, d]", rows, device, writable=True)
             out_addr = vo.address
-        side = st.side
-        if side is None:
-            check(lib.resa_ctx_step_attend(h, layer, q_addr, vk.address, vv.address, out_addr, 0),
-                  h)
-            return out
-        # StepGraph's side stream: eager work waits for the producer stream and
-        # the producer stream for it; inside a capture both are the same stream.
-        import torch
-        current = torch.cuda.current_stream(self._cuda_index)
-        if current.cuda_stream != side.cuda_stream:
-            side.wait_stream(current)
-            try:
-                check(lib.resa_ctx_step_attend(h, layer, q_addr, vk.address, vv.address, out_addr,
-                                               0), h)
-            finally:
-                current.wait_stream(side)
+        want_lse, lse_addr = _want(lse), None
+        if want_lse:
+            if lse is True:
+                like, like_view = (q, vq) if vq is not None else (k, vk)
+                lse = _empty((rows, st.hq), "float32", like, like_view, device)
+            vl = _tensors.describe(lse, "lse", stream)
+            _tensors.check_fixed(vl, "lse", "float32", (rows, st.hq),
+                                 "[T, Hq] with T = %d rows of the open step" % rows, device,
+                                 writable=True)
+            lse_addr = vl.address
+        ts_addr = tb_addr = None
+        if thresholds is not None:
+            ts, tb = _pair(thresholds, "thresholds", "(threshold_scores, threshold_blocks)")
+            explain = "[n_entries, Hkv] with %d entries in the open step" % st.entries
+            vts = _tensors.describe(ts, "threshold_scores", stream)
+            _tensors.check_fixed(vts, "threshold_scores", "float32", (st.entries, st.hkv),
+                                 explain, device)
+            vtb = _tensors.describe(tb, "threshold_blocks", stream)
+            _tensors.check_fixed(vtb, "threshold_blocks", "int32", (st.entries, st.hkv),
+                                 explain, device)
+            ts_addr, tb_addr = vts.address, vtb.address
+        if want_lse or thresholds is not None:
+            def call():
+                return lib.resa_ctx_step_attend_ex(h, layer, q_addr, k_addr, v_addr, out_addr,
+                                                   lse_addr, ts_addr, tb_addr, 0)
         else:
-            check(lib.resa_ctx_step_attend(h, layer, q_addr, vk.address, vv.address, out_addr, 0),
-                  h)
-        return out
+            def call():
+                return lib.resa_ctx_step_attend(h, layer, q_addr, k_addr, v_addr, out_addr, 0)
+        self._enqueue(h, st.side, call)
+        return (out, lse) if want_lse else out
+
+    def block_scores(self, layer, q, capacity, *, scores=None, blocks=None, counts=None):
+        """resa_ctx_step_block_scores, phase 1 of the two-phase selection:
+        for every entry i and KV head h of the open step, this context's best
+        candidates of a DECODE or QUERY_SPARSE entry (at most K_i = n_i -
+        forced_i of them; other entries list none).  q: the layer's [T, Hq,
+        d] queries (None when no entry is sparse); capacity >= every K_i
+        (else InvalidArgumentError naming the entry).  Returns (scores
+        float32 [n_entries, Hkv, capacity], blocks int32 [n_entries, Hkv,
+        capacity] of global indices, counts int32 [n_entries, Hkv]): the
+        first counts[i, h] of scores[i, h] and blocks[i, h] are valid, in no
+        particular order.  Outputs are allocated like q when None."""
+        h, st = self._open("block_scores")
+        layer = _int(layer, "layer")
+        capacity = _int(capacity, "capacity", 0, _I64_MAX)
+        rows, device, stream = st.rows, st.device, st.stream
+        q_addr, vq = None, None
+        if q is None:
+            if st.sparse:
+                raise ValueError("q: required (None only when no entry is Mode.DECODE or "
+                                 "Mode.QUERY_SPARSE)")
+        else:
+            vq = _tensors.describe(q, "q", stream)
+            _tensors.check(vq, "q", st.dtype, (rows, st.hq, st.d), "[T, Hq, d]", rows, device)
+            q_addr = vq.address
+        lists = (st.entries, st.hkv, capacity)
+        explain = "[n_entries, Hkv, capacity] with %d entries in the open step" % st.entries
+        outs = []
+        for name, buf, dtype, shape, text in (
+                ("scores", scores, "float32", lists, explain),
+                ("blocks", blocks, "int32", lists, explain),
+                ("counts", counts, "int32", lists[:2],
+                 "[n_entries, Hkv] with %d entries in the open step" % st.entries)):
+            if buf is None:
+                buf = _empty(shape, dtype, q, vq, device)
+            view = _tensors.describe(buf, name, stream)
+            _tensors.check_fixed(view, name, dtype, shape, text, device, writable=True)
+            outs.append((buf, view))
+        (scores, vs), (blocks, vb), (counts, vc) = outs
+        self._enqueue(h, st.side, lambda: lib.resa_ctx_step_block_scores(
+            h, layer, q_addr, capacity, vs.address, vb.address, vc.address, 0))
+        return scores, blocks, counts
+
+    def thresholds(self, scores, blocks, counts, *, threshold_scores=None,
+                   threshold_blocks=None):
+        """resa_ctx_step_thresholds: from the block_scores lists of n_ranks
+        contexts stacked as an all-gather leaves them (scores float32 and
+        blocks int32 [n_ranks, n_entries, Hkv, capacity], counts int32
+        [n_ranks, n_entries, Hkv]; n_ranks and capacity from the shape), the
+        K_i-th best (score, block) of every (entry, KV head): returns
+        (threshold_scores float32, threshold_blocks int32), each [n_entries,
+        Hkv], (+inf, -1) where nothing is chosen by score; pass the pair to
+        attend(thresholds=...).  Outputs are allocated like scores when None."""
+        h, st = self._open("thresholds")
+        device, stream = st.device, st.stream
+        E, hkv = st.entries, st.hkv
+        vs = _tensors.describe(scores, "scores", stream)
+        shape = tuple(vs.shape)
+        if len(shape) != 4 or shape[0] < 1 or shape[1:3] != (E, hkv):
+            if vs.dtype_name != "float32":
+                raise TypeError("scores: expected dtype float32, got %s" % vs.dtype_name)
+            raise ValueError("scores: expected shape [n_ranks, %d, %d, capacity] ([n_ranks, "
+                             "n_entries, Hkv, capacity] with n_ranks >= 1 and %d entries in the "
+                             "open step), got %s" % (E, hkv, E, _tensors._shape_text(shape)))
+        n_ranks, capacity = _int(shape[0], "scores: n_ranks"), shape[3]
+        explain = "[n_ranks, n_entries, Hkv, capacity] as scores"
+        _tensors.check_fixed(vs, "scores", "float32", shape, explain, device)
+        vb = _tensors.describe(blocks, "blocks", stream)
+        _tensors.check_fixed(vb, "blocks", "int32", shape, explain, device)
+        vc = _tensors.describe(counts, "counts", stream)
+        _tensors.check_fixed(vc, "counts", "int32", shape[:3], "[n_ranks, n_entries, Hkv] as "
+                             "scores", device)
+        outs = []
+        for name, buf, dtype in (("threshold_scores", threshold_scores, "float32"),
+                                 ("threshold_blocks", threshold_blocks, "int32")):
+            if buf is None:
+                buf = _empty((E, hkv), dtype, scores, vs, device)
+            view = _tensors.describe(buf, name, stream)
+            _tensors.check_fixed(view, name, dtype, (E, hkv), "[n_entries, Hkv] with %d entries "
+                                 "in the open step" % E, device, writable=True)
+            outs.append((buf, view))
+        (threshold_scores, vts), (threshold_blocks, vtb) = outs
+        self._enqueue(h, st.side, lambda: lib.resa_ctx_step_thresholds(
+            h, n_ranks, capacity, vs.address, vb.address, vc.address, vts.address, vtb.address,
+            0))
+        return threshold_scores, threshold_blocks
+
+    def merge_states(self, parts_out, parts_lse, out=None, lse_out=None):
+        """resa_ctx_merge_states: resa.merge_states with the context's
+        IO_DTYPE and HEAD_DIM, in its memory space (CUDA: device tensors, one
+        kernel on the context's stream).  Inside a step or not."""
+        h = self._handle()
+        st = self._step
+        _, _, _, d, dtype = self._shape_params()
+        if st is not None:
+            device, stream, side = st.device, st.stream, st.side
+        elif self.backend == Backend.CUDA:
+            self._follow_stream(h)  # as a step_begin would: torch's current stream
+            device, stream = self.device, self._stream
+            side = self._side if self._stream_mode == "side" else None
+        else:
+            device, stream, side = "cpu", None, None
+        n_parts, rows, d, dtype, out, lse_out, views = _merge_args(
+            parts_out, parts_lse, out, lse_out, dtype, d, device, stream)
+        lse_addr = views[3].address if lse_out is not None else None
+        self._enqueue(h, side, lambda: lib.resa_ctx_merge_states(
+            h, n_parts, rows, views[0].address, views[1].address, views[2].address, lse_addr, 0))
+        return out if lse_out is None else (out, lse_out)
 
 
 class Step:
@@ -527,9 +815,23 @@ class Step:
         if self.ctx._step is not self._state:
             raise ValueError("step: this step is no longer open")
 
-    def attend(self, layer, q, k, v, out=None):
+    def attend(self, layer, q, k, v, out=None, *, lse=None, thresholds=None):
+        """Context.attend: returns out, or (out, lse) when lse is requested."""
         self._current()
-        return self.ctx.attend(layer, q, k, v, out)
+        return self.ctx.attend(layer, q, k, v, out, lse=lse, thresholds=thresholds)
+
+    def block_scores(self, layer, q, capacity, *, scores=None, blocks=None, counts=None):
+        """Context.block_scores: (scores, blocks, counts)."""
+        self._current()
+        return self.ctx.block_scores(layer, q, capacity, scores=scores, blocks=blocks,
+                                     counts=counts)
+
+    def thresholds(self, scores, blocks, counts, *, threshold_scores=None,
+                   threshold_blocks=None):
+        """Context.thresholds: (threshold_scores, threshold_blocks)."""
+        self._current()
+        return self.ctx.thresholds(scores, blocks, counts, threshold_scores=threshold_scores,
+                                   threshold_blocks=threshold_blocks)
 
     def end(self):
         self._current()

@@ -55,10 +55,17 @@ SIGNATURES = {
     "resa_seq_pending": (_int, [_p, _i32, _P(_i64)]),
     "resa_seq_rectify_due": (_int, [_p, _i32, _P(_i32)]),
     "resa_ctx_free_tokens": (_int, [_p, _P(_i64)]),
+    "resa_seq_set_span": (_int, [_p, _i32, _i64, _i64]),
     "resa_ctx_step_begin": (_int, [_p, _i32, _P(_i32), _P(_i32), _P(_i32), _u32]),
     "resa_ctx_step_attend": (_int, [_p, _i32, _p, _p, _p, _p, _u32]),
     "resa_ctx_step_end": (_int, [_p, _u32]),
+    # float * and int32_t * buffers are passed as addresses, like the IO buffers
+    "resa_ctx_step_block_scores": (_int, [_p, _i32, _p, _i64, _p, _p, _p, _u32]),
+    "resa_ctx_step_thresholds": (_int, [_p, _i32, _i64, _p, _p, _p, _p, _p, _u32]),
+    "resa_ctx_step_attend_ex": (_int, [_p, _i32, _p, _p, _p, _p, _p, _p, _p, _u32]),
     "resa_ctx_step_cancel": (_int, [_p]),
+    "resa_merge_states": (_int, [_int, _i32, _i64, _i32, _p, _p, _p, _p, _u32]),
+    "resa_ctx_merge_states": (_int, [_p, _i32, _i64, _p, _p, _p, _p, _u32]),
     "resa_seq_selected_blocks": (_int, [_p, _i32, _i32, _i32, _P(_i32), _i64, _P(_i64)]),
 }
 

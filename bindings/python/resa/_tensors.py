@@ -12,7 +12,8 @@ import numpy as np
 from . import _dlpack
 from ._enums import DType
 
-__all__ = ["View", "describe", "check", "to_dtype", "numpy_dtype", "torch_dtype"]
+__all__ = ["View", "describe", "check", "check_fixed", "check_io", "to_dtype", "numpy_dtype",
+           "torch_dtype", "itemsize"]
 
 # numpy and DLPack spell the three IO types the same way
 _BY_NAME = {"float32": DType.F32, "float16": DType.F16, "bfloat16": DType.BF16}
@@ -135,13 +136,9 @@ def _shape_text(shape):
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
-def check(view, name, dtype, shape, layout, rows, device, writable=False):
-    """Raises TypeError/ValueError unless view matches: dtype (the context's
-    IO_DTYPE), device, shape ([rows, heads, d]; layout names it), C-contiguous,
-    aligned and, for outputs, writable."""
-    if view.dtype != dtype:
-        raise TypeError("%s: expected dtype %s (the context's IO_DTYPE), got %s"
-                        % (name, _NAMES[dtype], view.dtype_name))
+def _check_place(view, name, device, shape, expected_text, dtype_text, writable):
+    """The checks every buffer shares, after its dtype: device, shape,
+    contiguity, alignment and, for outputs, writability."""
     if view.device != device:
         if device == "cpu":
             raise ValueError("%s: expected host memory (numpy array or CPU tensor) for the "
@@ -149,17 +146,53 @@ def check(view, name, dtype, shape, layout, rows, device, writable=False):
         raise ValueError("%s: expected a CUDA tensor on %s (the context's device), got %s"
                          % (name, device, view.device))
     if tuple(view.shape) != shape:
-        raise ValueError("%s: expected shape %s (%s with T = %d rows of the open step), got %s"
-                         % (name, _shape_text(shape), layout, rows, _shape_text(view.shape)))
+        raise ValueError("%s: expected shape %s (%s), got %s"
+                         % (name, _shape_text(shape), expected_text, _shape_text(view.shape)))
     if not view.contiguous:
         raise ValueError("%s: expected a C-contiguous buffer, got a strided view "
                          "(pass a contiguous copy, e.g. .contiguous() or numpy.ascontiguousarray)"
                          % name)
     if not view.aligned:
         raise ValueError("%s: address 0x%x is not aligned to its %s elements"
-                         % (name, view.address, _NAMES[dtype]))
+                         % (name, view.address, dtype_text))
     if writable and not view.writable:
         raise ValueError("%s: not writable" % name)
+
+
+def check(view, name, dtype, shape, layout, rows, device, writable=False):
+    """Raises TypeError/ValueError unless view matches: dtype (the context's
+    IO_DTYPE), device, shape ([rows, heads, d]; layout names it), C-contiguous,
+    aligned and, for outputs, writable."""
+    if view.dtype != dtype:
+        raise TypeError("%s: expected dtype %s (the context's IO_DTYPE), got %s"
+                        % (name, _NAMES[dtype], view.dtype_name))
+    _check_place(view, name, device, shape,
+                 "%s with T = %d rows of the open step" % (layout, rows), _NAMES[dtype], writable)
+
+
+def check_fixed(view, name, dtype_name, shape, explain, device, writable=False):
+    """check() for a buffer of a fixed element type ("float32" for lse and
+    scores, "int32" for block indices and counts); explain says where the
+    expected shape comes from."""
+    if view.dtype_name != dtype_name:
+        raise TypeError("%s: expected dtype %s, got %s" % (name, dtype_name, view.dtype_name))
+    _check_place(view, name, device, shape, explain, dtype_name, writable)
+
+
+def check_io(view, name, dtype, dtype_why, shape, explain, device, writable=False):
+    """check() for a buffer of an IO dtype: `dtype` (dtype_why says whose it
+    is), or when None any of float32, float16 and bfloat16.  Returns the
+    buffer's DType."""
+    if dtype is None:
+        if view.dtype is None:
+            raise TypeError("%s: expected dtype float32, float16 or bfloat16, got %s"
+                            % (name, view.dtype_name))
+        dtype = view.dtype
+    elif view.dtype != dtype:
+        raise TypeError("%s: expected dtype %s (%s), got %s"
+                        % (name, _NAMES[dtype], dtype_why, view.dtype_name))
+    _check_place(view, name, device, shape, explain, _NAMES[dtype], writable)
+    return dtype
 
 
 def to_dtype(value, what="dtype"):
@@ -208,6 +241,14 @@ def numpy_dtype(dtype):
 
 
 def torch_dtype(dtype):
+    """The torch dtype of a DType, or of "float32" / "int32"."""
     import torch
+    if isinstance(dtype, str):
+        return {"float32": torch.float32, "int32": torch.int32}[dtype]
     return {DType.F32: torch.float32, DType.F16: torch.float16,
             DType.BF16: torch.bfloat16}[DType(dtype)]
+
+
+def itemsize(dtype):
+    """Bytes per element of an IO DType."""
+    return 4 if DType(dtype) == DType.F32 else 2

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """torch CPU tensors and DLPack producers through the resa package, against
-the float64 model of resa_reference.py (CPU backend).  Exit status 77
-(meson: skipped), with the reason printed, when torch cannot be imported;
-numpy and ml_dtypes are required.  Tolerances as in test_numpy.py."""
+the float64 model of resa_reference.py (CPU backend), and the context-parallel
+protocol of cp_reference.py (as test_cp.py runs it with numpy) with torch
+tensors and a DLPack-only producer.  Exit status 77 (meson: skipped), with the
+reason printed, when torch cannot be imported; numpy and ml_dtypes are
+required.  Tolerances as in test_numpy.py and cp_reference.py."""
 import os
 import sys
 import unittest
@@ -25,6 +27,7 @@ except ImportError as e:
     sys.exit(77)
 
 import resa  # noqa: E402
+from cp_reference import CPWorld  # noqa: E402
 from resa_reference import Scenario, seeded_rng  # noqa: E402
 
 ATOL = {resa.DType.F32: 2e-5, resa.DType.F16: 4e-3, resa.DType.BF16: 3e-2}
@@ -73,6 +76,147 @@ class DLPackAdapter(TorchAdapter):
     @staticmethod
     def to64(w):
         return TorchAdapter.to64(w._tensor)
+
+
+def _torch_dtype(dtype):
+    return {"float32": torch.float32, "int32": torch.int32}[dtype] if isinstance(dtype, str) \
+        else TORCH[dtype]
+
+
+class TorchCP:
+    """cp_reference's adapter for torch CPU tensors."""
+
+    @staticmethod
+    def make(x, dtype):
+        return torch.from_numpy(x).to(TORCH[dtype])
+
+    @staticmethod
+    def full(shape, dtype, value):
+        return torch.full(shape, value, dtype=_torch_dtype(dtype))
+
+    stack = staticmethod(torch.stack)
+
+    @staticmethod
+    def to64(t):
+        return t.to(torch.float64).numpy()
+
+    @staticmethod
+    def ints(t):
+        return t.to(torch.int64).numpy()
+
+
+class DLPackCP:
+    """The same through producers with nothing but the DLPack protocol."""
+
+    @staticmethod
+    def make(x, dtype):
+        return DLPackOnly(TorchCP.make(x, dtype))
+
+    @staticmethod
+    def full(shape, dtype, value):
+        return DLPackOnly(TorchCP.full(shape, dtype, value))
+
+    @staticmethod
+    def stack(items):
+        return DLPackOnly(torch.stack([x._tensor for x in items]))
+
+    @staticmethod
+    def to64(w):  # what the binding allocated for a host DLPack producer is numpy
+        return TorchCP.to64(w._tensor) if isinstance(w, DLPackOnly) else w.astype(np.float64)
+
+    @staticmethod
+    def ints(w):
+        return TorchCP.ints(w._tensor)
+
+
+class TestContextParallelTorch(unittest.TestCase):
+    def run_world(self, adapter, R, io, label):
+        world = CPWorld(adapter, R, io, seeded_rng(label), label, decodes=12)
+        try:
+            print(world.run())
+        finally:
+            world.close()
+
+    def test_torch_tensors(self):
+        self.run_world(TorchCP, 2, resa.DType.BF16, "torch cp R 2 BF16")
+        self.run_world(TorchCP, 3, resa.DType.F16, "torch cp R 3 F16")
+
+    def test_dlpack_producer(self):
+        self.run_world(DLPackCP, 2, resa.DType.F32, "dlpack cp R 2 F32")
+
+    def test_allocations_follow_q(self):
+        """lse, lists, thresholds and merged outputs: torch tensors for torch
+        inputs; numpy arrays for another host DLPack producer."""
+        g = torch.Generator().manual_seed(3)
+        with resa.Context("cpu", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                          block_size=4, io_dtype=torch.bfloat16) as ctx:
+            s = ctx.seq_create()
+            q = torch.randn(6, 4, 16, generator=g).to(torch.bfloat16)
+            k = torch.randn(6, 2, 16, generator=g).to(torch.bfloat16)
+            with ctx.step([s], resa.Mode.APPEND, 6) as st:
+                out, lse = st.attend(0, q, k, k, lse=True)
+                self.assertEqual((type(lse), lse.dtype, tuple(lse.shape)),
+                                 (torch.Tensor, torch.float32, (6, 4)))
+                out2, lse2 = st.attend(0, DLPackOnly(q), DLPackOnly(k), DLPackOnly(k), lse=True)
+                self.assertEqual((type(lse2), lse2.dtype), (np.ndarray, np.float32))
+                self.assertTrue(np.array_equal(lse2, lse.numpy()))
+            ctx.seq_set_span(s, 0, 60)
+            with ctx.step([s], resa.Mode.QUERY_SPARSE, 1) as st:
+                lists = st.block_scores(0, q[:1], 12)
+                self.assertEqual([(type(x), x.dtype, tuple(x.shape)) for x in lists],
+                                 [(torch.Tensor, torch.float32, (1, 2, 12)),
+                                  (torch.Tensor, torch.int32, (1, 2, 12)),
+                                  (torch.Tensor, torch.int32, (1, 2))])
+                thr = st.thresholds(*[x[None] for x in lists])
+                self.assertEqual([(type(x), x.dtype) for x in thr],
+                                 [(torch.Tensor, torch.float32), (torch.Tensor, torch.int32)])
+                part, part_lse = st.attend(0, q[:1], None, None, lse=True, thresholds=thr)
+            parts = torch.stack([part, torch.zeros_like(part)])
+            parts_lse = torch.stack([part_lse, torch.full_like(part_lse, -float("inf"))])
+            for merged in (resa.merge_states(parts, parts_lse, lse_out=True),
+                           ctx.merge_states(parts, parts_lse, lse_out=True)):
+                self.assertIsInstance(merged[0], torch.Tensor)
+                self.assertEqual((merged[0].dtype, tuple(merged[0].shape)),
+                                 (torch.bfloat16, (1, 4, 16)))
+                self.assertTrue(torch.equal(merged[0], part))  # the other part weighs 0
+                self.assertTrue(torch.equal(merged[1], part_lse))
+
+    def test_bad_tensors(self):
+        with resa.Context("cpu", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                          block_size=4) as ctx:
+            s = ctx.seq_create()
+            q = torch.zeros(3, 4, 16)
+            with ctx.step([s], resa.Mode.QUERY_DENSE, 3) as st:
+                for exc, text, kw in [
+                        (TypeError, "lse: expected dtype float32, got float16",
+                         dict(lse=torch.zeros(3, 4, dtype=torch.float16))),
+                        (ValueError, "lse: expected a C-contiguous buffer",
+                         dict(lse=torch.zeros(4, 3).t())),
+                        (TypeError, "threshold_blocks: expected dtype int32, got int64",
+                         dict(thresholds=(torch.zeros(1, 2),
+                                          torch.zeros(1, 2, dtype=torch.int64)))),
+                ]:
+                    with self.subTest(text=text):
+                        with self.assertRaises(exc) as cm:
+                            st.attend(0, q, None, None, lse=kw.get("lse"),
+                                      thresholds=kw.get("thresholds"))
+                        self.assertIn(text, str(cm.exception))
+                with self.assertRaises(TypeError) as cm:
+                    st.block_scores(0, q, 4, counts=torch.zeros(1, 2, dtype=torch.int64))
+                self.assertIn("counts: expected dtype int32, got int64", str(cm.exception))
+                st.attend(0, q, None, None)
+            with self.assertRaises(TypeError) as cm:
+                resa.merge_states(torch.zeros(2, 3, 16), torch.zeros(2, 3, dtype=torch.float64))
+            self.assertIn("parts_lse: expected dtype float32, got float64", str(cm.exception))
+            with self.assertRaises(ValueError) as cm:  # not host memory
+                resa.merge_states(torch.zeros(2, 3, 16), torch.zeros(2, 3),
+                                  torch.empty(3, 16, device="meta"))
+            self.assertIn("out: resa.merge_states takes host memory (numpy arrays, CPU tensors), "
+                          "got meta:0", str(cm.exception))
+            with self.assertRaises(ValueError) as cm:
+                ctx.merge_states(torch.zeros(2, 3, 16, device="meta"), torch.zeros(2, 3))
+            self.assertIn("parts_out: expected host memory (numpy array or CPU tensor) for the "
+                          "context's device cpu, got meta:0", str(cm.exception))
 
 
 class TestTorchCPU(unittest.TestCase):
