@@ -223,6 +223,21 @@ pub enum Mode {
     Rectify = sys::RESA_MODE_RECTIFY,
     /// n ≥ 1 new tokens: store K/V only; no attention, output untouched.
     AppendKv = sys::RESA_MODE_APPEND_KV,
+    /// Since 0.3.0 (context parallelism): n ≥ 1 rows that come after every
+    /// token this context stores; each attends every stored token.  Nothing
+    /// is stored; the sequence must have nothing pending.
+    QueryDense = sys::RESA_MODE_QUERY_DENSE,
+    /// Since 0.3.0 (context parallelism): exactly 1 row at the span's
+    /// `global_length`; ReSA block-sparse attention over this context's part
+    /// of the sequence ([`Context::seq_set_span`]).  Nothing is stored.
+    QuerySparse = sys::RESA_MODE_QUERY_SPARSE,
+}
+
+impl Mode {
+    /// Whether the mode stores nothing (QUERY_DENSE, QUERY_SPARSE).
+    pub fn is_query(self) -> bool {
+        matches!(self, Mode::QueryDense | Mode::QuerySparse)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -649,6 +664,89 @@ impl Context {
         Ok(v != 0)
     }
 
+    /// `resa_seq_set_span` (since 0.3.0): makes `seq` this context's part
+    /// `[first_token, first_token + length)` of a longer sequence whose
+    /// whole length (the position of its next token, where QUERY rows sit)
+    /// is `global_length`, or -1 when this context holds the tail.
+    /// `first_token` is a multiple of BLOCK_SIZE and may change only while
+    /// the sequence is empty.  docs/API.md, "resa_seq_set_span".
+    pub fn seq_set_span(&mut self, seq: Seq, first_token: i64, global_length: i64) -> Result<()> {
+        let rc = unsafe { sys::resa_seq_set_span(self.raw, seq.0, first_token, global_length) };
+        self.check(rc)
+    }
+
+    /// `resa_ctx_merge_states` on host memory (a CPU context): merges
+    /// `n_parts` attention states of `n_rows` rows each, in the context's
+    /// IO_DTYPE (`T`) and HEAD_DIM.  `parts_out` has n_parts × n_rows ×
+    /// HEAD_DIM elements, `parts_lse` n_parts × n_rows, `out` n_rows ×
+    /// HEAD_DIM and `lse` (optional) n_rows; otherwise an error is returned
+    /// without calling C.  Allowed inside a step too ([`Step::merge_states`]).
+    pub fn merge_states<T: Element>(
+        &mut self,
+        n_parts: usize,
+        n_rows: usize,
+        parts_out: &[T],
+        parts_lse: &[f32],
+        out: &mut [T],
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let io = self.get_param(IntParam::IoDtype)?;
+        if Dtype::from_raw(io) != Some(T::DTYPE) {
+            return Err(invalid(format!(
+                "merge_states: element type {:?} but the context's IO_DTYPE is {:?}",
+                T::DTYPE,
+                Dtype::from_raw(io)
+            )));
+        }
+        if self.backend()? != Backend::Cpu {
+            return Err(Error::new(
+                Status::NotSupported,
+                "merge_states: slices are host memory; a CUDA context takes device pointers (merge_states_raw)",
+            ));
+        }
+        let head_dim = self.get_param(IntParam::HeadDim)? as usize;
+        let np = to_i32(n_parts as u64, "n_parts")?;
+        let nr = to_i64(n_rows, "n_rows")?;
+        check_merge_lengths(n_parts, n_rows, head_dim, parts_out.len(), parts_lse.len(), out.len(), lse.as_deref())?;
+        let lse_ptr = lse.map_or(ptr::null_mut(), |l| l.as_mut_ptr());
+        // SAFETY: lengths and element type checked; the CPU backend reads
+        // and writes host memory synchronously; `out` is a &mut, so it
+        // cannot overlap the parts.
+        let rc = unsafe {
+            sys::resa_ctx_merge_states(
+                self.raw,
+                np,
+                nr,
+                parts_out.as_ptr() as *const c_void,
+                parts_lse.as_ptr(),
+                out.as_mut_ptr() as *mut c_void,
+                lse_ptr,
+                0,
+            )
+        };
+        self.check(rc)
+    }
+
+    /// `resa_ctx_merge_states` with raw pointers (device memory on CUDA).
+    ///
+    /// # Safety
+    /// The pointers must be valid for the layouts of
+    /// [`Context::merge_states`] in the context's IO_DTYPE, in the memory
+    /// the backend reads (host for CPU, device for CUDA), until the work
+    /// completes; `out` must not overlap the parts; `lse` may be NULL.
+    pub unsafe fn merge_states_raw(
+        &mut self,
+        n_parts: i32,
+        n_rows: i64,
+        parts_out: *const c_void,
+        parts_lse: *const f32,
+        out: *mut c_void,
+        lse: *mut f32,
+    ) -> Result<()> {
+        let rc = sys::resa_ctx_merge_states(self.raw, n_parts, n_rows, parts_out, parts_lse, out, lse, 0);
+        self.check(rc)
+    }
+
     /// Free pool capacity, in tokens.
     pub fn free_tokens(&self) -> Result<i64> {
         let mut v = 0;
@@ -720,6 +818,7 @@ impl Context {
             rows += t as usize;
         }
         let all_kv_only = modes.iter().all(|m| *m == Mode::AppendKv);
+        let all_query = modes.iter().all(|m| m.is_query());
         // Read the shape before begin so nothing can fail after it.
         let layers = self.get_param(IntParam::NumLayers)? as usize;
         let q_heads = self.get_param(IntParam::NumQHeads)? as usize;
@@ -737,12 +836,14 @@ impl Context {
             ctx: self,
             open: true,
             rows,
+            entries: seqs.len(),
             layers,
             q_heads,
             kv_heads,
             head_dim,
             io_dtype,
             all_kv_only,
+            all_query,
             host_memory,
         })
     }
@@ -750,6 +851,97 @@ impl Context {
 
 fn to_i32<T: TryInto<i32> + Copy + fmt::Display>(v: T, what: &str) -> Result<i32> {
     v.try_into().map_err(|_| invalid(format!("{} = {} does not fit in int32_t", what, v)))
+}
+
+fn to_i64<T: TryInto<i64> + Copy + fmt::Display>(v: T, what: &str) -> Result<i64> {
+    v.try_into().map_err(|_| invalid(format!("{} = {} does not fit in int64_t", what, v)))
+}
+
+/// The product of `dims`, or an error naming `what` when it overflows.
+fn elems(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| invalid(format!("{}: the size {:?} overflows usize", what, dims)))
+}
+
+fn check_len(call: &str, what: &str, got: usize, want: usize, layout: &str) -> Result<()> {
+    if got != want {
+        return Err(invalid(format!("{}: {} has {} elements, {} needs {}", call, what, got, layout, want)));
+    }
+    Ok(())
+}
+
+fn check_merge_lengths(
+    n_parts: usize,
+    n_rows: usize,
+    head_dim: usize,
+    parts_out: usize,
+    parts_lse: usize,
+    out: usize,
+    lse: Option<&[f32]>,
+) -> Result<()> {
+    let c = "merge_states";
+    check_len(c, "parts_out", parts_out, elems(c, &[n_parts, n_rows, head_dim])?, "n_parts × n_rows × head_dim")?;
+    check_len(c, "parts_lse", parts_lse, elems(c, &[n_parts, n_rows])?, "n_parts × n_rows")?;
+    check_len(c, "out", out, elems(c, &[n_rows, head_dim])?, "n_rows × head_dim")?;
+    if let Some(l) = lse {
+        check_len(c, "lse", l.len(), n_rows, "n_rows")?;
+    }
+    Ok(())
+}
+
+/// `resa_merge_states` (since 0.3.0): merges `n_parts` attention states of
+/// the same `n_rows` rows over disjoint key sets, on host memory, with no
+/// context (thread-safe).  `parts_out` is `[n_parts][n_rows][head_dim]`,
+/// `parts_lse` `[n_parts][n_rows]` (as [`Step::attend_ex`] writes them, one
+/// rank after another; a row is one query head of one token), `out`
+/// `[n_rows][head_dim]` and `lse` (optional) `[n_rows]`.  Per row:
+/// `m = max lse_i`, `w_i = exp(lse_i − m)` (0 for −inf),
+/// `out = Σ w_i out_i / Σ w_i`, `lse = m + log Σ w_i`; a row whose parts are
+/// all −inf gets lse −inf and a NaN out.  Wrong lengths are an error
+/// before any C call.
+pub fn merge_states<T: Element>(
+    n_parts: usize,
+    n_rows: usize,
+    head_dim: usize,
+    parts_out: &[T],
+    parts_lse: &[f32],
+    out: &mut [T],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    let np = to_i32(n_parts as u64, "n_parts")?;
+    let nr = to_i64(n_rows, "n_rows")?;
+    let d = to_i32(head_dim as u64, "head_dim")?;
+    check_merge_lengths(n_parts, n_rows, head_dim, parts_out.len(), parts_lse.len(), out.len(), lse.as_deref())?;
+    let lse_ptr = lse.map_or(ptr::null_mut(), |l| l.as_mut_ptr());
+    // SAFETY: lengths checked; host memory, synchronous; `out` is a &mut
+    // and cannot overlap the parts.
+    let rc = unsafe {
+        sys::resa_merge_states(
+            T::DTYPE as i32,
+            np,
+            nr,
+            d,
+            parts_out.as_ptr() as *const c_void,
+            parts_lse.as_ptr(),
+            out.as_mut_ptr() as *mut c_void,
+            lse_ptr,
+            0,
+        )
+    };
+    match Status::from_raw(rc) {
+        None => Ok(()),
+        Some(s) => Err(Error::new(
+            s,
+            format!(
+                "resa_merge_states({:?}, n_parts {}, n_rows {}, head_dim {}) refused its arguments",
+                T::DTYPE,
+                n_parts,
+                n_rows,
+                head_dim
+            ),
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -764,12 +956,14 @@ pub struct Step<'a> {
     ctx: &'a mut Context,
     open: bool,
     rows: usize,
+    entries: usize,
     layers: usize,
     q_heads: usize,
     kv_heads: usize,
     head_dim: usize,
     io_dtype: Dtype,
     all_kv_only: bool,
+    all_query: bool,
     host_memory: bool,
 }
 
@@ -786,28 +980,58 @@ impl<'a> Step<'a> {
     pub fn kv_len(&self) -> usize {
         self.rows * self.kv_heads * self.head_dim
     }
+    /// The number of entries (sequences) of the step.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+    /// Elements of `lse` in [`Step::attend_ex`]: T × NUM_Q_HEADS (also the
+    /// `n_rows` of a merge of this step's outputs).
+    pub fn lse_len(&self) -> usize {
+        self.rows * self.q_heads
+    }
+    /// Elements of the per-(entry, KV head) arrays: the `counts` of
+    /// [`Step::block_scores`] and the thresholds, n_entries × NUM_KV_HEADS.
+    pub fn pairs_len(&self) -> usize {
+        self.entries * self.kv_heads
+    }
+    /// Elements of `scores` and `blocks` of [`Step::block_scores`] for
+    /// `capacity`: n_entries × NUM_KV_HEADS × capacity.
+    pub fn list_len(&self, capacity: usize) -> usize {
+        self.entries * self.kv_heads * capacity
+    }
     /// The context, for its read-only queries during the step.
     pub fn context(&self) -> &Context {
         self.ctx
     }
 
-    fn check_common<T: Element>(&self, layer: u32, k: &[T], v: &[T]) -> Result<i32> {
+    fn check_host(&self, call: &str) -> Result<()> {
+        if !self.host_memory {
+            return Err(Error::new(
+                Status::NotSupported,
+                format!("{}: slices are host memory; a CUDA context takes device pointers ({}_raw)", call, call),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_io<T: Element>(&self, call: &str, layer: u32) -> Result<i32> {
         if T::DTYPE != self.io_dtype {
             return Err(invalid(format!(
-                "attend: element type {:?} but the context's IO_DTYPE is {:?}",
+                "{}: element type {:?} but the context's IO_DTYPE is {:?}",
+                call,
                 T::DTYPE,
                 self.io_dtype
             )));
         }
-        if !self.host_memory {
-            return Err(Error::new(
-                Status::NotSupported,
-                "attend: slices are host memory; a CUDA context takes device pointers (attend_raw)",
-            ));
-        }
+        self.check_host(call)?;
         if layer as usize >= self.layers {
-            return Err(invalid(format!("attend: layer {} outside [0, {})", layer, self.layers)));
+            return Err(invalid(format!("{}: layer {} outside [0, {})", call, layer, self.layers)));
         }
+        Ok(layer as i32)
+    }
+
+    fn check_common<T: Element>(&self, layer: u32, k: &[T], v: &[T]) -> Result<i32> {
+        self.check_io::<T>("attend", layer)?;
         let want = self.kv_len();
         if k.len() != want {
             return Err(invalid(format!("attend: k has {} elements, the step needs {}", k.len(), want)));
@@ -886,6 +1110,285 @@ impl<'a> Step<'a> {
         let l = to_i32(layer, "layer")?;
         let rc = sys::resa_ctx_step_attend(self.ctx.raw, l, q, k, v, out, 0);
         self.ctx.check(rc)
+    }
+
+    /// `resa_ctx_step_attend_ex` (since 0.3.0): [`Step::attend`] plus the
+    /// context-parallel inputs and outputs.
+    ///
+    /// * `kv`: `Some((k, v))`, each [`Step::kv_len`] elements, or `None`,
+    ///   allowed only when every entry is a QUERY entry (nothing stored).
+    /// * `lse`: `Some` of [`Step::lse_len`] float32s receives each row's
+    ///   natural log-sum-exp over the keys it attended here (−inf, with a 0
+    ///   output row, for a row that attended none).
+    /// * `thresholds`: `Some((scores, blocks))`, each [`Step::pairs_len`]
+    ///   long, from [`Step::thresholds`]: DECODE and QUERY_SPARSE entries
+    ///   attend their forced blocks here and the candidates at or above the
+    ///   threshold.
+    ///
+    /// q and out are [`Step::q_len`] elements of IO_DTYPE.  Every length,
+    /// the element type, the layer and the backend (CPU) are checked before
+    /// the C call.
+    pub fn attend_ex<T: Element>(
+        &mut self,
+        layer: u32,
+        q: &[T],
+        kv: Option<(&[T], &[T])>,
+        out: &mut [T],
+        lse: Option<&mut [f32]>,
+        thresholds: Option<(&[f32], &[i32])>,
+    ) -> Result<()> {
+        const C: &str = "attend_ex";
+        let l = self.check_io::<T>(C, layer)?;
+        let (k, v) = match kv {
+            Some((k, v)) => {
+                check_len(C, "k", k.len(), self.kv_len(), "the step")?;
+                check_len(C, "v", v.len(), self.kv_len(), "the step")?;
+                (k.as_ptr() as *const c_void, v.as_ptr() as *const c_void)
+            }
+            None if self.all_query => (ptr::null(), ptr::null()),
+            None => {
+                return Err(invalid(format!(
+                    "{}: k and v may be None only when every entry is QUERY_DENSE or QUERY_SPARSE",
+                    C
+                )))
+            }
+        };
+        check_len(C, "q", q.len(), self.q_len(), "the step")?;
+        check_len(C, "out", out.len(), self.q_len(), "the step")?;
+        let lse_ptr = match lse {
+            Some(lse) => {
+                check_len(C, "lse", lse.len(), self.lse_len(), "the step (rows × NUM_Q_HEADS)")?;
+                lse.as_mut_ptr()
+            }
+            None => ptr::null_mut(),
+        };
+        let (ts, tb) = match thresholds {
+            Some((ts, tb)) => {
+                let want = self.pairs_len();
+                check_len(C, "threshold_scores", ts.len(), want, "the step (entries × NUM_KV_HEADS)")?;
+                check_len(C, "threshold_blocks", tb.len(), want, "the step (entries × NUM_KV_HEADS)")?;
+                (ts.as_ptr(), tb.as_ptr())
+            }
+            None => (ptr::null(), ptr::null()),
+        };
+        // SAFETY: lengths and element type checked; the CPU backend reads
+        // and writes host memory synchronously and retains nothing.
+        let rc = unsafe {
+            sys::resa_ctx_step_attend_ex(
+                self.ctx.raw,
+                l,
+                q.as_ptr() as *const c_void,
+                k,
+                v,
+                out.as_mut_ptr() as *mut c_void,
+                lse_ptr,
+                ts,
+                tb,
+                0,
+            )
+        };
+        self.ctx.check(rc)
+    }
+
+    /// `resa_ctx_step_attend_ex` with raw pointers (device pointers on CUDA).
+    ///
+    /// # Safety
+    /// As [`Step::attend_raw`]; `lse` (NULL or [`Step::lse_len`] float32s)
+    /// and the thresholds (both NULL or both [`Step::pairs_len`] long) are
+    /// in the same memory space.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attend_ex_raw(
+        &mut self,
+        layer: u32,
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        out: *mut c_void,
+        lse: *mut f32,
+        threshold_scores: *const f32,
+        threshold_blocks: *const i32,
+    ) -> Result<()> {
+        let l = to_i32(layer, "layer")?;
+        let rc = sys::resa_ctx_step_attend_ex(
+            self.ctx.raw,
+            l,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            threshold_scores,
+            threshold_blocks,
+            0,
+        );
+        self.ctx.check(rc)
+    }
+
+    /// `resa_ctx_step_block_scores` (since 0.3.0), phase 1 of the two-phase
+    /// selection, for `layer` before its [`Step::attend_ex`]: for every
+    /// entry `i` and KV head `h` (`x = i · NUM_KV_HEADS + h`), this
+    /// context's best candidates as `scores[x · capacity + j]` and
+    /// `blocks[x · capacity + j]` (global block indices), `j < counts[x]`.
+    /// `q` is [`Step::q_len`] elements; `scores` and `blocks` are
+    /// [`Step::list_len`]`(capacity)` long, `counts` [`Step::pairs_len`];
+    /// `capacity` must be at least every entry's `K_i` (the library checks).
+    pub fn block_scores<T: Element>(
+        &mut self,
+        layer: u32,
+        q: &[T],
+        capacity: usize,
+        scores: &mut [f32],
+        blocks: &mut [i32],
+        counts: &mut [i32],
+    ) -> Result<()> {
+        const C: &str = "block_scores";
+        let l = self.check_io::<T>(C, layer)?;
+        let cap = to_i64(capacity, "capacity")?;
+        check_len(C, "q", q.len(), self.q_len(), "the step")?;
+        let want = elems(C, &[self.entries, self.kv_heads, capacity])?;
+        check_len(C, "scores", scores.len(), want, "entries × NUM_KV_HEADS × capacity")?;
+        check_len(C, "blocks", blocks.len(), want, "entries × NUM_KV_HEADS × capacity")?;
+        check_len(C, "counts", counts.len(), self.pairs_len(), "entries × NUM_KV_HEADS")?;
+        // SAFETY: lengths and element type checked; host memory, synchronous.
+        let rc = unsafe {
+            sys::resa_ctx_step_block_scores(
+                self.ctx.raw,
+                l,
+                q.as_ptr() as *const c_void,
+                cap,
+                scores.as_mut_ptr(),
+                blocks.as_mut_ptr(),
+                counts.as_mut_ptr(),
+                0,
+            )
+        };
+        self.ctx.check(rc)
+    }
+
+    /// `resa_ctx_step_block_scores` with raw pointers (device pointers on CUDA).
+    ///
+    /// # Safety
+    /// The pointers must be valid for the layouts of [`Step::block_scores`]
+    /// in the memory the backend reads and writes, until the work completes.
+    pub unsafe fn block_scores_raw(
+        &mut self,
+        layer: u32,
+        q: *const c_void,
+        capacity: i64,
+        scores: *mut f32,
+        blocks: *mut i32,
+        counts: *mut i32,
+    ) -> Result<()> {
+        let l = to_i32(layer, "layer")?;
+        let rc = sys::resa_ctx_step_block_scores(self.ctx.raw, l, q, capacity, scores, blocks, counts, 0);
+        self.ctx.check(rc)
+    }
+
+    /// `resa_ctx_step_thresholds` (since 0.3.0): from the phase-1 lists of
+    /// `n_ranks` contexts laid end to end (as an all-gather leaves them:
+    /// `scores` and `blocks` n_ranks × [`Step::list_len`]`(capacity)`,
+    /// `counts` n_ranks × [`Step::pairs_len`]), each (entry, KV head)'s
+    /// `K_i`-th best pair into `threshold_scores` / `threshold_blocks`
+    /// ([`Step::pairs_len`] each; (+inf, −1) where nothing is chosen by
+    /// score).  Every rank computes the same thresholds from the same lists.
+    #[allow(clippy::too_many_arguments)]
+    pub fn thresholds(
+        &mut self,
+        n_ranks: usize,
+        capacity: usize,
+        scores: &[f32],
+        blocks: &[i32],
+        counts: &[i32],
+        threshold_scores: &mut [f32],
+        threshold_blocks: &mut [i32],
+    ) -> Result<()> {
+        const C: &str = "thresholds";
+        self.check_host(C)?;
+        let nr = to_i32(n_ranks as u64, "n_ranks")?;
+        let cap = to_i64(capacity, "capacity")?;
+        let want = elems(C, &[n_ranks, self.entries, self.kv_heads, capacity])?;
+        check_len(C, "scores", scores.len(), want, "n_ranks × entries × NUM_KV_HEADS × capacity")?;
+        check_len(C, "blocks", blocks.len(), want, "n_ranks × entries × NUM_KV_HEADS × capacity")?;
+        let want = elems(C, &[n_ranks, self.entries, self.kv_heads])?;
+        check_len(C, "counts", counts.len(), want, "n_ranks × entries × NUM_KV_HEADS")?;
+        let pairs = self.pairs_len();
+        check_len(C, "threshold_scores", threshold_scores.len(), pairs, "entries × NUM_KV_HEADS")?;
+        check_len(C, "threshold_blocks", threshold_blocks.len(), pairs, "entries × NUM_KV_HEADS")?;
+        // SAFETY: lengths checked; host memory, synchronous.
+        let rc = unsafe {
+            sys::resa_ctx_step_thresholds(
+                self.ctx.raw,
+                nr,
+                cap,
+                scores.as_ptr(),
+                blocks.as_ptr(),
+                counts.as_ptr(),
+                threshold_scores.as_mut_ptr(),
+                threshold_blocks.as_mut_ptr(),
+                0,
+            )
+        };
+        self.ctx.check(rc)
+    }
+
+    /// `resa_ctx_step_thresholds` with raw pointers (device pointers on CUDA).
+    ///
+    /// # Safety
+    /// The pointers must be valid for the layouts of [`Step::thresholds`]
+    /// in the memory the backend reads and writes, until the work completes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn thresholds_raw(
+        &mut self,
+        n_ranks: i32,
+        capacity: i64,
+        scores: *const f32,
+        blocks: *const i32,
+        counts: *const i32,
+        threshold_scores: *mut f32,
+        threshold_blocks: *mut i32,
+    ) -> Result<()> {
+        let rc = sys::resa_ctx_step_thresholds(
+            self.ctx.raw,
+            n_ranks,
+            capacity,
+            scores,
+            blocks,
+            counts,
+            threshold_scores,
+            threshold_blocks,
+            0,
+        );
+        self.ctx.check(rc)
+    }
+
+    /// [`Context::merge_states`] during the step (the C call is allowed
+    /// inside a step).
+    pub fn merge_states<T: Element>(
+        &mut self,
+        n_parts: usize,
+        n_rows: usize,
+        parts_out: &[T],
+        parts_lse: &[f32],
+        out: &mut [T],
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        self.ctx.merge_states(n_parts, n_rows, parts_out, parts_lse, out, lse)
+    }
+
+    /// [`Context::merge_states_raw`] during the step.
+    ///
+    /// # Safety
+    /// As [`Context::merge_states_raw`].
+    pub unsafe fn merge_states_raw(
+        &mut self,
+        n_parts: i32,
+        n_rows: i64,
+        parts_out: *const c_void,
+        parts_lse: *const f32,
+        out: *mut c_void,
+        lse: *mut f32,
+    ) -> Result<()> {
+        self.ctx.merge_states_raw(n_parts, n_rows, parts_out, parts_lse, out, lse)
     }
 
     /// Commits the step (`resa_ctx_step_end`).  On failure (e.g. a layer
