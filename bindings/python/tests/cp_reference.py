@@ -40,7 +40,7 @@ import math
 import numpy as np
 
 import resa
-from resa_reference import budget
+from resa_reference import after_step, budget
 
 APPEND, DECODE, RECTIFY = resa.Mode.APPEND, resa.Mode.DECODE, resa.Mode.RECTIFY
 QUERY_DENSE, QUERY_SPARSE = resa.Mode.QUERY_DENSE, resa.Mode.QUERY_SPARSE
@@ -268,17 +268,7 @@ class CPWorld:
 
     def _commit(self, mode, n, sparse):
         """step_end's length and pending rule (docs/API.md, pending tokens)."""
-        if mode == RECTIFY:
-            self.pending -= n
-            return
-        if mode == DECODE:
-            if sparse and self.pending == 0:
-                self.pending = 1
-            elif self.pending:
-                self.pending += 1
-        elif self.pending:
-            self.pending += n
-        self.length += n
+        self.length, self.pending = after_step(mode, n, sparse, self.length, self.pending)
 
     def _check_lengths(self, G):
         one, s1, o = self.one, self.one_seq, self.owner

@@ -34,6 +34,20 @@ def seeded_rng(name):
     return np.random.default_rng(seed)
 
 
+def after_step(mode, n, sparse, length, pending):
+    """(length, pending) after step_end for one entry of n tokens (docs/API.md,
+    pending tokens): RECTIFY settles n pending tokens; a sparse DECODE starts
+    or extends the pending run, a dense one extends it only; other stores
+    extend a pending run."""
+    if mode == RECTIFY:
+        return length, pending - n
+    if mode == DECODE:
+        pending = 1 if sparse and pending == 0 else pending + 1 if pending else 0
+    elif pending:
+        pending += n
+    return length + n, pending
+
+
 def budget(M, r, n_min, local, sink):
     """docs/API.md, 'Block selection: the budget rule': (n, forced block set)."""
     r_ppm = int(math.floor(r * 1e6 + 0.5))
@@ -226,19 +240,10 @@ class Reference:
             outs.append(out)
         for seq, mode, n in entries:  # step_end: docs/API.md, pending tokens
             s = self.seqs[seq]
-            if mode == RECTIFY:
-                s.pending -= n
-                continue
             if mode == DECODE:
                 self.decodes += 1
                 self.sparse_decodes += sparse[seq]
-                if sparse[seq] and s.pending == 0:
-                    s.pending = 1
-                elif s.pending:
-                    s.pending += 1
-            elif s.pending:
-                s.pending += n
-            s.length += n
+            s.length, s.pending = after_step(mode, n, sparse.get(seq, False), s.length, s.pending)
         return outs
 
 
