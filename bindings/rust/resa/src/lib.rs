@@ -1031,15 +1031,10 @@ impl<'a> Step<'a> {
     }
 
     fn check_common<T: Element>(&self, layer: u32, k: &[T], v: &[T]) -> Result<i32> {
-        self.check_io::<T>("attend", layer)?;
-        let want = self.kv_len();
-        if k.len() != want {
-            return Err(invalid(format!("attend: k has {} elements, the step needs {}", k.len(), want)));
-        }
-        if v.len() != want {
-            return Err(invalid(format!("attend: v has {} elements, the step needs {}", v.len(), want)));
-        }
-        Ok(layer as i32)
+        let l = self.check_io::<T>("attend", layer)?;
+        check_len("attend", "k", k.len(), self.kv_len(), "the step")?;
+        check_len("attend", "v", v.len(), self.kv_len(), "the step")?;
+        Ok(l)
     }
 
     /// Stores `layer`'s K/V of the step and writes its attention output.
@@ -1048,13 +1043,8 @@ impl<'a> Step<'a> {
     /// without calling C.  Rows of APPEND_KV entries in `out` are untouched.
     pub fn attend<T: Element>(&mut self, layer: u32, q: &[T], k: &[T], v: &[T], out: &mut [T]) -> Result<()> {
         let l = self.check_common(layer, k, v)?;
-        let want = self.q_len();
-        if q.len() != want {
-            return Err(invalid(format!("attend: q has {} elements, the step needs {}", q.len(), want)));
-        }
-        if out.len() != want {
-            return Err(invalid(format!("attend: out has {} elements, the step needs {}", out.len(), want)));
-        }
+        check_len("attend", "q", q.len(), self.q_len(), "the step")?;
+        check_len("attend", "out", out.len(), self.q_len(), "the step")?;
         // SAFETY: lengths and element type checked; CPU backend reads host
         // memory synchronously and retains nothing.
         let rc = unsafe {
