@@ -97,6 +97,14 @@ struct tile_ref {
 
 __device__ __forceinline__ int tiles_of(int32_t n, int32_t g) { return (n * g + BM - 1) / BM; }
 
+// The output row ([n_rows][hq], of out and lse) of row rr of entry e's tiles
+// at KV head kvh: token rr / g of the entry, query head kvh * g + rr % g.
+__device__ __forceinline__ size_t out_row(const dense_params &p, const resa_dev_entry &e, int rr,
+                                          int kvh)
+{
+    return (size_t)(e.row + rr / p.g) * p.hq + (size_t)kvh * p.g + rr % p.g;
+}
+
 // The last key position row r of the entry attends (it sees [0, row_pos]):
 // its own position for the causal modes, end - 1 for QUERY_DENSE.
 __device__ __forceinline__ int row_pos(const resa_dev_entry &e, int r, int g)
@@ -202,11 +210,10 @@ __device__ __forceinline__ bool begin_work(const dense_params &p, tile_ref *tref
 template <typename T, int D>
 __device__ void store_empty_rows(const dense_params &p, const work_item &w, int kvh)
 {
-    const int g = p.g;
     T *out = static_cast<T *>(p.out);
     for (int i = threadIdx.x; i < w.valid * (D / 2); i += blockDim.x) {
-        const int lr = i / (D / 2), c = i % (D / 2), rr = w.r0 + lr;
-        const size_t row = (size_t)(w.e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g;
+        const int lr = i / (D / 2), c = i % (D / 2);
+        const size_t row = out_row(p, w.e, w.r0 + lr, kvh);
         *reinterpret_cast<uint32_t *>(out + row * D + 2 * c) = pack2<T>(0.f, 0.f);
         if (p.lse && c == 0)
             p.lse[row] = -INFINITY;
@@ -319,7 +326,6 @@ __device__ __forceinline__ void store_rows(const dense_params &p, const resa_dev
                                            int lane, const float *o, float m0, float m1, float l0,
                                            float l1)
 {
-    const int g = p.g;
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
@@ -334,10 +340,10 @@ __device__ __forceinline__ void store_rows(const dense_params &p, const resa_dev
                 continue;
             const int rr = r0 + lr;
             const float inv = 1.f / (h ? l1 : l0);
-            const size_t row = (size_t)(e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g;
+            const size_t row = out_row(p, e, rr, kvh);
             T *dst = out + row * D;
-            if (p.lse && (lane & 3) == 0) // m in log2 units: lse = (m + log2 l) ln 2
-                p.lse[row] = ((h ? m1 : m0) + log2f(h ? l1 : l0)) * 0.6931471805599453f;
+            if (p.lse && (lane & 3) == 0)
+                p.lse[row] = lse_from_log2(h ? m1 : m0, h ? l1 : l0);
 #pragma unroll
             for (int i = 0; i < D / 8; i++) {
                 const uint32_t v = pack2<T>(o[4 * i + 2 * h] * inv, o[4 * i + 2 * h + 1] * inv);
@@ -401,10 +407,10 @@ __global__ void __launch_bounds__(CWARPS * 32) dense_combine_kernel(const dense_
     }
     const float inv = 1.f / lsum;
     const int rr = r0 + r;
-    const size_t row = (size_t)(e.row + rr / g) * p.hq + (size_t)kvh * g + rr % g;
+    const size_t row = out_row(p, e, rr, kvh);
     T *dst = out + row * D;
     if (p.lse && lane == 0)
-        p.lse[row] = (mmax + log2f(lsum)) * 0.6931471805599453f;
+        p.lse[row] = lse_from_log2(mmax, lsum);
     for (int c = lane * 4; c < D; c += 128) {
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int s = 0; s < n_used; s++) {

@@ -694,7 +694,7 @@ __global__ void __launch_bounds__(kThreads) combine(resa_cuda_layer_args a, int 
     // resa_ctx_step_attend_ex: the row's natural log-sum-exp of scale q.k; M
     // and L are in log2 units (the scores were scaled by log2 e)
     if (a.lse && lane == 0)
-        a.lse[(size_t)e.row * Dm.hq + (size_t)h * g + r] = (M + log2f(L)) * 0.6931471805599453f;
+        a.lse[(size_t)e.row * Dm.hq + (size_t)h * g + r] = lse_from_log2(M, L);
     store_row<T, PER>(orow + lane * PER, acc);
 }
 

@@ -22,6 +22,13 @@ template <typename T> struct dtype_of;
 template <> struct dtype_of<__half> { static constexpr int value = RESA_DTYPE_F16; };
 template <> struct dtype_of<__nv_bfloat16> { static constexpr int value = RESA_DTYPE_BF16; };
 
+// A row's natural log-sum-exp from the log2-domain (m, l) of an online
+// softmax over scores scaled by log2 e: (m + log2 l) ln 2.
+__device__ __forceinline__ float lse_from_log2(float m, float l)
+{
+    return (m + log2f(l)) * 0.6931471805599453f;
+}
+
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T from_f32(float x);
