@@ -6,7 +6,8 @@
 # one process uses one core.  Called by scripts/device-run.sh sanshards.
 #   scripts/sanitize-shards.sh BUILD OUT
 # Env: RESA_SANITIZE_TOOLS (default memcheck racecheck initcheck synccheck),
-#      RESA_SANITIZE_SHARDS (default 4), RESA_SANITIZE_TIMEOUT (s, default 1800).
+#      RESA_SANITIZE_SHARDS (default 4), RESA_SANITIZE_TIMEOUT (s, default 1800),
+#      RESA_SANITIZE_TESTS (names from the list below, default all of them).
 # Writes OUT/sanshard-<tool>-<test>-<k>.log and prints one line per run and a
 # summary; exit 0 only when every run exited 0 with "ERROR SUMMARY: 0 errors"
 # (racecheck: "0 hazards").
@@ -30,13 +31,15 @@ jobs_file=$(mktemp)
 for tool in $tools; do
   for t in "${tests[@]}"; do
     IFS='|' read -r name env cmd <<<"$t"
+    [[ " ${RESA_SANITIZE_TESTS:-$name} " == *" $name "* ]] || continue
     # check_cp has no sharded loops: one run
     shards=$n; [ "$name" = check_cp_cuda ] && shards=1
     for k in $(seq 0 $((shards - 1))); do
       echo "$tool|$name|$k|$shards|$env|$cmd" >>"$jobs_file"
     done
   done
-  echo "$tool|soak_diff|0|1||$build/tests/soak/soak_diff 20" >>"$jobs_file"
+  [[ " ${RESA_SANITIZE_TESTS:-soak_diff} " == *" soak_diff "* ]] &&
+    echo "$tool|soak_diff|0|1||$build/tests/soak/soak_diff 20" >>"$jobs_file"
 done
 run_one() {
   IFS='|' read -r tool name k shards env cmd <<<"$1"
