@@ -124,6 +124,8 @@ static_assert((wg_cfg<128>::SPLIT || wg_cfg<128>::KSTAGES == wg_cfg<128>::VSTAGE
 
 #if RESA_SM90A_CODE
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232; // 128 * 40 + 256 * 232 <= 65536
+// F8: the producer also converts; 128 * 56 + 256 * 224 = 384 * 168
+constexpr int PRODUCER_REGS_F8 = 56, CONSUMER_REGS_F8 = 224;
 
 // Byte offset of (row, 16-byte chunk 0..HD/8-1) in a swizzled [rows][HD] tile
 // (HD / 64 column blocks of [rows][64], 128-byte rows).
@@ -425,66 +427,72 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
             cp_async_arrive(full);
         }
     };
-    // raw unit at src -> T slot at dst (swizzled as wgmma reads it)
-    const int cj = lane & 7, roff = (((lane >> 2) ^ (lane >> 3)) & 1) | ((lane >> 4) << 1);
+    // raw unit at src -> T slot at dst (swizzled as wgmma reads it).  Pass i
+    // of a thread: row 16 (i / HALVES) + rb, raw chunk 8 (i % HALVES) + cj,
+    // i.e. T chunks 2 ch and 2 ch + 1; rb & 7 is the same in every pass, so
+    // the swizzled offsets are this thread's (w0, w1) plus a pass's step
+    constexpr int HALVES = CPR / 8; // a warp's pass covers 8 chunks of 4 rows
+    constexpr int PASSES = HBN * CPR / 128;
+    const int cj = lane & 7;
+    const int rb = 4 * warp + ((((lane >> 2) ^ (lane >> 3)) & 1) | ((lane >> 4) << 1));
+    const uint32_t r_off = rb * HD + cj * 16, s_off = HBN * HD + rb * 4;
+    const uint32_t w0 = sw128(rb, 2 * cj, HBN), w1 = sw128(rb, 2 * cj + 1, HBN);
     auto convert = [&](uint32_t src, uint32_t dst) {
-        constexpr int HALVES = CPR / 8; // a warp's pass covers 8 chunks of 4 rows
-#pragma unroll 2
-        for (int i = 0; i < HBN * CPR / 128; i++) {
-            const int row = 16 * (i / HALVES) + 4 * warp + roff;
-            const int ch = 8 * (i % HALVES) + cj; // raw chunk: values 16 ch .. 16 ch + 15
-            uint32_t r0, r1, r2, r3;
-            float scale;
-            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                         : "r"(src + row * HD + ch * 16)
-                         : "memory");
-            asm volatile("ld.shared.f32 %0, [%1];\n"
-                         : "=f"(scale)
-                         : "r"(src + HBN * HD + row * 4)
-                         : "memory");
-            const uint4 lo = fp8x8_read<T>(make_uint2(r0, r1), scale);
-            const uint4 hi = fp8x8_read<T>(make_uint2(r2, r3), scale);
-            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                             dst + sw128(row, 2 * ch, HBN)),
-                         "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
-                         : "memory");
-            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                             dst + sw128(row, 2 * ch + 1, HBN)),
-                         "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
-                         : "memory");
+        // two passes an iteration, both loads first: ptxas does not move a
+        // shared load above a shared store it cannot tell apart, and a lone
+        // producer warp per scheduler has nothing else to hide the latency
+        static_assert(PASSES % 2 == 0, "passes in pairs");
+#pragma unroll 1
+        for (int i = 0; i < PASSES; i += 2) {
+            uint4 r[2];
+            float sc[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int ii = i + h;
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                             : "=r"(r[h].x), "=r"(r[h].y), "=r"(r[h].z), "=r"(r[h].w)
+                             : "r"(src + r_off + (ii / HALVES) * 16 * HD + (ii % HALVES) * 128)
+                             : "memory");
+                asm volatile("ld.shared.f32 %0, [%1];\n"
+                             : "=f"(sc[h])
+                             : "r"(src + s_off + (ii / HALVES) * 64)
+                             : "memory");
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int ii = i + h;
+                const uint4 lo = fp8x8_read_pairs<T>(make_uint2(r[h].x, r[h].y), sc[h]);
+                const uint4 hi = fp8x8_read_pairs<T>(make_uint2(r[h].z, r[h].w), sc[h]);
+                const uint32_t at = dst + (ii / HALVES) * 16 * 128 + (ii % HALVES) * 2 * HBN * 128;
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w0),
+                             "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
+                             : "memory");
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w1),
+                             "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
+                             : "memory");
+            }
         }
     };
 
     for (int u = 0; u < RU && u < n_units; u++)
         issue(u, u, page_of(tile_of(u)));
-    int rs = 0, ks = 0, vs = 0;
-    uint32_t rph = 0, kph = 0, vph = 0;
+    // slots and phases from the unit (fewer live registers than counters):
+    // tile t of the split is the (t - kt_begin)-th of its ring
+    static_assert(KS == 2 && VS == 2, "slot = tile & 1");
     for (int u = 0; u < n_units; u++) {
         // the entry for the refill of this raw unit, looked up before the
         // conversion hides its latency
         const int nu = u + RU;
         const int32_t pgn = nu < n_units ? page_of(tile_of(nu)) : 0;
+        const int t = tile_of(u) - kt_begin, slot = t & 1;
+        const uint32_t ph = (t >> 1) & 1;
         const bool is_v = is_v_of(u);
-        uint32_t dst, full;
-        if (is_v) {
-            mbar_wait(vempty + 8 * vs, vph ^ 1); // the first round passes at once
-            dst = sV0 + vs * KV_BYTES;
-            full = vfull + 8 * vs;
-            if (++vs == VS) {
-                vs = 0;
-                vph ^= 1;
-            }
-        } else {
-            mbar_wait(kempty + 8 * ks, kph ^ 1);
-            dst = sK0 + ks * KV_BYTES;
-            full = kfull + 8 * ks;
-            if (++ks == KS) {
-                ks = 0;
-                kph ^= 1;
-            }
-        }
-        mbar_wait(rfull + 8 * rs, rph);
+        const uint32_t empty = (is_v ? vempty : kempty) + 8 * slot;
+        const uint32_t full = (is_v ? vfull : kfull) + 8 * slot;
+        const uint32_t dst = (is_v ? sV0 : sK0) + slot * KV_BYTES;
+        mbar_wait(empty, ph ^ 1); // the first round passes at once
+        const int rs = u % RU;
+        mbar_wait(rfull + 8 * rs, (u / RU) & 1);
         convert(sR0 + rs * RAW_BYTES, dst);
         // our generic-proxy stores, before wgmma (the async proxy) reads the slot
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -492,10 +500,6 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
         if (nu < n_units) {
             asm volatile("bar.sync 2, 128;\n" ::: "memory"); // all 128 have read raw unit rs
             issue(nu, rs, pgn);
-        }
-        if (++rs == RU) {
-            rs = 0;
-            rph ^= 1;
         }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -562,7 +566,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
 
     if (threadIdx.x < 128) {
         // ================= producer =================
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(F8 ? PRODUCER_REGS_F8 : PRODUCER_REGS));
         const int tid = (int)threadIdx.x; // < 128 here
         constexpr int CPK = HD / 8;  // 16-byte chunks per row
         constexpr int KPP = 128 / CPK; // keys per pass of the cp.async loop
@@ -703,7 +707,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     }
 
     // ================= consumers =================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(F8 ? CONSUMER_REGS_F8 : CONSUMER_REGS));
     const int cw = (threadIdx.x >> 5) - 4; // consumer warp 0..7: rows 16 cw .. 16 cw + 15
     const int cwg = cw >> 2;
     if (cwg >= n_cwg)
