@@ -5,12 +5,15 @@
 // slots, key splits, causal masking, outputs and fp32 partials (and lse) as
 // the mma.sync kernel; the pieces they share are in attention_dense.cuh.
 // Causal modes only: a step with a QUERY_DENSE entry takes the mma.sync
-// kernel (attention_dense.cu, launch).
+// kernel (attention_dense.cu, launch).  A T cache or the fp8 one (F8: e4m3
+// bytes and per-token scales, which the producer converts to T in shared
+// memory, produce_fp8; the consumers' code is the same).
 // FlashAttention-3 style:
 //
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.
-//  - Warpgroup 0, the producer (setmaxnreg down to 40 registers), loads the
-//    tile's Q (BM = 128 rows x d) once with cp.async, then streams the
+//  - Warpgroup 0, the producer (setmaxnreg down to 40 registers; F8: 56,
+//    the consumers 224), loads the tile's Q (BM = 128 rows x d) once with
+//    cp.async, then streams the
 //    split's K and V tiles of BN keys (d 128: 128 keys; d 256: 64; wg_cfg)
 //    through two rings in shared memory, one for K and one for V, in the
 //    order K_{j+1}, V_j: a consumer is done with K_j once S_j is, but with
