@@ -76,8 +76,9 @@ constexpr int HTHREADS = 384; // producer + 2 consumer warpgroups
 // F8 (the fp8 cache): the same T slots, fed by the producer's conversion
 // (produce_fp8), two K and two V (split rings at both d: K_{j+1} is
 // converted before V_j), and RAW units of raw bytes before them, each one
-// tensor's tile: BN x HD e4m3 bytes + BN fp32 scales (d 128: 32 + 128 + 3 x
-// 16.5 KB = 210.5 KB; d 256: 64 + 128 + 2 x 16.25 KB = 224.5 KB).
+// tensor's tile: BN x HD e4m3 bytes + BN fp32 scales (with the 1 KB of
+// alignment slack, d 128: 1 + Q 32 + 4 x 32 + 3 x 16.5 = 210.5 KB; d 256:
+// 1 + 64 + 4 x 32 + 2 x 16.25 = 225.5 KB).
 template <int HD, bool F8 = false> struct wg_cfg;
 template <> struct wg_cfg<128, false> {
     static constexpr int BN = 128, KSTAGES = 3, VSTAGES = 3, RAW = 0;
@@ -106,7 +107,7 @@ template <int HD, bool F8 = false> constexpr size_t smem_bytes() // + alignment 
            (size_t)wg_cfg<HD, F8>::RAW * raw_bytes<HD>();
 }
 static_assert(smem_bytes<128>() <= 227 * 1024 && smem_bytes<256>() <= 227 * 1024, "smem");
-// F8: with 1 KB left for the static shared variables (bars: 13 x 8 bytes)
+// F8: with 1 KB left for the static shared variables (bars: 12 x 8 bytes)
 static_assert(smem_bytes<128, true>() <= 226 * 1024 && smem_bytes<256, true>() <= 226 * 1024,
               "smem");
 static_assert(wg_cfg<128, true>::BN == wg_cfg<128>::BN && wg_cfg<256, true>::BN == wg_cfg<256>::BN,
@@ -326,9 +327,10 @@ __device__ __forceinline__ void wgmma_rs(float *d, const uint32_t *a, uint64_t d
 // issued by one lane a page; the tile that ends the keys, and every tile
 // where TMA does not serve, by cp.async with zero fill past kend: byte 0 x
 // scale 0 reads as 0, never NaN), then converts it in shared memory into the
-// tile's T slot, each value T(e4m3 * scale) through fp8x8_read, the function
-// the mma.sync kernel and the CPU's twin read it back with, so the MMAs see
-// the same values bit for bit.  The units run in the order the slots are
+// tile's T slot, each value T(e4m3 * scale) as fp8x8_read gives it, the
+// function the mma.sync kernel reads the cache with (fp8x8_read_pairs:
+// the same values, two per conversion instruction), so the MMAs see the same
+// values bit for bit as there and as the CPU reads them back.  The units run in the order the slots are
 // needed, K_b, K_{b+1}, V_b, K_{b+2}, V_{b+1}, ..., V_{e-1} (the split rings'
 // order), RAW units ahead of the conversion: while the consumers run S_j and
 // P_{j-1} V_{j-1} (wgmma, asynchronous), the producer converts K_{j+1} and V_j
