@@ -99,7 +99,10 @@ template <> struct wg_cfg<256, true> {
 template <int HD> __host__ __device__ constexpr uint32_t q_bytes() { return BM * HD * 2; }
 template <int HD> __host__ __device__ constexpr uint32_t kv_bytes() { return wg_cfg<HD>::BN * HD * 2; }
 // F8: one raw unit, [BN][HD] bytes then [BN] scales (a multiple of 128 bytes)
-template <int HD> __host__ __device__ constexpr uint32_t raw_bytes() { return wg_cfg<HD>::BN * (HD + 4); }
+template <int HD> __host__ __device__ constexpr uint32_t raw_bytes()
+{
+    return wg_cfg<HD>::BN * (HD + 4);
+}
 template <int HD, bool F8 = false> constexpr size_t smem_bytes() // + alignment slack
 {
     return 1024 + q_bytes<HD>() +
@@ -112,7 +115,8 @@ static_assert(smem_bytes<128, true>() <= 226 * 1024 && smem_bytes<256, true>() <
               "smem");
 static_assert(wg_cfg<128, true>::BN == wg_cfg<128>::BN && wg_cfg<256, true>::BN == wg_cfg<256>::BN,
               "F8 tiles are the T tiles: one split plan and combine per d");
-static_assert(wg_cfg<128, true>::SPLIT && wg_cfg<256, true>::SPLIT, "produce_fp8 fills split rings");
+static_assert(wg_cfg<128, true>::SPLIT && wg_cfg<256, true>::SPLIT,
+              "produce_fp8 fills split rings");
 static_assert(raw_bytes<128>() % 128 == 0 && raw_bytes<256>() % 128 == 0, "raw unit alignment");
 static_assert((wg_cfg<128>::SPLIT || wg_cfg<128>::KSTAGES == wg_cfg<128>::VSTAGES) &&
                   (wg_cfg<256>::SPLIT || wg_cfg<256>::KSTAGES == wg_cfg<256>::VSTAGES),
@@ -330,11 +334,15 @@ __device__ __forceinline__ void wgmma_rs(float *d, const uint32_t *a, uint64_t d
 // tile's T slot, each value T(e4m3 * scale) as fp8x8_read gives it, the
 // function the mma.sync kernel reads the cache with (fp8x8_read_pairs:
 // the same values, two per conversion instruction), so the MMAs see the same
-// values bit for bit as there and as the CPU reads them back.  The units run in the order the slots are
-// needed, K_b, K_{b+1}, V_b, K_{b+2}, V_{b+1}, ..., V_{e-1} (the split rings'
-// order), RAW units ahead of the conversion: while the consumers run S_j and
-// P_{j-1} V_{j-1} (wgmma, asynchronous), the producer converts K_{j+1} and V_j
-// and the copies of the next units are in flight.  Two T slots a ring are
+// values bit for bit as there and as the CPU reads them back.  The units run
+// in the order the slots are needed, K_b, K_{b+1}, V_b, K_{b+2}, V_{b+1},
+// ..., V_{e-1} (the split rings' order), RAW units ahead of the conversion:
+// while the consumers run S_j and P_{j-1} V_{j-1} (wgmma, asynchronous), the
+// producer converts K_{j+1} and V_j and the copies of the next units are in
+// flight.  A lone warp of the producer per scheduler, 1 KB of raw bytes a
+// pass: ~7 instructions per two values (one cvt.rn.f16x2.e4m3x2, two f16 ->
+// f32, two fmul, one packing cvt), ~1100 a warp per tile pair; a tile pair's
+// wgmma takes ~3900 cycles at the bf16 path's measured rate.  Two T slots a ring are
 // enough for that: K_{j+1} goes where K_{j-1} was (free once S_{j-1} is
 // done), V_j where V_{j-2} was (free once P V of iteration j - 1 is done).
 // Each thread's conversion stores are generic-proxy writes that wgmma reads
@@ -388,7 +396,9 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
     const int n_units = 2 * (kt_end - kt_begin);
     auto is_v_of = [&](int u) { return u == n_units - 1 || (u > 0 && !(u & 1)); };
     auto tile_of = [&](int u) {
-        return u == n_units - 1 ? kt_end - 1 : (u & 1) ? kt_begin + (u + 1) / 2 : kt_begin + u / 2 - (u > 0);
+        return u == n_units - 1 ? kt_end - 1
+               : (u & 1)        ? kt_begin + (u + 1) / 2
+                                : kt_begin + u / 2 - (u > 0);
     };
     // unit u's bytes and scales into raw unit `slot`, completing on its barrier
     auto issue = [&](int u, int slot, int32_t pg) {
