@@ -20,18 +20,20 @@
 // kernel merges them by log-sum-exp.
 //
 // Per CTA (this file, any sm_80+ GPU; attention_dense_sm90.cu has the wgmma
-// kernel that Hopper uses for d = 128): 8 warps, each owns 16 rows (one m16 MMA tile) of the 128; K/V tiles
+// kernel that Hopper uses for d = 128 and 256): 8 warps, each owns 16 rows (one m16 MMA tile) of the 128; K/V tiles
 // of BN keys stream through a STAGES-deep cp.async ring in shared memory,
 // XOR-swizzled by 16-byte chunk so ldmatrix is conflict-free.  S = Q K^T and
 // O += P V use mma.sync m16n8k16 (f16 or bf16 inputs, fp32 accumulate);
 // softmax is online in the log2 domain; P is repacked from the S accumulator
 // registers into A fragments without touching shared memory.
 //
-// The fp8 cache (F8, lib/kv_fp8.h) always runs here (the wgmma kernel reads T
-// tiles by TMA): the ring holds each tile's raw e4m3 bytes and its tokens'
-// scales (cp.async, zero-filled past kend), and once a tile has landed the
-// CTA converts it into one T tile pair, swizzled as above, each value
-// T(e4m3 * scale) as the CPU reads it back (common.cuh, fp8x8_read); a
+// The fp8 cache (F8, lib/kv_fp8.h) runs here at d = 64, for QUERY_DENSE
+// steps and with RESA_CUDA_NO_WGMMA=1 (on Hopper the wgmma kernel takes it
+// otherwise: its producer warpgroup converts the same way, produce_fp8 in
+// attention_dense_sm90.cu): the ring holds each tile's raw e4m3 bytes and
+// its tokens' scales (cp.async, zero-filled past kend), and once a tile has
+// landed the CTA converts it into one T tile pair, swizzled as above, each
+// value T(e4m3 * scale) as the CPU reads it back (common.cuh, fp8x8_read); a
 // barrier later the MMA code reads it exactly as a T tile.
 #include <stdlib.h>
 
@@ -453,13 +455,13 @@ inline bool wgmma_enabled()
     return cache[dev] == 2 && !(off && off[0] == '1') && (WGMMA_BY_DEFAULT || (on && on[0] == '1'));
 }
 
-// F8: the fp8 cache always takes this kernel (the wgmma one reads T tiles);
-// so does a step with a QUERY_DENSE entry (the wgmma kernel knows only the
-// causal positions).
+// A step with a QUERY_DENSE entry takes this kernel (the wgmma kernel knows
+// only the causal positions); the fp8 cache goes to the wgmma one like a T
+// cache (resa_cuda_dense_sm90 reads kv_fp8).
 template <typename T, int D, bool F8>
 cudaError_t launch(const resa_cuda_layer_args *a)
 {
-    if ((D == 128 || D == 256) && !F8 && a->n_query_dense == 0 && wgmma_enabled())
+    if ((D == 128 || D == 256) && a->n_query_dense == 0 && wgmma_enabled())
         return resa_cuda_dense_sm90(a);
     int64_t slots;
     const dense_params p = make_params(a, tile_cfg<D>::MINB, &slots);

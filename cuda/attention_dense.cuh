@@ -25,7 +25,8 @@
 #include "common.cuh"
 
 // The wgmma path (attention_dense_sm90.cu): whether this module holds its
-// sm_90a machine code, and the launcher (D = 128, f16 / bf16 only).
+// sm_90a machine code, and the launcher (D = 128 and 256, causal modes, T
+// f16 / bf16, a T cache or the fp8 one).
 bool resa_cuda_dense_sm90_built();
 cudaError_t resa_cuda_dense_sm90(const resa_cuda_layer_args *a);
 
@@ -47,7 +48,7 @@ inline int64_t partial_units(const resa_cuda_dims *dims)
 struct dense_params {
     const void *q;
     void *out;
-    const void *k, *v;      // T, or the fp8 cache's bytes (attention_dense.cu only)
+    const void *k, *v;      // T, or the fp8 cache's bytes
     const float *kscale, *vscale; // the fp8 cache's scales, else NULL
     const int32_t *page_tables;
     const resa_dev_entry *entries;

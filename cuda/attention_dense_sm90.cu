@@ -5,12 +5,15 @@
 // slots, key splits, causal masking, outputs and fp32 partials (and lse) as
 // the mma.sync kernel; the pieces they share are in attention_dense.cuh.
 // Causal modes only: a step with a QUERY_DENSE entry takes the mma.sync
-// kernel (attention_dense.cu, launch).
+// kernel (attention_dense.cu, launch).  A T cache or the fp8 one (F8: e4m3
+// bytes and per-token scales, which the producer converts to T in shared
+// memory, produce_fp8; the consumers' code is the same).
 // FlashAttention-3 style:
 //
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.
-//  - Warpgroup 0, the producer (setmaxnreg down to 40 registers), loads the
-//    tile's Q (BM = 128 rows x d) once with cp.async, then streams the
+//  - Warpgroup 0, the producer (setmaxnreg down to 40 registers; F8: 56,
+//    the consumers 224), loads the tile's Q (BM = 128 rows x d) once with
+//    cp.async, then streams the
 //    split's K and V tiles of BN keys (d 128: 128 keys; d 256: 64; wg_cfg)
 //    through two rings in shared memory, one for K and one for V, in the
 //    order K_{j+1}, V_j: a consumer is done with K_j once S_j is, but with
@@ -70,23 +73,51 @@ constexpr int HTHREADS = 384; // producer + 2 consumer warpgroups
 // three gives the loads a tile of slack at d 256 too (one shared 2-stage
 // ring made every 64-key tile wait one load latency: 3.2 -> 2.0 ms for the
 // 16/2 x 256 rectification, bench/harness/NOTES.md v6).
-template <int HD> struct wg_cfg;
-template <> struct wg_cfg<128> {
-    static constexpr int BN = 128, KSTAGES = 3, VSTAGES = 3;
+// F8 (the fp8 cache): the same T slots, fed by the producer's conversion
+// (produce_fp8), two K and two V (split rings at both d: K_{j+1} is
+// converted before V_j), and RAW units of raw bytes before them, each one
+// tensor's tile: BN x HD e4m3 bytes + BN fp32 scales (with the 1 KB of
+// alignment slack, d 128: 1 + Q 32 + 4 x 32 + 3 x 16.5 = 210.5 KB; d 256:
+// 1 + 64 + 4 x 32 + 2 x 16.25 = 225.5 KB).
+template <int HD, bool F8 = false> struct wg_cfg;
+template <> struct wg_cfg<128, false> {
+    static constexpr int BN = 128, KSTAGES = 3, VSTAGES = 3, RAW = 0;
     static constexpr bool SPLIT = false;
 };
-template <> struct wg_cfg<256> {
-    static constexpr int BN = 64, KSTAGES = 3, VSTAGES = 2;
+template <> struct wg_cfg<256, false> {
+    static constexpr int BN = 64, KSTAGES = 3, VSTAGES = 2, RAW = 0;
+    static constexpr bool SPLIT = true;
+};
+template <> struct wg_cfg<128, true> {
+    static constexpr int BN = 128, KSTAGES = 2, VSTAGES = 2, RAW = 3;
+    static constexpr bool SPLIT = true;
+};
+template <> struct wg_cfg<256, true> {
+    static constexpr int BN = 64, KSTAGES = 2, VSTAGES = 2, RAW = 2;
     static constexpr bool SPLIT = true;
 };
 template <int HD> __host__ __device__ constexpr uint32_t q_bytes() { return BM * HD * 2; }
 template <int HD> __host__ __device__ constexpr uint32_t kv_bytes() { return wg_cfg<HD>::BN * HD * 2; }
-template <int HD> constexpr size_t smem_bytes() // + alignment slack
+// F8: one raw unit, [BN][HD] bytes then [BN] scales (a multiple of 128 bytes)
+template <int HD> __host__ __device__ constexpr uint32_t raw_bytes()
+{
+    return wg_cfg<HD>::BN * (HD + 4);
+}
+template <int HD, bool F8 = false> constexpr size_t smem_bytes() // + alignment slack
 {
     return 1024 + q_bytes<HD>() +
-           (size_t)(wg_cfg<HD>::KSTAGES + wg_cfg<HD>::VSTAGES) * kv_bytes<HD>();
+           (size_t)(wg_cfg<HD, F8>::KSTAGES + wg_cfg<HD, F8>::VSTAGES) * kv_bytes<HD>() +
+           (size_t)wg_cfg<HD, F8>::RAW * raw_bytes<HD>();
 }
 static_assert(smem_bytes<128>() <= 227 * 1024 && smem_bytes<256>() <= 227 * 1024, "smem");
+// F8: with 1 KB left for the static shared variables (bars: 12 x 8 bytes)
+static_assert(smem_bytes<128, true>() <= 226 * 1024 && smem_bytes<256, true>() <= 226 * 1024,
+              "smem");
+static_assert(wg_cfg<128, true>::BN == wg_cfg<128>::BN && wg_cfg<256, true>::BN == wg_cfg<256>::BN,
+              "F8 tiles are the T tiles: one split plan and combine per d");
+static_assert(wg_cfg<128, true>::SPLIT && wg_cfg<256, true>::SPLIT,
+              "produce_fp8 fills split rings");
+static_assert(raw_bytes<128>() % 128 == 0 && raw_bytes<256>() % 128 == 0, "raw unit alignment");
 static_assert((wg_cfg<128>::SPLIT || wg_cfg<128>::KSTAGES == wg_cfg<128>::VSTAGES) &&
                   (wg_cfg<256>::SPLIT || wg_cfg<256>::KSTAGES == wg_cfg<256>::VSTAGES),
               "a shared ring has one depth");
@@ -101,6 +132,8 @@ static_assert((wg_cfg<128>::SPLIT || wg_cfg<128>::KSTAGES == wg_cfg<128>::VSTAGE
 
 #if RESA_SM90A_CODE
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232; // 128 * 40 + 256 * 232 <= 65536
+// F8: the producer also converts; 128 * 56 + 256 * 224 = 384 * 168
+constexpr int PRODUCER_REGS_F8 = 56, CONSUMER_REGS_F8 = 224;
 
 // Byte offset of (row, 16-byte chunk 0..HD/8-1) in a swizzled [rows][HD] tile
 // (HD / 64 column blocks of [rows][64], 128-byte rows).
@@ -154,6 +187,22 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
                  " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+// TMA, one dimension: `bytes` (a multiple of 16, both addresses 16-byte
+// aligned) from `src` to shared memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar)
+{
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+// 4-byte async copy (the fp8 cache's scales); src_bytes 0 zero-fills.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, int src_bytes)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
                  : "memory");
 }
 // One arrival on `bar` once all of this thread's earlier cp.async have landed.
@@ -274,23 +323,223 @@ __device__ __forceinline__ void wgmma_rs(float *d, const uint32_t *a, uint64_t d
     }
 }
 
+// ---- the fp8 cache (F8): the producer converts ----
+// The T slots the consumers read are exactly those of a T cache; the
+// producer warpgroup fills them from raw units: it copies one tensor's tile
+// of e4m3 bytes and its tokens' scales into a raw unit (TMA: one box of
+// min(b, BN) rows x HD bytes and one 1-D copy of as many scales per page,
+// issued by one lane a page; the tile that ends the keys, and every tile
+// where TMA does not serve, by cp.async with zero fill past kend: byte 0 x
+// scale 0 reads as 0, never NaN), then converts it in shared memory into the
+// tile's T slot, each value T(e4m3 * scale) as fp8x8_read gives it, the
+// function the mma.sync kernel reads the cache with (fp8x8_read_pairs:
+// the same values, two per conversion instruction), so the MMAs see the same
+// values bit for bit as there and as the CPU reads them back.  The units run
+// in the order the slots are needed, K_b, K_{b+1}, V_b, K_{b+2}, V_{b+1},
+// ..., V_{e-1} (the split rings' order), RAW units ahead of the conversion:
+// while the consumers run S_j and P_{j-1} V_{j-1} (wgmma, asynchronous), the
+// producer converts K_{j+1} and V_j and the copies of the next units are in
+// flight.  A lone warp of the producer per scheduler, 1 KB of raw bytes a
+// pass: ~7 instructions per two values (one cvt.rn.f16x2.e4m3x2, two f16 ->
+// f32, two fmul, one packing cvt), ~1100 a warp per tile pair; a tile pair's
+// wgmma takes ~3900 cycles at the bf16 path's measured rate.  Two T slots a ring are
+// enough for that: K_{j+1} goes where K_{j-1} was (free once S_{j-1} is
+// done), V_j where V_{j-2} was (free once P V of iteration j - 1 is done).
+// Each thread's conversion stores are generic-proxy writes that wgmma reads
+// through the async proxy: every thread fences them (fence.proxy.async)
+// before its arrival on the slot's "full" barrier (128 arrivals, as for
+// cp.async), so the consumers' wait orders them before their wgmma.  A raw
+// unit is refilled only after a named barrier (id 2, the producer's 128
+// threads) says every thread has read it.
+// Conversion mapping: a warp converts 4 rows x 8 16-byte chunks of raw bytes
+// (16 values each, two 16-byte T chunks): lane l takes chunk l & 7 of row
+// ((l >> 2) ^ (l >> 3)) & 1 | (l >> 4) << 1, so that each quarter-warp's 8
+// raw loads hit 8 bank groups (chunks 0-3 of one row, 4-7 of the other) and
+// so do its 8 T stores (the rows' parities differ, which puts their chunks
+// 2c and 2c + 1 of the 128-byte swizzle on complementary bank groups).
+template <typename T, int HD>
+__device__ __forceinline__ void produce_fp8(const dense_params &p, const work_item &w, int kvh,
+                                            int tma_rows, const CUtensorMap *tmk,
+                                            const CUtensorMap *tmv, uint32_t sK0, uint32_t sV0,
+                                            uint32_t sR0, uint32_t kfull, uint32_t vfull,
+                                            uint32_t rfull)
+{
+    using cfg = wg_cfg<HD, true>;
+    constexpr int HBN = cfg::BN, KS = cfg::KSTAGES, VS = cfg::VSTAGES, RU = cfg::RAW;
+    constexpr uint32_t KV_BYTES = kv_bytes<HD>(), RAW_BYTES = raw_bytes<HD>();
+    constexpr int CPR = HD / 16;    // 16-byte chunks of a raw row
+    constexpr int KPP = 128 / CPR;  // keys per pass of the cp.async loop
+    constexpr int KW = 32 / CPR;    // keys per warp and pass
+    const uint32_t kempty = kfull + 8 * KS, vempty = vfull + 8 * VS;
+    const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int kt_begin = w.kt_begin, kt_end = w.kt_end;
+    const int64_t kend = w.sp.kend;
+    const int32_t *ptab = p.page_tables + (size_t)w.e.slot * p.max_seq_blocks;
+    // cp.async tiles: this lane's page-table entry is key kl's, as in the T
+    // producer (the copies take theirs by shuffle; the scale copy of key kl
+    // is this thread's)
+    const int kl = KW * warp + lane % KW + KPP * (lane / KW);
+    const bool kl_ok = HBN / KPP >= 32 / KW || lane / KW < HBN / KPP; // d 256: lanes < 16
+    // TMA tiles: lane l < BN / tma_rows copies box l (tma_rows keys of one
+    // page, all HD bytes) and its scales
+    const int n_boxes = tma_rows > 0 ? HBN / tma_rows : 0;
+    const bool tma_lane = tid < n_boxes;
+    auto by_tma = [&](int kt) { return n_boxes > 0 && (int64_t)(kt + 1) * HBN <= kend; };
+    auto page_of = [&](int kt) -> int32_t {
+        if (by_tma(kt)) {
+            const int64_t pos = (int64_t)kt * HBN + lane * tma_rows;
+            return tma_lane ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+        }
+        const int64_t pos = (int64_t)kt * HBN + kl;
+        return (kl_ok && pos < kend) ? __ldg(ptab + (pos >> p.log2_b)) : 0;
+    };
+    const int n_units = 2 * (kt_end - kt_begin);
+    auto is_v_of = [&](int u) { return u == n_units - 1 || (u > 0 && !(u & 1)); };
+    auto tile_of = [&](int u) {
+        return u == n_units - 1 ? kt_end - 1
+               : (u & 1)        ? kt_begin + (u + 1) / 2
+                                : kt_begin + u / 2 - (u > 0);
+    };
+    // unit u's bytes and scales into raw unit `slot`, completing on its barrier
+    auto issue = [&](int u, int slot, int32_t pg) {
+        const int kt = tile_of(u);
+        const bool is_v = is_v_of(u);
+        const uint32_t dst = sR0 + slot * RAW_BYTES, dsc = dst + HBN * HD;
+        const uint32_t full = rfull + 8 * slot;
+        const unsigned char *pool = static_cast<const unsigned char *>(is_v ? p.v : p.k);
+        const float *scl = is_v ? p.vscale : p.kscale;
+        const int64_t kb = (int64_t)kt * HBN;
+        if (by_tma(kt)) { // a full tile
+            if (tid == 0)
+                mbar_arrive_expect_tx(full, RAW_BYTES);
+            __syncwarp();
+            if (tma_lane) {
+                const int64_t pos = kb + lane * tma_rows;
+                const int row = (int)(((int64_t)pg * p.hkv + kvh) * p.b + (pos & (p.b - 1)));
+                tma_load_2d(dst + lane * tma_rows * HD, is_v ? tmv : tmk, 0, row, full);
+                bulk_load(dsc + lane * tma_rows * 4, scl + row, tma_rows * 4, full);
+            }
+            if (tid != 0)
+                mbar_arrive(full);
+        } else { // the last tile, or no TMA
+            const int c = tid % CPR, key0 = tid / CPR;
+#pragma unroll 4
+            for (int i = 0; i < HBN / KPP; i++) {
+                const int key = key0 + KPP * i;
+                const int64_t pos = kb + key;
+                const bool ok = pos < kend;
+                const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPR);
+                const size_t off = (((size_t)page * p.hkv + kvh) * p.b +
+                                    (size_t)(pos & (p.b - 1))) * HD + c * 16;
+                cp_async16(dst + key * HD + c * 16, ok ? pool + off : pool, ok ? 16 : 0);
+            }
+            if (kl_ok) {
+                const int64_t pos = kb + kl;
+                const bool ok = pos < kend;
+                const size_t off = ((size_t)pg * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1));
+                cp_async4(dsc + kl * 4, ok ? scl + off : scl, ok ? 4 : 0);
+            }
+            cp_async_arrive(full);
+        }
+    };
+    // raw unit at src -> T slot at dst (swizzled as wgmma reads it).  Pass i
+    // of a thread: row 16 (i / HALVES) + rb, raw chunk 8 (i % HALVES) + cj,
+    // i.e. T chunks 2 ch and 2 ch + 1; rb & 7 is the same in every pass, so
+    // the swizzled offsets are this thread's (w0, w1) plus a pass's step
+    constexpr int HALVES = CPR / 8; // a warp's pass covers 8 chunks of 4 rows
+    constexpr int PASSES = HBN * CPR / 128;
+    const int cj = lane & 7;
+    const int rb = 4 * warp + ((((lane >> 2) ^ (lane >> 3)) & 1) | ((lane >> 4) << 1));
+    const uint32_t r_off = rb * HD + cj * 16, s_off = HBN * HD + rb * 4;
+    const uint32_t w0 = sw128(rb, 2 * cj, HBN), w1 = sw128(rb, 2 * cj + 1, HBN);
+    auto convert = [&](uint32_t src, uint32_t dst) {
+        // two passes an iteration, both loads first: ptxas does not move a
+        // shared load above a shared store it cannot tell apart, and a lone
+        // producer warp per scheduler has nothing else to hide the latency
+        static_assert(PASSES % 2 == 0, "passes in pairs");
+#pragma unroll 1
+        for (int i = 0; i < PASSES; i += 2) {
+            uint4 r[2];
+            float sc[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int ii = i + h;
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                             : "=r"(r[h].x), "=r"(r[h].y), "=r"(r[h].z), "=r"(r[h].w)
+                             : "r"(src + r_off + (ii / HALVES) * 16 * HD + (ii % HALVES) * 128)
+                             : "memory");
+                asm volatile("ld.shared.f32 %0, [%1];\n"
+                             : "=f"(sc[h])
+                             : "r"(src + s_off + (ii / HALVES) * 64)
+                             : "memory");
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int ii = i + h;
+                const uint4 lo = fp8x8_read_pairs<T>(make_uint2(r[h].x, r[h].y), sc[h]);
+                const uint4 hi = fp8x8_read_pairs<T>(make_uint2(r[h].z, r[h].w), sc[h]);
+                const uint32_t at = dst + (ii / HALVES) * 16 * 128 + (ii % HALVES) * 2 * HBN * 128;
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w0),
+                             "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
+                             : "memory");
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w1),
+                             "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
+                             : "memory");
+            }
+        }
+    };
+
+    for (int u = 0; u < RU && u < n_units; u++)
+        issue(u, u, page_of(tile_of(u)));
+    // slots and phases from the unit (fewer live registers than counters):
+    // tile t of the split is the (t - kt_begin)-th of its ring
+    static_assert(KS == 2 && VS == 2, "slot = tile & 1");
+    for (int u = 0; u < n_units; u++) {
+        // the entry for the refill of this raw unit, looked up before the
+        // conversion hides its latency
+        const int nu = u + RU;
+        const int32_t pgn = nu < n_units ? page_of(tile_of(nu)) : 0;
+        const int t = tile_of(u) - kt_begin, slot = t & 1;
+        const uint32_t ph = (t >> 1) & 1;
+        const bool is_v = is_v_of(u);
+        const uint32_t empty = (is_v ? vempty : kempty) + 8 * slot;
+        const uint32_t full = (is_v ? vfull : kfull) + 8 * slot;
+        const uint32_t dst = (is_v ? sV0 : sK0) + slot * KV_BYTES;
+        mbar_wait(empty, ph ^ 1); // the first round passes at once
+        const int rs = u % RU;
+        mbar_wait(rfull + 8 * rs, (u / RU) & 1);
+        convert(sR0 + rs * RAW_BYTES, dst);
+        // our generic-proxy stores, before wgmma (the async proxy) reads the slot
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        mbar_arrive(full);
+        if (nu < n_units) {
+            asm volatile("bar.sync 2, 128;\n" ::: "memory"); // all 128 have read raw unit rs
+            issue(nu, rs, pgn);
+        }
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
 #endif // RESA_SM90A_CODE
 
 // tma_rows: rows of one TMA box (min(b, HBN)), 0 = every tile by cp.async;
 // tmk / tmv: the layer's K and V pools as [rows][HD] tensors (unused at 0).
-template <typename T, int HD>
+// F8: the fp8 cache, K and V e4m3 bytes (p.k, p.v, the tensors) with the
+// scales p.kscale, p.vscale; the producer converts them (produce_fp8).
+template <typename T, int HD, bool F8>
 __global__ void __launch_bounds__(HTHREADS, 1)
 dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_constant__ CUtensorMap tmk,
                    const __grid_constant__ CUtensorMap tmv)
 {
 #if RESA_SM90A_CODE
-    constexpr int HBN = wg_cfg<HD>::BN, KS = wg_cfg<HD>::KSTAGES, VS = wg_cfg<HD>::VSTAGES;
-    constexpr bool SPLIT = wg_cfg<HD>::SPLIT;
+    constexpr int HBN = wg_cfg<HD, F8>::BN, KS = wg_cfg<HD, F8>::KSTAGES, VS = wg_cfg<HD, F8>::VSTAGES;
+    constexpr int RU = wg_cfg<HD, F8>::RAW; // F8: raw units; 0 otherwise
+    constexpr bool SPLIT = wg_cfg<HD, F8>::SPLIT;
     constexpr uint32_t Q_BYTES = q_bytes<HD>(), KV_BYTES = kv_bytes<HD>();
     extern __shared__ unsigned char smem_raw[];
     __shared__ tile_ref tref;
-    // K ring: full[KS], empty[KS]; V ring: full[VS], empty[VS]; Q
-    __shared__ __align__(8) uint64_t bars[2 * (KS + VS) + 1];
+    // K ring: full[KS], empty[KS]; V ring: full[VS], empty[VS]; Q; F8: raw full[RU]
+    __shared__ __align__(8) uint64_t bars[2 * (KS + VS) + 1 + RU];
     __shared__ int first_bad_v[4]; // scrub_v: per diagonal tile (kt % 4), the first key with non-finite V
 
     const int slot = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -322,6 +571,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             mbar_init(vempty + 8 * s, 4 * n_cwg);
         }
         mbar_init(bar_q, 128);
+        for (int s = 0; s < RU; s++)
+            mbar_init(bar_q + 8 + 8 * s, 128);
         for (int i = 0; i < 4; i++)
             first_bad_v[i] = INT_MAX;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -330,7 +581,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
 
     if (threadIdx.x < 128) {
         // ================= producer =================
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(F8 ? PRODUCER_REGS_F8 : PRODUCER_REGS));
         const int tid = (int)threadIdx.x; // < 128 here
         constexpr int CPK = HD / 8;  // 16-byte chunks per row
         constexpr int KPP = 128 / CPK; // keys per pass of the cp.async loop
@@ -350,6 +601,11 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             cp_async16(sQ + sw128(r, c, BM), ok ? (const void *)src : p.q, ok ? 16 : 0);
         }
         cp_async_arrive(bar_q);
+        if constexpr (F8) { // raw tiles, converted into the slots
+            produce_fp8<T, HD>(p, w, kvh, tma_rows, &tmk, &tmv, sK0, sV0, sV0 + VS * KV_BYTES,
+                               kfull, vfull, bar_q + 8);
+            return;
+        }
         // K/V: thread -> chunk tid % CPK of keys tid / CPK + KPP i; keys past
         // kend are zero-filled (their pages may not exist)
         const int c = (int)(threadIdx.x % CPK), key0 = (int)(threadIdx.x / CPK), lane = tid & 31;
@@ -466,7 +722,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     }
 
     // ================= consumers =================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(F8 ? CONSUMER_REGS_F8 : CONSUMER_REGS));
     const int cw = (threadIdx.x >> 5) - 4; // consumer warp 0..7: rows 16 cw .. 16 cw + 15
     const int cwg = cw >> 2;
     if (cwg >= n_cwg)
@@ -688,65 +944,72 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()
 }
 
 // The K and V pools of this layer as TMA tensors [n_pages * hkv * b][HD] of
-// 16-bit elements, boxes of `rows` x 64 with wgmma's 128-byte swizzle.
+// 16-bit elements, boxes of `rows` x 64 with wgmma's 128-byte swizzle; F8:
+// of e4m3 bytes, boxes of `rows` x HD bytes without swizzle (produce_fp8
+// converts them; the scales take 1-D copies, which need 16-byte aligned
+// pools: a box's first scale is 32-byte aligned within them since b is).
 // Returns the box rows, or 0 where TMA does not serve the launch: b < 8 (a
 // box must fill whole 1024-byte swizzle atoms), row coordinates past int32,
 // RESA_CUDA_NO_TMA=1 (read at every launch, for A/B measurements), or no
 // encoder.  Host-only work, no
 // allocation: legal during graph capture.
-template <int HD> int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
+template <int HD, bool F8> int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
 {
-    constexpr int HBN = wg_cfg<HD>::BN;
+    constexpr int HBN = wg_cfg<HD, F8>::BN;
     const resa_cuda_dims &dm = a->dims;
     const int64_t rows = (int64_t)dm.n_pages * dm.hkv * dm.b;
     const char *off = getenv("RESA_CUDA_NO_TMA");
     const bool wanted = !(off && off[0] == '1');
     if (dm.b < 8 || rows <= 0 || rows > INT32_MAX || !wanted)
         return 0;
+    if (F8 && (((uintptr_t)a->k | (uintptr_t)a->v | (uintptr_t)a->kscale |
+                (uintptr_t)a->vscale) & 15) != 0)
+        return 0;
     PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
     if (!encode)
         return 0;
     const int box_rows = dm.b < HBN ? dm.b : HBN;
     const cuuint64_t dims[2] = {(cuuint64_t)HD, (cuuint64_t)rows};
-    const cuuint64_t strides[1] = {(cuuint64_t)HD * 2};
-    const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)HD * (F8 ? 1 : 2)};
+    const cuuint32_t box[2] = {F8 ? (cuuint32_t)HD : 64, (cuuint32_t)box_rows};
     const cuuint32_t estr[2] = {1, 1};
     void *pools[2] = {a->k, a->v};
     CUtensorMap *maps[2] = {tmk, tmv};
     for (int i = 0; i < 2; i++)
-        if (encode(maps[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, pools[i], dims, strides, box, estr,
-                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+        if (encode(maps[i], F8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_UINT16, 2,
+                   pools[i], dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                   F8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
             return 0;
     return box_rows;
 }
 
-template <typename T, int HD> cudaError_t launch_sm90(const resa_cuda_layer_args *a)
+template <typename T, int HD, bool F8> cudaError_t launch_sm90(const resa_cuda_layer_args *a)
 {
-    constexpr size_t smem = smem_bytes<HD>();
+    constexpr size_t smem = smem_bytes<HD, F8>();
     int64_t slots;
     const dense_params p = make_params(a, 1, &slots); // one CTA per SM (shared memory)
     if (slots <= 0)
         return cudaGetLastError();
-    cudaError_t err = cudaFuncSetAttribute(dense_wgmma_kernel<T, HD>,
+    cudaError_t err = cudaFuncSetAttribute(dense_wgmma_kernel<T, HD, F8>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess)
         return err;
     CUtensorMap tmk, tmv;
     memset(&tmk, 0, sizeof tmk);
     memset(&tmv, 0, sizeof tmv);
-    const int tma_rows = make_tensor_maps<HD>(a, &tmk, &tmv);
+    const int tma_rows = make_tensor_maps<HD, F8>(a, &tmk, &tmv);
     dim3 grid((unsigned)slots, (unsigned)p.hkv, (unsigned)p.splits);
-    dense_wgmma_kernel<T, HD><<<grid, HTHREADS, smem, a->stream>>>(p, tma_rows, tmk, tmv);
+    dense_wgmma_kernel<T, HD, F8><<<grid, HTHREADS, smem, a->stream>>>(p, tma_rows, tmk, tmv);
     return launch_combine<T, HD, wg_cfg<HD>::BN>(p, slots, a);
 }
 
-template <typename T> cudaError_t launch_sm90_d(const resa_cuda_layer_args *a)
+template <typename T, bool F8> cudaError_t launch_sm90_d(const resa_cuda_layer_args *a)
 {
     switch (a->dims.d) {
-    case 128: return launch_sm90<T, 128>(a);
-    case 256: return launch_sm90<T, 256>(a);
+    case 128: return launch_sm90<T, 128, F8>(a);
+    case 256: return launch_sm90<T, 256, F8>(a);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -762,11 +1025,14 @@ bool resa_cuda_dense_sm90_built()
 #endif
 }
 
+// T is the IO dtype; the cache holds T (kv_dtype == io_dtype) or e4m3 bytes (kv_fp8).
 cudaError_t resa_cuda_dense_sm90(const resa_cuda_layer_args *a)
 {
-    if (a->dims.kv_dtype == RESA_DTYPE_F16)
-        return launch_sm90_d<__half>(a);
-    if (a->dims.kv_dtype == RESA_DTYPE_BF16)
-        return launch_sm90_d<__nv_bfloat16>(a);
+    const int32_t t = a->dims.kv_fp8 ? a->dims.io_dtype : a->dims.kv_dtype;
+    if (t == RESA_DTYPE_F16)
+        return a->dims.kv_fp8 ? launch_sm90_d<__half, true>(a) : launch_sm90_d<__half, false>(a);
+    if (t == RESA_DTYPE_BF16)
+        return a->dims.kv_fp8 ? launch_sm90_d<__nv_bfloat16, true>(a)
+                              : launch_sm90_d<__nv_bfloat16, false>(a);
     return cudaErrorInvalidValue;
 }

@@ -63,6 +63,39 @@ template <typename T> __device__ __forceinline__ uint4 fp8x8_read(uint2 raw, flo
     return out;
 }
 
+// fp8x8_read with two values per conversion instruction (the Hopper dense
+// kernel's producer converts whole tiles): the same 8 T values bit for bit.
+// cvt.rn.f16x2.e4m3x2 converts each byte of a pair as it converts a lone
+// byte for fp8_to_f32 (which is its low half with a zero high byte; the
+// conversion is elementwise and exact, low byte to low half), the product is
+// the same fp32 product, and cvt.rn.{bf16x2,f16x2}.f32 rounds each half to
+// nearest even exactly as from_f32 rounds one value.
+template <typename T> __device__ __forceinline__ uint32_t f32x2_to(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t f32x2_to<__half>(float lo, float hi)
+{
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+template <> __device__ __forceinline__ uint32_t f32x2_to<__nv_bfloat16>(float lo, float hi)
+{
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+template <typename T> __device__ __forceinline__ uint4 fp8x8_read_pairs(uint2 raw, float scale)
+{
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const uint32_t word = i < 2 ? raw.x : raw.y;
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+            (__nv_fp8x2_storage_t)((word >> (16 * (i & 1))) & 0xffffu), __NV_E4M3);
+        const float lo = __half2float(__half(__half_raw{h.x})) * scale;
+        const float hi = __half2float(__half(__half_raw{h.y})) * scale;
+        w[i] = f32x2_to<T>(lo, hi);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Entry holding row r: the entries' rows are contiguous and ascending.
 __device__ __forceinline__ int entry_of_row(const resa_dev_entry *e, int n_entries, int64_t r)
 {

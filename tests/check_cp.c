@@ -640,10 +640,14 @@ START_TEST(test_cp_f16_b16)
     cp_run_kv("cp_f16_b16", 3, 0, RESA_DTYPE_F16, RESA_DTYPE_F16, 128, 16, 30);
 }
 END_TEST
-/* the fp8 KV cache (its dequantized values are the float64 model's too) */
+/* the fp8 KV cache (its dequantized values are the float64 model's too);
+ * _i 2: d 128, whose prefill and rectification take Hopper's wgmma kernel
+ * (its producer converting the raw tiles), the QUERY_DENSE ranks the
+ * mma.sync one */
 START_TEST(test_cp_fp8)
 {
-    cp_run_kv("cp_fp8", 2 + _i, _i == 1, RESA_DTYPE_BF16, RESA_DTYPE_FP8_E4M3, 64, 0, 30);
+    cp_run_kv(_i == 2 ? "cp_fp8_d128" : "cp_fp8", _i == 2 ? 3 : 2 + _i, _i == 1,
+              RESA_DTYPE_BF16, RESA_DTYPE_FP8_E4M3, _i == 2 ? 128 : 64, 0, 30);
 }
 END_TEST
 
@@ -1429,7 +1433,7 @@ int main(int argc, char **argv)
     tcase_add_test(tc, test_cp_bf16);
     tcase_add_loop_test(tc, test_cp_cuda, 0, 2);
     tcase_add_test(tc, test_cp_f16_b16);
-    tcase_add_loop_test(tc, test_cp_fp8, 0, 2);
+    tcase_add_loop_test(tc, test_cp_fp8, 0, 3);
     tcase_add_test(tc, test_query_edges);
     tcase_add_test(tc, test_head_share_refusals);
     tcase_add_test(tc, test_tp_heads);

@@ -177,6 +177,44 @@ START_TEST(test_cuda_mixed_batch)
 }
 END_TEST
 
+/* The fp8 cache's dense attention at d 128 and 256 (on Hopper the wgmma
+ * kernel, whose producer converts raw e4m3 tiles into the MMA operands,
+ * cuda/attention_dense_sm90.cu): prompt chunks of 1000 tokens by APPEND
+ * (29 query tiles a KV head at g 4, each over up to 23 key tiles of 128 at
+ * d 128 or 46 of 64 at d 256, the causal diagonal inside, the last key tile
+ * partial: copied with zero fill, the others by TMA; 2 key splits on a
+ * 132-SM GPU), then 45 sparse decodes and a RECTIFY of them all (2 query
+ * tiles a KV head over ~2950 keys: 5 splits of several key tiles).
+ * RESA_TEST_QUICK: 1300 tokens in chunks of 650.  _i: d 128 / 256 x IO
+ * bf16 / f16. */
+START_TEST(test_cuda_fp8_dense)
+{
+    const int32_t d = _i < 2 ? 128 : 256;
+    char name[64];
+    snprintf(name, sizeof name, "cuda_fp8_dense_%d", _i);
+    ref_params p;
+    cuda_params(&p, 8, 2, d, _i % 2 ? RESA_DTYPE_F16 : RESA_DTYPE_BF16, 2);
+    p.kv_dtype = RESA_DTYPE_FP8_E4M3;
+    p.interval = 0; /* rectify when this test says so */
+    th t;
+    cuda_init(&t, name, &p, 4096);
+    th_seq s;
+    th_seq_create(&t, &s);
+    if (quick())
+        th_prefill(&t, &s, 1300, 650, 0);
+    else
+        th_prefill(&t, &s, 2900, 1000, 0);
+    for (int i = 0; i < 45; i++)
+        th_one(&t, &s, RESA_MODE_DECODE, 1);
+    TCHECK(ref_seq_pending(s.r) >= 40, "sparse decodes left %lld pending",
+           (long long)ref_seq_pending(s.r));
+    th_one(&t, &s, RESA_MODE_RECTIFY, 0);
+    th_one(&t, &s, RESA_MODE_DECODE, 1);
+    ref_seq_free(s.r);
+    th_fini(&t);
+}
+END_TEST
+
 /* Capacity errors change nothing on the GPU either. */
 START_TEST(test_cuda_capacity)
 {
@@ -399,6 +437,7 @@ int main(void)
     /* RESA_TEST_SHARD=k/n: one n-th of the tests (th_add_loop) */
     th_add_loop(tc, test_cuda_decode, 0, 2 * N_GCASES);
     th_add_loop(tc, test_cuda_mixed_batch, 0, 4);
+    th_add_loop(tc, test_cuda_fp8_dense, 0, 4);
     th_add_loop(tc, test_cuda_capacity, 0, 1);
     th_add_loop(tc, test_cuda_graph_replay, 0, 2);
     suite_add_tcase(su, tc);

@@ -73,8 +73,9 @@ static const nf_config cpu_configs[] = {
     {128, 4, 1, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_BF16, 1},
 };
 /* CUDA: KV = IO, f16 or bf16, or an fp8 cache; d 64 is the mma.sync dense
- * kernel, 128 and 256 the wgmma one on Hopper (not with an fp8 cache, which
- * always takes mma.sync); groups 1 to 16. */
+ * kernel, 128 and 256 the wgmma one on Hopper (with an fp8 cache too: its
+ * producer converts the raw tiles; check_nonfinite_cuda_mma runs them on
+ * mma.sync); groups 1 to 16. */
 static const nf_config cuda_configs[] = {
     {64, 4, 2, 16, RESA_DTYPE_F16, RESA_DTYPE_F16, 0},
     {128, 8, 2, 16, RESA_DTYPE_BF16, RESA_DTYPE_BF16, 0},
