@@ -34,10 +34,25 @@
 //
 // The fp8 cache (F8, lib/kv_fp8.h): the pipeline stages hold the units' raw
 // e4m3 bytes and their tokens' scales (cp.async, half the bytes of a T unit;
-// positions >= end zero-filled, bytes and scales, so they read back as 0);
-// before a unit is attended the warp converts it into one T unit buffer of
-// its own, swizzled as above, each value T(e4m3 * scale) exactly as the CPU
-// reads it back (common.cuh, fp8x8_read); the MMA code is the same.
+// positions >= end zero-filled, bytes and scales, so they read back as 0),
+// and both products read the raw bytes as MMA operands, one
+// cvt.f16x2.e4m3x2 per two values (exact: e4m3 is a subset of f16), in f16
+// MMAs whatever the IO type.  Why: converting a unit into a T copy first
+// (e4m3 * scale rounded to T, then ldmatrix) cost ~3x the unit's MMA and
+// softmax instructions and held the fp8 step to ~61 % of copy bandwidth
+// (docs/performance.md, v13).  The scales move to fp32 where they are per
+// key anyway: S column j times k_scale[j]; P column j times
+// v_scale[j] / c before P is rounded to f16, with c the largest v_scale so
+// far (so P stays in [0, 1]) and c folded into the accumulator's running
+// factor.  Queries go to f16 times 2^-e per row (max |q| into [2^14, 2^15):
+// exact for bf16 values in range), 2^e folded into that row's score scale.
+// So the fp8 sparse path attends e4m3 * scale exactly, where the CPU and the
+// dense kernels round each value to T first: within the rounding the tests
+// allow (docs/API.md, "fp8 KV cache").  Operand layouts: the Q K^T
+// reduction over d and the P V sum over keys may run in any order, so d is
+// permuted to make each lane's K operand 8 contiguous bytes (f8_k_dim) and
+// the output dimension to make its V operand D/8 contiguous bytes of a key
+// (f8_v_dim); merge_warps writes the outputs back in d order.
 //
 // Supported: d in {64, 128, 256}; group 1..16; b any power of two >= 8.
 #include <math.h>
@@ -62,17 +77,19 @@ struct Cfg {
     static constexpr int kChunks = D / 8; // 16-byte chunks per row
     static constexpr int kTileElems = kKeys * D;
     static constexpr int kUnitBytes = 2 * kTileElems * 2; // K and V tiles
-    // F8: a stage is K and V bytes [kKeys][D] each, then K and V scales [kKeys]
+    // F8: a stage is K and V bytes [kKeys][D] each (swizzled, f8_chunk), then
+    // K and V scales [kKeys]; the MMAs read it directly (no converted copy)
     static constexpr int kRawUnitBytes = 2 * kTileElems + 2 * kKeys * 4;
     static constexpr int kStageBytes = F8 ? kRawUnitBytes : kUnitBytes;
-    static constexpr int kWarpPipeBytes = kStages * kStageBytes + (F8 ? kUnitBytes : 0);
+    static constexpr int kWarpPipeBytes = kStages * kStageBytes;
     static constexpr int kPipeBytes = kWarps * kWarpPipeBytes;
     static constexpr int kAccStride = D + 8; // merge buffer row (floats), spreads banks
     static constexpr int kMergeBytes = kWarps * kRows * (kAccStride + 2) * 4;
     static constexpr int kQBytes = kRows * D * 2;
     static constexpr int kNvBytes = kWarps * kStages * 2 * 4;
+    static constexpr int kRowFBytes = F8 ? kRows * 4 : 0; // F8: each query row's 2^e (stage_queries_f8)
     static constexpr int kMainBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
-    static constexpr int kSmem = kMainBytes + kQBytes + kNvBytes;
+    static constexpr int kSmem = kMainBytes + kQBytes + kNvBytes + kRowFBytes;
     static constexpr bool kQInRegs = D <= 128; // d = 256 reloads Q fragments per unit
 };
 
@@ -154,6 +171,55 @@ template <int D>
 __device__ __forceinline__ uint32_t swz(int r, int c)
 {
     return (uint32_t)((r * D + ((c ^ (r & 7)) << 3)) * 2);
+}
+
+// ---- the fp8 cache's operand layouts ----
+
+// Byte offset of 16-byte chunk c of row r in a raw F8 tile (tile 0: K, 1: V),
+// the chunk index XORed with a function of r chosen so that the lanes' loads
+// in attend_unit_f8 hit distinct bank groups: K, 8-byte loads by 16 lanes
+// at once (rows r0..r0+3, chunks 2p and 2p+1); V, 16-byte loads by 8 lanes
+// (rows r0, r0+2, r0+4, r0+6, chunks 2q and 2q+1; d 256: 4q+s and 4q+2+s).
+// d 64 has 4 chunks a row (two rows a bank line); its V loads keep a 2-way
+// conflict.
+template <int D>
+__device__ __forceinline__ uint32_t f8_chunk(int tile, int r, int c)
+{
+    int x;
+    if (tile == 0)
+        x = D == 64 ? ((r >> 1) & 1) << 1 : (r & 3) << 1;
+    else if (D == 256)
+        x = ((r >> 1) & 1) | (((r >> 2) & 1) << 2);
+    else
+        x = (((r >> 1) & 3) << 1) & (D / 16 - 1);
+    return (uint32_t)(r * D + ((c ^ x) << 4));
+}
+
+// The dimension of q and k that MMA k-index km (k-step km / 16) multiplies:
+// lane quad t's B operand of k-steps 2p and 2p + 1 is bytes [32p + 8t, +8)
+// of its key, k-step 2p + hi taking bytes 4 hi .. 4 hi + 3 in the order of
+// the fragment's k-indices 2t, 2t + 1, 2t + 8, 2t + 9.
+template <int D>
+__device__ __forceinline__ int f8_k_dim(int km)
+{
+    const int kc = km >> 4, j = km & 15;
+    const int t = (j & 7) >> 1, idx = ((j >> 3) << 1) | (j & 1);
+    return 32 * (kc >> 1) + 8 * t + 4 * (kc & 1) + idx;
+}
+// The output dimension of column n (0..7) of the P V product's n-tile dt:
+// lane group gid's B operand of every n-tile is bytes [gid D/8, +D/8) of
+// each of its keys.
+template <int D>
+__device__ __forceinline__ int f8_v_dim(int dt, int n)
+{
+    return (D / 8) * n + dt;
+}
+
+// Two e4m3 bytes (low byte to the low half) as f16x2, exact.
+__device__ __forceinline__ uint32_t e4m3x2_f16x2(uint32_t two)
+{
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
+    return (uint32_t)h.x | ((uint32_t)h.y << 16);
 }
 
 // ---- the split kernel ----
@@ -250,8 +316,8 @@ __device__ __forceinline__ void issue_unit(const resa_cuda_layer_args &a, const 
             const bool ok = r8 < nv[hf];
             const uint8_t *src =
                 base8[kv] + (((size_t)page[hf] * hkv + h) * c.b + off[hf] + r8) * D + ch8 * 16;
-            cp_async16(dst0 + kv * Cfg<D>::kTileElems + rr * D + ch8 * 16, ok ? src : base8[kv],
-                       ok ? 16 : 0);
+            cp_async16(dst0 + kv * Cfg<D>::kTileElems + f8_chunk<D>(kv, rr, ch8),
+                       ok ? src : base8[kv], ok ? 16 : 0);
         }
         // scales: lane l -> tile l / 16, row l % 16
         const int rr = lane & 15, r8 = rr & 7;
@@ -281,28 +347,12 @@ __device__ __forceinline__ void issue_unit(const resa_cuda_layer_args &a, const 
     }
 }
 
-// F8: converts a landed raw unit (stage layout of Cfg<D, true>) into the
-// warp's T unit buffer, swizzled as issue_unit lays out T tiles: lane l takes
-// 8-value chunks l, l + 32, ... of the 2 x 16 x D/8 (tile, row, chunk).
-template <typename T, int D>
-__device__ __forceinline__ void convert_unit(const uint8_t *raw, uint8_t *unit, int lane)
-{
-    constexpr int CH = Cfg<D>::kChunks;
-    const float *scales = (const float *)(raw + 2 * Cfg<D>::kTileElems);
-#pragma unroll 4
-    for (int idx = lane; idx < 2 * kKeys * CH; idx += 32) {
-        const int kv = idx / (kKeys * CH), rr = (idx / CH) % kKeys, ch = idx % CH;
-        const uint2 b = *(const uint2 *)(raw + kv * Cfg<D>::kTileElems + rr * D + ch * 8);
-        *(uint4 *)(unit + kv * Cfg<D>::kTileElems * 2 + swz<D>(rr, ch)) =
-            fp8x8_read<T>(b, scales[kv * kKeys + rr]);
-    }
-}
-
 // Online-softmax state of one warp: rows gid and gid + 8 of the MMA tile.
 template <int D>
 struct State {
     float m[2], l[2];
     float acc[D / 8][4];
+    float kc; // F8: the accumulator's running factor (the true sum is acc * kc); 1 otherwise
 };
 
 // Q fragments (A operand) of k-step kc from the swizzled Q tile.
@@ -402,6 +452,177 @@ __device__ __forceinline__ void attend_unit(State<D> &st, uint32_t k_s, uint32_t
     }
 }
 
+// attend_unit for a raw F8 unit at `raw` (stage layout of Cfg<D, true>): the
+// operands are built from the e4m3 bytes in registers (see the file comment),
+// the MMAs are f16.  rowf[r]: query row r's 2^e times scale log2 e.
+template <int D, int QN>
+__device__ __forceinline__ void attend_unit_f8(State<D> &st, const uint8_t *raw, uint32_t q_s,
+                                               const uint32_t (&qf)[QN][4], const int *nv_slot,
+                                               const float rf[2], int lane)
+{
+    const int gid = lane >> 2, tig = lane & 3;
+    const float *ksc = (const float *)(raw + 2 * Cfg<D>::kTileElems);
+    const float *vsc = ksc + kKeys;
+    // this lane's keys in S and P: 2 tig, 2 tig + 1 (n-tile 0) and 8 + those
+    const float2 k01 = *(const float2 *)(ksc + 2 * tig), k89 = *(const float2 *)(ksc + 8 + 2 * tig);
+    const float2 v01 = *(const float2 *)(vsc + 2 * tig), v89 = *(const float2 *)(vsc + 8 + 2 * tig);
+    // S = Q K^T: lane (gid, tig) holds key row 8 nt + gid's bytes [32p + 8 tig, +8)
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            s[nt][e] = 0.0f;
+#pragma unroll
+    for (int p = 0; p < D / 32; p++) {
+        uint32_t qa[4], qb[4];
+        if constexpr (Cfg<D>::kQInRegs) {
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                qa[x] = qf[2 * p][x];
+                qb[x] = qf[2 * p + 1][x];
+            }
+        } else {
+            load_q<D>(qa, q_s, 2 * p, lane);
+            load_q<D>(qb, q_s, 2 * p + 1, lane);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            const int row = 8 * nt + gid;
+            const uint2 w = *(const uint2 *)(raw + f8_chunk<D>(0, row, 2 * p + (tig >> 1)) +
+                                             8 * (tig & 1));
+            mma(s[nt], qa, e4m3x2_f16x2(w.x), e4m3x2_f16x2(w.x >> 16), __half());
+            mma(s[nt], qb, e4m3x2_f16x2(w.y), e4m3x2_f16x2(w.y >> 16), __half());
+        }
+    }
+    const int nv0 = nv_slot[0], nv1 = nv_slot[1];
+    const float ks[2][2] = {{k01.x, k01.y}, {k89.x, k89.y}};
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int col = tig * 2 + (e & 1);
+            s[nt][e] = col < (nt ? nv1 : nv0) ? s[nt][e] * (rf[e >> 1] * ks[nt][e & 1]) : -INFINITY;
+        }
+    // c: the largest V scale so far (this unit's: 4 a lane, then over the
+    // quad), so that P v_scale / c <= 1 and kc / c <= 1: nothing overflows,
+    // and a key whose scale lies far below c only loses f16 precision in a
+    // term that small.  At least 2^-126 (1 / c finite); kc = 0: nothing
+    // accumulated yet.  No positive finite scale here (every key zero-filled,
+    // or a non-finite scale, which poisons the rows that attend it through
+    // P v_scale anyway): c stays.
+    float cu = fmaxf(fmaxf(v01.x, v01.y), fmaxf(v89.x, v89.y));
+    cu = quad_max(cu);
+    const float c = cu > 0.0f && cu <= 3.402823466e38f ? fmaxf(fmaxf(cu, 0x1p-126f), st.kc) : st.kc;
+    const float rescale = c > 0.0f ? st.kc / c : 0.0f, inv_c = c > 0.0f ? 1.0f / c : 0.0f;
+    st.kc = c;
+    const float vs[2][2] = {{v01.x * inv_c, v01.y * inv_c}, {v89.x * inv_c, v89.y * inv_c}};
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) { // row gid (e = 0, 1), row gid + 8 (e = 2, 3)
+        const float mx = quad_max(fmaxf(fmaxf(s[0][2 * hr], s[0][2 * hr + 1]),
+                                        fmaxf(s[1][2 * hr], s[1][2 * hr + 1])));
+        const float m_new = fmaxf(st.m[hr], mx);
+        const float base = m_new == -INFINITY ? 0.0f : m_new; // nothing valid yet
+        const float corr = exp2f(st.m[hr] - base);
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                s[nt][e] = exp2f(s[nt][e] - base);
+                sum += s[nt][e];
+                s[nt][e] *= vs[nt][e & 1]; // P v_scale / c, in [0, 1]
+            }
+        st.l[hr] = st.l[hr] * corr + sum;
+        st.m[hr] = m_new;
+        const float f = corr * rescale;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            st.acc[dt][2 * hr] *= f;
+            st.acc[dt][2 * hr + 1] *= f;
+        }
+    }
+    uint32_t pa[4];
+    pa[0] = pack2(s[0][0], s[0][1], __half());
+    pa[1] = pack2(s[0][2], s[0][3], __half());
+    pa[2] = pack2(s[1][0], s[1][1], __half());
+    pa[3] = pack2(s[1][2], s[1][3], __half());
+    // O += P V: lane (gid, tig) holds keys 2 tig, 2 tig + 1, 2 tig + 8,
+    // 2 tig + 9, bytes [gid D/8, +D/8) of each (dims f8_v_dim(dt, gid));
+    // byte dt of two keys makes one f16x2 of the B operand (prmt, then cvt)
+    constexpr int VB = D / 8; // bytes a lane reads of a key: 8, 16 or 32
+    uint32_t vk[4][VB / 4];
+#pragma unroll
+    for (int x = 0; x < 4; x++) {
+        const int key = 2 * tig + (x & 1) + 8 * (x >> 1);
+        const uint8_t *vrow = raw + Cfg<D>::kTileElems;
+        if constexpr (VB == 8) {
+            const uint2 w = *(const uint2 *)(vrow + f8_chunk<D>(1, key, gid >> 1) + 8 * (gid & 1));
+            vk[x][0] = w.x;
+            vk[x][1] = w.y;
+        } else {
+#pragma unroll
+            for (int y = 0; y < VB / 16; y++) {
+                const uint4 w = *(const uint4 *)(vrow + f8_chunk<D>(1, key, (VB / 16) * gid + y));
+                vk[x][4 * y] = w.x;
+                vk[x][4 * y + 1] = w.y;
+                vk[x][4 * y + 2] = w.z;
+                vk[x][4 * y + 3] = w.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int wd = 0; wd < VB / 4; wd++) { // 4 n-tiles (dims) a word
+        const uint32_t lo01 = __byte_perm(vk[0][wd], vk[1][wd], 0x5140); // dims 0, 1: keys 2t, 2t+1
+        const uint32_t hi01 = __byte_perm(vk[0][wd], vk[1][wd], 0x7362); // dims 2, 3
+        const uint32_t lo89 = __byte_perm(vk[2][wd], vk[3][wd], 0x5140);
+        const uint32_t hi89 = __byte_perm(vk[2][wd], vk[3][wd], 0x7362);
+        mma(st.acc[4 * wd], pa, e4m3x2_f16x2(lo01), e4m3x2_f16x2(lo89), __half());
+        mma(st.acc[4 * wd + 1], pa, e4m3x2_f16x2(lo01 >> 16), e4m3x2_f16x2(lo89 >> 16), __half());
+        mma(st.acc[4 * wd + 2], pa, e4m3x2_f16x2(hi01), e4m3x2_f16x2(hi89), __half());
+        mma(st.acc[4 * wd + 3], pa, e4m3x2_f16x2(hi01 >> 16), e4m3x2_f16x2(hi89 >> 16), __half());
+    }
+}
+
+// F8: the group's query rows into the swizzled [16][D] f16 tile in MMA
+// k-order (f8_k_dim), each row times 2^-e with its largest |q| brought into
+// [2^14, 2^15) (exact for 16-bit values, unless a value lies 2^38 below its
+// row's largest; 0, inf or NaN rows keep e = 0, so non-finite values stay
+// what they are); rowf[r] = 2^e scale log2 e.  Rows past g are 0.
+template <typename T, int D>
+__device__ void stage_queries_f8(const resa_cuda_layer_args &a, int64_t row, int h,
+                                 uint8_t *q_tile, float *rowf, float scale_log2)
+{
+    const int g = a.dims.group;
+    const T *q = (const T *)a.q + ((size_t)row * a.dims.hq + (size_t)h * g) * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __shared__ int row_e[kRows];
+    for (int r = warp; r < kRows; r += kWarps) {
+        float mx = 0.0f;
+        if (r < g)
+            for (int x = lane; x < D; x += 32)
+                mx = fmaxf(mx, fabsf(to_f32(q[(size_t)r * D + x])));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        // fmaxf drops NaN: a NaN row with finite values keeps their e, and its NaN stays NaN
+        // (e kept in [-100, 113]: rowf stays a normal float)
+        const int e = mx > 0.0f && mx <= 3.402823466e38f ? max(-100, ilogbf(mx) - 14) : 0;
+        if (lane == 0) {
+            row_e[r] = e;
+            rowf[r] = ldexpf(scale_log2, e);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+        const int r = i / D, km = i % D;
+        float v = 0.0f;
+        if (r < g)
+            v = ldexpf(to_f32(q[(size_t)r * D + f8_k_dim<D>(km)]), -row_e[r]);
+        *(__half *)(q_tile + swz<D>(r, km >> 3) + 2 * (km & 7)) = __float2half_rn(v);
+    }
+}
+
 // Loads the group's g query rows into the swizzled [16][D] tile, zero rows past g.
 template <typename T, int D>
 __device__ void stage_queries(const resa_cuda_layer_args &a, int64_t row, int h, uint8_t *q_tile)
@@ -419,7 +640,7 @@ __device__ void stage_queries(const resa_cuda_layer_args &a, int64_t row, int h,
 }
 
 // The 4 warps' states into one partial (m, l in log2 units, unnormalized acc).
-template <int D>
+template <int D, bool F8>
 __device__ void merge_warps(const State<D> &st, uint8_t *smem, float *part, int g, int warp,
                             int lane)
 {
@@ -438,10 +659,19 @@ __device__ void merge_warps(const State<D> &st, uint8_t *smem, float *part, int 
             m_s[warp * kRows + row] = st.m[hr];
             l_s[warp * kRows + row] = l;
         }
-        float *dst = acc_s + (warp * kRows + row) * AS + tig * 2;
+        float *dst = acc_s + (warp * kRows + row) * AS;
+        if constexpr (F8) { // columns 2 tig, 2 tig + 1 of n-tile dt are dims f8_v_dim
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++)
-            *(float2 *)(dst + dt * 8) = make_float2(st.acc[dt][2 * hr], st.acc[dt][2 * hr + 1]);
+            for (int dt = 0; dt < D / 8; dt++) {
+                dst[f8_v_dim<D>(dt, 2 * tig)] = st.acc[dt][2 * hr] * st.kc;
+                dst[f8_v_dim<D>(dt, 2 * tig + 1)] = st.acc[dt][2 * hr + 1] * st.kc;
+            }
+        } else {
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *(float2 *)(dst + tig * 2 + dt * 8) =
+                    make_float2(st.acc[dt][2 * hr], st.acc[dt][2 * hr + 1]);
+        }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < g * D; i += kThreads) {
@@ -484,6 +714,7 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     uint8_t *pipe = smem;
     uint8_t *q_tile = smem + C::kMainBytes;
     int *nv_all = (int *)(q_tile + C::kQBytes);
+    float *rowf = (float *)(nv_all + kWarps * C::kStages * 2); // F8 only
     const resa_cuda_dims &Dm = a.dims;
     const int splits = gridDim.x, s = blockIdx.x, pair = blockIdx.y;
     const int i = pair / Dm.hkv, h = pair % Dm.hkv;
@@ -502,7 +733,11 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     }
     // The queries were written before the layer began: staged while the
     // select kernel finishes; the chosen list and its count only after it has.
-    stage_queries<T, D>(a, e.row, h, q_tile);
+    const float scale_log2 = a.scale * kLog2e;
+    if constexpr (F8)
+        stage_queries_f8<T, D>(a, e.row, h, q_tile, rowf, scale_log2);
+    else
+        stage_queries<T, D>(a, e.row, h, q_tile);
     pdl_wait();
     pdl_trigger(); // the combine may launch; it waits for our partials
     if (!budget_known) {
@@ -526,7 +761,6 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     Windows w;
     windows_init(w, c, warp, lane);
     uint8_t *my_pipe = pipe + (size_t)warp * C::kWarpPipeBytes;
-    uint8_t *my_unit = my_pipe + C::kStages * C::kStageBytes; // F8: the converted unit
     int *my_nv = nv_all + warp * C::kStages * 2;
 #pragma unroll
     for (int k = 0; k < C::kStages - 1; k++) {
@@ -547,14 +781,19 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     } else {
         qf[0][0] = qf[0][1] = qf[0][2] = qf[0][3] = 0u;
     }
+    float rf[2] = {0.0f, 0.0f}; // F8: rows gid and gid + 8's 2^e scale log2 e
+    if constexpr (F8) {
+        rf[0] = rowf[lane >> 2];
+        rf[1] = rowf[(lane >> 2) + 8];
+    }
 
     State<D> st;
     st.m[0] = st.m[1] = -INFINITY;
     st.l[0] = st.l[1] = 0.0f;
+    st.kc = F8 ? 0.0f : 1.0f; // F8: nothing accumulated yet
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt++)
         st.acc[dt][0] = st.acc[dt][1] = st.acc[dt][2] = st.acc[dt][3] = 0.0f;
-    const float scale_log2 = a.scale * kLog2e;
 
     for (int k = 0; k < mine; k++) {
         cp_async_wait<C::kStages - 2>();
@@ -565,21 +804,19 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
                                  my_nv + 2 * (nk % C::kStages), warp, lane);
         cp_async_commit();
         const int sl = k % C::kStages;
-        uint32_t k_s = smem_addr(my_pipe + sl * C::kStageBytes);
         if constexpr (F8) {
-            // the previous unit's ldmatrix reads of my_unit are done (the
-            // __syncwarp above); these writes are seen by the reads below
-            convert_unit<T, D>(my_pipe + sl * C::kStageBytes, my_unit, lane);
-            __syncwarp();
-            k_s = smem_addr(my_unit);
+            attend_unit_f8<D, QN>(st, my_pipe + sl * C::kStageBytes, q_s, qf, my_nv + 2 * sl, rf,
+                                  lane);
+        } else {
+            const uint32_t k_s = smem_addr(my_pipe + sl * C::kStageBytes);
+            attend_unit<T, D, QN>(st, k_s, k_s + C::kTileElems * 2, q_s, qf, my_nv + 2 * sl,
+                                  scale_log2, lane);
         }
-        attend_unit<T, D, QN>(st, k_s, k_s + C::kTileElems * 2, q_s, qf, my_nv + 2 * sl,
-                              scale_log2, lane);
     }
     cp_async_wait<0>();
     __syncthreads(); // the pipeline buffers become the merge buffers
     const int stride = 2 * kRows + Dm.group * D;
-    merge_warps<D>(st, pipe, parts + ((size_t)pair * splits + s) * stride, Dm.group, warp, lane);
+    merge_warps<D, F8>(st, pipe, parts + ((size_t)pair * splits + s) * stride, Dm.group, warp, lane);
 }
 
 // ---- combine ----
@@ -708,11 +945,45 @@ int smem_bytes(int d, bool f8)
     return d == 64 ? Cfg<64>::kSmem : d == 128 ? Cfg<128>::kSmem : Cfg<256>::kSmem;
 }
 
-// Splits per (entry, head): one wave of CTAs at the occupancy shared memory allows.
+// CTAs of attend_split<T, D, F8> an SM holds (registers and shared memory;
+// at most 4), asked of the runtime once per instantiation (the same on every
+// device of one architecture, which is all a module is built for); 0 if the
+// runtime cannot say.
+template <typename T, int D, bool F8>
+int occupancy()
+{
+    static int cache; // 0 unknown (benign race: the same value)
+    if (cache == 0) {
+        int n = 0;
+        if (cudaFuncSetAttribute(attend_split<T, D, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 Cfg<D, F8>::kSmem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attend_split<T, D, F8>, kThreads,
+                                                          Cfg<D, F8>::kSmem) != cudaSuccess ||
+            n < 1)
+            return 0;
+        cache = min(n, 4);
+    }
+    return cache;
+}
+template <typename T>
+int occupancy_d(int d, bool f8)
+{
+    if (f8)
+        return d == 64 ? occupancy<T, 64, true>() : d == 128 ? occupancy<T, 128, true>()
+                                                             : occupancy<T, 256, true>();
+    return d == 64 ? occupancy<T, 64, false>() : d == 128 ? occupancy<T, 128, false>()
+                                                          : occupancy<T, 256, false>();
+}
+
+// Splits per (entry, head): one wave of CTAs at the SM's occupancy (the
+// fp8 cache's kernel at d 128 is held to 3 a SM by registers where its
+// shared memory would allow 4); shared memory alone if the runtime cannot say.
 int n_splits(const resa_cuda_dims *D, int n_decode)
 {
-    const int per_sm = (int)max((size_t)1, min((size_t)4, kSmemPerSm /
-                                                              (smem_bytes(D->d, D->kv_fp8) + 1024)));
+    int per_sm = D->io_dtype == RESA_DTYPE_F16 ? occupancy_d<__half>(D->d, D->kv_fp8)
+                                               : occupancy_d<__nv_bfloat16>(D->d, D->kv_fp8);
+    if (per_sm <= 0)
+        per_sm = (int)max((size_t)1, min((size_t)4, kSmemPerSm / (smem_bytes(D->d, D->kv_fp8) + 1024)));
     const int target = max(D->num_sms, 1) * per_sm;
     const int pairs = max(1, n_decode * D->hkv);
     return max(1, min(target / pairs, max(D->max_seq_blocks, 1)));

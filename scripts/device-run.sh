@@ -166,18 +166,26 @@ if [[ $phases == *soak* && $phases != *soakbg* && $phases != *soakwait* ]]; then
   grep -m 20 MISMATCH "$OUT/soak.log" | tee -a "$OUT/soak.txt"
 fi
 if [[ $phases == *profile* ]]; then
-  # RESA_PROFILE_ARGS: extra resa-bench flags, e.g. "--shapes 28/4x128 --summary fp8"
-  say "ncu: the kernels of one sparse decode step and one rectification, 8 x 256K ${RESA_PROFILE_ARGS:-}"
+  # RESA_PROFILE_ARGS: extra resa-bench flags, e.g. "--shapes 28/4x128 --summary fp8";
+  # RESA_PROFILE_BATCH / RESA_PROFILE_CONTEXTS: the points (default 8 x 262144).
+  # The sparse step's kernels are taken from its third graph replay on, warm
+  # (-s skips the first two steps' kernels), one ncu pass each.
+  pb=${RESA_PROFILE_BATCH:-8}
+  say "ncu: the kernels of one sparse decode step and one rectification, $pb x ${RESA_PROFILE_CONTEXTS:-262144} ${RESA_PROFILE_ARGS:-}"
   export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
   metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,launch__grid_size
-  ncu --clock-control none --metrics $metrics -k 'regex:write_decode|score|select|attend|combine|topn' -c 8 \
-    $build/tools/resa-bench --backend cuda --batch 8 --contexts 262144 --modes sparse --reps 1 ${RESA_PROFILE_ARGS:-} \
-    >"$OUT/ncu-sparse.txt" 2>&1
-  ncu --clock-control none --metrics $metrics -k 'regex:dense_' -c 2 \
-    $build/tools/resa-bench --backend cuda --batch 8 --contexts 262144 --modes rectify --reps 1 ${RESA_PROFILE_ARGS:-} \
-    >"$OUT/ncu-rectify.txt" 2>&1
-  grep -E "^  [a-z_]+.*\(|gpu__time|dram__throughput|dram__bytes|sm__throughput|hmma|grid_size" \
-    "$OUT/ncu-sparse.txt" "$OUT/ncu-rectify.txt" | sed 's#.*/##' | head -60
+  for ctx in ${RESA_PROFILE_CONTEXTS:-262144}; do
+    tag=$pb-$ctx
+    ncu --clock-control none --cache-control none --metrics $metrics -k 'regex:write_decode|score|select|attend|combine|topn' \
+      -s ${RESA_PROFILE_SKIP:-8} -c ${RESA_PROFILE_COUNT:-8} \
+      $build/tools/resa-bench --backend cuda --batch $pb --contexts $ctx --modes sparse --reps 3 ${RESA_PROFILE_ARGS:-} \
+      >"$OUT/ncu-sparse-$tag.txt" 2>&1
+    [ "${RESA_PROFILE_RECTIFY:-1}" = 0 ] || ncu --clock-control none --metrics $metrics -k 'regex:dense_' -c 2 \
+      $build/tools/resa-bench --backend cuda --batch $pb --contexts $ctx --modes rectify --reps 1 ${RESA_PROFILE_ARGS:-} \
+      >"$OUT/ncu-rectify-$tag.txt" 2>&1
+    grep -E "^  [a-z_]+.*\(|gpu__time|dram__throughput|dram__bytes|sm__throughput|hmma|grid_size" \
+      "$OUT"/ncu-*-$tag.txt | sed 's#.*/##' | head -80
+  done
 fi
 # NCCL (resa-e2e --tp): no NVLink multicast on these shared hosts
 export NCCL_NVLS_ENABLE=0
