@@ -397,6 +397,33 @@ __device__ __forceinline__ float quad_max(float x)
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
+// The online softmax over one unit's masked scores (log2 units): s becomes
+// the unnormalized probabilities, each row's m and l move on, and corr[hr]
+// is the factor for the rows' accumulators (row gid: e = 0, 1; row gid + 8:
+// e = 2, 3).
+template <int D>
+__device__ __forceinline__ void softmax_unit(State<D> &st, float s[2][4], float corr[2])
+{
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const float mx = quad_max(fmaxf(fmaxf(s[0][2 * hr], s[0][2 * hr + 1]),
+                                        fmaxf(s[1][2 * hr], s[1][2 * hr + 1])));
+        const float m_new = fmaxf(st.m[hr], mx);
+        const float base = m_new == -INFINITY ? 0.0f : m_new; // nothing valid yet
+        corr[hr] = exp2f(st.m[hr] - base);
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                s[nt][e] = exp2f(s[nt][e] - base);
+                sum += s[nt][e];
+            }
+        st.l[hr] = st.l[hr] * corr[hr] + sum;
+        st.m[hr] = m_new;
+    }
+}
+
 // One unit: scores, mask, online softmax, O += P V.
 template <typename T, int D, int QN>
 __device__ __forceinline__ void attend_unit(State<D> &st, uint32_t k_s, uint32_t v_s, uint32_t q_s,
@@ -414,30 +441,16 @@ __device__ __forceinline__ void attend_unit(State<D> &st, uint32_t k_s, uint32_t
             const int col = tig * 2 + (e & 1);
             s[nt][e] = col < (nt ? nv1 : nv0) ? s[nt][e] * scale_log2 : -INFINITY;
         }
-    uint32_t pa[4];
+    float corr[2];
+    softmax_unit<D>(st, s, corr);
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) { // row gid (e = 0, 1), row gid + 8 (e = 2, 3)
-        const float mx = quad_max(fmaxf(fmaxf(s[0][2 * hr], s[0][2 * hr + 1]),
-                                        fmaxf(s[1][2 * hr], s[1][2 * hr + 1])));
-        const float m_new = fmaxf(st.m[hr], mx);
-        const float base = m_new == -INFINITY ? 0.0f : m_new; // nothing valid yet
-        const float corr = exp2f(st.m[hr] - base);
-        float sum = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                s[nt][e] = exp2f(s[nt][e] - base);
-                sum += s[nt][e];
-            }
-        st.l[hr] = st.l[hr] * corr + sum;
-        st.m[hr] = m_new;
+    for (int hr = 0; hr < 2; hr++)
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
-            st.acc[dt][2 * hr] *= corr;
-            st.acc[dt][2 * hr + 1] *= corr;
+            st.acc[dt][2 * hr] *= corr[hr];
+            st.acc[dt][2 * hr + 1] *= corr[hr];
         }
-    }
+    uint32_t pa[4];
     // The S accumulators of keys 0-7 and 8-15 are exactly P's A fragment.
     pa[0] = pack2(s[0][0], s[0][1], T());
     pa[1] = pack2(s[0][2], s[0][3], T());
@@ -517,31 +530,20 @@ __device__ __forceinline__ void attend_unit_f8(State<D> &st, const uint8_t *raw,
     const float rescale = c > 0.0f ? st.kc / c : 0.0f, inv_c = c > 0.0f ? 1.0f / c : 0.0f;
     st.kc = c;
     const float vs[2][2] = {{v01.x * inv_c, v01.y * inv_c}, {v89.x * inv_c, v89.y * inv_c}};
+    float corr[2];
+    softmax_unit<D>(st, s, corr); // l sums P itself
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) { // row gid (e = 0, 1), row gid + 8 (e = 2, 3)
-        const float mx = quad_max(fmaxf(fmaxf(s[0][2 * hr], s[0][2 * hr + 1]),
-                                        fmaxf(s[1][2 * hr], s[1][2 * hr + 1])));
-        const float m_new = fmaxf(st.m[hr], mx);
-        const float base = m_new == -INFINITY ? 0.0f : m_new; // nothing valid yet
-        const float corr = exp2f(st.m[hr] - base);
-        float sum = 0.0f;
+    for (int nt = 0; nt < 2; nt++)
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++)
+        for (int e = 0; e < 4; e++)
+            s[nt][e] *= vs[nt][e & 1]; // P v_scale / c, in [0, 1]
 #pragma unroll
-            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                s[nt][e] = exp2f(s[nt][e] - base);
-                sum += s[nt][e];
-                s[nt][e] *= vs[nt][e & 1]; // P v_scale / c, in [0, 1]
-            }
-        st.l[hr] = st.l[hr] * corr + sum;
-        st.m[hr] = m_new;
-        const float f = corr * rescale;
+    for (int hr = 0; hr < 2; hr++)
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
-            st.acc[dt][2 * hr] *= f;
-            st.acc[dt][2 * hr + 1] *= f;
+            st.acc[dt][2 * hr] *= corr[hr] * rescale;
+            st.acc[dt][2 * hr + 1] *= corr[hr] * rescale;
         }
-    }
     uint32_t pa[4];
     pa[0] = pack2(s[0][0], s[0][1], __half());
     pa[1] = pack2(s[0][2], s[0][3], __half());
