@@ -77,7 +77,8 @@ if [[ $phases == *gputest* ]]; then
   # the GPU suite only (CI runs the CPU tests)
   say "tests (suite gpu)"
   # RESA_GPU_TESTS: only these tests of the suite (names), e.g. all but check_cuda when
-  # cudashards runs that one
+  # cudashards runs that one.  check_cuda_oom wants the GPU to itself: another
+  # process allocating between its two free-memory readings fails it
   meson test -C $build --print-errorlogs --num-processes ${RESA_TEST_JOBS:-8} \
     ${RESA_GPU_TESTS:---suite gpu} 2>&1 \
     | tee "$OUT/test-gpu.log" | grep -E "^ *[0-9]+/[0-9]+ |^(Ok|Fail|Skipped|Timeout|Expected)"

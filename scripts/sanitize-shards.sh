@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # compute-sanitizer over the GPU suite with each test split into shards
 # (RESA_TEST_SHARD=k/n, tests/harness.c th_add_loop), all shards of all tools
-# at once, RESA_SANITIZE_JOBS of them running (default: the CPU count): the
-# float64 reference and the sanitizer's own host work are the long part, and
-# one process uses one core.  Called by scripts/device-run.sh sanshards.
+# at once, RESA_SANITIZE_JOBS of them running (default 6: 16 sanitized
+# processes on one H100, beside 3 tests, all ran past 270 s without a
+# summary on 2026-12-06, where 4 at once had finished).  Called by
+# scripts/device-run.sh sanshards.
 #   scripts/sanitize-shards.sh BUILD OUT
 # Env: RESA_SANITIZE_TOOLS (default memcheck racecheck initcheck synccheck),
 #      RESA_SANITIZE_SHARDS (default 4), RESA_SANITIZE_TIMEOUT (s, default 1800),
@@ -53,7 +54,7 @@ run_one() {
 }
 export -f run_one
 export out
-xargs -a "$jobs_file" -d '\n' -P "${RESA_SANITIZE_JOBS:-$(nproc)}" -I{} bash -c 'run_one "$@"' _ {} \
+xargs -a "$jobs_file" -d '\n' -P "${RESA_SANITIZE_JOBS:-6}" -I{} bash -c 'run_one "$@"' _ {} \
   | sort | tee "$out/sanshards.txt"
 rm -f "$jobs_file"
 bad=$(grep -vc "exit 0; .*\(ERROR SUMMARY: 0 errors\|0 hazards displayed (0 errors, 0 warnings)\)" "$out/sanshards.txt")
