@@ -26,6 +26,13 @@ APPEND, DECODE, RECTIFY, APPEND_KV = (resa.Mode.APPEND, resa.Mode.DECODE, resa.M
                                       resa.Mode.APPEND_KV)
 
 
+def io_numpy(io_dtype):
+    """The numpy type that holds an IO dtype's values (BF16: ml_dtypes.bfloat16)."""
+    import ml_dtypes
+    return {resa.DType.F32: np.float32, resa.DType.F16: np.float16,
+            resa.DType.BF16: ml_dtypes.bfloat16}[io_dtype]
+
+
 def seeded_rng(name):
     """A fresh generator per run (RESA_TEST_SEED reproduces one); the seed is
     printed so that a failure can be replayed."""
@@ -77,9 +84,7 @@ def fp8_kv(rows, io_dtype):
     scale = np.where((scale == 0) & (amax > 0), np.float32(2.0 ** -149), scale)
     y = np.where(scale == 0, x, x / np.where(scale == 0, np.float32(1), scale))
     e4m3 = y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)  # round to nearest even
-    io = {resa.DType.F32: np.float32, resa.DType.F16: np.float16,
-          resa.DType.BF16: ml_dtypes.bfloat16}[io_dtype]
-    return (e4m3 * scale).astype(io).astype(np.float64)
+    return (e4m3 * scale).astype(io_numpy(io_dtype)).astype(np.float64)
 
 
 class Sequence:

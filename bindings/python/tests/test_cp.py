@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # bindings/python: the resa package
 sys.path.insert(0, HERE)
 
 try:
-    import ml_dtypes
+    import ml_dtypes  # noqa: F401 (bf16 arrays, resa_reference.io_numpy)
     import numpy as np
 except ImportError as e:  # deliberately a failure, not a skip (exit 77)
     print("FAIL: test_cp needs numpy and ml_dtypes (pip install numpy ml_dtypes): %s" % e)
@@ -34,10 +34,8 @@ except ImportError as e:  # deliberately a failure, not a skip (exit 77)
 
 import resa  # noqa: E402
 from cp_reference import CPWorld, U32, UNIT, attention64, kth_pair, lse64  # noqa: E402
-from resa_reference import budget, seeded_rng  # noqa: E402
+from resa_reference import budget, io_numpy, seeded_rng  # noqa: E402
 
-NUMPY = {resa.DType.F32: np.float32, resa.DType.F16: np.float16,
-         resa.DType.BF16: ml_dtypes.bfloat16}
 DTYPES = (resa.DType.F32, resa.DType.F16, resa.DType.BF16)
 
 
@@ -46,11 +44,11 @@ class NumpyCP:
 
     @staticmethod
     def make(x, dtype):
-        return x.astype(NUMPY[dtype])
+        return x.astype(io_numpy(dtype))
 
     @staticmethod
     def full(shape, dtype, value):
-        return np.full(shape, value, np.dtype(dtype) if isinstance(dtype, str) else NUMPY[dtype])
+        return np.full(shape, value, np.dtype(dtype) if isinstance(dtype, str) else io_numpy(dtype))
 
     stack = staticmethod(np.stack)
 
@@ -96,7 +94,7 @@ class TestMerge(unittest.TestCase):
                 if kind == 0 or (kind == 1 and rng.integers(0, 2)):
                     lses[i, r] = -np.inf
                     parts[i, r, 1::2] = np.nan
-        return parts.astype(NUMPY[dtype]), lses
+        return parts.astype(io_numpy(dtype)), lses
 
     def check_merged(self, what, dtype, parts, lses, out, lse):
         P, d = parts.shape[0], parts.shape[-1]
@@ -124,7 +122,7 @@ class TestMerge(unittest.TestCase):
                 rng.integers(1, 41))
             with self.subTest(dtype=dtype.name, P=P, d=d, rows=rows):
                 parts, lses = self.random_parts(rng, dtype, P, rows, d)
-                out = np.full((rows, d), np.nan, NUMPY[dtype])
+                out = np.full((rows, d), np.nan, io_numpy(dtype))
                 lse = np.full(rows, np.nan, np.float32)
                 got = resa.merge_states(parts, lses, out, lse)
                 self.assertIs(got[0], out)
@@ -134,7 +132,7 @@ class TestMerge(unittest.TestCase):
                 # the context's merge: same float64 answer, and (CPU) the same bits
                 with resa.Context("cpu", num_layers=1, num_q_heads=1, num_kv_heads=1,
                                   head_dim=d, io_dtype=dtype) as ctx:
-                    out2 = np.full((rows, d), np.nan, NUMPY[dtype])
+                    out2 = np.full((rows, d), np.nan, io_numpy(dtype))
                     lse2 = np.full(rows, np.nan, np.float32)
                     self.assertIs(ctx.merge_states(parts, lses, out2, lse_out=lse2)[0], out2)
                     self.check_merged("Context.merge_states %s" % dtype.name, dtype, parts, lses,
@@ -220,10 +218,10 @@ class TestLse(unittest.TestCase):
                 worst = 0.0
                 for mode, n in ((resa.Mode.APPEND, 7), (resa.Mode.DECODE, 1),
                                 (resa.Mode.QUERY_DENSE, 3), (resa.Mode.APPEND, 2)):
-                    q = rng.standard_normal((n, 4, 20)).astype(NUMPY[io])
-                    k = rng.standard_normal((n, 2, 20)).astype(NUMPY[io])
-                    v = rng.standard_normal((n, 2, 20)).astype(NUMPY[io])
-                    out = np.full((n, 4, 20), np.nan, NUMPY[io])
+                    q = rng.standard_normal((n, 4, 20)).astype(io_numpy(io))
+                    k = rng.standard_normal((n, 2, 20)).astype(io_numpy(io))
+                    v = rng.standard_normal((n, 2, 20)).astype(io_numpy(io))
+                    out = np.full((n, 4, 20), np.nan, io_numpy(io))
                     lse = np.full((n, 4), np.nan, np.float32)
                     stores = mode != resa.Mode.QUERY_DENSE
                     with ctx.step([a], mode, n) as st:
@@ -256,9 +254,9 @@ class TestLse(unittest.TestCase):
                             self.assertLessEqual(eo, tol, "%s row %d head %d" % (mode.name, t, hh))
                             worst = max(worst, e / tol_lse, eo / tol)
                 # a sequence holding nothing: every row attends no key
-                out = np.full((2, 4, 20), np.nan, NUMPY[io])
+                out = np.full((2, 4, 20), np.nan, io_numpy(io))
                 with ctx.step([empty], resa.Mode.QUERY_DENSE, 2) as st:
-                    out, lse = st.attend(0, np.ones((2, 4, 20), NUMPY[io]), None, None, out,
+                    out, lse = st.attend(0, np.ones((2, 4, 20), io_numpy(io)), None, None, out,
                                          lse=True)
                 self.assertTrue((out.astype(np.float32) == 0).all())
                 self.assertTrue((lse == -np.inf).all())

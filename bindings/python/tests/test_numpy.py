@@ -30,21 +30,19 @@ except ImportError as e:  # deliberately a failure, not a skip (exit 77)
     sys.exit(1)
 
 import resa  # noqa: E402
-from resa_reference import Scenario, seeded_rng  # noqa: E402
+from resa_reference import Scenario, io_numpy, seeded_rng  # noqa: E402
 
 ATOL = {resa.DType.F32: 2e-5, resa.DType.F16: 4e-3, resa.DType.BF16: 3e-2}
-NUMPY = {resa.DType.F32: np.float32, resa.DType.F16: np.float16,
-         resa.DType.BF16: ml_dtypes.bfloat16}
 
 
 class NumpyAdapter:
     @staticmethod
     def make(x, dtype):
-        return x.astype(NUMPY[dtype])
+        return x.astype(io_numpy(dtype))
 
     @staticmethod
     def empty(shape, dtype):
-        return np.full(shape, np.nan, NUMPY[dtype])
+        return np.full(shape, np.nan, io_numpy(dtype))
 
     @staticmethod
     def to64(a):
