@@ -1354,13 +1354,20 @@ static void op_attend(fz *f)
     do_attend(f, layer, nulls, (x & 0x7f) == 0x7f ? 1u : 0u);
 }
 
+/* Live sequences for a new step, after creating one if there is none; 0 when
+ * none can be created or a step is already open. */
+static int32_t live_for_step(fz *f)
+{
+    if (n_live(f) == 0 && !do_create(f, 0))
+        return 0;
+    return f->c->m.step_open ? 0 : n_live(f);
+}
+
 /* A whole step that makes progress: a good batch, every layer, end. */
 static void op_full_step(fz *f)
 {
-    if (n_live(f) == 0 && !do_create(f, 0))
-        return;
-    int32_t live = n_live(f);
-    if (f->c->m.step_open || live == 0)
+    int32_t live = live_for_step(f);
+    if (live == 0)
         return;
     uint8_t c = u8(f);
     int32_t n = 1 + c % (live < 3 ? live : 3);
@@ -1419,10 +1426,8 @@ static void op_full_step(fz *f)
  * none; a merge of the result), then end or cancel. */
 static void op_cp_step(fz *f)
 {
-    if (n_live(f) == 0 && !do_create(f, 0))
-        return;
-    int32_t live = n_live(f);
-    if (f->c->m.step_open || live == 0)
+    int32_t live = live_for_step(f);
+    if (live == 0)
         return;
     shadow *m = &f->c->m;
     uint8_t c = u8(f), s = u8(f);

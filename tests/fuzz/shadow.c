@@ -966,6 +966,19 @@ static int better(const double *score, int32_t a, int32_t b)
     return score[a] > score[b] || (score[a] == score[b] && a < b);
 }
 
+/* Marks the best k of candidates [c0, c1) not yet marked in flag (order:
+ * better), one at a time: the selection's and block_scores' top-K rule. */
+static void mark_best(const double *score, int32_t c0, int32_t c1, int32_t k, uint8_t *flag)
+{
+    for (int32_t t = 0; t < k; t++) {
+        int32_t best = -1;
+        for (int32_t i = c0; i < c1; i++)
+            if (!flag[i] && (best < 0 || better(score, i, best)))
+                best = i;
+        flag[best] = 1;
+    }
+}
+
 /* What the model knows of one (sparse entry, layer, kv head)'s selection. */
 typedef struct sh_choice {
     int32_t known;   /* sel[] is the whole selection */
@@ -1016,13 +1029,7 @@ static void choose(const shadow *m, int32_t ei, int32_t layer, int32_t hk, const
             for (int32_t i = c0; i < c1; i++)
                 chosen[i] = score[i] > t || (score[i] == t && i <= tl);
         } else {
-            for (int32_t t = 0; t < top; t++) {
-                int32_t best = -1;
-                for (int32_t i = c0; i < c1; i++)
-                    if (!chosen[i] && (best < 0 || better(score, i, best)))
-                        best = i;
-                chosen[best] = 1;
-            }
+            mark_best(score, c0, c1, top, chosen);
         }
         free(score);
     }
@@ -1275,10 +1282,10 @@ const char *sh_check_block_scores(shadow *m, int32_t layer, const int8_t *qg, in
         int32_t c0 = 0, c1 = 0, n_cand = SH_SPARSE(e->mode) ? cand_range(m, e, &c0, &c1) : 0;
         int32_t want = e->kpick < n_cand ? e->kpick : n_cand;
         double *score = NULL;
-        int32_t *rank = NULL; /* rank[i]: 1 when candidate i is among the best `want` */
+        uint8_t *rank = NULL; /* rank[i]: 1 when candidate i is among the best `want` */
         if (want > 0 && exact) {
             score = xcalloc((size_t)e->ml, sizeof(double));
-            rank = xcalloc((size_t)e->ml, sizeof(int32_t));
+            rank = xcalloc((size_t)e->ml, 1);
         }
         for (int32_t hk = 0; hk < hkv; hk++) {
             size_t x = (size_t)i * (size_t)hkv + (size_t)hk;
@@ -1296,15 +1303,9 @@ const char *sh_check_block_scores(shadow *m, int32_t layer, const int8_t *qg, in
                     blocks[x * (size_t)capacity + (size_t)j] != -1)
                     why = "wrote past its count";
             if (score) {
-                memset(rank, 0, sizeof(int32_t) * (size_t)e->ml);
+                memset(rank, 0, (size_t)e->ml);
                 cand_scores(m, e, layer, hk, qg, c0, c1, score);
-                for (int32_t t = 0; t < want; t++) {
-                    int32_t best = -1;
-                    for (int32_t c = c0; c < c1; c++)
-                        if (!rank[c] && (best < 0 || better(score, c, best)))
-                            best = c;
-                    rank[best] = 1;
-                }
+                mark_best(score, c0, c1, want, rank);
             }
             for (int32_t j = 0; j < want && !why; j++) {
                 float s = scores[x * (size_t)capacity + (size_t)j];
