@@ -27,20 +27,19 @@ tests=(
   "check_nonfinite_cuda||$build/tests/check_nonfinite cuda"
   "check_nonfinite_cuda_mma|RESA_CUDA_NO_WGMMA=1|$build/tests/check_nonfinite cuda"
   "check_cp_cuda||$build/tests/check_cp cuda"
+  "soak_diff||$build/tests/soak/soak_diff 20"
 )
 jobs_file=$(mktemp)
 for tool in $tools; do
   for t in "${tests[@]}"; do
     IFS='|' read -r name env cmd <<<"$t"
     [[ " ${RESA_SANITIZE_TESTS:-$name} " == *" $name "* ]] || continue
-    # check_cp has no sharded loops: one run
-    shards=$n; [ "$name" = check_cp_cuda ] && shards=1
+    # check_cp and the soak have no sharded loops: one run
+    shards=$n; [[ $name == check_cp_cuda || $name == soak_diff ]] && shards=1
     for k in $(seq 0 $((shards - 1))); do
       echo "$tool|$name|$k|$shards|$env|$cmd" >>"$jobs_file"
     done
   done
-  [[ " ${RESA_SANITIZE_TESTS:-soak_diff} " == *" soak_diff "* ]] &&
-    echo "$tool|soak_diff|0|1||$build/tests/soak/soak_diff 20" >>"$jobs_file"
 done
 run_one() {
   IFS='|' read -r tool name k shards env cmd <<<"$1"
