@@ -17,12 +17,6 @@
 #include "cuda_shim.h"
 #include "harness.h"
 
-static int quick(void)
-{
-    const char *q = getenv("RESA_TEST_QUICK");
-    return q && *q && *q != '0';
-}
-
 static void cuda_params(ref_params *p, int32_t hq, int32_t hkv, int32_t d, resa_dtype dt,
                         int32_t layers)
 {
@@ -76,7 +70,7 @@ static const gcase gcases[] = {
 START_TEST(test_cuda_decode)
 {
     const gcase *c = &gcases[_i % N_GCASES];
-    if (quick() && c->len > 5000)
+    if (th_quick() && c->len > 5000)
         return;
     char name[64];
     snprintf(name, sizeof name, "cuda_decode_%d", _i);
@@ -146,7 +140,7 @@ START_TEST(test_cuda_mixed_batch)
     th_prefill(&t, &s[0], 777, 300, 0);
     th_prefill(&t, &s[1], 1500, 1000, 1);
     th_prefill(&t, &s[2], 33, 33, 0);
-    int rounds = quick() ? 8 : 24;
+    int rounds = th_quick() ? 8 : 24;
     for (int r = 0; r < rounds; r++) {
         th_entry e[5];
         int n = 0;
@@ -200,7 +194,7 @@ START_TEST(test_cuda_fp8_dense)
     cuda_init(&t, name, &p, 4096);
     th_seq s;
     th_seq_create(&t, &s);
-    if (quick())
+    if (th_quick())
         th_prefill(&t, &s, 1300, 650, 0);
     else
         th_prefill(&t, &s, 2900, 1000, 0);

@@ -136,6 +136,12 @@ void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi)
             tcase_add_loop_test(tc, fn, i, i + 1);
 }
 
+int th_quick(void)
+{
+    const char *q = getenv("RESA_TEST_QUICK");
+    return q && *q && *q != '0';
+}
+
 int th_cuda_usable(void)
 {
     if (g_cu_state == 0)

@@ -129,6 +129,10 @@ int th_run_suite(Suite *s, int fork);
  * A malformed RESA_TEST_SHARD ends the process with status 2. */
 void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi);
 
+/* 1 when RESA_TEST_QUICK is set and not "0": a smaller set of the same
+ * kernels and paths, for runs under compute-sanitizer (docs/reliability.md). */
+int th_quick(void);
+
 /* 1 when the CUDA backend and libcudart are usable here (GPU tests skip otherwise). */
 int th_cuda_usable(void);
 
