@@ -8,7 +8,10 @@
 #   scripts/sanitize-shards.sh BUILD OUT
 # Env: RESA_SANITIZE_TOOLS (default memcheck racecheck initcheck synccheck),
 #      RESA_SANITIZE_SHARDS (default 4), RESA_SANITIZE_TIMEOUT (s, default 1800),
-#      RESA_SANITIZE_TESTS (names from the list below, default all of them).
+#      RESA_SANITIZE_TESTS (names from the list below, default all of them),
+#      RESA_SANITIZE_BUDGET (s from the start, default none): a run that would
+#      start after it is listed as not run, and every run is cut at it, so
+#      that a device call ends in time with the runs that finished reported.
 # Writes OUT/sanshard-<tool>-<test>-<k>.log and prints one line per run and a
 # summary; exit 0 only when every run exited 0 with "ERROR SUMMARY: 0 errors"
 # (racecheck: "0 hazards").
@@ -41,10 +44,21 @@ for tool in $tools; do
     done
   done
 done
+deadline=0
+[ -n "${RESA_SANITIZE_BUDGET:-}" ] && deadline=$(( $(date +%s) + RESA_SANITIZE_BUDGET ))
 run_one() {
   IFS='|' read -r tool name k shards env cmd <<<"$1"
   log="$out/sanshard-$tool-$name-$k.log"
-  env $env RESA_TEST_SHARD=$k/$shards CK_FORK=no timeout ${RESA_SANITIZE_TIMEOUT:-1800} \
+  limit=${RESA_SANITIZE_TIMEOUT:-1800}
+  if [ "$deadline" -gt 0 ]; then
+    left=$(( deadline - $(date +%s) ))
+    if [ "$left" -lt 10 ]; then
+      echo "$tool $name shard $k/$shards: not run (RESA_SANITIZE_BUDGET spent)"
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  env $env RESA_TEST_SHARD=$k/$shards CK_FORK=no timeout $limit \
     compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 100 $cmd >"$log" 2>&1
   rc=$?
   sum=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$log" | grep -v "not printed" | tail -1)
@@ -52,7 +66,7 @@ run_one() {
   echo "$tool $name shard $k/$shards: exit $rc; ${checks:-no Check summary}; ${sum:-no sanitizer summary}"
 }
 export -f run_one
-export out
+export out deadline
 xargs -a "$jobs_file" -d '\n' -P "${RESA_SANITIZE_JOBS:-6}" -I{} bash -c 'run_one "$@"' _ {} \
   | sort | tee "$out/sanshards.txt"
 rm -f "$jobs_file"
