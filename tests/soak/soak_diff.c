@@ -51,7 +51,7 @@
 typedef struct counts {
     long long steps, entries[4], rows, rows_near_tie, selections, sel_equal, near_ties,
         hard, forks, cancels, rectifications, arrivals, releases, capacity_retries,
-        state_checks, epochs;
+        state_checks, epochs, epochs_fp8_kv, epochs_fp8_summary;
 } counts;
 
 static counts C;
@@ -114,7 +114,9 @@ static int be_setup(be *b, int cuda, const ref_params *p, int64_t threads)
                {RESA_PARAM_KV_DTYPE, p->kv_dtype},   {RESA_PARAM_IO_DTYPE, p->io_dtype},
                {RESA_PARAM_BLOCK_SIZE, p->b},        {RESA_PARAM_MAX_TOKENS, POOL_TOKENS},
                {RESA_PARAM_MAX_SEQUENCES, 16},       {RESA_PARAM_MAX_STEP_TOKENS, MAX_STEP_TOKENS},
-               {RESA_PARAM_NUM_THREADS, threads},    {RESA_PARAM_RECORD_SELECTION, 1}};
+               {RESA_PARAM_NUM_THREADS, threads},    {RESA_PARAM_RECORD_SELECTION, 1},
+               {RESA_PARAM_SUMMARY_FORMAT,
+                p->summary_fp8 ? RESA_SUMMARY_FP8_E4M3 : RESA_SUMMARY_KV_DTYPE}};
     for (size_t i = 0; i < sizeof set / sizeof set[0]; i++)
         if ((s = resa_ctx_set_param(c, set[i].k, set[i].v)) != RESA_OK) {
             fprintf(stderr, "set_param %d: %s (%s)\n", (int)set[i].k, resa_status_name(s),
@@ -312,10 +314,19 @@ static int run_epoch(ref_rng *rng, int cuda_b, int64_t epoch_steps, double deadl
     p.d = sh->d;
     p.b = 16;
     p.io_dtype = p.kv_dtype = ref_rng_uniform(rng) < 0.5 ? RESA_DTYPE_BF16 : RESA_DTYPE_F16;
+    /* an fp8 cache in a third of the epochs; the summaries in fp8 (the
+     * default) or the KV dtype, set on both contexts and in the model, whose
+     * scores judge near-ties (ref_group_scores reads the summaries as stored) */
+    if (ref_rng_uniform(rng) < 1.0 / 3.0)
+        p.kv_dtype = RESA_DTYPE_FP8_E4M3;
+    p.summary_fp8 = ref_rng_uniform(rng) < 0.5;
     ref_params defaults = p;
     /* output rows are rounded to the IO dtype on both sides (u/2 each, u the
      * unit roundoff), CUDA also rounds the softmax weights to it before P.V
-     * and both accumulate in fp32 in different orders: a few u; 8 u allowed */
+     * and both accumulate in fp32 in different orders: a few u; 8 u allowed.
+     * An fp8 cache adds one rounding of each K and V value on the CPU (e4m3 x
+     * scale to the IO dtype, u/2; CUDA's sparse decode attends the exact
+     * product): scores move by about u/2 of their magnitude, still a few u */
     double u = p.io_dtype == RESA_DTYPE_BF16 ? 0x1p-8 : 0x1p-11;
     double tol = 8 * u * tol_scale, tol_ref = fmax(tol, 1e-2 * tol_scale);
     /* CPU against CPU: 1 thread against 2 to 4; against CUDA the CPU uses every core */
@@ -329,8 +340,12 @@ static int run_epoch(ref_rng *rng, int cuda_b, int64_t epoch_steps, double deadl
         return rc == RESA_ERR_NO_DEVICE ? 77 : 2;
     }
     C.epochs++;
-    printf("epoch %lld: %d/%d x %d, %d layers, %s, B %s (threads A %lld, B %lld), from step %lld\n",
+    C.epochs_fp8_kv += p.kv_dtype == RESA_DTYPE_FP8_E4M3;
+    C.epochs_fp8_summary += p.summary_fp8 != 0;
+    printf("epoch %lld: %d/%d x %d, %d layers, %s%s, %s summaries, B %s (threads A %lld, B %lld), "
+           "from step %lld\n",
            C.epochs, p.hq, p.hkv, p.d, p.n_layers, p.io_dtype == RESA_DTYPE_BF16 ? "bf16" : "f16",
+           p.kv_dtype == RESA_DTYPE_FP8_E4M3 ? " IO, fp8 cache" : "", p.summary_fp8 ? "fp8" : "exact",
            cuda_b ? "CUDA" : "CPU", (long long)threads_a, (long long)threads_b, C.steps);
     fflush(stdout);
     size_t es = ref_dtype_size(p.io_dtype);
@@ -769,6 +784,8 @@ int main(int argc, char **argv)
     printf("backends             A CPU, B %s\n", cuda_b ? "CUDA" : "CPU (other NUM_THREADS)");
     printf("seconds              %.1f\n", now_s() - t0);
     printf("epochs (shapes)      %lld\n", C.epochs);
+    printf("epochs fp8 cache     %lld\n", C.epochs_fp8_kv);
+    printf("epochs fp8 summaries %lld\n", C.epochs_fp8_summary);
     printf("steps                %lld\n", C.steps);
     printf("entries APPEND       %lld\n", C.entries[RESA_MODE_APPEND]);
     printf("entries DECODE       %lld\n", C.entries[RESA_MODE_DECODE]);
