@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -200,6 +200,42 @@ if [[ $phases == *profile* ]]; then
       "$OUT"/ncu-*-$tag.txt | sed 's#.*/##' | head -80
   done
 fi
+if [[ $phases == *timeline* ]]; then
+  # every kernel of resa-bench's sparse step with its GPU start and end, graph
+  # replays included (CUPTI, bench/profile/kernel_timeline.c), then the
+  # account by kernel and gap (bench/profile/timeline_account.py), next to an
+  # untraced run of the same point: what ncu cannot show at batch 1, where the
+  # step is a chain of dependent latencies.  RESA_TIMELINE_BATCH (default 1),
+  # RESA_TIMELINE_CONTEXTS, RESA_TIMELINE_ARGS (resa-bench flags; default the
+  # 0.3.0 defaults, "--fraction 0.15 --interval 128 --summary fp8"; add
+  # "--kv-dtype fp8" for the fp8 cache).
+  tb=${RESA_TIMELINE_BATCH:-1}
+  say "kernel timeline (CUPTI) of the sparse step: $tb x ${RESA_TIMELINE_CONTEXTS:-32768 262144} ${RESA_TIMELINE_ARGS:-(0.3.0 defaults)}"
+  cuda=$(dirname "$(dirname "$(command -v nvcc)")")
+  cupti_inc=$cuda/include cupti_lib=$cuda/lib64
+  [ -f "$cupti_inc/cupti.h" ] || cupti_inc=$cuda/extras/CUPTI/include
+  [ -e "$cupti_lib/libcupti.so" ] || cupti_lib=$cuda/extras/CUPTI/lib64
+  if gcc -std=c11 -D_POSIX_C_SOURCE=200809L -O2 -Wall -shared -fPIC -I"$cupti_inc" \
+       bench/profile/kernel_timeline.c -L"$cupti_lib" -lcupti -o $build/kernel_timeline.so; then
+    export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+    for ctx in ${RESA_TIMELINE_CONTEXTS:-32768 262144}; do
+      tag=$tb-$ctx
+      bench=($build/tools/resa-bench --backend cuda --batch $tb --contexts $ctx --modes sparse
+             --reps ${RESA_TIMELINE_REPS:-50} ${RESA_TIMELINE_ARGS:---fraction 0.15 --interval 128 --summary fp8})
+      "${bench[@]}" >"$OUT/timeline-untraced-$tag.log" 2>&1
+      RESA_TIMELINE_OUT=$OUT/timeline-$tag.csv LD_PRELOAD=$PWD/$build/kernel_timeline.so \
+        LD_LIBRARY_PATH=$cupti_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+        "${bench[@]}" >"$OUT/timeline-traced-$tag.log" 2>&1
+      echo "-- $tag, resa-bench's row (sparse_ms: ms a layer), untraced then traced:"
+      tail -1 "$OUT/timeline-untraced-$tag.log"
+      grep -v kernel_timeline "$OUT/timeline-traced-$tag.log" | tail -1
+      grep kernel_timeline "$OUT/timeline-traced-$tag.log"
+      python3 bench/profile/timeline_account.py "$OUT/timeline-$tag.csv" 2>&1 | tee "$OUT/timeline-$tag.log"
+    done
+  else
+    echo "timeline: kernel_timeline.so did not build (CUPTI at $cupti_inc, $cupti_lib?)"
+  fi
+fi
 # NCCL (resa-e2e --tp): no NVLink multicast on these shared hosts
 export NCCL_NVLS_ENABLE=0
 e2e_only=${phases//e2eprof/}; e2e_only=${e2e_only//e2etp/}
@@ -365,7 +401,7 @@ fi
 
 # pack the logs (the device tool brings back at most 8 files); not in a
 # sub-invocation (RESA_NO_PACK=1, gpusuite), whose sibling may still write its logs
-logs=$(cd "$OUT" && ls *.log ncu-*.txt 2>/dev/null)
+logs=$(cd "$OUT" && ls *.log ncu-*.txt timeline-*.csv 2>/dev/null)
 if [ -n "$logs" ] && [ "${RESA_NO_PACK:-0}" != 1 ]; then
   tag=$(echo "$phases" | tr -c 'a-z0-9\n' '-')
   (cd "$OUT" && tar czf "logs-$tag.tgz" $logs && rm -f $logs)
