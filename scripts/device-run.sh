@@ -203,8 +203,9 @@ fi
 if [[ $phases == *timeline* ]]; then
   # every kernel of resa-bench's sparse step with its GPU start and end, graph
   # replays included (CUPTI, bench/profile/kernel_timeline.c), then the
-  # account by kernel and gap (bench/profile/timeline_account.py), next to an
-  # untraced run of the same point: what ncu cannot show at batch 1, where the
+  # account by kernel and gap (bench/profile/timeline_account.py), next to
+  # untraced runs of the same point with L2 warm and overwritten before each
+  # replay (--cold; the traced run is cold): what ncu cannot show at batch 1, where the
   # step is a chain of dependent latencies.  RESA_TIMELINE_BATCH (default 1),
   # RESA_TIMELINE_CONTEXTS, RESA_TIMELINE_ARGS (resa-bench flags; default the
   # 0.3.0 defaults, "--fraction 0.15 --interval 128 --summary fp8"; add
@@ -223,11 +224,13 @@ if [[ $phases == *timeline* ]]; then
       bench=($build/tools/resa-bench --backend cuda --batch $tb --contexts $ctx --modes sparse
              --reps ${RESA_TIMELINE_REPS:-50} ${RESA_TIMELINE_ARGS:---fraction 0.15 --interval 128 --summary fp8})
       "${bench[@]}" >"$OUT/timeline-untraced-$tag.log" 2>&1
+      "${bench[@]}" --cold >"$OUT/timeline-untraced-cold-$tag.log" 2>&1
       RESA_TIMELINE_OUT=$OUT/timeline-$tag.csv LD_PRELOAD=$PWD/$build/kernel_timeline.so \
         LD_LIBRARY_PATH=$cupti_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
-        "${bench[@]}" >"$OUT/timeline-traced-$tag.log" 2>&1
-      echo "-- $tag, resa-bench's row (sparse_ms: ms a layer), untraced then traced:"
+        "${bench[@]}" --cold >"$OUT/timeline-traced-$tag.log" 2>&1
+      echo "-- $tag, resa-bench's row (sparse_ms: ms a layer): untraced, untraced --cold, traced --cold:"
       tail -1 "$OUT/timeline-untraced-$tag.log"
+      tail -1 "$OUT/timeline-untraced-cold-$tag.log"
       grep -v kernel_timeline "$OUT/timeline-traced-$tag.log" | tail -1
       grep kernel_timeline "$OUT/timeline-traced-$tag.log"
       python3 bench/profile/timeline_account.py "$OUT/timeline-$tag.csv" 2>&1 | tee "$OUT/timeline-$tag.log"
