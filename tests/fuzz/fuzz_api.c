@@ -81,7 +81,7 @@ static struct fz_stats {
     int64_t inputs, calls, contexts, locks, injected;
     int64_t modes[7], cow, rows_checked, sparse_checked;
     int64_t lse_checked, split_entries, lists_checked, thresholds_checked, thr_selections;
-    int64_t merge_rows_checked;
+    int64_t merge_rows_checked, poison_rows;
 } stats;
 
 static void print_stats(void)
@@ -95,7 +95,8 @@ static void print_stats(void)
             "QUERY_SPARSE, %lld on a split sequence; %lld lse values compared with the "
             "reference; %lld block_scores lists equal to the model's; %lld thresholds "
             "recomputed; %lld selections by a threshold predicted exactly; %lld merged rows "
-            "compared with float64\n",
+            "compared with float64\n"
+            "resa fuzz stats (non-finite V): %lld rows that attend it found non-finite\n",
             (long long)stats.inputs, (long long)stats.calls, (long long)stats.contexts,
             (long long)stats.locks, (long long)stats.injected, (long long)stats.modes[0],
             (long long)stats.modes[1], (long long)stats.modes[4], (long long)stats.modes[2],
@@ -104,7 +105,7 @@ static void print_stats(void)
             (long long)stats.modes[6], (long long)stats.split_entries,
             (long long)stats.lse_checked, (long long)stats.lists_checked,
             (long long)stats.thresholds_checked, (long long)stats.thr_selections,
-            (long long)stats.merge_rows_checked);
+            (long long)stats.merge_rows_checked, (long long)stats.poison_rows);
 }
 
 /* ---- the session: up to two contexts, each with its model and hooks ---- */
@@ -128,6 +129,7 @@ typedef struct fz {
     char msg[1024];      /* the call, for messages */
     char detail[1024];   /* what the model found wrong */
     unsigned kind;       /* how the next step's K is drawn (grid_value) */
+    int poison;          /* the next step_attend's V gets this SH_ code (0: none) */
 } fz;
 
 static uint8_t u8(fz *f)
@@ -420,6 +422,7 @@ static void destroy_ctx(fz *f)
     stats.cow += f->c->m.n_cow_copies;
     stats.rows_checked += f->c->m.n_rows_checked;
     stats.sparse_checked += f->c->m.n_sparse_checked;
+    stats.poison_rows += f->c->m.n_poison_rows;
     stats.calls++;
     resa_ctx_destroy(f->c->ctx);
     f->c->ctx = NULL;
@@ -1150,6 +1153,16 @@ static void do_attend_x(fz *f, int32_t layer, unsigned nulls, uint32_t flags, co
         kg[i] = grid_value(f, kind);
         vg[i] = grid_value(f, 0);
     }
+    if (f->poison && nk) { /* op_arm_poison: one element, or one head vector, of V */
+        uint64_t z = next_rand(f);
+        size_t row = (size_t)(z % T), h = (size_t)((z >> 20) % hkv), j = (size_t)((z >> 40) % d);
+        for (size_t x = 0; x < d; x++)
+            if (x == j || (z >> 63))
+                vg[(row * hkv + h) * d + x] = (int8_t)f->poison;
+        trace(f, "  V poisoned (%s) at step row %zu, KV head %zu, %s", f->poison == SH_NAN ? "NaN"
+              : f->poison == SH_PINF ? "+inf" : "-inf", row, h, z >> 63 ? "every element" : "one element");
+        f->poison = 0;
+    }
     /* exactly T rows (a step with no rows open gets 1-byte buffers: untouchable) */
     void *q = malloc(nq ? nq * elt : 1), *k = malloc(nk ? nk * elt : 1);
     void *v = malloc(nk ? nk * elt : 1), *out = malloc(nq ? nq * elt : 1);
@@ -1216,7 +1229,8 @@ static void do_attend_x(fz *f, int32_t layer, unsigned nulls, uint32_t flags, co
         m->thr_self = 0;
         if (bad)
             fail(f, "%s", bad);
-        if (ex && ex->merge && po && lse && nl)
+        /* the merges' float64 check wants finite parts */
+        if (ex && ex->merge && po && lse && nl && m->last_nonfinite_rows == 0)
             merge_with(f, po, lse, (int64_t)nl, ex->arg);
     } else {
         const unsigned char *o = out;
@@ -1738,6 +1752,14 @@ static void op_arm_failure(fz *f)
         f->c->al.fail_at = f->c->al.calls + 1 + c % 24; /* one of the next allocations fails */
 }
 
+/* The next step_attend stores NaN, +inf or -inf in V (docs/API.md,
+ * "Non-finite values"); the model follows the poison through the cache. */
+static void op_arm_poison(fz *f)
+{
+    static const int codes[3] = {SH_NAN, SH_PINF, SH_NINF};
+    f->poison = codes[u8(f) % 3];
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static int cuda = -1, trace_env = -1;
@@ -1788,7 +1810,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 23: op_quick_setup(f); break;
         case 24: op_null_ctx(f); break;
         case 25: op_constants(f); break;
-        case 26: op_arm_failure(f); break;
+        case 26:
+            if ((op & 0xc0) == 0xc0)
+                op_arm_poison(f);
+            else
+                op_arm_failure(f);
+            break;
         case 27:
             if ((op & 0xc0) == 0xc0) { /* a new context */
                 destroy_ctx(f);

@@ -84,6 +84,14 @@ void sh_encode(int32_t dtype, const int8_t *grid, size_t n, void *dst)
 {
     for (size_t i = 0; i < n; i++) {
         float f = (float)grid[i] / (float)SH_GRID;
+        if (SH_IS_POISON(grid[i])) {
+            f = grid[i] == SH_NAN ? NAN : grid[i] == SH_PINF ? INFINITY : -INFINITY;
+            if (dtype == RESA_DTYPE_F16) {
+                uint16_t h = grid[i] == SH_NAN ? 0x7e00u : grid[i] == SH_PINF ? 0x7c00u : 0xfc00u;
+                memcpy((char *)dst + 2 * i, &h, 2);
+                continue;
+            }
+        }
         if (dtype == RESA_DTYPE_F32) {
             memcpy((char *)dst + 4 * i, &f, 4);
         } else if (dtype == RESA_DTYPE_F16) {
@@ -1042,6 +1050,39 @@ static void choose(const shadow *m, int32_t ei, int32_t layer, int32_t hk, const
         c->lo = c->hi = k;
 }
 
+/* Whether position pos's V of KV head h (layer) holds a non-finite value. */
+SH_NO_COVERAGE
+static int v_poisoned(const shadow *m, const sh_seq *q, int64_t pos, int32_t layer, int32_t h)
+{
+    for (int32_t j = 0; j < (int32_t)m->iv[P_HEAD_DIM]; j++)
+        if (SH_IS_POISON(vval(m, q, pos, layer, h, j)))
+            return 1;
+    return 0;
+}
+
+/* The first position below hi whose V of head h holds a non-finite value, or hi. */
+SH_NO_COVERAGE
+static int64_t first_poison(const shadow *m, const sh_seq *q, int32_t layer, int32_t h, int64_t hi)
+{
+    for (int64_t p = 0; p < hi; p++)
+        if (v_poisoned(m, q, p, layer, h))
+            return p;
+    return hi;
+}
+
+/* Whether a row that attends the listed blocks up to pos reads a non-finite V. */
+SH_NO_COVERAGE
+static int blocks_poisoned(const shadow *m, const sh_seq *q, int32_t layer, int32_t h,
+                           const int32_t *blocks, int32_t n_blocks, int64_t pos)
+{
+    int64_t b = m->iv[P_BLOCK];
+    for (int32_t bi = 0; bi < n_blocks; bi++)
+        for (int64_t p = (int64_t)blocks[bi] * b; p < (int64_t)blocks[bi] * b + b && p <= pos; p++)
+            if (v_poisoned(m, q, p, layer, h))
+                return 1;
+    return 0;
+}
+
 /* Dense or block-sparse attention of one query row, head h, in double:
  * keys [0, pos] (or those of the listed blocks up to pos).  *lse is the
  * log-sum-exp of the scaled scores; no key: out NaN, lse -inf. */
@@ -1154,7 +1195,9 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
     int32_t *sel = NULL;
     sh_choice *ch = xcalloc((size_t)hkv, sizeof(sh_choice));
     double *ref = xcalloc((size_t)d, sizeof(double));
+    int64_t *fpois = xcalloc((size_t)hkv, sizeof(int64_t)); /* per head: first_poison */
     const char *bad = NULL;
+    m->last_nonfinite_rows = 0;
     for (int32_t i = 0; i < m->n_entries && !bad; i++) {
         const sh_entry *e = &m->entries[i];
         sh_seq *q = &m->seqs[e->slot];
@@ -1180,6 +1223,9 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
             continue;
         }
         int sparse = SH_SPARSE(e->mode), query = !SH_STORES(e->mode);
+        /* the positions this entry's rows can see: [0, start + n) ([0, start) for QUERY) */
+        for (int32_t hk = 0; hk < hkv; hk++)
+            fpois[hk] = first_poison(m, q, layer, hk, query ? e->start : e->start + e->n);
         if (sparse) {
             free(sel);
             sel = xcalloc((size_t)hkv * (size_t)(e->ml > 0 ? e->ml : 1), sizeof(int32_t));
@@ -1202,7 +1248,18 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
                  * model does not know whether it attends one */
                 int empty = pos < 0 || (sparse && ch[hk].hi == 0);
                 int maybe = sparse && !empty && ch[hk].lo == 0;
-                int value_row = sampled && !empty && !maybe && (!sparse || ch[hk].known);
+                /* a non-finite V where the row reads (API.md "Non-finite values"):
+                 * poisoned, the row must be non-finite; may_poison, the model does
+                 * not know the blocks it reads (or whether it reads any), so either */
+                int reach = !empty && fpois[hk] <= pos;
+                int known_blocks = sparse && ch[hk].known && !maybe;
+                int poisoned = reach && (!sparse || (known_blocks &&
+                               blocks_poisoned(m, q, layer, hk, sel + (size_t)hk * e->ml,
+                                               ch[hk].n, pos)));
+                int may_poison = reach && sparse && !known_blocks;
+                m->last_nonfinite_rows += poisoned || may_poison;
+                int value_row = sampled && !empty && !maybe && (!sparse || ch[hk].known) &&
+                                !poisoned && !may_poison;
                 double ref_lse = 0;
                 if (value_row) {
                     any_value = 1;
@@ -1223,6 +1280,24 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
                     bad = msg;
                     break;
                 }
+                if (poisoned || may_poison) {
+                    int finite = 1;
+                    for (int32_t j = 0; j < d; j++)
+                        finite &= isfinite(sh_decode(io, out, base + (size_t)j)) != 0;
+                    if (poisoned && finite) {
+                        snprintf(msg, msg_cap, "step_attend: layer %d, batch entry %d (mode %d, "
+                                 "position %lld), query head %d attends a non-finite V (first at "
+                                 "position %lld) and came out finite", layer, i, e->mode,
+                                 (long long)pos, h, (long long)fpois[hk]);
+                        bad = msg;
+                        break;
+                    }
+                    m->n_poison_rows += poisoned;
+                    if (!finite)
+                        continue;
+                    /* a finite row that may have read the poison: the bound below
+                     * still holds (any convex combination of grid V), not the lse */
+                }
                 if (empty || (maybe && zero && lse && l == -INFINITY)) {
                     if (!zero || (lse && l != -INFINITY)) {
                         snprintf(msg, msg_cap, "step_attend: layer %d, batch entry %d (mode %d), "
@@ -1233,7 +1308,7 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
                     }
                     continue;
                 }
-                if (lse) {
+                if (lse && !may_poison) {
                     double tl = 1e-4 * (1 + fabs(ref_lse));
                     if (!isfinite(l) || (value_row && fabs(l - ref_lse) > tl)) {
                         snprintf(msg, msg_cap, "step_attend_ex: layer %d, batch entry %d (mode %d, "
@@ -1268,6 +1343,7 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
     free(sel);
     free(ch);
     free(ref);
+    free(fpois);
     return bad;
 }
 

@@ -51,8 +51,15 @@ enum {
 };
 
 /* ---- values: every q, k, v element is k/8 with k in [-8, 8], exact in
- * f32, f16 and bf16 (and so in every KV dtype) ---- */
+ * f32, f16 and bf16 (and so in every KV dtype); V elements may also be one
+ * of the codes below (op "arm poison"), encoded as NaN, +inf or -inf: the
+ * model then predicts which rows are non-finite by the rules of docs/API.md
+ * ("Non-finite values") ---- */
 #define SH_GRID 8.0
+#define SH_NAN 127
+#define SH_PINF 126
+#define SH_NINF 125
+#define SH_IS_POISON(g) ((g) >= SH_NINF)
 size_t sh_dtype_size(int32_t dtype);
 void sh_encode(int32_t dtype, const int8_t *grid, size_t n, void *dst);
 double sh_decode(int32_t dtype, const void *src, size_t i);
@@ -143,6 +150,8 @@ typedef struct shadow {
     int64_t n_lists_checked;      /* block_scores lists equal to the model's */
     int64_t n_thresholds_checked; /* thresholds recomputed from the gathered lists */
     int64_t n_thr_selections;     /* selections by a threshold, exactly predicted */
+    int64_t n_poison_rows;        /* rows that attend a non-finite V, found non-finite */
+    int64_t last_nonfinite_rows;  /* of the last sh_attended: rows that are or may be non-finite */
 } shadow;
 
 void sh_init(shadow *m);            /* a new context: defaults, unlocked, counters 0 */
