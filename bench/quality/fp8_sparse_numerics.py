@@ -6,13 +6,15 @@ to bf16, P rounded to bf16), on one head: n keys of a random K and V, each
 token's V scaled by e^u with u uniform in [-spread, spread], quantized with the
 cache's codec (per-token scale amax / 448, e4m3).  The new path: q in f16
 under 2^-e, raw e4m3 operands, k_scale on S in fp32, P v_scale / c rounded to
-f16 with c the largest scale so far ("running", what the kernel does) or per
-unit of 16 keys ("unit", the alternative: each unit keeps f16 precision
-relative to its own largest scale, where "running" loses a key once
-P v_scale / c falls below f16's range, ~2^-24).  The reference attends the
-dequantized values with the bf16 q that both paths see.  Prints the relative
-L2 error of the output row, mean and max over trials.  numpy only; about a
-minute.
+f16 with c the largest scale so far ("running", what the kernel does), or per
+unit of 16 keys: its largest scale ("unit"), or 2^-15 times it ("unit15", so
+that P v_scale / c < 2^15; branch fp8-sparse-unit-c).  "running" loses a key
+once P v_scale / c falls below f16's range (~2^-24), "unit" the keys of one
+unit far below its largest.  The second table puts one early token with a V
+2^k times the others' at a score k ln 2 below theirs (its P v comparable to
+theirs): where the rules part.  The reference attends the dequantized values
+with the bf16 q that both paths see.  Prints the relative L2 error of the
+output row, mean and max over trials.  numpy only; about a minute.
 
   python3 bench/quality/fp8_sparse_numerics.py [--trials 6]
 """
@@ -43,10 +45,15 @@ def quantize(x):
     return raw, scale[:, 0]
 
 
-def trial(rng, n, d, spread, q_mag, rule):
+def trial(rng, n, d, spread, q_mag, rule, outlier=0):
     k = rng.standard_normal((n, d))
     v = rng.standard_normal((n, d)) * np.exp(rng.uniform(-spread, spread, (n, 1)))
     q = bf16(rng.standard_normal(d) * q_mag)
+    if outlier:
+        # an early token whose V is 2^outlier times the others' and whose weight is
+        # about 2^-outlier of theirs: its P v stays comparable to the rest
+        v[0] *= 2.0**outlier
+        k[0] = -q * (outlier * np.log(2) * np.sqrt(d) / (q @ q))
     kr, ks = quantize(k)
     vr, vs = quantize(v)
     kd, vd = kr * ks[:, None], vr * vs[:, None]
@@ -71,7 +78,10 @@ def trial(rng, n, d, spread, q_mag, rule):
         l = l * corr + pu.sum()
         cu = vs[u:u + 16].max()
         kmax = max(kmax, cu)
-        c = max(cu, 2.0**-126, kmax * 2.0**-64) if rule == "unit" else max(cu, 2.0**-126, kc)
+        if rule == "running":
+            c = max(cu, 2.0**-126, kc)
+        else:
+            c = max(cu * (2.0**-15 if rule == "unit15" else 1.0), 2.0**-126, kmax * 2.0**-64)
         rescale, kc = (kc / c if c > 0 else 0.0), c
         pp = (pu * (vs[u:u + 16] / c)).astype(np.float16).astype(np.float64)
         acc = acc * corr * rescale + pp @ vr[u:u + 16]
@@ -93,11 +103,20 @@ def main():
     print("|---|---|---|---|---|")
     for spread in (0, 6, 12):
         for q_mag in (1, 30):
-            for rule in ("running", "unit"):
+            for rule in ("running", "unit", "unit15"):
                 rng = np.random.default_rng(a.seed)
                 r = np.array([trial(rng, a.keys, 128, spread, q_mag, rule) for _ in range(a.trials)])
                 print(f"| e^+-{spread} | {q_mag} | {rule} | {r[:, 0].mean():.2e} / {r[:, 0].max():.2e} "
                       f"| {r[:, 1].mean():.2e} / {r[:, 1].max():.2e} |")
+    print()
+    print("| first token's V x | rule | old path: mean / max | new path: mean / max |")
+    print("|---|---|---|---|")
+    for outlier in (8, 16, 24, 32, 40):
+        for rule in ("running", "unit", "unit15"):
+            rng = np.random.default_rng(a.seed)
+            r = np.array([trial(rng, a.keys, 128, 0, 1, rule, outlier) for _ in range(a.trials)])
+            print(f"| 2^{outlier} | {rule} | {r[:, 0].mean():.2e} / {r[:, 0].max():.2e} "
+                  f"| {r[:, 1].mean():.2e} / {r[:, 1].max():.2e} |")
 
 
 if __name__ == "__main__":
