@@ -81,7 +81,7 @@ static struct fz_stats {
     int64_t inputs, calls, contexts, locks, injected;
     int64_t modes[7], cow, rows_checked, sparse_checked;
     int64_t lse_checked, split_entries, lists_checked, thresholds_checked, thr_selections;
-    int64_t merge_rows_checked, poison_rows;
+    int64_t merge_rows_checked, poison_rows, fp8_rows;
 } stats;
 
 static void print_stats(void)
@@ -96,7 +96,8 @@ static void print_stats(void)
             "reference; %lld block_scores lists equal to the model's; %lld thresholds "
             "recomputed; %lld selections by a threshold predicted exactly; %lld merged rows "
             "compared with float64\n"
-            "resa fuzz stats (non-finite V): %lld rows that attend it found non-finite\n",
+            "resa fuzz stats (fp8 cache, non-finite V): %lld of the rows compared over an fp8 "
+            "cache; %lld rows that attend a non-finite V found non-finite\n",
             (long long)stats.inputs, (long long)stats.calls, (long long)stats.contexts,
             (long long)stats.locks, (long long)stats.injected, (long long)stats.modes[0],
             (long long)stats.modes[1], (long long)stats.modes[4], (long long)stats.modes[2],
@@ -105,7 +106,8 @@ static void print_stats(void)
             (long long)stats.modes[6], (long long)stats.split_entries,
             (long long)stats.lse_checked, (long long)stats.lists_checked,
             (long long)stats.thresholds_checked, (long long)stats.thr_selections,
-            (long long)stats.merge_rows_checked, (long long)stats.poison_rows);
+            (long long)stats.merge_rows_checked, (long long)stats.fp8_rows,
+            (long long)stats.poison_rows);
 }
 
 /* ---- the session: up to two contexts, each with its model and hooks ---- */
@@ -423,6 +425,7 @@ static void destroy_ctx(fz *f)
     stats.rows_checked += f->c->m.n_rows_checked;
     stats.sparse_checked += f->c->m.n_sparse_checked;
     stats.poison_rows += f->c->m.n_poison_rows;
+    stats.fp8_rows += f->c->m.n_fp8_rows;
     stats.calls++;
     resa_ctx_destroy(f->c->ctx);
     f->c->ctx = NULL;
@@ -1645,8 +1648,8 @@ static void op_quick_setup(fz *f)
     do_set_param(f, RESA_PARAM_BLOCK_SIZE, blocks[y % 6]);
     do_set_param(f, RESA_PARAM_MAX_SEQUENCES, 2 + (y >> 3) % 7);
     do_set_param(f, RESA_PARAM_NUM_THREADS, (y & 0xc7) == 0xc7 ? 2 : 1);
-    if (c & 0x20) {
-        do_set_param(f, RESA_PARAM_KV_DTYPE, (x >> 6) % 3);
+    if (c & 0x20) { /* the KV dtype f32, f16, bf16 or fp8 (3); IO one of the first three */
+        do_set_param(f, RESA_PARAM_KV_DTYPE, x >> 6);
         do_set_param(f, RESA_PARAM_IO_DTYPE, (y >> 6) % 3);
     }
     if (c & 0x40) {

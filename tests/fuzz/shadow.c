@@ -1083,6 +1083,54 @@ static int blocks_poisoned(const shadow *m, const sh_seq *q, int32_t layer, int3
     return 0;
 }
 
+/* x rounded to nearest even on a grid of 2^(e - mant) for its binade e, with
+ * e at least min_e (the subnormals' spacing below): an f16 (10, -14) or
+ * e4m3 (3, -6) value of x, before any saturation. */
+SH_NO_COVERAGE
+static double round_bits(double x, int mant, int min_e)
+{
+    if (x == 0.0)
+        return x;
+    int e;
+    frexp(fabs(x), &e); /* |x| in [2^(e-1), 2^e) */
+    double step = ldexp(1.0, (e - 1 < min_e ? min_e : e - 1) - mant);
+    return nearbyint(x / step) * step;
+}
+
+/* An fp32 value rounded to the IO dtype (nearest even). */
+SH_NO_COVERAGE
+static double round_io(int32_t io, float x)
+{
+    if (io == RESA_DTYPE_F32)
+        return x;
+    return round_bits(x, io == RESA_DTYPE_F16 ? 10 : 7, io == RESA_DTYPE_F16 ? -14 : -126);
+}
+
+/* The K (is_v 0) or V head vector of a position as the cache reads it back:
+ * the grid values, or with an fp8 cache the codec of docs/API.md ("fp8 KV
+ * cache"): scale = amax / 448 in fp32, each byte e4m3 of x / scale (nearest
+ * even, saturating at 448), read back as the fp32 product rounded to IO. */
+SH_NO_COVERAGE
+static void read_back(const shadow *m, const sh_seq *q, int64_t pos, int32_t layer, int32_t h,
+                      int is_v, double *out)
+{
+    int32_t d = (int32_t)m->iv[P_HEAD_DIM];
+    float amax = 0.0f;
+    for (int32_t j = 0; j < d; j++) {
+        int8_t g = is_v ? vval(m, q, pos, layer, h, j) : kval(m, q, pos, layer, h, j);
+        out[j] = g / SH_GRID;
+        amax = fabsf((float)out[j]) > amax ? fabsf((float)out[j]) : amax;
+    }
+    if (m->iv[P_KV_DTYPE] != RESA_DTYPE_FP8_E4M3 || amax == 0.0f)
+        return; /* grid values are exact in every other KV dtype; all zero: zero bytes */
+    float scale = amax / 448.0f;
+    for (int32_t j = 0; j < d; j++) {
+        double b = round_bits((float)out[j] / scale, 3, -6);
+        b = b > 448.0 ? 448.0 : b < -448.0 ? -448.0 : b;
+        out[j] = round_io((int32_t)m->iv[P_IO_DTYPE], (float)b * scale);
+    }
+}
+
 /* Dense or block-sparse attention of one query row, head h, in double:
  * keys [0, pos] (or those of the listed blocks up to pos).  *lse is the
  * log-sum-exp of the scaled scores; no key: out NaN, lse -inf. */
@@ -1093,7 +1141,7 @@ static void reference_row(const shadow *m, const sh_seq *q, int32_t layer, const
 {
     int32_t d = (int32_t)m->iv[P_HEAD_DIM], b = (int32_t)m->iv[P_BLOCK];
     int32_t hk = h / (int32_t)(m->iv[P_QHEADS] / m->iv[P_KVHEADS]);
-    double mx = -INFINITY, sum = 0;
+    double mx = -INFINITY, sum = 0, kb[256], vb[256]; /* HEAD_DIM <= 256 here */
     for (int32_t j = 0; j < d; j++)
         out[j] = 0;
     /* two passes: the maximum score, then the weights */
@@ -1106,16 +1154,18 @@ static void reference_row(const shadow *m, const sh_seq *q, int32_t layer, const
                 hi = pos + 1;
             for (int64_t p = lo; p < hi; p++) {
                 double s = 0;
+                read_back(m, q, p, layer, hk, 0, kb);
                 for (int32_t j = 0; j < d; j++)
-                    s += (qv[j] / SH_GRID) * (kval(m, q, p, layer, hk, j) / SH_GRID);
+                    s += (qv[j] / SH_GRID) * kb[j];
                 s *= m->st_scale;
                 if (pass == 0) {
                     mx = s > mx ? s : mx;
                 } else {
                     double w = exp(s - mx);
                     sum += w;
+                    read_back(m, q, p, layer, hk, 1, vb);
                     for (int32_t j = 0; j < d; j++)
-                        out[j] += w * (vval(m, q, p, layer, hk, j) / SH_GRID);
+                        out[j] += w * vb[j];
                 }
             }
         }
@@ -1182,10 +1232,10 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
     m->layer_done[layer] = 1;
     /* 2. the selection record, the outputs and the log-sum-exps */
     int exact_sel = selection_exact(m);
-    /* An fp8 cache does not hold the grid values exactly (3 mantissa bits):
-     * the model checks its protocol (statuses, lengths, selections' structure,
-     * written and bounded outputs), the Check suites its values (ref.c). */
-    int check_values = m->st_scale <= 4.0 && m->iv[P_KV_DTYPE] != RESA_DTYPE_FP8_E4M3;
+    /* An fp8 cache does not hold the grid values exactly (3 mantissa bits): the
+     * reference reads them back through the codec (read_back), and a sparse
+     * selection is checked for its bounds only (selection_exact) */
+    int check_values = m->st_scale <= 4.0;
     int64_t work = 0; /* multiply-adds of the reference, to sample rows of long steps */
     for (int32_t i = 0; i < m->n_entries; i++)
         if (m->entries[i].mode != RESA_MODE_APPEND_KV)
@@ -1336,6 +1386,7 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
             }
             if (any_value) {
                 m->n_rows_checked++;
+                m->n_fp8_rows += m->iv[P_KV_DTYPE] == RESA_DTYPE_FP8_E4M3;
                 m->n_sparse_checked += sparse && e->nsel < e->m;
             }
         }
