@@ -81,7 +81,7 @@ static struct fz_stats {
     int64_t inputs, calls, contexts, locks, injected;
     int64_t modes[7], cow, rows_checked, sparse_checked;
     int64_t lse_checked, split_entries, lists_checked, thresholds_checked, thr_selections;
-    int64_t merge_rows_checked, poison_rows, fp8_rows;
+    int64_t merge_rows_checked, poison_rows, qnan_rows, fp8_rows;
 } stats;
 
 static void print_stats(void)
@@ -96,8 +96,9 @@ static void print_stats(void)
             "reference; %lld block_scores lists equal to the model's; %lld thresholds "
             "recomputed; %lld selections by a threshold predicted exactly; %lld merged rows "
             "compared with float64\n"
-            "resa fuzz stats (fp8 cache, non-finite V): %lld of the rows compared over an fp8 "
-            "cache; %lld rows that attend a non-finite V found non-finite\n",
+            "resa fuzz stats (fp8 cache, non-finite inputs): %lld of the rows compared over an fp8 "
+            "cache; %lld rows with a NaN q (%lld) or that attend a non-finite V found "
+            "non-finite\n",
             (long long)stats.inputs, (long long)stats.calls, (long long)stats.contexts,
             (long long)stats.locks, (long long)stats.injected, (long long)stats.modes[0],
             (long long)stats.modes[1], (long long)stats.modes[4], (long long)stats.modes[2],
@@ -107,7 +108,7 @@ static void print_stats(void)
             (long long)stats.lse_checked, (long long)stats.lists_checked,
             (long long)stats.thresholds_checked, (long long)stats.thr_selections,
             (long long)stats.merge_rows_checked, (long long)stats.fp8_rows,
-            (long long)stats.poison_rows);
+            (long long)stats.poison_rows, (long long)stats.qnan_rows);
 }
 
 /* ---- the session: up to two contexts, each with its model and hooks ---- */
@@ -132,6 +133,7 @@ typedef struct fz {
     char detail[1024];   /* what the model found wrong */
     unsigned kind;       /* how the next step's K is drawn (grid_value) */
     int poison;          /* the next step_attend's V gets this SH_ code (0: none) */
+    int poison_q;        /* the next step_attend's q gets a NaN */
 } fz;
 
 static uint8_t u8(fz *f)
@@ -426,6 +428,7 @@ static void destroy_ctx(fz *f)
     stats.sparse_checked += f->c->m.n_sparse_checked;
     stats.poison_rows += f->c->m.n_poison_rows;
     stats.fp8_rows += f->c->m.n_fp8_rows;
+    stats.qnan_rows += f->c->m.n_qnan_rows;
     stats.calls++;
     resa_ctx_destroy(f->c->ctx);
     f->c->ctx = NULL;
@@ -1156,6 +1159,16 @@ static void do_attend_x(fz *f, int32_t layer, unsigned nulls, uint32_t flags, co
         kg[i] = grid_value(f, kind);
         vg[i] = grid_value(f, 0);
     }
+    /* op_arm_poison, q: a NaN in one element of one row's q (not where the
+     * two-phase selection lists scores from it: what a NaN score lists as is
+     * not specified) */
+    if (f->poison_q && nq && !(ex && ex->thr == 1)) {
+        uint64_t z = next_rand(f);
+        size_t at = (size_t)(z % nq);
+        qg[at] = SH_NAN;
+        trace(f, "  q poisoned (NaN) at step row %zu, query head %zu", at / (hq * d), at / d % hq);
+        f->poison_q = 0;
+    }
     if (f->poison && nk) { /* op_arm_poison: one element, or one head vector, of V */
         uint64_t z = next_rand(f);
         size_t row = (size_t)(z % T), h = (size_t)((z >> 20) % hkv), j = (size_t)((z >> 40) % d);
@@ -1755,12 +1768,17 @@ static void op_arm_failure(fz *f)
         f->c->al.fail_at = f->c->al.calls + 1 + c % 24; /* one of the next allocations fails */
 }
 
-/* The next step_attend stores NaN, +inf or -inf in V (docs/API.md,
- * "Non-finite values"); the model follows the poison through the cache. */
+/* The next step_attend stores NaN, +inf or -inf in V, or gets a NaN in q
+ * (docs/API.md, "Non-finite values"); the model follows a V poison through
+ * the cache, and a NaN query through its group's selection. */
 static void op_arm_poison(fz *f)
 {
     static const int codes[3] = {SH_NAN, SH_PINF, SH_NINF};
-    f->poison = codes[u8(f) % 3];
+    uint8_t c = u8(f);
+    if (c & 0x80)
+        f->poison_q = 1;
+    else
+        f->poison = codes[c % 3];
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -945,8 +945,10 @@ static void cand_scores(const shadow *m, const sh_entry *e, int32_t layer, int32
     const int8_t *qrow = qg + (size_t)e->row * (size_t)hq * (size_t)d;
     double *qp = xcalloc((size_t)d, sizeof(double));
     for (int32_t j = 0; j < d; j++) {
-        for (int32_t gi = 0; gi < g; gi++)
-            qp[j] += qrow[((size_t)hk * g + gi) * d + j] / SH_GRID;
+        for (int32_t gi = 0; gi < g; gi++) {
+            int8_t x = qrow[((size_t)hk * g + gi) * d + j];
+            qp[j] += x == SH_NAN ? NAN : x / SH_GRID; /* a NaN query element: NaN scores */
+        }
         qp[j] /= g;
     }
     int64_t valid = e->start; /* stored keys: a candidate is never the DECODE's own block */
@@ -963,7 +965,7 @@ static void cand_scores(const shadow *m, const sh_entry *e, int32_t layer, int32
             double a = mn / SH_GRID, c = mx / SH_GRID;
             s += 0.5 * (qp[j] * (c + a) + m->st_width * fabs(qp[j]) * (c - a));
         }
-        score[i] = s;
+        score[i] = isnan(s) ? -INFINITY : s; /* a NaN score ranks as -inf (API.md) */
     }
     free(qp);
 }
@@ -1302,11 +1304,17 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
                  * poisoned, the row must be non-finite; may_poison, the model does
                  * not know the blocks it reads (or whether it reads any), so either */
                 int reach = !empty && fpois[hk] <= pos;
+                /* a NaN in the row's own q: non-finite wherever it attends a key */
+                int q_nan = 0;
+                for (int32_t j = 0; j < d; j++)
+                    q_nan |= qg[base + (size_t)j] == SH_NAN;
                 int known_blocks = sparse && ch[hk].known && !maybe;
-                int poisoned = reach && (!sparse || (known_blocks &&
-                               blocks_poisoned(m, q, layer, hk, sel + (size_t)hk * e->ml,
-                                               ch[hk].n, pos)));
-                int may_poison = reach && sparse && !known_blocks;
+                int poisoned = (reach && (!sparse || (known_blocks &&
+                                blocks_poisoned(m, q, layer, hk, sel + (size_t)hk * e->ml,
+                                                ch[hk].n, pos)))) ||
+                               (q_nan && !empty && !maybe);
+                int may_poison = !poisoned && ((reach && sparse && !known_blocks) ||
+                                               (q_nan && (empty || maybe)));
                 m->last_nonfinite_rows += poisoned || may_poison;
                 int value_row = sampled && !empty && !maybe && (!sparse || ch[hk].known) &&
                                 !poisoned && !may_poison;
@@ -1336,20 +1344,22 @@ const char *sh_attended(shadow *m, int32_t layer, const int8_t *qg, const int8_t
                         finite &= isfinite(sh_decode(io, out, base + (size_t)j)) != 0;
                     if (poisoned && finite) {
                         snprintf(msg, msg_cap, "step_attend: layer %d, batch entry %d (mode %d, "
-                                 "position %lld), query head %d attends a non-finite V (first at "
-                                 "position %lld) and came out finite", layer, i, e->mode,
-                                 (long long)pos, h, (long long)fpois[hk]);
+                                 "position %lld), query head %d %s and came out finite", layer, i,
+                                 e->mode, (long long)pos, h,
+                                 q_nan ? "has a NaN in q" : "attends a non-finite V");
                         bad = msg;
                         break;
                     }
                     m->n_poison_rows += poisoned;
+                    m->n_qnan_rows += poisoned && q_nan;
                     if (!finite)
                         continue;
                     /* a finite row that may have read the poison: the bound below
                      * still holds (any convex combination of grid V), not the lse */
                 }
                 if (empty || (maybe && zero && lse && l == -INFINITY)) {
-                    if (!zero || (lse && l != -INFINITY)) {
+                    /* an empty row with a NaN q: 0 as an empty row, lse either */
+                    if (!zero || (lse && l != -INFINITY && !may_poison)) {
                         snprintf(msg, msg_cap, "step_attend: layer %d, batch entry %d (mode %d), "
                                  "query head %d attends no key here: out %s, lse %.9g (want 0 "
                                  "and -inf)", layer, i, e->mode, h, zero ? "0" : "not 0",

@@ -150,8 +150,9 @@ typedef struct shadow {
     int64_t n_lists_checked;      /* block_scores lists equal to the model's */
     int64_t n_thresholds_checked; /* thresholds recomputed from the gathered lists */
     int64_t n_thr_selections;     /* selections by a threshold, exactly predicted */
-    int64_t n_poison_rows;        /* rows that attend a non-finite V, found non-finite */
+    int64_t n_poison_rows;        /* rows with a NaN q or that attend a non-finite V, found non-finite */
     int64_t n_fp8_rows;           /* of n_rows_checked, rows over an fp8 cache */
+    int64_t n_qnan_rows;          /* of n_poison_rows, rows with a NaN in their own q */
     int64_t last_nonfinite_rows;  /* of the last sh_attended: rows that are or may be non-finite */
 } shadow;
 
