@@ -212,12 +212,20 @@ if [[ $phases == *timeline* ]]; then
   # "--kv-dtype fp8" for the fp8 cache).
   tb=${RESA_TIMELINE_BATCH:-1}
   say "kernel timeline (CUPTI) of the sparse step: $tb x ${RESA_TIMELINE_CONTEXTS:-32768 262144} ${RESA_TIMELINE_ARGS:-(0.3.0 defaults)}"
+  # CUPTI: the toolkit's (include/ and lib64/, or extras/CUPTI/), else the
+  # pip wheel's that torch brings (nvidia/cu13 or nvidia/cuda_cupti)
   cuda=$(dirname "$(dirname "$(command -v nvcc)")")
-  cupti_inc=$cuda/include cupti_lib=$cuda/lib64
-  [ -f "$cupti_inc/cupti.h" ] || cupti_inc=$cuda/extras/CUPTI/include
-  [ -e "$cupti_lib/libcupti.so" ] || cupti_lib=$cuda/extras/CUPTI/lib64
-  if gcc -std=c11 -D_POSIX_C_SOURCE=200809L -O2 -Wall -shared -fPIC -I"$cupti_inc" \
-       bench/profile/kernel_timeline.c -L"$cupti_lib" -lcupti -o $build/kernel_timeline.so; then
+  cupti_inc="" cupti_so=""
+  for d in "$cuda" "$cuda/extras/CUPTI" \
+           $(python3 -c 'import nvidia, os; [print(os.path.join(p, s)) for p in nvidia.__path__ for s in ("cu13", "cuda_cupti")]' 2>/dev/null); do
+    [ -z "$cupti_inc" ] && [ -f "$d/include/cupti.h" ] && cupti_inc=$d/include
+    [ -z "$cupti_so" ] && cupti_so=$(ls "$d"/lib64/libcupti.so* "$d"/lib/libcupti.so* 2>/dev/null | head -1)
+  done
+  cupti_lib=$(dirname "${cupti_so:-/nonexistent/x}")
+  echo "CUPTI: headers $cupti_inc, library $cupti_so"
+  if [ -n "$cupti_inc" ] && [ -n "$cupti_so" ] && \
+     gcc -std=c11 -D_POSIX_C_SOURCE=200809L -O2 -Wall -shared -fPIC -I"$cupti_inc" \
+       bench/profile/kernel_timeline.c "$cupti_so" -Wl,-rpath,"$cupti_lib" -o $build/kernel_timeline.so; then
     export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
     for ctx in ${RESA_TIMELINE_CONTEXTS:-32768 262144}; do
       tag=$tb-$ctx
@@ -236,7 +244,7 @@ if [[ $phases == *timeline* ]]; then
       python3 bench/profile/timeline_account.py "$OUT/timeline-$tag.csv" 2>&1 | tee "$OUT/timeline-$tag.log"
     done
   else
-    echo "timeline: kernel_timeline.so did not build (CUPTI at $cupti_inc, $cupti_lib?)"
+    echo "timeline: kernel_timeline.so did not build (CUPTI headers '$cupti_inc', library '$cupti_so')"
   fi
 fi
 # NCCL (resa-e2e --tp): no NVLink multicast on these shared hosts
