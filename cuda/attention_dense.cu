@@ -246,8 +246,7 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
                 size_t off = 0;
                 if (ok) {
                     const int32_t page = __ldg(ptab + (pos >> p.log2_b));
-                    off = (((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1))) * D +
-                          c * 16;
+                    off = pool_row(p, page, kvh, pos) * D + c * 16;
                 }
                 cp_async16(smem_u32(raw + key * D + c * 16), k8 + off, ok ? 16 : 0);
                 cp_async16(smem_u32(raw + BN * D + key * D + c * 16), v8 + off, ok ? 16 : 0);
@@ -259,7 +258,7 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
                 size_t off = 0;
                 if (ok) {
                     const int32_t page = __ldg(ptab + (pos >> p.log2_b));
-                    off = ((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1));
+                    off = pool_row(p, page, kvh, pos);
                 }
                 cp_async4(smem_u32(raw + 2 * BN * D + tid * 4), (is_v ? p.vscale : p.kscale) + off,
                           ok ? 4 : 0);
@@ -277,8 +276,7 @@ __global__ void __launch_bounds__(NTHREADS, tile_cfg<D>::MINB) dense_attention_k
             const T *ks = static_cast<const T *>(p.k), *vs = static_cast<const T *>(p.v);
             if (ok) {
                 const int32_t page = __ldg(ptab + (pos >> p.log2_b));
-                const size_t off =
-                    (((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1))) * D + c * 8;
+                const size_t off = pool_row(p, page, kvh, pos) * D + c * 8;
                 ks += off;
                 vs += off;
             }

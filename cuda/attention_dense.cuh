@@ -96,6 +96,14 @@ struct tile_ref {
     int tile;      // tile index within (entry, head), heaviest (last) first
 };
 
+// The pool row of position pos of KV head kvh on `page`: its head vector
+// starts at element row * d, its fp8 scale is element row of kscale/vscale.
+__device__ __forceinline__ size_t pool_row(const dense_params &p, int32_t page, int kvh,
+                                           int64_t pos)
+{
+    return ((size_t)page * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1));
+}
+
 __device__ __forceinline__ int tiles_of(int32_t n, int32_t g) { return (n * g + BM - 1) / BM; }
 
 // The output row ([n_rows][hq], of out and lse) of row rr of entry e's tiles

@@ -429,8 +429,7 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                 const int64_t pos = kb + key;
                 const bool ok = pos < kend;
                 const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPR);
-                const size_t off = (((size_t)page * p.hkv + kvh) * p.b +
-                                    (size_t)(pos & (p.b - 1))) * HD + c * 16;
+                const size_t off = pool_row(p, page, kvh, pos) * HD + c * 16;
                 cp_async16(dst + key * HD + c * 16, ok ? pool + off : pool, ok ? 16 : 0);
             }
             if (kl_ok) {
@@ -668,8 +667,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                     const int64_t pos = kb + key;
                     const bool ok = pos < kend;
                     const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPK);
-                    const size_t off = (((size_t)page * p.hkv + kvh) * p.b +
-                                        (size_t)(pos & (p.b - 1))) * HD + c * 8;
+                    const size_t off = pool_row(p, page, kvh, pos) * HD + c * 8;
                     const uint32_t so = sw128(key, c, HBN);
                     if (do_k)
                         cp_async16(dK + so, ok ? kpool + off : kpool, ok ? 16 : 0);

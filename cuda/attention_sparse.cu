@@ -365,16 +365,22 @@ __device__ __forceinline__ void load_q(uint32_t qf[4], uint32_t q_s, int kc, int
 
 // S = Q K^T for one unit: s[nt] is keys 8 nt .. 8 nt + 7.  Q fragments come
 // from registers (d <= 128) or are reloaded from the Q tile (d = 256).
-template <typename T, int D, int QN>
-__device__ __forceinline__ void unit_scores(float s[2][4], uint32_t k_s, uint32_t q_s,
-                                            const uint32_t (&qf)[QN][4], int lane)
+// The MMA accumulators of one unit's scores (two n-tiles of 8 keys) set to 0.
+__device__ __forceinline__ void zero_scores(float s[2][4])
 {
-    const int r = lane & 7, mi = lane >> 3;
 #pragma unroll
     for (int nt = 0; nt < 2; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++)
             s[nt][e] = 0.0f;
+}
+
+template <typename T, int D, int QN>
+__device__ __forceinline__ void unit_scores(float s[2][4], uint32_t k_s, uint32_t q_s,
+                                            const uint32_t (&qf)[QN][4], int lane)
+{
+    const int r = lane & 7, mi = lane >> 3;
+    zero_scores(s);
 #pragma unroll
     for (int kc = 0; kc < D / 16; kc++) {
         uint32_t kb[4];
@@ -481,11 +487,7 @@ __device__ __forceinline__ void attend_unit_f8(State<D> &st, const uint8_t *raw,
     const float2 v01 = *(const float2 *)(vsc + 2 * tig), v89 = *(const float2 *)(vsc + 8 + 2 * tig);
     // S = Q K^T: lane (gid, tig) holds key row 8 nt + gid's bytes [32p + 8 tig, +8)
     float s[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            s[nt][e] = 0.0f;
+    zero_scores(s);
 #pragma unroll
     for (int p = 0; p < D / 32; p++) {
         uint32_t qa[4], qb[4];
