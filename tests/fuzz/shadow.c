@@ -1144,26 +1144,28 @@ static void reference_row(const shadow *m, const sh_seq *q, int32_t layer, const
     int32_t d = (int32_t)m->iv[P_HEAD_DIM], b = (int32_t)m->iv[P_BLOCK];
     int32_t hk = h / (int32_t)(m->iv[P_QHEADS] / m->iv[P_KVHEADS]);
     double mx = -INFINITY, sum = 0, kb[256], vb[256]; /* HEAD_DIM <= 256 here */
+    double *sc = xcalloc((size_t)pos + 1, sizeof(double)); /* the scores, in visiting order */
     for (int32_t j = 0; j < d; j++)
         out[j] = 0;
-    /* two passes: the maximum score, then the weights */
+    /* two passes: the scores and their maximum, then the weights */
     for (int pass = 0; pass < 2; pass++) {
         int32_t nb = blocks ? n_blocks : 1;
+        int64_t n = 0;
         for (int32_t bi = 0; bi < nb; bi++) {
             int64_t lo = blocks ? (int64_t)blocks[bi] * b : 0;
             int64_t hi = blocks ? lo + b : pos + 1;
             if (hi > pos + 1)
                 hi = pos + 1;
-            for (int64_t p = lo; p < hi; p++) {
-                double s = 0;
-                read_back(m, q, p, layer, hk, 0, kb);
-                for (int32_t j = 0; j < d; j++)
-                    s += (qv[j] / SH_GRID) * kb[j];
-                s *= m->st_scale;
+            for (int64_t p = lo; p < hi; p++, n++) {
                 if (pass == 0) {
-                    mx = s > mx ? s : mx;
+                    double s = 0;
+                    read_back(m, q, p, layer, hk, 0, kb);
+                    for (int32_t j = 0; j < d; j++)
+                        s += (qv[j] / SH_GRID) * kb[j];
+                    sc[n] = s * m->st_scale;
+                    mx = sc[n] > mx ? sc[n] : mx;
                 } else {
-                    double w = exp(s - mx);
+                    double w = exp(sc[n] - mx);
                     sum += w;
                     read_back(m, q, p, layer, hk, 1, vb);
                     for (int32_t j = 0; j < d; j++)
@@ -1172,6 +1174,7 @@ static void reference_row(const shadow *m, const sh_seq *q, int32_t layer, const
             }
         }
     }
+    free(sc);
     for (int32_t j = 0; j < d; j++)
         out[j] /= sum;
     *lse = mx + log(sum);
