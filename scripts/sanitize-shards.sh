@@ -9,10 +9,13 @@
 # Env: RESA_SANITIZE_TOOLS (default memcheck racecheck initcheck synccheck),
 #      RESA_SANITIZE_SHARDS (default 4), RESA_SANITIZE_TIMEOUT (s, default 1800),
 #      RESA_SANITIZE_TESTS (names from the list below, default all of them),
+#      RESA_SANITIZE_PAIRS ("tool:test ..." in the order to start them; replaces
+#      the two above),
 #      RESA_SANITIZE_BUDGET (s from the start, default none): a run that would
 #      start after it is listed as not run, and every run is cut at it, so
 #      that a device call ends in time with the runs that finished reported.
-# Writes OUT/sanshard-<tool>-<test>-<k>.log and prints one line per run and a
+# Writes OUT/sanshard-<tool>-<test>-<k>.log, OUT/sanshards-progress.txt (a line as
+# each run ends) and prints one line per run and a
 # summary; exit 0 only when every run exited 0 with "ERROR SUMMARY: 0 errors"
 # (racecheck: "0 hazards").
 set -uo pipefail
@@ -32,17 +35,32 @@ tests=(
   "check_cp_cuda||$build/tests/check_cp cuda"
   "soak_diff||$build/tests/soak/soak_diff 20"
 )
+# RESA_SANITIZE_PAIRS="tool:test ...", when set, replaces the tools x tests
+# matrix with those runs, started in that order (the most wanted first, so
+# that a budget cut drops the least wanted)
+pairs=${RESA_SANITIZE_PAIRS:-}
+if [ -z "$pairs" ]; then
+  for tool in $tools; do
+    for t in "${tests[@]}"; do
+      name=${t%%|*}
+      [[ " ${RESA_SANITIZE_TESTS:-$name} " == *" $name "* ]] && pairs="$pairs $tool:$name"
+    done
+  done
+fi
 jobs_file=$(mktemp)
-for tool in $tools; do
+for pair in $pairs; do
+  tool=${pair%%:*} want=${pair#*:} found=""
   for t in "${tests[@]}"; do
     IFS='|' read -r name env cmd <<<"$t"
-    [[ " ${RESA_SANITIZE_TESTS:-$name} " == *" $name "* ]] || continue
+    [ "$name" = "$want" ] || continue
+    found=1
     # check_cp and the soak have no sharded loops: one run
     shards=$n; [[ $name == check_cp_cuda || $name == soak_diff ]] && shards=1
     for k in $(seq 0 $((shards - 1))); do
       echo "$tool|$name|$k|$shards|$env|$cmd" >>"$jobs_file"
     done
   done
+  [ -n "$found" ] || { echo "sanitize-shards.sh: no test '$want' (RESA_SANITIZE_PAIRS '$pair')" >&2; exit 2; }
 done
 deadline=0
 [ -n "${RESA_SANITIZE_BUDGET:-}" ] && deadline=$(( $(date +%s) + RESA_SANITIZE_BUDGET ))
@@ -63,7 +81,9 @@ run_one() {
   rc=$?
   sum=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$log" | grep -v "not printed" | tail -1)
   checks=$(grep -h "Checks:" "$log" | tail -1)
-  echo "$tool $name shard $k/$shards: exit $rc; ${checks:-no Check summary}; ${sum:-no sanitizer summary}"
+  line="$tool $name shard $k/$shards: exit $rc; ${checks:-no Check summary}; ${sum:-no sanitizer summary}"
+  echo "$line" >>"$out/sanshards-progress.txt" # as each run ends (the summary is sorted at the end)
+  echo "$line"
 }
 export -f run_one
 export out deadline

@@ -108,8 +108,16 @@ void th_opts_default(th_opts *o)
 static cuda_shim g_cu;
 static int g_cu_state; /* 0 unknown, 1 usable, -1 not */
 
+static int g_only_matched; /* tests that RESA_TEST_ONLY let through */
+
 int th_run_suite(Suite *s, int fork)
 {
+    const char *only = getenv("RESA_TEST_ONLY");
+    if (only && *only && g_only_matched == 0) {
+        /* a misspelt name must not pass as an empty suite */
+        fprintf(stderr, "RESA_TEST_ONLY=%s matches no test that this process added with th_add_loop\n", only);
+        return EXIT_FAILURE;
+    }
     SRunner *sr = srunner_create(s);
     if (!fork)
         srunner_set_fork_status(sr, CK_NOFORK);
@@ -131,9 +139,14 @@ void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi)
             exit(2);
         }
     }
+    /* RESA_TEST_ONLY=name: only that test function (for example to run one
+     * test against another build's CUDA module), counted as usual for shards */
+    const char *only = getenv("RESA_TEST_ONLY");
     for (int i = lo; i < hi; i++)
-        if (next++ % shards == shard)
+        if (next++ % shards == shard && (!only || !*only || strcmp(only, fn->name) == 0)) {
             tcase_add_loop_test(tc, fn, i, i + 1);
+            g_only_matched++;
+        }
 }
 
 int th_quick(void)

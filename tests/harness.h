@@ -126,7 +126,9 @@ int th_run_suite(Suite *s, int fork);
 /* Adds the loop test `fn` for _i in [lo, hi), or, with RESA_TEST_SHARD=k/n set,
  * only the tests of shard k: every n-th test counted over all th_add_loop
  * calls of the process, from the k-th (a long suite in n processes at once).
- * A malformed RESA_TEST_SHARD ends the process with status 2. */
+ * A malformed RESA_TEST_SHARD ends the process with status 2.
+ * RESA_TEST_ONLY=name keeps only the test function of that name; th_run_suite
+ * then fails when none matched, so that a misspelt name cannot pass. */
 void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi);
 
 /* 1 when RESA_TEST_QUICK is set and not "0": a smaller set of the same
