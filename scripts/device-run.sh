@@ -372,6 +372,15 @@ if [[ $phases == *fp8kv* ]]; then
     done; } | tee "$OUT/fp8kv-bench.csv" | cut -c1-160
   python3 bench/peers/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
+  # FlashInfer's paged decode on a bf16 and on an fp8 e4m3 KV cache (rows
+  # flashinfer[-tc] and flashinfer[-tc]-fp8), as in the bench phase (carry
+  # .whl; scripts/flashinfer-setup.sh), one timeout each; comments to the log
+  { for kvd in bf16 fp8; do
+      ( source scripts/flashinfer-setup.sh
+        PYTHONUNBUFFERED=1 timeout ${RESA_FLASHINFER_TIMEOUT:-300} python3 bench/peers/flashinfer_bench.py \
+          --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,262144} --reps 20 --kv-dtype $kvd )
+    done; } 2>>"$OUT/peer-errors.log" | tee "$OUT/flashinfer-fp8kv.txt" | grep -v '^peer,\|^#' >>"$OUT/peers.csv"
+  grep '^#' "$OUT/flashinfer-fp8kv.txt"
 fi
 if [[ $phases == *defaults* ]]; then
   # candidate defaults against the 0.2.0 ones, the whole ReSA step (sparse +

@@ -3,14 +3,16 @@
 # FlashInfer for bench/peers/flashinfer_bench.py on the device machine, which has no
 # network and takes at most 64 MiB of carried files a call.  FlashInfer travels
 # as one pruned archive, .whl/flashinfer-<version>-py312-sm90.tar.xz (about
-# 11 MB; .whl/ is git-ignored and carried: carry [".whl"]), holding
+# 16 MB; .whl/ is git-ignored and carried: carry [".whl"]), holding
 #   flashinfer-python 0.6.18.post1 (PyPI, pure Python + kernel sources) and
 #   apache-tvm-ffi 0.1.15.post2 (PyPI, its only dependency import needs that
 #   the device image lacks), pruned to what paged-KV batch decode needs, plus
-#   ahead-of-time builds (sm_90a, nvcc 13.0) of the two modules it runs for
-#   bf16 and head_dim 64/128/256: batch_decode (CUDA cores) and the fa2
-#   batch_prefill module (use_tensor_cores=True).  Other configurations are
-#   JIT-compiled there with nvcc into /tmp/fi-ws, offline.
+#   ahead-of-time builds (sm_90a, nvcc 13.0) of the two modules it runs,
+#   batch_decode (CUDA cores) and the fa2 batch_prefill module
+#   (use_tensor_cores=True), for bf16 q and output with a bf16 KV cache and
+#   with an fp8 e4m3 one (torch.float8_e4m3fn; --kv-dtype fp8), head_dim
+#   64/128/256 each: 12 modules.  Other configurations are JIT-compiled there
+#   with nvcc into /tmp/fi-ws, offline.
 #
 # On the device, before the benchmark:
 #   source scripts/flashinfer-setup.sh      # unpacks to /tmp/fi-site, exports
@@ -23,7 +25,7 @@
 # them, since FlashInfer itself is installed --no-deps; e.g.
 #   python3.12 -m venv v && v/bin/pip install torch==2.11.0 packaging numpy ninja \
 #     requests tqdm einops click tabulate nvidia-ml-py
-# then, ~5 minutes on 2 cores):
+# then, ~15 minutes on 2 cores):
 #   FI_BUILD_PYTHON=v/bin/python scripts/flashinfer-setup.sh --build
 
 _fi_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,15 +62,20 @@ import os, shutil, time, torch
 from flashinfer.jit import env
 from flashinfer.jit.attention import gen_batch_decode_module, gen_batch_prefill_module
 bf = torch.bfloat16
-for d in (64, 128, 256):
-    for spec in (gen_batch_decode_module(bf, bf, bf, torch.int32, d, d, 0, False, False),
-                 gen_batch_prefill_module("fa2", bf, bf, bf, torch.int32, d, d, 0, False, False, False)):
-        t = time.time()
-        spec.build()
-        dst = env.FLASHINFER_AOT_DIR / spec.name
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy(spec.jit_library_path, dst / f"{spec.name}.so")
-        print(f"aot {spec.name}: {time.time() - t:.0f} s")
+# the names plan() looks up (decode.py, FlashInfer 0.6.18): q, kv, o, index
+# dtypes, head_dim qk/vo, no posenc/window/soft cap (/fp16 qk reduction).  For
+# bf16 q with an fp8 KV cache, use_tensor_cores=True's "auto" backend is fa2
+# (FA3 wants fp8 q too); the CUDA-core decode takes the fp8 cache directly.
+for kv in (bf, torch.float8_e4m3fn):
+    for d in (64, 128, 256):
+        for spec in (gen_batch_decode_module(bf, kv, bf, torch.int32, d, d, 0, False, False),
+                     gen_batch_prefill_module("fa2", bf, kv, bf, torch.int32, d, d, 0, False, False, False)):
+            t = time.time()
+            spec.build()
+            dst = env.FLASHINFER_AOT_DIR / spec.name
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(spec.jit_library_path, dst / f"{spec.name}.so")
+            print(f"aot {spec.name}: {time.time() - t:.0f} s", flush=True)
 EOF
     find . -name __pycache__ -prune -exec rm -rf {} +
     mkdir -p "$(dirname "$_fi_bundle")"
@@ -82,10 +89,14 @@ _fi_setup() {
         echo "# flashinfer-setup: no $_fi_bundle (make it here with --build)" >&2
         return 0
     fi
-    if [ ! -f "$_fi_site/.fi-bundle" ] || [ "$(cat "$_fi_site/.fi-bundle")" != "$(basename "$_fi_bundle")" ]; then
+    # name and size: an archive rebuilt under the same name (more AOT modules)
+    # is unpacked again on a machine that holds the older one
+    local tag
+    tag="$(basename "$_fi_bundle") $(stat -c %s "$_fi_bundle")"
+    if [ ! -f "$_fi_site/.fi-bundle" ] || [ "$(cat "$_fi_site/.fi-bundle")" != "$tag" ]; then
         rm -rf "$_fi_site" && mkdir -p "$_fi_site" &&
             tar -C "$_fi_site" -xJf "$_fi_bundle" &&
-            basename "$_fi_bundle" >"$_fi_site/.fi-bundle" ||
+            echo "$tag" >"$_fi_site/.fi-bundle" ||
             { echo "# flashinfer-setup: unpacking $_fi_bundle failed" >&2; return 0; }
     fi
     local cuda=${CUDA_HOME:-/usr/local/cuda}
