@@ -979,6 +979,23 @@ int occupancy_d(int d, bool f8)
                                                           : occupancy<T, 256, false>();
 }
 
+// RESA_CUDA_SPLITS_MAX=n (n >= 1): at most n splits per (entry, head), read
+// once (the workspace and every launch see the same count).  For measuring
+// the small-batch trade-off between many short splits (one wave) and fewer
+// long ones, whose partials the combine reads, without a rebuild
+// (device-run.sh timeline); unset, malformed or < 1: no limit.
+int splits_max()
+{
+    static int cache; // 0 unknown, -1 no limit (benign race: the same value)
+    if (cache == 0) {
+        const char *e = getenv("RESA_CUDA_SPLITS_MAX");
+        char *end = nullptr;
+        const long n = e ? strtol(e, &end, 10) : 0;
+        cache = e && end != e && *end == '\0' && n >= 1 && n <= (1 << 20) ? (int)n : -1;
+    }
+    return cache;
+}
+
 // Splits per (entry, head): one wave of CTAs at the SM's occupancy (the
 // fp8 cache's kernel at d 128 is held to 3 a SM by registers where its
 // shared memory would allow 4); shared memory alone if the runtime cannot say.
@@ -990,7 +1007,8 @@ int n_splits(const resa_cuda_dims *D, int n_decode)
         per_sm = (int)max((size_t)1, min((size_t)4, kSmemPerSm / (smem_bytes(D->d, D->kv_fp8) + 1024)));
     const int target = max(D->num_sms, 1) * per_sm;
     const int pairs = max(1, n_decode * D->hkv);
-    return max(1, min(target / pairs, max(D->max_seq_blocks, 1)));
+    const int n = max(1, min(target / pairs, max(D->max_seq_blocks, 1)));
+    return splits_max() > 0 ? min(n, splits_max()) : n;
 }
 
 size_t part_floats(const resa_cuda_dims *D)

@@ -91,7 +91,7 @@ if [[ $phases == *gpusuite* ]]; then
   say "GPU suite: check_cuda_oom alone, then check_cuda in shards beside the rest"
   RESA_NO_PACK=1 RESA_GPU_LOG=test-gpu-oom RESA_GPU_TESTS=check_cuda_oom bash "$0" gputest
   RESA_NO_PACK=1 RESA_CUDA_SHARDS=${RESA_CUDA_SHARDS:-5} bash "$0" cudashards &
-  RESA_GPU_TESTS="check_cuda_cp_async check_cuda_fault_end check_cuda_fault_sync check_cuda_fault_begin soak_diff check_nonfinite_cuda check_nonfinite_cuda_mma check_cp_cuda python_torch_cuda" \
+  RESA_GPU_TESTS="check_cuda_cp_async check_cuda_splits check_cuda_fault_end check_cuda_fault_sync check_cuda_fault_begin soak_diff check_nonfinite_cuda check_nonfinite_cuda_mma check_cp_cuda python_torch_cuda" \
     RESA_NO_PACK=1 RESA_TEST_JOBS=${RESA_TEST_JOBS:-5} bash "$0" gputest
   wait
 fi
@@ -103,7 +103,7 @@ fi
 # torch test (an uninstrumentable interpreter).  RESA_TEST_QUICK=1 shrinks
 # check_cuda; soak_diff runs its short test length.  Each tool keeps its own
 # meson log (--logbase), so that several tools can run at once.
-san_tests=${RESA_SANITIZE_TESTS:-check_cuda check_cuda_cp_async check_nonfinite_cuda check_nonfinite_cuda_mma check_cp_cuda soak_diff}
+san_tests=${RESA_SANITIZE_TESTS:-check_cuda check_cuda_cp_async check_cuda_splits check_nonfinite_cuda check_nonfinite_cuda_mma check_cp_cuda soak_diff}
 sanitize_one() { # tool -> $OUT/sanitize-$tool.log, sanitize-$tool-testlog.log, summary line
   local tool=$1
   RESA_TEST_QUICK=1 CK_FORK=no meson test -C $build --no-rebuild --print-errorlogs \
@@ -209,7 +209,8 @@ if [[ $phases == *timeline* ]]; then
   # step is a chain of dependent latencies.  RESA_TIMELINE_BATCH (default 1),
   # RESA_TIMELINE_CONTEXTS, RESA_TIMELINE_ARGS (resa-bench flags; default the
   # 0.3.0 defaults, "--fraction 0.15 --interval 128 --summary fp8"; add
-  # "--kv-dtype fp8" for the fp8 cache).
+  # "--kv-dtype fp8" for the fp8 cache), RESA_TIMELINE_SPLITS (split limits to
+  # sweep, below).
   tb=${RESA_TIMELINE_BATCH:-1}
   say "kernel timeline (CUPTI) of the sparse step: $tb x ${RESA_TIMELINE_CONTEXTS:-32768 262144} ${RESA_TIMELINE_ARGS:-(0.3.0 defaults)}"
   # CUPTI: the toolkit's (include/ and lib64/, or extras/CUPTI/), else the
@@ -242,6 +243,17 @@ if [[ $phases == *timeline* ]]; then
       grep -v kernel_timeline "$OUT/timeline-traced-$tag.log" | tail -1
       grep kernel_timeline "$OUT/timeline-traced-$tag.log"
       python3 bench/profile/timeline_account.py "$OUT/timeline-$tag.csv" 2>&1 | tee "$OUT/timeline-$tag.log"
+      # RESA_TIMELINE_SPLITS="8 16 ...": the same point with at most that many
+      # splits per (entry, head) (RESA_CUDA_SPLITS_MAX), untraced and traced, cold
+      for sm in ${RESA_TIMELINE_SPLITS:-}; do
+        RESA_CUDA_SPLITS_MAX=$sm "${bench[@]}" --cold >"$OUT/timeline-untraced-cold-$tag-s$sm.log" 2>&1
+        RESA_CUDA_SPLITS_MAX=$sm RESA_TIMELINE_OUT=$OUT/timeline-$tag-s$sm.csv LD_PRELOAD=$PWD/$build/kernel_timeline.so \
+          LD_LIBRARY_PATH=$cupti_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+          "${bench[@]}" --cold >"$OUT/timeline-traced-$tag-s$sm.log" 2>&1
+        echo "-- $tag, RESA_CUDA_SPLITS_MAX=$sm: untraced --cold, then the traced account:"
+        tail -1 "$OUT/timeline-untraced-cold-$tag-s$sm.log"
+        python3 bench/profile/timeline_account.py "$OUT/timeline-$tag-s$sm.csv" 2>&1 | tee "$OUT/timeline-$tag-s$sm.log"
+      done
     done
   else
     echo "timeline: kernel_timeline.so did not build (CUPTI headers '$cupti_inc', library '$cupti_so')"

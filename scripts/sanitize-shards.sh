@@ -30,6 +30,7 @@ export LD_LIBRARY_PATH=$PWD/$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 tests=(
   "check_cuda|RESA_TEST_QUICK=1|$build/tests/check_cuda"
   "check_cuda_cp_async|RESA_TEST_QUICK=1 RESA_CUDA_NO_TMA=1|$build/tests/check_cuda"
+  "check_cuda_splits|RESA_TEST_QUICK=1 RESA_CUDA_SPLITS_MAX=3|$build/tests/check_cuda"
   "check_nonfinite_cuda|RESA_TEST_QUICK=1|$build/tests/check_nonfinite cuda"
   "check_nonfinite_cuda_mma|RESA_TEST_QUICK=1 RESA_CUDA_NO_WGMMA=1|$build/tests/check_nonfinite cuda"
   "check_cp_cuda||$build/tests/check_cp cuda"
