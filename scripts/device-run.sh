@@ -16,6 +16,14 @@ phases=${1:-all}
 build=build-device
 arch=${RESA_GPU_ARCH:-90}
 say() { printf '\n== %s ==\n' "$*"; }
+# FlashInfer's rows (bench/peers/flashinfer_bench.py ARGS, batch 1,8, 20 reps):
+# installed, or carried as a pruned archive in .whl/ (scripts/flashinfer-setup.sh;
+# carry .whl), in a subshell, under RESA_FLASHINFER_TIMEOUT
+flashinfer_rows() {
+  ( source scripts/flashinfer-setup.sh
+    PYTHONUNBUFFERED=1 timeout ${RESA_FLASHINFER_TIMEOUT:-300} python3 bench/peers/flashinfer_bench.py \
+      --batch 1,8 --reps 20 "$@" )
+}
 # Python packages the GPU machine lacks, carried as wheels in .whl/ (its README):
 # gguf (resa-eval reads the GGUF model) and ml_dtypes (bf16 numpy arrays) where missing.
 for w in .whl/gguf-*.whl .whl/ml_dtypes-*.whl; do
@@ -228,15 +236,19 @@ if [[ $phases == *timeline* ]]; then
      gcc -std=c11 -D_POSIX_C_SOURCE=200809L -O2 -Wall -shared -fPIC -I"$cupti_inc" \
        bench/profile/kernel_timeline.c "$cupti_so" -Wl,-rpath,"$cupti_lib" -o $build/kernel_timeline.so; then
     export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+    # the point ${bench[@]} cold, untraced, then traced into timeline-$tag$1.csv
+    cold_runs() {
+      "${bench[@]}" --cold >"$OUT/timeline-untraced-cold-$tag$1.log" 2>&1
+      RESA_TIMELINE_OUT=$OUT/timeline-$tag$1.csv LD_PRELOAD=$PWD/$build/kernel_timeline.so \
+        LD_LIBRARY_PATH=$cupti_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+        "${bench[@]}" --cold >"$OUT/timeline-traced-$tag$1.log" 2>&1
+    }
     for ctx in ${RESA_TIMELINE_CONTEXTS:-32768 262144}; do
       tag=$tb-$ctx
       bench=($build/tools/resa-bench --backend cuda --batch $tb --contexts $ctx --modes sparse
              --reps ${RESA_TIMELINE_REPS:-50} ${RESA_TIMELINE_ARGS:---fraction 0.15 --interval 128 --summary fp8})
       "${bench[@]}" >"$OUT/timeline-untraced-$tag.log" 2>&1
-      "${bench[@]}" --cold >"$OUT/timeline-untraced-cold-$tag.log" 2>&1
-      RESA_TIMELINE_OUT=$OUT/timeline-$tag.csv LD_PRELOAD=$PWD/$build/kernel_timeline.so \
-        LD_LIBRARY_PATH=$cupti_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
-        "${bench[@]}" --cold >"$OUT/timeline-traced-$tag.log" 2>&1
+      cold_runs ""
       echo "-- $tag, resa-bench's row (sparse_ms: ms a layer): untraced, untraced --cold, traced --cold:"
       tail -1 "$OUT/timeline-untraced-$tag.log"
       tail -1 "$OUT/timeline-untraced-cold-$tag.log"
@@ -246,10 +258,7 @@ if [[ $phases == *timeline* ]]; then
       # RESA_TIMELINE_SPLITS="8 16 ...": the same point with at most that many
       # splits per (entry, head) (RESA_CUDA_SPLITS_MAX), untraced and traced, cold
       for sm in ${RESA_TIMELINE_SPLITS:-}; do
-        RESA_CUDA_SPLITS_MAX=$sm "${bench[@]}" --cold >"$OUT/timeline-untraced-cold-$tag-s$sm.log" 2>&1
-        RESA_CUDA_SPLITS_MAX=$sm RESA_TIMELINE_OUT=$OUT/timeline-$tag-s$sm.csv LD_PRELOAD=$PWD/$build/kernel_timeline.so \
-          LD_LIBRARY_PATH=$cupti_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
-          "${bench[@]}" --cold >"$OUT/timeline-traced-$tag-s$sm.log" 2>&1
+        RESA_CUDA_SPLITS_MAX=$sm cold_runs -s$sm
         echo "-- $tag, RESA_CUDA_SPLITS_MAX=$sm: untraced --cold, then the traced account:"
         tail -1 "$OUT/timeline-untraced-cold-$tag-s$sm.log"
         python3 bench/profile/timeline_account.py "$OUT/timeline-$tag-s$sm.csv" 2>&1 | tee "$OUT/timeline-$tag-s$sm.log"
@@ -340,12 +349,9 @@ if [[ $phases == all || $phases == *bench* ]]; then
       --reps 30 --csv --summary fp8 2>/dev/null | tail -n +2; } | tee "$OUT/resa-bench.csv"
   python3 bench/peers/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
-  # FlashInfer: installed, or carried as a pruned archive in .whl/
-  # (scripts/flashinfer-setup.sh; carry .whl); same CSV rows.  Its comments
-  # (version, first plan() time, or why it could not run) go to the log.
-  ( source scripts/flashinfer-setup.sh
-    PYTHONUNBUFFERED=1 timeout ${RESA_FLASHINFER_TIMEOUT:-300} python3 bench/peers/flashinfer_bench.py \
-      --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,65536,262144} --reps 20 ) \
+  # FlashInfer: same CSV rows.  Its comments (version, first plan() time, or
+  # why it could not run) go to the log.
+  flashinfer_rows --contexts ${RESA_CONTEXTS:-32768,65536,262144} \
     2>>"$OUT/peer-errors.log" | tee "$OUT/flashinfer.txt" | grep -v '^peer,\|^#' >>"$OUT/peers.csv"
   grep '^#' "$OUT/flashinfer.txt"
   say "ratios (bench/peers/compare.py)"
@@ -385,12 +391,9 @@ if [[ $phases == *fp8kv* ]]; then
   python3 bench/peers/peer_bench.py --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,262144} --csv \
     2>"$OUT/peer-errors.log" | tee "$OUT/peers.csv"
   # FlashInfer's paged decode on a bf16 and on an fp8 e4m3 KV cache (rows
-  # flashinfer[-tc] and flashinfer[-tc]-fp8), as in the bench phase (carry
-  # .whl; scripts/flashinfer-setup.sh), one timeout each; comments to the log
+  # flashinfer[-tc] and flashinfer[-tc]-fp8), one timeout each; comments to the log
   { for kvd in bf16 fp8; do
-      ( source scripts/flashinfer-setup.sh
-        PYTHONUNBUFFERED=1 timeout ${RESA_FLASHINFER_TIMEOUT:-300} python3 bench/peers/flashinfer_bench.py \
-          --batch 1,8 --contexts ${RESA_CONTEXTS:-32768,262144} --reps 20 --kv-dtype $kvd )
+      flashinfer_rows --contexts ${RESA_CONTEXTS:-32768,262144} --kv-dtype $kvd
     done; } 2>>"$OUT/peer-errors.log" | tee "$OUT/flashinfer-fp8kv.txt" | grep -v '^peer,\|^#' >>"$OUT/peers.csv"
   grep '^#' "$OUT/flashinfer-fp8kv.txt"
 fi
