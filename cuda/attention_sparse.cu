@@ -42,8 +42,8 @@
 // softmax instructions and held the fp8 step to ~61 % of copy bandwidth
 // (docs/performance.md, v13).  The scales move to fp32 where they are per
 // key anyway: S column j times k_scale[j]; P column j times
-// v_scale[j] / c before P is rounded to f16, with c the largest v_scale so
-// far (so P stays in [0, 1]) and c folded into the accumulator's running
+// v_scale[j] / c before P is rounded to f16, with c the unit's largest
+// v_scale (so P stays in [0, 1]) and c folded into the accumulator's
 // factor.  Queries go to f16 times 2^-e per row (max |q| into [2^14, 2^15):
 // exact for bf16 values in range), 2^e folded into that row's score scale.
 // So the fp8 sparse path attends e4m3 * scale exactly, where the CPU and the
@@ -352,7 +352,8 @@ template <int D>
 struct State {
     float m[2], l[2];
     float acc[D / 8][4];
-    float kc; // F8: the accumulator's running factor (the true sum is acc * kc); 1 otherwise
+    float kc;   // F8: the accumulator's factor (the true sum is acc * kc); 1 otherwise
+    float kmax; // F8: the largest V scale so far
 };
 
 // Q fragments (A operand) of k-step kc from the swizzled Q tile.
@@ -519,16 +520,20 @@ __device__ __forceinline__ void attend_unit_f8(State<D> &st, const uint8_t *raw,
             const int col = tig * 2 + (e & 1);
             s[nt][e] = col < (nt ? nv1 : nv0) ? s[nt][e] * (rf[e >> 1] * ks[nt][e & 1]) : -INFINITY;
         }
-    // c: the largest V scale so far (this unit's: 4 a lane, then over the
-    // quad), so that P v_scale / c <= 1 and kc / c <= 1: nothing overflows,
-    // and a key whose scale lies far below c only loses f16 precision in a
-    // term that small.  At least 2^-126 (1 / c finite); kc = 0: nothing
-    // accumulated yet.  No positive finite scale here (every key zero-filled,
-    // or a non-finite scale, which poisons the rows that attend it through
-    // P v_scale anyway): c stays.
+    // c: this unit's largest V scale (4 a lane, then over the quad), so that
+    // P v_scale / c <= 1 and every key keeps f16's precision relative to its
+    // own unit (a running maximum loses a key once P v_scale / c falls below
+    // f16's range, ~2^-24: bench/quality/fp8_sparse_numerics.py, rule "unit").
+    // The accumulator holds the true sum / c, so c is kept within 2^64 of the
+    // largest scale so far (kmax: at most #keys 448 2^64 stored, no overflow)
+    // and at least 2^-126 (1 / c finite).  No positive finite scale here
+    // (every key zero-filled, or a non-finite scale, which poisons the rows
+    // that attend it through P v_scale anyway): c stays (0: nothing yet).
     float cu = fmaxf(fmaxf(v01.x, v01.y), fmaxf(v89.x, v89.y));
     cu = quad_max(cu);
-    const float c = cu > 0.0f && cu <= 3.402823466e38f ? fmaxf(fmaxf(cu, 0x1p-126f), st.kc) : st.kc;
+    const bool valid = cu > 0.0f && cu <= 3.402823466e38f;
+    st.kmax = valid ? fmaxf(st.kmax, cu) : st.kmax;
+    const float c = valid ? fmaxf(fmaxf(cu, 0x1p-126f), st.kmax * 0x1p-64f) : st.kc;
     const float rescale = c > 0.0f ? st.kc / c : 0.0f, inv_c = c > 0.0f ? 1.0f / c : 0.0f;
     st.kc = c;
     const float vs[2][2] = {{v01.x * inv_c, v01.y * inv_c}, {v89.x * inv_c, v89.y * inv_c}};
@@ -795,6 +800,7 @@ __global__ void __launch_bounds__(kThreads) attend_split(resa_cuda_layer_args a,
     st.m[0] = st.m[1] = -INFINITY;
     st.l[0] = st.l[1] = 0.0f;
     st.kc = F8 ? 0.0f : 1.0f; // F8: nothing accumulated yet
+    st.kmax = 0.0f;
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt++)
         st.acc[dt][0] = st.acc[dt][1] = st.acc[dt][2] = st.acc[dt][3] = 0.0f;
