@@ -42,9 +42,9 @@
 // softmax instructions and held the fp8 step to ~61 % of copy bandwidth
 // (docs/performance.md, v13).  The scales move to fp32 where they are per
 // key anyway: S column j times k_scale[j]; P column j times
-// v_scale[j] / c before P is rounded to f16, with c the unit's largest
-// v_scale (so P stays in [0, 1]) and c folded into the accumulator's
-// factor.  Queries go to f16 times 2^-e per row (max |q| into [2^14, 2^15):
+// v_scale[j] / c before P is rounded to f16, with c 2^-15 times the unit's
+// largest v_scale (so P v_scale / c stays below 2^15) and c folded into the
+// accumulator's factor.  Queries go to f16 times 2^-e per row (max |q| into [2^14, 2^15):
 // exact for bf16 values in range), 2^e folded into that row's score scale.
 // So the fp8 sparse path attends e4m3 * scale exactly, where the CPU and the
 // dense kernels round each value to T first: within the rounding the tests
@@ -520,20 +520,24 @@ __device__ __forceinline__ void attend_unit_f8(State<D> &st, const uint8_t *raw,
             const int col = tig * 2 + (e & 1);
             s[nt][e] = col < (nt ? nv1 : nv0) ? s[nt][e] * (rf[e >> 1] * ks[nt][e & 1]) : -INFINITY;
         }
-    // c: this unit's largest V scale (4 a lane, then over the quad), so that
-    // P v_scale / c <= 1 and every key keeps f16's precision relative to its
-    // own unit (a running maximum loses a key once P v_scale / c falls below
-    // f16's range, ~2^-24: bench/quality/fp8_sparse_numerics.py, rule "unit").
-    // The accumulator holds the true sum / c, so c is kept within 2^64 of the
-    // largest scale so far (kmax: at most #keys 448 2^64 stored, no overflow)
-    // and at least 2^-126 (1 / c finite).  No positive finite scale here
-    // (every key zero-filled, or a non-finite scale, which poisons the rows
-    // that attend it through P v_scale anyway): c stays (0: nothing yet).
+    // c: 2^-15 times this unit's largest V scale (4 a lane, then over the
+    // quad), so that P v_scale / c <= 2^15 (f16 holds 65504) and a key keeps
+    // f16's precision down to 2^-29 of its unit's largest scale times its
+    // weight.  A running maximum instead lost every later key once
+    // P v_scale / c fell below f16's range: one early token with a V scale
+    // 2^16 above the rest and a small weight cost 7e-3 relative error, 2^24
+    // 79 % (bench/quality/fp8_sparse_numerics.py, rules "running" and
+    // "unit15": 1.9e-4 to 1e-3 up to 2^32).  The accumulator holds the true
+    // sum / c, so c is kept within 2^64 of the largest scale so far (kmax: at
+    // most #keys 448 2^79 stored, no overflow) and at least 2^-126 (1 / c
+    // finite).  No positive finite scale here (every key zero-filled, or a
+    // non-finite scale, which poisons the rows that attend it through
+    // P v_scale anyway): c stays (0: nothing yet).
     float cu = fmaxf(fmaxf(v01.x, v01.y), fmaxf(v89.x, v89.y));
     cu = quad_max(cu);
     const bool valid = cu > 0.0f && cu <= 3.402823466e38f;
     st.kmax = valid ? fmaxf(st.kmax, cu) : st.kmax;
-    const float c = valid ? fmaxf(fmaxf(cu, 0x1p-126f), st.kmax * 0x1p-64f) : st.kc;
+    const float c = valid ? fmaxf(fmaxf(cu * 0x1p-15f, 0x1p-126f), st.kmax * 0x1p-64f) : st.kc;
     const float rescale = c > 0.0f ? st.kc / c : 0.0f, inv_c = c > 0.0f ? 1.0f / c : 0.0f;
     st.kc = c;
     const float vs[2][2] = {{v01.x * inv_c, v01.y * inv_c}, {v89.x * inv_c, v89.y * inv_c}};
@@ -543,7 +547,7 @@ __device__ __forceinline__ void attend_unit_f8(State<D> &st, const uint8_t *raw,
     for (int nt = 0; nt < 2; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++)
-            s[nt][e] *= vs[nt][e & 1]; // P v_scale / c, in [0, 1]
+            s[nt][e] *= vs[nt][e & 1]; // P v_scale / c, below 2^15
 #pragma unroll
     for (int hr = 0; hr < 2; hr++)
 #pragma unroll
