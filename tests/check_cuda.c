@@ -418,6 +418,116 @@ START_TEST(test_cuda_graph_replay)
 }
 END_TEST
 
+/* An fp8 cache whose first token's V is 2^24 times the others' while its
+ * score is 24 ln 2 below theirs (q.k0 made so), so that its P v stays
+ * comparable to the rest: the sparse kernel's f16 factor P v_scale / c must
+ * keep every key (attention_sparse.cu, attend_unit_f8; a running maximum for
+ * c lost every later key here).  The CUDA decode (SELECT_FRACTION 1: every
+ * block, through the sparse kernels) against the CPU backend's, which rounds
+ * each value to bf16 and has no such range: within 1e-2 relative per head. */
+START_TEST(test_cuda_fp8_v_outlier)
+{
+    enum { HQ = 8, HKV = 2, D = 128, LEN = 500, G = HQ / HKV };
+    const int outlier = 24;
+    cuda_shim cu;
+    TCHECK(cuda_shim_load(&cu) == 0, "libcudart");
+    resa_ctx *gpu = NULL, *cpu = NULL;
+    ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CUDA, NULL, &gpu), RESA_OK);
+    ck_assert_int_eq(resa_ctx_create(RESA_BACKEND_CPU, NULL, &cpu), RESA_OK);
+    resa_ctx *both[2] = {gpu, cpu};
+    for (int c = 0; c < 2; c++) {
+        resa_ctx *x = both[c];
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_NUM_LAYERS, 1));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_NUM_Q_HEADS, HQ));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_NUM_KV_HEADS, HKV));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_HEAD_DIM, D));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_KV_DTYPE, RESA_DTYPE_FP8_E4M3));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_IO_DTYPE, RESA_DTYPE_BF16));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_MAX_TOKENS, 1024));
+        TOK(x, resa_ctx_set_param(x, RESA_PARAM_MAX_SEQUENCES, 1));
+        TOK(x, resa_ctx_set_param_f64(x, RESA_PARAM_SELECT_FRACTION, 1.0));
+    }
+    ref_rng rng = {th_test_seed("cuda_fp8_v_outlier")};
+    /* one query direction per KV head, every query head of its group */
+    float qd[HKV][D];
+    for (int h = 0; h < HKV; h++)
+        for (int e = 0; e < D; e++)
+            qd[h][e] = from_bf16(to_bf16((float)ref_rng_normal(&rng)));
+    size_t kv = (size_t)LEN * HKV * D;
+    uint16_t *hk = malloc(kv * 2), *hv = malloc(kv * 2);
+    for (size_t j = 0; j < kv; j++) {
+        hk[j] = to_bf16((float)ref_rng_normal(&rng));
+        hv[j] = to_bf16((float)ref_rng_normal(&rng));
+    }
+    for (int h = 0; h < HKV; h++) { /* token 0: score -24 ln 2 (scale 1/sqrt(D)), V x 2^24 */
+        double qq = 0;
+        for (int e = 0; e < D; e++)
+            qq += (double)qd[h][e] * qd[h][e];
+        double a = outlier * log(2.0) * sqrt((double)D) / qq;
+        for (int e = 0; e < D; e++) {
+            hk[(size_t)h * D + e] = to_bf16((float)(-a * qd[h][e]));
+            hv[(size_t)h * D + e] = to_bf16(ldexpf(from_bf16(hv[(size_t)h * D + e]), outlier));
+        }
+    }
+    uint16_t hq[HQ * D], hk1[HKV * D], hv1[HKV * D], hout[HQ * D], cout[HQ * D];
+    for (int j = 0; j < HQ; j++)
+        for (int e = 0; e < D; e++)
+            hq[j * D + e] = to_bf16(qd[j / G][e]);
+    for (int j = 0; j < HKV * D; j++) {
+        hk1[j] = to_bf16((float)ref_rng_normal(&rng));
+        hv1[j] = to_bf16((float)ref_rng_normal(&rng));
+    }
+    void *dk, *dv, *dq, *dk1, *dv1, *dout;
+    ck_assert_int_eq(cu.Malloc(&dk, kv * 2) | cu.Malloc(&dv, kv * 2) | cu.Malloc(&dq, sizeof hq) |
+                         cu.Malloc(&dk1, sizeof hk1) | cu.Malloc(&dv1, sizeof hv1) |
+                         cu.Malloc(&dout, sizeof hout), 0);
+    cu.Memcpy(dk, hk, kv * 2, 1);
+    cu.Memcpy(dv, hv, kv * 2, 1);
+    cu.Memcpy(dq, hq, sizeof hq, 1);
+    cu.Memcpy(dk1, hk1, sizeof hk1, 1);
+    cu.Memcpy(dv1, hv1, sizeof hv1, 1);
+    cu.Memset(dout, 0xff, sizeof hout);
+    int32_t sg, sc, n = LEN, one = 1, fill = RESA_MODE_APPEND_KV, dec = RESA_MODE_DECODE;
+    TOK(gpu, resa_seq_create(gpu, &sg));
+    TOK(cpu, resa_seq_create(cpu, &sc));
+    TOK(gpu, resa_ctx_step_begin(gpu, 1, &sg, &fill, &n, 0));
+    TOK(gpu, resa_ctx_step_attend(gpu, 0, NULL, dk, dv, NULL, 0));
+    TOK(gpu, resa_ctx_step_end(gpu, 0));
+    TOK(cpu, resa_ctx_step_begin(cpu, 1, &sc, &fill, &n, 0));
+    TOK(cpu, resa_ctx_step_attend(cpu, 0, NULL, hk, hv, NULL, 0));
+    TOK(cpu, resa_ctx_step_end(cpu, 0));
+    TOK(gpu, resa_ctx_step_begin(gpu, 1, &sg, &dec, &one, 0));
+    TOK(gpu, resa_ctx_step_attend(gpu, 0, dq, dk1, dv1, dout, 0));
+    TOK(gpu, resa_ctx_step_end(gpu, 0));
+    TOK(gpu, resa_ctx_synchronize(gpu));
+    cu.Memcpy(hout, dout, sizeof hout, 2);
+    TOK(cpu, resa_ctx_step_begin(cpu, 1, &sc, &dec, &one, 0));
+    TOK(cpu, resa_ctx_step_attend(cpu, 0, hq, hk1, hv1, cout, 0));
+    TOK(cpu, resa_ctx_step_end(cpu, 0));
+    for (int j = 0; j < HQ; j++) {
+        double num = 0, den = 0;
+        for (int e = 0; e < D; e++) {
+            double g = from_bf16(hout[j * D + e]), c = from_bf16(cout[j * D + e]);
+            TCHECK(isfinite(g) && isfinite(c), "head %d: non-finite output", j);
+            num += (g - c) * (g - c);
+            den += c * c;
+        }
+        TCHECK(num <= 1e-4 * den, "query head %d: relative error %.3g against the CPU backend "
+               "with a V outlier of 2^%d", j, den > 0 ? sqrt(num / den) : 0.0, outlier);
+    }
+    cu.Free(dk);
+    cu.Free(dv);
+    cu.Free(dq);
+    cu.Free(dk1);
+    cu.Free(dv1);
+    cu.Free(dout);
+    free(hk);
+    free(hv);
+    resa_ctx_destroy(gpu);
+    resa_ctx_destroy(cpu);
+}
+END_TEST
+
 int main(void)
 {
     if (!th_cuda_usable()) {
@@ -432,6 +542,7 @@ int main(void)
     th_add_loop(tc, test_cuda_decode, 0, 2 * N_GCASES);
     th_add_loop(tc, test_cuda_mixed_batch, 0, 4);
     th_add_loop(tc, test_cuda_fp8_dense, 0, 4);
+    th_add_loop(tc, test_cuda_fp8_v_outlier, 0, 1);
     th_add_loop(tc, test_cuda_capacity, 0, 1);
     th_add_loop(tc, test_cuda_graph_replay, 0, 2);
     suite_add_tcase(su, tc);
