@@ -206,6 +206,21 @@ if [[ $phases == *profile* ]]; then
       >"$OUT/ncu-rectify-$tag.txt" 2>&1
     grep -E "^  [a-z_]+.*\(|gpu__time|dram__throughput|dram__bytes|sm__throughput|hmma|grid_size" \
       "$OUT"/ncu-*-$tag.txt | sed 's#.*/##' | head -80
+    # RESA_PROFILE_SOURCE=1: where the rectification kernel's warps stall, per
+    # SASS instruction (ncu's PC sampling: the source page as CSV, and the
+    # warp-state summary), e.g. the fp8 producer's conversion against the
+    # consumers' wgmma; one kernel, a separate pass from the timed metrics
+    if [ "${RESA_PROFILE_SOURCE:-0}" = 1 ]; then
+      ncu --clock-control none --section SourceCounters --section WarpStateStats --section Occupancy \
+        -k 'regex:dense_' -c 1 -f -o "$OUT/ncu-rectify-src-$tag" \
+        $build/tools/resa-bench --backend cuda --batch $pb --contexts $ctx --modes rectify --reps 1 ${RESA_PROFILE_ARGS:-} \
+        >"$OUT/ncu-rectify-src-$tag.log" 2>&1
+      ncu -i "$OUT/ncu-rectify-src-$tag.ncu-rep" --page details >"$OUT/ncu-rectify-src-$tag-details.txt" 2>&1
+      ncu -i "$OUT/ncu-rectify-src-$tag.ncu-rep" --page source --print-source sass --csv \
+        >"$OUT/ncu-rectify-src-$tag-sass.csv" 2>&1
+      echo "source page: $(wc -l <"$OUT/ncu-rectify-src-$tag-sass.csv") lines"; head -3 "$OUT/ncu-rectify-src-$tag-sass.csv" | cut -c1-300
+      grep -iE "stall|warp cycles|issued" "$OUT/ncu-rectify-src-$tag-details.txt" | head -30
+    fi
   done
 fi
 if [[ $phases == *timeline* ]]; then
