@@ -191,9 +191,10 @@ if [[ $phases == *profile* ]]; then
   # RESA_PROFILE_BATCH / RESA_PROFILE_CONTEXTS: the points (default 8 x 262144).
   # The sparse step's kernels are taken from its third graph replay on, warm
   # (-s skips the first two steps' kernels), one ncu pass each.
+  # RESA_PROFILE_MODULE: another build's CUDA module (default this build's)
   pb=${RESA_PROFILE_BATCH:-8}
   say "ncu: the kernels of one sparse decode step and one rectification, $pb x ${RESA_PROFILE_CONTEXTS:-262144} ${RESA_PROFILE_ARGS:-}"
-  export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+  export RESA_CUDA_MODULE=${RESA_PROFILE_MODULE:-$PWD/$build/cuda/libresa-cuda.so.0}
   metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,launch__grid_size
   for ctx in ${RESA_PROFILE_CONTEXTS:-262144}; do
     tag=$pb-$ctx
