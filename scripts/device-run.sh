@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 [ -d .device-deps/pkgconfig ] && export PKG_CONFIG_PATH=$PWD/.device-deps/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 export PATH=$PATH:/usr/local/cuda/bin
 phases=${1:-all}
-build=build-device
+build=${RESA_BUILD:-build-device} # RESA_BUILD: another build tree (one built elsewhere and carried)
 arch=${RESA_GPU_ARCH:-90}
 say() { printf '\n== %s ==\n' "$*"; }
 # FlashInfer's rows (bench/peers/flashinfer_bench.py ARGS, batch 1,8, 20 reps):
