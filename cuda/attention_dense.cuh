@@ -250,9 +250,12 @@ __device__ __forceinline__ void causal_mask(float *s, int kbase, int lane, int p
 // unnormalized probabilities, (m, l) are updated (l per lane, reduced over the
 // row's 4 lanes at the end) and c0 / c1 are the factors the accumulator rows
 // must be scaled by.
+// sl2_0 / sl2_1: the two rows' factors (the fp8 cache's wgmma path scales
+// each row of Q by its own power of two; softmax_step below: one factor).
 template <int NT>
-__device__ __forceinline__ void softmax_step(float *s, float sl2, float &m0, float &m1, float &l0,
-                                             float &l1, float &c0, float &c1)
+__device__ __forceinline__ void softmax_step_rows(float *s, float sl2_0, float sl2_1, float &m0,
+                                                  float &m1, float &l0, float &l1, float &c0,
+                                                  float &c1)
 {
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -264,7 +267,7 @@ __device__ __forceinline__ void softmax_step(float *s, float sl2, float &m0, flo
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
+    const float mn0 = fmaxf(m0, mx0 * sl2_0), mn1 = fmaxf(m1, mx1 * sl2_1);
     // a row with no visible key yet keeps m = -inf: use 0 as the reference
     // so that exp2(-inf - ref) is 0, never NaN
     const float ref0 = mn0 == -INFINITY ? 0.f : mn0, ref1 = mn1 == -INFINITY ? 0.f : mn1;
@@ -275,15 +278,21 @@ __device__ __forceinline__ void softmax_step(float *s, float sl2, float &m0, flo
     float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
     for (int i = 0; i < NT; i++) {
-        s[4 * i + 0] = fast_exp2(fmaf(s[4 * i + 0], sl2, -ref0));
-        s[4 * i + 1] = fast_exp2(fmaf(s[4 * i + 1], sl2, -ref0));
-        s[4 * i + 2] = fast_exp2(fmaf(s[4 * i + 2], sl2, -ref1));
-        s[4 * i + 3] = fast_exp2(fmaf(s[4 * i + 3], sl2, -ref1));
+        s[4 * i + 0] = fast_exp2(fmaf(s[4 * i + 0], sl2_0, -ref0));
+        s[4 * i + 1] = fast_exp2(fmaf(s[4 * i + 1], sl2_0, -ref0));
+        s[4 * i + 2] = fast_exp2(fmaf(s[4 * i + 2], sl2_1, -ref1));
+        s[4 * i + 3] = fast_exp2(fmaf(s[4 * i + 3], sl2_1, -ref1));
         rs0 += s[4 * i + 0] + s[4 * i + 1];
         rs1 += s[4 * i + 2] + s[4 * i + 3];
     }
     l0 = l0 * c0 + rs0;
     l1 = l1 * c1 + rs1;
+}
+template <int NT>
+__device__ __forceinline__ void softmax_step(float *s, float sl2, float &m0, float &m1, float &l0,
+                                             float &l1, float &c0, float &c1)
+{
+    softmax_step_rows<NT>(s, sl2, sl2, m0, m1, l0, l1, c0, c1);
 }
 
 template <int NT> __device__ __forceinline__ void scale_rows(float *o, float c0, float c1)

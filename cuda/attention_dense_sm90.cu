@@ -6,8 +6,9 @@
 // the mma.sync kernel; the pieces they share are in attention_dense.cuh.
 // Causal modes only: a step with a QUERY_DENSE entry takes the mma.sync
 // kernel (attention_dense.cu, launch).  A T cache or the fp8 one (F8: e4m3
-// bytes and per-token scales, which the producer converts to T in shared
-// memory, produce_fp8; the consumers' code is the same).
+// bytes and per-token scales; the producer converts the bytes to f16 in
+// shared memory, produce_fp8, and the consumers run f16 MMAs and apply the
+// scales in fp32).
 // FlashAttention-3 style:
 //
 // One CTA per (tile slot, KV head, split) = 3 warpgroups.
@@ -73,12 +74,12 @@ constexpr int HTHREADS = 384; // producer + 2 consumer warpgroups
 // three gives the loads a tile of slack at d 256 too (one shared 2-stage
 // ring made every 64-key tile wait one load latency: 3.2 -> 2.0 ms for the
 // 16/2 x 256 rectification, bench/harness/NOTES.md v6).
-// F8 (the fp8 cache): the same T slots, fed by the producer's conversion
-// (produce_fp8), two K and two V (split rings at both d: K_{j+1} is
-// converted before V_j), and RAW units of raw bytes before them, each one
-// tensor's tile: BN x HD e4m3 bytes + BN fp32 scales (with the 1 KB of
-// alignment slack, d 128: 1 + Q 32 + 4 x 32 + 3 x 16.5 = 210.5 KB; d 256:
-// 1 + 64 + 4 x 32 + 2 x 16.25 = 225.5 KB).
+// F8 (the fp8 cache): slots of the same size (f16), fed by the producer's
+// conversion (produce_fp8), two K and two V (split rings at both d: K_{j+1}
+// is converted before V_j), RAW units of raw bytes before them, each one
+// tensor's tile: BN x HD e4m3 bytes + BN fp32 scales, and each slot's BN
+// scales (with the 1 KB of alignment slack, d 128: 1 + Q 32 + 4 x 32 + 3 x
+// 16.5 + 2 = 212.5 KB; d 256: 1 + 64 + 4 x 32 + 2 x 16.25 + 1 = 226.5 KB).
 template <int HD, bool F8 = false> struct wg_cfg;
 template <> struct wg_cfg<128, false> {
     static constexpr int BN = 128, KSTAGES = 3, VSTAGES = 3, RAW = 0;
@@ -103,15 +104,22 @@ template <int HD> __host__ __device__ constexpr uint32_t raw_bytes()
 {
     return wg_cfg<HD>::BN * (HD + 4);
 }
+// F8: each K and V slot's fp32 scales, [BN] after the raw units
+template <int HD, bool F8> constexpr size_t scale_bytes()
+{
+    return F8 ? (size_t)(wg_cfg<HD, F8>::KSTAGES + wg_cfg<HD, F8>::VSTAGES) * wg_cfg<HD>::BN * 4 : 0;
+}
 template <int HD, bool F8 = false> constexpr size_t smem_bytes() // + alignment slack
 {
     return 1024 + q_bytes<HD>() +
            (size_t)(wg_cfg<HD, F8>::KSTAGES + wg_cfg<HD, F8>::VSTAGES) * kv_bytes<HD>() +
-           (size_t)wg_cfg<HD, F8>::RAW * raw_bytes<HD>();
+           (size_t)wg_cfg<HD, F8>::RAW * raw_bytes<HD>() + scale_bytes<HD, F8>();
 }
 static_assert(smem_bytes<128>() <= 227 * 1024 && smem_bytes<256>() <= 227 * 1024, "smem");
-// F8: with 1 KB left for the static shared variables (bars: 12 x 8 bytes)
-static_assert(smem_bytes<128, true>() <= 226 * 1024 && smem_bytes<256, true>() <= 226 * 1024,
+// F8: with 384 bytes left for the static shared variables (bars: 12 x 8
+// bytes, tref, first_bad_v, q_exp: 128 bytes); d 256 is 226.5 KB
+static_assert(smem_bytes<128, true>() <= 227 * 1024 - 384 &&
+                  smem_bytes<256, true>() <= 227 * 1024 - 384,
               "smem");
 static_assert(wg_cfg<128, true>::BN == wg_cfg<128>::BN && wg_cfg<256, true>::BN == wg_cfg<256>::BN,
               "F8 tiles are the T tiles: one split plan and combine per d");
@@ -323,46 +331,73 @@ __device__ __forceinline__ void wgmma_rs(float *d, const uint32_t *a, uint64_t d
     }
 }
 
-// ---- the fp8 cache (F8): the producer converts ----
-// The T slots the consumers read are exactly those of a T cache; the
-// producer warpgroup fills them from raw units: it copies one tensor's tile
-// of e4m3 bytes and its tokens' scales into a raw unit (TMA: one box of
-// min(b, BN) rows x HD bytes and one 1-D copy of as many scales per page,
-// issued by one lane a page; the tile that ends the keys, and every tile
-// where TMA does not serve, by cp.async with zero fill past kend: byte 0 x
-// scale 0 reads as 0, never NaN), then converts it in shared memory into the
-// tile's T slot, each value T(e4m3 * scale) as fp8x8_read gives it, the
-// function the mma.sync kernel reads the cache with (fp8x8_read_pairs:
-// the same values, two per conversion instruction), so the MMAs see the same
-// values bit for bit as there and as the CPU reads them back.  The units run
-// in the order the slots are needed, K_b, K_{b+1}, V_b, K_{b+2}, V_{b+1},
-// ..., V_{e-1} (the split rings' order), RAW units ahead of the conversion:
-// while the consumers run S_j and P_{j-1} V_{j-1} (wgmma, asynchronous), the
-// producer converts K_{j+1} and V_j and the copies of the next units are in
-// flight.  A lone warp of the producer per scheduler, 1 KB of raw bytes a
-// pass: ~7 instructions per two values (one cvt.rn.f16x2.e4m3x2, two f16 ->
-// f32, two fmul, one packing cvt), ~1100 a warp per tile pair; a tile pair's
-// wgmma takes ~3900 cycles at the bf16 path's measured rate.  Two T slots a ring are
-// enough for that: K_{j+1} goes where K_{j-1} was (free once S_{j-1} is
-// done), V_j where V_{j-2} was (free once P V of iteration j - 1 is done).
+// a word of two T values, low half first, to fp32
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w)
+{
+    if constexpr (std::is_same<T, __half>::value)
+        return __half22float2(*reinterpret_cast<const __half2 *>(&w));
+    else
+        return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+
+// 8 e4m3 bytes -> 8 f16 values (4 words, low half first), exact
+__device__ __forceinline__ uint4 fp8x8_to_half(uint2 raw)
+{
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const uint32_t word = i < 2 ? raw.x : raw.y;
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+            (__nv_fp8x2_storage_t)((word >> (16 * (i & 1))) & 0xffffu), __NV_E4M3);
+        w[i] = (uint32_t)h.x | (uint32_t)h.y << 16;
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// ---- the fp8 cache (F8): the producer converts, the consumers scale ----
+// The producer warpgroup fills f16 slots from raw units: it copies one
+// tensor's tile of e4m3 bytes and its tokens' scales into a raw unit (TMA:
+// one box of min(b, BN) rows x HD bytes and one 1-D copy of as many scales
+// per page, issued by one lane a page; the tile that ends the keys, and every
+// tile where TMA does not serve, by cp.async with zero fill past kend: byte 0
+// and scale 0 read as 0, never NaN), then converts the bytes in shared memory
+// into the tile's f16 slot, each value exactly the e4m3 byte's (one
+// cvt.rn.f16x2.e4m3x2 per two values), and copies the scales into the slot's
+// fp32 array.  The consumers' MMAs take f16 operands (Q converted once, row
+// by row under a power of two, convert_q) and apply the scales in fp32: K's
+// on S, column by column (scale_cols), V's on P (pack_f8: P v_scale / cv in
+// f16, cv a power of two per tile).  The values are then those of the cache
+// to fp32 rounding (e4m3 x scale), not T(e4m3 x scale) as the mma.sync
+// kernel and the CPU read them: closer to the stored values, not the same
+// bits.  (Until 2026-12-07 the producer converted to T(e4m3 x scale): ~7
+// instructions per two values on the schedulers the consumers' softmax
+// needs, and fp8 rectification took 1.94x bf16's time on an H100.)
+// The units run in the order the slots are needed, K_b, K_{b+1}, V_b,
+// K_{b+2}, V_{b+1}, ..., V_{e-1} (the split rings' order), RAW units ahead of
+// the conversion: while the consumers run S_j and P_{j-1} V_{j-1} (wgmma,
+// asynchronous), the producer converts K_{j+1} and V_j and the copies of the
+// next units are in flight.  Two slots a ring are enough for that: K_{j+1}
+// goes where K_{j-1} was (free once S_{j-1} is done and its scales are
+// applied), V_j where V_{j-2} was (free once P V of iteration j - 1 is done).
 // Each thread's conversion stores are generic-proxy writes that wgmma reads
 // through the async proxy: every thread fences them (fence.proxy.async)
 // before its arrival on the slot's "full" barrier (128 arrivals, as for
-// cp.async), so the consumers' wait orders them before their wgmma.  A raw
-// unit is refilled only after a named barrier (id 2, the producer's 128
-// threads) says every thread has read it.
+// cp.async), so the consumers' wait orders them before their wgmma (and
+// their plain loads of the scales).  A raw unit is refilled only after a
+// named barrier (id 2, the producer's 128 threads) says every thread has
+// read it.
 // Conversion mapping: a warp converts 4 rows x 8 16-byte chunks of raw bytes
-// (16 values each, two 16-byte T chunks): lane l takes chunk l & 7 of row
+// (16 values each, two 16-byte f16 chunks): lane l takes chunk l & 7 of row
 // ((l >> 2) ^ (l >> 3)) & 1 | (l >> 4) << 1, so that each quarter-warp's 8
 // raw loads hit 8 bank groups (chunks 0-3 of one row, 4-7 of the other) and
-// so do its 8 T stores (the rows' parities differ, which puts their chunks
+// so do its 8 f16 stores (the rows' parities differ, which puts their chunks
 // 2c and 2c + 1 of the 128-byte swizzle on complementary bank groups).
 template <typename T, int HD>
 __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_item &w, int kvh,
                                             int tma_rows, const CUtensorMap *tmk,
                                             const CUtensorMap *tmv, uint32_t sK0, uint32_t sV0,
-                                            uint32_t sR0, uint32_t kfull, uint32_t vfull,
-                                            uint32_t rfull)
+                                            uint32_t sR0, uint32_t sKS0, uint32_t sVS0,
+                                            uint32_t kfull, uint32_t vfull, uint32_t rfull)
 {
     using cfg = wg_cfg<HD, true>;
     constexpr int HBN = cfg::BN, KS = cfg::KSTAGES, VS = cfg::VSTAGES, RU = cfg::RAW;
@@ -441,17 +476,23 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
             cp_async_arrive(full);
         }
     };
-    // raw unit at src -> T slot at dst (swizzled as wgmma reads it).  Pass i
-    // of a thread: row 16 (i / HALVES) + rb, raw chunk 8 (i % HALVES) + cj,
-    // i.e. T chunks 2 ch and 2 ch + 1; rb & 7 is the same in every pass, so
-    // the swizzled offsets are this thread's (w0, w1) plus a pass's step
+    // raw unit at src -> f16 slot at dst (swizzled as wgmma reads it), each
+    // value the e4m3 byte's own (cvt.rn.f16x2.e4m3x2: exact, one instruction
+    // per two values; the scales stay fp32 and are applied by the consumers,
+    // K's on S, V's on P), and the slot's scales at dsc: a key's scale, or 0
+    // where it is not finite, whose row is written as NaN instead (a
+    // non-finite token reads back as NaN, kv_fp8.h; NaN in the slot is what
+    // the consumers' non-finite handling sees, scrub_v).  Pass i of a
+    // thread: row 16 (i / HALVES) + rb, raw chunk 8 (i % HALVES) + cj, i.e.
+    // f16 chunks 2 ch and 2 ch + 1; rb & 7 is the same in every pass, so the
+    // swizzled offsets are this thread's (w0, w1) plus a pass's step
     constexpr int HALVES = CPR / 8; // a warp's pass covers 8 chunks of 4 rows
     constexpr int PASSES = HBN * CPR / 128;
     const int cj = lane & 7;
     const int rb = 4 * warp + ((((lane >> 2) ^ (lane >> 3)) & 1) | ((lane >> 4) << 1));
     const uint32_t r_off = rb * HD + cj * 16, s_off = HBN * HD + rb * 4;
     const uint32_t w0 = sw128(rb, 2 * cj, HBN), w1 = sw128(rb, 2 * cj + 1, HBN);
-    auto convert = [&](uint32_t src, uint32_t dst) {
+    auto convert = [&](uint32_t src, uint32_t dst, uint32_t dsc) {
         // two passes an iteration, both loads first: ptxas does not move a
         // shared load above a shared store it cannot tell apart, and a lone
         // producer warp per scheduler has nothing else to hide the latency
@@ -475,8 +516,11 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int ii = i + h;
-                const uint4 lo = fp8x8_read_pairs<T>(make_uint2(r[h].x, r[h].y), sc[h]);
-                const uint4 hi = fp8x8_read_pairs<T>(make_uint2(r[h].z, r[h].w), sc[h]);
+                const bool finite = fabsf(sc[h]) <= FLT_MAX;
+                uint4 lo = fp8x8_to_half(make_uint2(r[h].x, r[h].y));
+                uint4 hi = fp8x8_to_half(make_uint2(r[h].z, r[h].w));
+                if (!finite) // rare: the token's whole vector
+                    lo = hi = make_uint4(0x7e007e00u, 0x7e007e00u, 0x7e007e00u, 0x7e007e00u);
                 const uint32_t at = dst + (ii / HALVES) * 16 * 128 + (ii % HALVES) * 2 * HBN * 128;
                 asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w0),
                              "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
@@ -484,6 +528,10 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                 asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w1),
                              "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
                              : "memory");
+                if (cj == 0 && ii % HALVES == 0)
+                    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dsc + (rb + 16 * (ii / HALVES)) * 4),
+                                 "f"(finite ? sc[h] : 0.f)
+                                 : "memory");
             }
         }
     };
@@ -507,7 +555,7 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
         mbar_wait(empty, ph ^ 1); // the first round passes at once
         const int rs = u % RU;
         mbar_wait(rfull + 8 * rs, (u / RU) & 1);
-        convert(sR0 + rs * RAW_BYTES, dst);
+        convert(sR0 + rs * RAW_BYTES, dst, (is_v ? sVS0 : sKS0) + slot * HBN * 4);
         // our generic-proxy stores, before wgmma (the async proxy) reads the slot
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         mbar_arrive(full);
@@ -540,6 +588,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     // K ring: full[KS], empty[KS]; V ring: full[VS], empty[VS]; Q; F8: raw full[RU]
     __shared__ __align__(8) uint64_t bars[2 * (KS + VS) + 1 + RU];
     __shared__ int first_bad_v[4]; // scrub_v: per diagonal tile (kt % 4), the first key with non-finite V
+    // F8 with bf16 queries: row r of Q is stored in f16 times 2^-q_exp[r]
+    __shared__ signed char q_exp[F8 ? BM : 1];
 
     const int slot = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     work_item w;
@@ -554,6 +604,9 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const uint32_t sK0 = sQ + Q_BYTES;          // K slot s at sK0 + s KV_BYTES
     const uint32_t sV0 = sK0 + KS * KV_BYTES;   // V slot s at sV0 + s KV_BYTES
+    // F8: raw units, then the K slots' scales ([HBN] fp32 each), the V slots'
+    const uint32_t sR0 = sV0 + VS * KV_BYTES;
+    const uint32_t sKS0 = sR0 + RU * raw_bytes<HD>(), sVS0 = sKS0 + KS * HBN * 4;
     // Shared ring (!SPLIT): V slot s is filled, completes and is freed with
     // K slot s, on K's barriers.
     const uint32_t kfull = smem_u32(&bars[0]), kempty = kfull + 8 * KS;
@@ -601,8 +654,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         }
         cp_async_arrive(bar_q);
         if constexpr (F8) { // raw tiles, converted into the slots
-            produce_fp8<T, HD>(p, w, kvh, tma_rows, &tmk, &tmv, sK0, sV0, sV0 + VS * KV_BYTES,
-                               kfull, vfull, bar_q + 8);
+            produce_fp8<T, HD>(p, w, kvh, tma_rows, &tmk, &tmv, sK0, sV0, sR0, sKS0, sVS0, kfull,
+                               vfull, bar_q + 8);
             return;
         }
         // K/V: thread -> chunk tid % CPK of keys tid / CPK + KPP i; keys past
@@ -734,6 +787,9 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     const int pos1 = (int)e.start + (r0 + min(lr1, valid - 1)) / g;
     const int wpos_min = (int)e.start + (r0 + min(wr0, valid - 1)) / g;
 
+    // F8: the MMAs take f16 operands (the slots hold the e4m3 values exactly,
+    // Q is converted below), the scales are applied in fp32
+    using MT = std::conditional_t<F8, __half, T>;
     float o[HD / 2], s[HBN / 2]; // accumulators: HD/8 and HBN/8 n-tiles of 4
     uint32_t pa[HBN / 4];       // P as A fragments, 4 per 16 keys
 #pragma unroll
@@ -741,6 +797,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         o[i] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f, c0, c1;
     const float sl2 = p.scale_log2;
+    float sl2_0 = sl2, sl2_1 = sl2; // F8: times each row's 2^q_exp
     const uint32_t sQw = sQ + cwg * 64 * 128; // this warpgroup's 64 rows of Q
 
     // S = Q K^T: HD / 16 k-steps of 16 dimensions = 32 bytes inside a
@@ -752,7 +809,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         for (int kk = 0; kk < HD / 16; kk++) {
             const uint32_t dq = (kk >> 2) * (BM * 128) + (kk & 3) * 32;
             const uint32_t dk = (kk >> 2) * (HBN * 128) + (kk & 3) * 32;
-            wgmma_ss<T, HBN>(s, gmma_desc(sQw + dq, 16, 1024), gmma_desc(sK + dk, 16, 1024),
+            wgmma_ss<MT, HBN>(s, gmma_desc(sQw + dq, 16, 1024), gmma_desc(sK + dk, 16, 1024),
                              kk > 0);
         }
     };
@@ -763,7 +820,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         const uint32_t sV = sV0 + slot * KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < HBN / 16; kk++)
-            wgmma_rs<T, HD>(o, pa + 4 * kk, gmma_desc(sV + kk * 2048, HBN * 128, 1024));
+            wgmma_rs<MT, HD>(o, pa + 4 * kk, gmma_desc(sV + kk * 2048, HBN * 128, 1024));
     };
     // Non-finite V on the causal diagonal (attention_dense.cuh): wgmma would
     // add 0 * NaN for a key a row masks, and the V slot is shared by rows of
@@ -809,7 +866,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             const uint32_t at = sV + sw128(key, wd >> 2, HBN) + 4 * (wd & 3);
             uint32_t x;
             asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(x) : "r"(at) : "memory");
-            const uint32_t m = nonfinite_halves<T>(x);
+            const uint32_t m = nonfinite_halves<MT>(x);
             if (m) {
                 asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at), "r"(x & ~m) : "memory");
                 first = min(first, kbase + key);
@@ -830,12 +887,125 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         const int kbase = kt * HBN;
         if (kbase + HBN - 1 > wpos_min) // only tiles reaching past the warp's earliest row
             causal_mask<HBN / 8>(s, kbase, lane, pos0, pos1);
-        softmax_step<HBN / 8>(s, sl2, m0, m1, l0, l1, c0, c1);
+        softmax_step_rows<HBN / 8>(s, sl2_0, sl2_1, m0, m1, l0, l1, c0, c1);
     };
     auto pack = [&] {
 #pragma unroll
         for (int kk = 0; kk < HBN / 16; kk++)
             pack_p<T>(s, kk, pa + 4 * kk);
+    };
+    // ---- F8: the scales, in fp32 ----
+    // Q (bf16 queries): this warpgroup's 64 rows in place to f16, row r times
+    // 2^-q_exp[r] so that its largest |q| lies in [2^14, 2^15) (bf16 -> f16
+    // is then exact down to 2^-29 of it); 0 for a zero or non-finite row
+    // (NaN and inf stay what they are).  Two threads a row, once a CTA.
+    auto convert_q = [&] {
+        constexpr int CPK = HD / 8, HALF = CPK / 2; // 16-byte chunks a row, a thread
+        const int t = (int)threadIdx.x - 128 - 128 * cwg;
+        const int r = 64 * cwg + (t >> 1), c0q = (t & 1) * HALF;
+        float amax = 0.f;
+#pragma unroll 4
+        for (int c = c0q; c < c0q + HALF; c++) {
+            uint4 x;
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                         : "r"(sQ + sw128(r, c, BM))
+                         : "memory");
+            const uint32_t wv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = unpack2<T>(wv[j]);
+                amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+            }
+        }
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        // (fmaxf drops a NaN: a NaN row keeps its exponent from its other values)
+        const int e = amax > 0.f && amax <= FLT_MAX ? max(-100, ilogbf(amax) - 14) : 0;
+        const float f = __int_as_float((127 - e) << 23); // 2^-e
+#pragma unroll 4
+        for (int c = c0q; c < c0q + HALF; c++) {
+            uint4 x;
+            const uint32_t at = sQ + sw128(r, c, BM);
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                         : "r"(at)
+                         : "memory");
+            uint32_t wv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 v = unpack2<T>(wv[j]);
+                wv[j] = pack2<__half>(v.x * f, v.y * f);
+            }
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(wv[0]),
+                         "r"(wv[1]), "r"(wv[2]), "r"(wv[3])
+                         : "memory");
+        }
+        if ((t & 1) == 0)
+            q_exp[r] = (signed char)e;
+        // our stores, before wgmma (the async proxy) reads Q; the warpgroup
+        // reads the exponents of its rows
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (cwg == 0) // named barriers 3 and 4 (immediates: a register id reserves all 16)
+            asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        else
+            asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        sl2_0 = sl2 * __int_as_float((127 + q_exp[lr0]) << 23);
+        sl2_1 = sl2 * __int_as_float((127 + q_exp[lr1]) << 23);
+    };
+    // S (this thread's keys 8 i + 2 (lane & 3) + 0..1) times K's scales, in
+    // K slot `slot`'s array, before the causal mask
+    auto scale_cols = [&](int slot) {
+        const uint32_t sc = sKS0 + slot * HBN * 4 + 8 * (lane & 3);
+#pragma unroll
+        for (int i = 0; i < HBN / 8; i++) {
+            float a, b;
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(sc + 32 * i));
+            s[4 * i + 0] *= a;
+            s[4 * i + 1] *= b;
+            s[4 * i + 2] *= a;
+            s[4 * i + 3] *= b;
+        }
+    };
+    // P (s) of the tile in V slot `slot` into A fragments as P v_scale / cv,
+    // cv = 2^ec, ec = the exponent of the tile's largest V scale - 14 (so that
+    // P v_scale / cv < 2^15, within f16), kept within 2^64 below the largest
+    // so far (ec_hi; O stays far from fp32's range) and >= -126.  O holds the
+    // sum in units of the last tile's cv (ec_prev): it is rescaled by the
+    // ratio with the softmax factors c0, c1 of this tile.  The store
+    // multiplies O by 2^ec_prev once.
+    int ec_prev = INT_MIN, ec_hi = -126;
+    auto pack_f8 = [&](int slot) {
+        const uint32_t sc = sVS0 + slot * HBN * 4 + 8 * (lane & 3);
+        float mx = 0.f; // the quad's lanes hold every key of the tile
+#pragma unroll
+        for (int i = 0; i < HBN / 8; i++) {
+            float a, b;
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(sc + 32 * i));
+            mx = fmaxf(mx, fmaxf(a, b));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        int ec = mx > 0.f ? ilogbf(mx) - 14 : -126; // scales are finite (produce_fp8)
+        ec = max(ec, max(ec_hi - 64, -126));
+        ec_hi = max(ec_hi, ec);
+        const float r = ec_prev == INT_MIN ? 1.f : ldexpf(1.f, ec_prev - ec);
+        ec_prev = ec;
+        scale_rows<HD / 8>(o, c0 * r, c1 * r);
+        const float inv = __int_as_float((127 - ec) << 23); // 2^-ec, ec in [-126, 113]
+#pragma unroll
+        for (int i = 0; i < HBN / 8; i++) {
+            float a, b;
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(sc + 32 * i));
+            a *= inv;
+            b *= inv;
+            s[4 * i + 0] *= a;
+            s[4 * i + 1] *= b;
+            s[4 * i + 2] *= a;
+            s[4 * i + 3] *= b;
+        }
+#pragma unroll
+        for (int kk = 0; kk < HBN / 16; kk++)
+            pack_p<__half>(s, kk, pa + 4 * kk);
     };
     // cp.async writes are generic-proxy stores; wgmma reads through the async
     // proxy.  Fenced here, once a tile with no wgmma of this warpgroup in
@@ -852,6 +1022,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             mbar_arrive(empty);
     };
     mbar_wait(bar_q, 0);
+    if constexpr (F8 && !std::is_same<T, __half>::value)
+        convert_q();
     int ks = 0, vs = 0; // K slot of tile kt, V slot of tile kt - 1
     uint32_t kph = 0, vph = 0;
     mbar_wait(kfull, 0);
@@ -861,10 +1033,15 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     wg_commit();
     wg_wait<0>();
     reg_fence<HBN / 2>(s);
+    if constexpr (F8)
+        scale_cols(0);
     if constexpr (SPLIT)
         release(kempty);
     softmax(kt_begin); // O is still zero: no rescale
-    pack();
+    // F8: P is packed once its tile's V scales are in (pack_f8 after the V
+    // wait, next iteration), T: now
+    if constexpr (!F8)
+        pack();
     for (int kt = kt_begin + 1; kt < kt_end; kt++) {
         if (++ks == KS) {
             ks = 0;
@@ -873,6 +1050,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         mbar_wait(kfull + 8 * ks, kph);
         if constexpr (SPLIT)
             mbar_wait(vfull + 8 * vs, vph); // V of tile kt - 1 (shared ring: waited with K)
+        if constexpr (F8)
+            pack_f8(vs); // O rescaled, P of tile kt - 1 packed
         if (on_diagonal(kt - 1))
             scrub_v(vs, kt - 1); // no wgmma in flight here
         fence_async();
@@ -883,6 +1062,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         wg_commit();
         wg_wait<1>(); // S of this tile is done; P V of the previous one runs on
         reg_fence<HBN / 2>(s);
+        if constexpr (F8)
+            scale_cols(ks); // before the slot (and its scales) is released
         if constexpr (SPLIT)
             release(kempty + 8 * ks);
         softmax(kt);
@@ -895,13 +1076,17 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             vs = 0;
             vph ^= 1;
         }
-        scale_rows<HD / 8>(o, c0, c1);
-        pack();
+        if constexpr (!F8) {
+            scale_rows<HD / 8>(o, c0, c1);
+            pack();
+        }
     }
     if constexpr (SPLIT) {
         mbar_wait(vfull + 8 * vs, vph);
         fence_async();
     }
+    if constexpr (F8)
+        pack_f8(vs);
     if (on_diagonal(kt_end - 1))
         scrub_v(vs, kt_end - 1);
     wg_fence();
@@ -909,6 +1094,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     wg_commit();
     wg_wait<0>();
     reg_fence<HD / 2>(o);
+    if constexpr (F8) // O was in units of 2^ec_prev
+        scale_rows<HD / 8>(o, __int_as_float((127 + ec_prev) << 23), __int_as_float((127 + ec_prev) << 23));
     store_rows<T, HD>(p, e, slot, kvh, split, sp.sa, r0, valid, lr0, lane, o, m0, m1, l0, l1);
 #else
     // an image without sm_90a features: never launched (resa_cuda_dense_sm90_built
