@@ -8,7 +8,10 @@ cache's codec (per-token scale amax / 448, e4m3).  The new path: q in f16
 under 2^-e, raw e4m3 operands, k_scale on S in fp32, P v_scale / c rounded to
 f16 with c the largest scale so far ("running", what the kernel does), or per
 unit of 16 keys: its largest scale ("unit"), or 2^-15 times it ("unit15", so
-that P v_scale / c < 2^15; branch fp8-sparse-unit-c).  "running" loses a key
+that P v_scale / c < 2^15; branch fp8-sparse-unit-c), or per tile of 128 keys:
+2^(exponent of its largest scale - 14), a power of two ("tile128", the
+Hopper rectification kernel of branch fp8-rect-f16, which also runs f16 MMAs
+on the raw values with the scales in fp32).  "running" loses a key
 once P v_scale / c falls below f16's range (~2^-24), "unit" the keys of one
 unit far below its largest.  The second table puts one early token with a V
 2^k times the others' at a score k ln 2 below theirs (its P v comparable to
@@ -70,21 +73,24 @@ def trial(rng, n, d, spread, q_mag, rule, outlier=0):
     qf = (q * 2.0**-e).astype(np.float16).astype(np.float64)
     sn = (kr @ qf).astype(np.float32).astype(np.float64) * (2.0**e * sc) * ks
     m, l, acc, kc, kmax = -np.inf, 0.0, np.zeros(d), 0.0, 0.0
-    for u in range(0, n, 16):
-        su = sn[u:u + 16]
+    w = 128 if rule == "tile128" else 16
+    for u in range(0, n, w):
+        su = sn[u:u + w]
         mn = max(m, su.max())
         corr = np.exp(m - mn) if m > -np.inf else 0.0
         pu = np.exp(su - mn)
         l = l * corr + pu.sum()
-        cu = vs[u:u + 16].max()
+        cu = vs[u:u + w].max()
         kmax = max(kmax, cu)
         if rule == "running":
             c = max(cu, 2.0**-126, kc)
+        elif rule == "tile128":
+            c = max(2.0**(np.floor(np.log2(cu)) - 14) if cu > 0 else 0.0, 2.0**-126, kmax * 2.0**-64)
         else:
             c = max(cu * (2.0**-15 if rule == "unit15" else 1.0), 2.0**-126, kmax * 2.0**-64)
         rescale, kc = (kc / c if c > 0 else 0.0), c
-        pp = (pu * (vs[u:u + 16] / c)).astype(np.float16).astype(np.float64)
-        acc = acc * corr * rescale + pp @ vr[u:u + 16]
+        pp = (pu * (vs[u:u + w] / c)).astype(np.float16).astype(np.float64)
+        acc = acc * corr * rescale + pp @ vr[u:u + w]
         m = mn
     new = acc * kc / l
 
@@ -103,7 +109,7 @@ def main():
     print("|---|---|---|---|---|")
     for spread in (0, 6, 12):
         for q_mag in (1, 30):
-            for rule in ("running", "unit", "unit15"):
+            for rule in ("running", "unit", "unit15", "tile128"):
                 rng = np.random.default_rng(a.seed)
                 r = np.array([trial(rng, a.keys, 128, spread, q_mag, rule) for _ in range(a.trials)])
                 print(f"| e^+-{spread} | {q_mag} | {rule} | {r[:, 0].mean():.2e} / {r[:, 0].max():.2e} "
@@ -112,7 +118,7 @@ def main():
     print("| first token's V x | rule | old path: mean / max | new path: mean / max |")
     print("|---|---|---|---|")
     for outlier in (8, 16, 24, 32, 40):
-        for rule in ("running", "unit", "unit15"):
+        for rule in ("running", "unit", "unit15", "tile128"):
             rng = np.random.default_rng(a.seed)
             r = np.array([trial(rng, a.keys, 128, 0, 1, rule, outlier) for _ in range(a.trials)])
             print(f"| 2^{outlier} | {rule} | {r[:, 0].mean():.2e} / {r[:, 0].max():.2e} "
