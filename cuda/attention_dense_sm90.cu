@@ -340,20 +340,6 @@ template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w)
         return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
 }
 
-// 8 e4m3 bytes -> 8 f16 values (4 words, low half first), exact
-__device__ __forceinline__ uint4 fp8x8_to_half(uint2 raw)
-{
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const uint32_t word = i < 2 ? raw.x : raw.y;
-        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-            (__nv_fp8x2_storage_t)((word >> (16 * (i & 1))) & 0xffffu), __NV_E4M3);
-        w[i] = (uint32_t)h.x | (uint32_t)h.y << 16;
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // ---- the fp8 cache (F8): the producer converts, the consumers scale ----
 // The producer warpgroup fills f16 slots from raw units: it copies one
 // tensor's tile of e4m3 bytes and its tokens' scales into a raw unit (TMA:

@@ -81,7 +81,9 @@ template <> __device__ __forceinline__ uint32_t f32x2_to<__nv_bfloat16>(float lo
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t *>(&h);
 }
-template <typename T> __device__ __forceinline__ uint4 fp8x8_read_pairs(uint2 raw, float scale)
+// 8 e4m3 bytes -> 8 f16 values (4 words, low half first), exact: one
+// cvt.rn.f16x2.e4m3x2 per two values
+__device__ __forceinline__ uint4 fp8x8_to_half(uint2 raw)
 {
     uint32_t w[4];
 #pragma unroll
@@ -89,9 +91,19 @@ template <typename T> __device__ __forceinline__ uint4 fp8x8_read_pairs(uint2 ra
         const uint32_t word = i < 2 ? raw.x : raw.y;
         const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
             (__nv_fp8x2_storage_t)((word >> (16 * (i & 1))) & 0xffffu), __NV_E4M3);
-        const float lo = __half2float(__half(__half_raw{h.x})) * scale;
-        const float hi = __half2float(__half(__half_raw{h.y})) * scale;
-        w[i] = f32x2_to<T>(lo, hi);
+        w[i] = (uint32_t)h.x | (uint32_t)h.y << 16;
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <typename T> __device__ __forceinline__ uint4 fp8x8_read_pairs(uint2 raw, float scale)
+{
+    const uint4 h = fp8x8_to_half(raw);
+    const uint32_t hw[4] = {h.x, h.y, h.z, h.w};
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&hw[i]));
+        w[i] = f32x2_to<T>(f.x * scale, f.y * scale);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
