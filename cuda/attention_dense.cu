@@ -28,9 +28,10 @@
 // registers into A fragments without touching shared memory.
 //
 // The fp8 cache (F8, lib/kv_fp8.h) runs here at d = 64, for QUERY_DENSE
-// steps and with RESA_CUDA_NO_WGMMA=1 (on Hopper the wgmma kernel takes it
-// otherwise: its producer warpgroup converts the same way, produce_fp8 in
-// attention_dense_sm90.cu): the ring holds each tile's raw e4m3 bytes and
+// steps, before Hopper, and with RESA_CUDA_NO_WGMMA=1 (on Hopper the wgmma
+// kernel takes it otherwise, with f16 MMAs on the e4m3 values and the scales
+// applied in fp32: produce_fp8 in attention_dense_sm90.cu, one rounding fewer
+// than here): the ring holds each tile's raw e4m3 bytes and
 // its tokens' scales (cp.async, zero-filled past kend), and once a tile has
 // landed the CTA converts it into one T tile pair, swizzled as above, each
 // value T(e4m3 * scale) as the CPU reads it back (common.cuh, fp8x8_read); a
