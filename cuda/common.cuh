@@ -63,26 +63,9 @@ template <typename T> __device__ __forceinline__ uint4 fp8x8_read(uint2 raw, flo
     return out;
 }
 
-// fp8x8_read with two values per conversion instruction (the Hopper dense
-// kernel's producer converts whole tiles): the same 8 T values bit for bit.
-// cvt.rn.f16x2.e4m3x2 converts each byte of a pair as it converts a lone
-// byte for fp8_to_f32 (which is its low half with a zero high byte; the
-// conversion is elementwise and exact, low byte to low half), the product is
-// the same fp32 product, and cvt.rn.{bf16x2,f16x2}.f32 rounds each half to
-// nearest even exactly as from_f32 rounds one value.
-template <typename T> __device__ __forceinline__ uint32_t f32x2_to(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t f32x2_to<__half>(float lo, float hi)
-{
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&h);
-}
-template <> __device__ __forceinline__ uint32_t f32x2_to<__nv_bfloat16>(float lo, float hi)
-{
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&h);
-}
 // 8 e4m3 bytes -> 8 f16 values (4 words, low half first), exact: one
-// cvt.rn.f16x2.e4m3x2 per two values
+// cvt.rn.f16x2.e4m3x2 per two values (the Hopper dense kernel's producer;
+// the scales are applied in fp32 after the products, attention_dense_sm90.cu)
 __device__ __forceinline__ uint4 fp8x8_to_half(uint2 raw)
 {
     uint32_t w[4];
@@ -92,18 +75,6 @@ __device__ __forceinline__ uint4 fp8x8_to_half(uint2 raw)
         const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
             (__nv_fp8x2_storage_t)((word >> (16 * (i & 1))) & 0xffffu), __NV_E4M3);
         w[i] = (uint32_t)h.x | (uint32_t)h.y << 16;
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-template <typename T> __device__ __forceinline__ uint4 fp8x8_read_pairs(uint2 raw, float scale)
-{
-    const uint4 h = fp8x8_to_half(raw);
-    const uint32_t hw[4] = {h.x, h.y, h.z, h.w};
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&hw[i]));
-        w[i] = f32x2_to<T>(f.x * scale, f.y * scale);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
