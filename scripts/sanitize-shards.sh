@@ -9,8 +9,9 @@
 # Env: RESA_SANITIZE_TOOLS (default memcheck racecheck initcheck synccheck),
 #      RESA_SANITIZE_SHARDS (default 4), RESA_SANITIZE_TIMEOUT (s, default 1800),
 #      RESA_SANITIZE_TESTS (names from the list below, default all of them),
-#      RESA_SANITIZE_PAIRS ("tool:test ..." in the order to start them; replaces
-#      the two above),
+#      RESA_SANITIZE_PAIRS ("tool:test[/shards] ..." in the order to start them;
+#      replaces the two above; /shards overrides RESA_SANITIZE_SHARDS for that
+#      run, e.g. racecheck:check_cuda/8 beside memcheck:check_cuda/2),
 #      RESA_SANITIZE_BUDGET (s from the start, default none): a run that would
 #      start after it is listed as not run, and every run is cut at it, so
 #      that a device call ends in time with the runs that finished reported.
@@ -50,13 +51,14 @@ if [ -z "$pairs" ]; then
 fi
 jobs_file=$(mktemp)
 for pair in $pairs; do
-  tool=${pair%%:*} want=${pair#*:} found=""
+  tool=${pair%%:*} want=${pair#*:} found="" pn=$n
+  [[ $want == */* ]] && { pn=${want#*/}; want=${want%%/*}; }
   for t in "${tests[@]}"; do
     IFS='|' read -r name env cmd <<<"$t"
     [ "$name" = "$want" ] || continue
     found=1
     # check_cp and the soak have no sharded loops: one run
-    shards=$n; [[ $name == check_cp_cuda || $name == soak_diff ]] && shards=1
+    shards=$pn; [[ $name == check_cp_cuda || $name == soak_diff ]] && shards=1
     for k in $(seq 0 $((shards - 1))); do
       echo "$tool|$name|$k|$shards|$env|$cmd" >>"$jobs_file"
     done
