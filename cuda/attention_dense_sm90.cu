@@ -1036,11 +1036,22 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         mbar_wait(kfull + 8 * ks, kph);
         if constexpr (SPLIT)
             mbar_wait(vfull + 8 * vs, vph); // V of tile kt - 1 (shared ring: waited with K)
-        if constexpr (F8)
+        // F8: the fence first.  The slots' scales (producer stores, our
+        // loads) are ordered by the full barrier alone, generic proxy on both
+        // sides; but compute-sanitizer's racecheck (2025.3) reported every
+        // load of V's scales here as a hazard with the producer's store when
+        // no proxy fence stood between the wait and the load, and none where
+        // one did (K's scales, read after this fence; V's after the loop).
+        // The fence is needed once a tile anyway (T: the cp.async data), and
+        // the producer already fenced F8's converted slots, so it moves here.
+        if constexpr (F8) {
+            fence_async();
             pack_f8(vs); // O rescaled, P of tile kt - 1 packed
+        }
         if (on_diagonal(kt - 1))
-            scrub_v(vs, kt - 1); // no wgmma in flight here
-        fence_async();
+            scrub_v(vs, kt - 1); // no wgmma in flight here (fences its own stores)
+        if constexpr (!F8)
+            fence_async();
         wg_fence();
         qk(ks);
         wg_commit();

@@ -778,6 +778,8 @@ START_TEST(test_head_share_refusals)
     const size_t ie = ref_dtype_size(p.io_dtype);
     mem kv = mem_new((size_t)40 * p.d * ie), q = mem_new((size_t)2 * p.d * ie),
         o = mem_new((size_t)2 * p.d * ie);
+    up(&kv); /* zeros: only the statuses matter, but the device reads them */
+    up(&q);
     int32_t m = RESA_MODE_APPEND_KV, n = 40;
     for (int i = 0; i < 2; i++) {
         int32_t s = i ? w : a;
@@ -898,6 +900,8 @@ START_TEST(test_query_edges)
         cn = mem_new(3 * sizeof(int32_t)), ts = mem_new(3 * sizeof(float)),
         tb = mem_new(3 * sizeof(int32_t));
     TOK(c, resa_ctx_step_begin(c, 3, seqs, modes, ns, 0));
+    poison(&sc); /* only the listed entries are written: the rest reads back poisoned */
+    poison(&bl);
     poison(&cn);
     TOK(c, resa_ctx_step_block_scores(c, 0, dp(&q), kC, dp(&sc), dp(&bl), dp(&cn), 0));
     down(&sc);
