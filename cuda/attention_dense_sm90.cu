@@ -1038,12 +1038,13 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             mbar_wait(vfull + 8 * vs, vph); // V of tile kt - 1 (shared ring: waited with K)
         // F8: the fence first.  The slots' scales (producer stores, our
         // loads) are ordered by the full barrier alone, generic proxy on both
-        // sides; but compute-sanitizer's racecheck (2025.3) reported every
-        // load of V's scales here as a hazard with the producer's store when
-        // no proxy fence stood between the wait and the load, and none where
-        // one did (K's scales, read after this fence; V's after the loop).
-        // The fence is needed once a tile anyway (T: the cp.async data), and
-        // the producer already fenced F8's converted slots, so it moves here.
+        // sides.  compute-sanitizer's racecheck (2025.3.1, H100, 2026-12-07)
+        // reported pack_f8's loads of V's scales as hazards with the
+        // producer's stores when they followed the wait with no proxy fence
+        // between, and nothing for K's scales, loaded after this fence
+        // (docs/reliability.md; whether the fence here clears the reports is
+        // to be seen).  F8 needs no fence here otherwise (the producer fenced
+        // its converted slots, scrub_v fences its own stores), so it moves.
         if constexpr (F8) {
             fence_async();
             pack_f8(vs); // O rescaled, P of tile kt - 1 packed

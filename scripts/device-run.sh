@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -134,6 +134,51 @@ if [[ $phases == *sanshards* ]]; then
   # at once (scripts/sanitize-shards.sh): the quickest way to the whole matrix
   say "compute-sanitizer, sharded: ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}"
   bash scripts/sanitize-shards.sh $build "$OUT" | tail -60
+fi
+if [[ $phases == *sanmatrixbg* ]]; then
+  # scripts/sanitize-shards.sh (RESA_SANITIZE_PAIRS, _JOBS, _BUDGET as for
+  # sanshards) on a copy of the build's test binaries in /tmp, in its own
+  # process session: the matrix takes longer than one call (racecheck over
+  # the non-finite tests ran past 900 s a shard on an H100, 2026-12-07), a
+  # warm machine keeps setsid processes, and a call's carried files (a build
+  # made elsewhere, RESA_BUILD) do not outlive it.  RESA_BG_SOAK_SECONDS=n
+  # also runs the CPU-vs-CUDA soak for n s beside it.  "sanmatrixwait", in a
+  # later call on the same warm machine, collects both.
+  bg=/tmp/resa-sanmatrix
+  say "compute-sanitizer matrix in the background: ${RESA_SANITIZE_PAIRS:-every tool x test}"
+  rm -rf $bg && mkdir -p $bg/b/lib $bg/b/cuda $bg/b/tests/soak $bg/out
+  cp -a $build/lib/*.so* $bg/b/lib/ && cp $build/cuda/libresa-cuda.so.0 $bg/b/cuda/ &&
+    cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp $bg/b/tests/ &&
+    cp $build/tests/soak/soak_diff $bg/b/tests/soak/ && cp scripts/sanitize-shards.sh $bg/ ||
+    echo "sanmatrixbg: the build lacks a file above"
+  (cd $bg && setsid nohup bash -c "bash sanitize-shards.sh b $bg/out >$bg/out/matrix.txt 2>&1; echo \$? >$bg/out/rc" \
+     </dev/null >/dev/null 2>&1 &)
+  if [ -n "${RESA_BG_SOAK_SECONDS:-}" ]; then
+    (cd $bg && RESA_CUDA_MODULE=$bg/b/cuda/libresa-cuda.so.0 setsid nohup bash -c \
+       "timeout $((RESA_BG_SOAK_SECONDS + 120)) b/tests/soak/soak_diff $RESA_BG_SOAK_SECONDS >$bg/out/soak.log 2>&1; echo \$? >$bg/out/soak.rc" \
+       </dev/null >/dev/null 2>&1 &)
+  fi
+  sleep 2; echo "started at $(date +%s) (epoch s), in $bg"; date +%s >$bg/t0
+fi
+if [[ $phases == *sanmatrixwait* ]]; then
+  # up to RESA_SANMATRIX_WAIT s (default 540) for sanmatrixbg's runs, then
+  # their summary lines so far and every log, packed (sanmatrix.tgz)
+  bg=/tmp/resa-sanmatrix
+  say "compute-sanitizer matrix (background): waiting up to ${RESA_SANMATRIX_WAIT:-540} s"
+  if [ -d $bg/out ]; then
+    end=$(( $(date +%s) + ${RESA_SANMATRIX_WAIT:-540} ))
+    while [ $(date +%s) -lt $end ]; do
+      [ -f $bg/out/rc ] && { [ -z "${RESA_BG_SOAK_SECONDS:-}" ] || [ -f $bg/out/soak.rc ]; } && break
+      sleep 5
+    done
+    echo "t = $(( $(date +%s) - $(cat $bg/t0) )) s; matrix exit: $(cat $bg/out/rc 2>/dev/null || echo running); soak exit: $(cat $bg/out/soak.rc 2>/dev/null || echo -)"
+    sort $bg/out/sanshards-progress.txt 2>/dev/null
+    echo "still running: $(pgrep -fc 'compute-sanitizer --tool') sanitized processes"
+    sed -n '/== soak_diff summary ==/,$p' $bg/out/soak.log 2>/dev/null
+    (cd $bg && tar czf "$OUT/sanmatrix.tgz" out)
+  else
+    echo "sanmatrixwait: no $bg (not started, or the machine was not warm)"
+  fi
 fi
 if [[ $phases == *sanbg* ]]; then
   # the tools at once, in their own process session so that they outlive this

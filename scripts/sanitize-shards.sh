@@ -57,8 +57,8 @@ for pair in $pairs; do
     IFS='|' read -r name env cmd <<<"$t"
     [ "$name" = "$want" ] || continue
     found=1
-    # check_cp and the soak have no sharded loops: one run
-    shards=$pn; [[ $name == check_cp_cuda || $name == soak_diff ]] && shards=1
+    # the soak has no sharded loops: one run
+    shards=$pn; [[ $name == soak_diff ]] && shards=1
     for k in $(seq 0 $((shards - 1))); do
       echo "$tool|$name|$k|$shards|$env|$cmd" >>"$jobs_file"
     done

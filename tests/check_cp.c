@@ -1425,23 +1425,25 @@ int main(int argc, char **argv)
     Suite *s = suite_create(g_cuda ? "cp_cuda" : "cp");
     TCase *tc = tcase_create("cp");
     tcase_set_timeout(tc, 600);
-    tcase_add_test(tc, test_lse_decode);
+    /* RESA_TEST_SHARD=k/n: one n-th of the tests (th_add_loop), so that a
+     * sanitizer run of the CUDA set splits over processes */
+    th_add_loop(tc, test_lse_decode, 0, 1);
     if (!g_cuda) { /* IO F32 (the CUDA backend takes F16 and BF16) */
-        tcase_add_test(tc, test_cp_r2);
-        tcase_add_test(tc, test_cp_r3);
-        tcase_add_test(tc, test_cp_r4);
-        tcase_add_loop_test(tc, test_cp_ties, 0, 2);
-        tcase_add_test(tc, test_errors);
-        tcase_add_test(tc, test_block_scores_no_lists);
+        th_add_loop(tc, test_cp_r2, 0, 1);
+        th_add_loop(tc, test_cp_r3, 0, 1);
+        th_add_loop(tc, test_cp_r4, 0, 1);
+        th_add_loop(tc, test_cp_ties, 0, 2);
+        th_add_loop(tc, test_errors, 0, 1);
+        th_add_loop(tc, test_block_scores_no_lists, 0, 1);
     }
-    tcase_add_test(tc, test_cp_bf16);
-    tcase_add_loop_test(tc, test_cp_cuda, 0, 2);
-    tcase_add_test(tc, test_cp_f16_b16);
-    tcase_add_loop_test(tc, test_cp_fp8, 0, 3);
-    tcase_add_test(tc, test_query_edges);
-    tcase_add_test(tc, test_head_share_refusals);
-    tcase_add_test(tc, test_tp_heads);
-    tcase_add_test(tc, test_merge);
+    th_add_loop(tc, test_cp_bf16, 0, 1);
+    th_add_loop(tc, test_cp_cuda, 0, 2);
+    th_add_loop(tc, test_cp_f16_b16, 0, 1);
+    th_add_loop(tc, test_cp_fp8, 0, 3);
+    th_add_loop(tc, test_query_edges, 0, 1);
+    th_add_loop(tc, test_head_share_refusals, 0, 1);
+    th_add_loop(tc, test_tp_heads, 0, 1);
+    th_add_loop(tc, test_merge, 0, 1);
     suite_add_tcase(s, tc);
     /* no fork on the GPU: th_cuda_usable initialized CUDA in this process, and
      * a forked child cannot use it (cudaErrorInitializationError; the H100 run
