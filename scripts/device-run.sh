@@ -135,31 +135,6 @@ if [[ $phases == *sanshards* ]]; then
   say "compute-sanitizer, sharded: ${RESA_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}"
   bash scripts/sanitize-shards.sh $build "$OUT" | tail -60
 fi
-if [[ $phases == *sanmatrixbg* ]]; then
-  # scripts/sanitize-shards.sh (RESA_SANITIZE_PAIRS, _JOBS, _BUDGET as for
-  # sanshards) on a copy of the build's test binaries in /tmp, in its own
-  # process session: the matrix takes longer than one call (racecheck over
-  # the non-finite tests ran past 900 s a shard on an H100, 2026-12-07), a
-  # warm machine keeps setsid processes, and a call's carried files (a build
-  # made elsewhere, RESA_BUILD) do not outlive it.  RESA_BG_SOAK_SECONDS=n
-  # also runs the CPU-vs-CUDA soak for n s beside it.  "sanmatrixwait", in a
-  # later call on the same warm machine, collects both.
-  bg=/tmp/resa-sanmatrix
-  say "compute-sanitizer matrix in the background: ${RESA_SANITIZE_PAIRS:-every tool x test}"
-  rm -rf $bg && mkdir -p $bg/b/lib $bg/b/cuda $bg/b/tests/soak $bg/out
-  cp -a $build/lib/*.so* $bg/b/lib/ && cp $build/cuda/libresa-cuda.so.0 $bg/b/cuda/ &&
-    cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp $bg/b/tests/ &&
-    cp $build/tests/soak/soak_diff $bg/b/tests/soak/ && cp scripts/sanitize-shards.sh $bg/ ||
-    echo "sanmatrixbg: the build lacks a file above"
-  (cd $bg && setsid nohup bash -c "bash sanitize-shards.sh b $bg/out >$bg/out/matrix.txt 2>&1; echo \$? >$bg/out/rc" \
-     </dev/null >/dev/null 2>&1 &)
-  if [ -n "${RESA_BG_SOAK_SECONDS:-}" ]; then
-    (cd $bg && RESA_CUDA_MODULE=$bg/b/cuda/libresa-cuda.so.0 setsid nohup bash -c \
-       "timeout $((RESA_BG_SOAK_SECONDS + 120)) b/tests/soak/soak_diff $RESA_BG_SOAK_SECONDS >$bg/out/soak.log 2>&1; echo \$? >$bg/out/soak.rc" \
-       </dev/null >/dev/null 2>&1 &)
-  fi
-  sleep 2; echo "started at $(date +%s) (epoch s), in $bg"; date +%s >$bg/t0
-fi
 if [[ $phases == *sanmatrixwait* ]]; then
   # up to RESA_SANMATRIX_WAIT s (default 540) for sanmatrixbg's runs, then
   # their summary lines so far and every log, packed (sanmatrix.tgz)
@@ -495,6 +470,33 @@ if [[ $phases == *quality* ]]; then
   fi
 fi
 
+if [[ $phases == *sanmatrixbg* ]]; then
+  # scripts/sanitize-shards.sh (RESA_SANITIZE_PAIRS, _JOBS, _BUDGET as for
+  # sanshards) on a copy of the build's test binaries in /tmp, in its own
+  # process session: the matrix takes longer than one call (racecheck over
+  # the non-finite tests ran past 900 s a shard on an H100, 2026-12-07), a
+  # warm machine keeps setsid processes, and a call's carried files (a build
+  # made elsewhere, RESA_BUILD) do not outlive it.  RESA_BG_SOAK_SECONDS=n
+  # also runs the CPU-vs-CUDA soak for n s beside it.  "sanmatrixwait", in a
+  # later call on the same warm machine, collects both.  It runs after every
+  # other phase of its call, so that benchmarks named with it ("timeline,
+  # fp8kv,sanmatrixbg") run first on a quiet GPU.
+  bg=/tmp/resa-sanmatrix
+  say "compute-sanitizer matrix in the background: ${RESA_SANITIZE_PAIRS:-every tool x test}"
+  rm -rf $bg && mkdir -p $bg/b/lib $bg/b/cuda $bg/b/tests/soak $bg/out
+  cp -a $build/lib/*.so* $bg/b/lib/ && cp $build/cuda/libresa-cuda.so.0 $bg/b/cuda/ &&
+    cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp $bg/b/tests/ &&
+    cp $build/tests/soak/soak_diff $bg/b/tests/soak/ && cp scripts/sanitize-shards.sh $bg/ ||
+    echo "sanmatrixbg: the build lacks a file above"
+  (cd $bg && setsid nohup bash -c "bash sanitize-shards.sh b $bg/out >$bg/out/matrix.txt 2>&1; echo \$? >$bg/out/rc" \
+     </dev/null >/dev/null 2>&1 &)
+  if [ -n "${RESA_BG_SOAK_SECONDS:-}" ]; then
+    (cd $bg && RESA_CUDA_MODULE=$bg/b/cuda/libresa-cuda.so.0 setsid nohup bash -c \
+       "timeout $((RESA_BG_SOAK_SECONDS + 120)) b/tests/soak/soak_diff $RESA_BG_SOAK_SECONDS >$bg/out/soak.log 2>&1; echo \$? >$bg/out/soak.rc" \
+       </dev/null >/dev/null 2>&1 &)
+  fi
+  sleep 2; echo "started at $(date +%s) (epoch s), in $bg"; date +%s >$bg/t0
+fi
 # pack the logs (the device tool brings back at most 8 files); not in a
 # sub-invocation (RESA_NO_PACK=1, gpusuite), whose sibling may still write its logs
 logs=$(cd "$OUT" && ls *.log ncu-*.txt timeline-*.csv 2>/dev/null)
