@@ -14,6 +14,9 @@ mkdir -p "$OUT"
 export PATH=$PATH:/usr/local/cuda/bin
 phases=${1:-all}
 build=${RESA_BUILD:-build-device} # RESA_BUILD: another build tree (one built elsewhere and carried)
+# a carried build's binaries may hold this machine's absolute runpaths
+# (resa-e2e): its library first
+[ -d "$build/lib" ] && export LD_LIBRARY_PATH=$PWD/$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 arch=${RESA_GPU_ARCH:-90}
 say() { printf '\n== %s ==\n' "$*"; }
 # FlashInfer's rows (bench/peers/flashinfer_bench.py ARGS, batch 1,8, 20 reps):
