@@ -1039,12 +1039,14 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         // F8: the fence first.  The slots' scales (producer stores, our
         // loads) are ordered by the full barrier alone, generic proxy on both
         // sides.  compute-sanitizer's racecheck (2025.3.1, H100, 2026-12-07)
-        // reported pack_f8's loads of V's scales as hazards with the
-        // producer's stores when they followed the wait with no proxy fence
-        // between, and nothing for K's scales, loaded after this fence
-        // (docs/reliability.md; whether the fence here clears the reports is
-        // to be seen).  F8 needs no fence here otherwise (the producer fenced
-        // its converted slots, scrub_v fences its own stores), so it moves.
+        // reported pack_f8's loads of V's scales here as hazards with the
+        // producer's stores, with no proxy fence between the wait and the
+        // loads (the SASS has them after the wait), and nothing for the same
+        // loads after the loop, behind a fence, or K's scales, loaded after
+        // this fence (docs/reliability.md; whether the fence here clears the
+        // reports is to be seen).  F8 needs no fence here otherwise (the
+        // producer fenced its converted slots, scrub_v fences its own
+        // stores), so it moves.
         if constexpr (F8) {
             fence_async();
             pack_f8(vs); // O rescaled, P of tile kt - 1 packed
