@@ -340,6 +340,14 @@ template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w)
         return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
 }
 
+// two consecutive fp32 values of shared memory at addr (8-byte aligned)
+__device__ __forceinline__ float2 lds_f32x2(uint32_t addr)
+{
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+    return v;
+}
+
 // ---- the fp8 cache (F8): the producer converts, the consumers scale ----
 // The producer warpgroup fills f16 slots from raw units: it copies one
 // tensor's tile of e4m3 bytes and its tokens' scales into a raw unit (TMA:
@@ -944,12 +952,11 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         const uint32_t sc = sKS0 + slot * HBN * 4 + 8 * (lane & 3);
 #pragma unroll
         for (int i = 0; i < HBN / 8; i++) {
-            float a, b;
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(sc + 32 * i));
-            s[4 * i + 0] *= a;
-            s[4 * i + 1] *= b;
-            s[4 * i + 2] *= a;
-            s[4 * i + 3] *= b;
+            const float2 k = lds_f32x2(sc + 32 * i);
+            s[4 * i + 0] *= k.x;
+            s[4 * i + 1] *= k.y;
+            s[4 * i + 2] *= k.x;
+            s[4 * i + 3] *= k.y;
         }
     };
     // P (s) of the tile in V slot `slot` into A fragments as P v_scale / cv,
@@ -965,9 +972,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         float mx = 0.f; // the quad's lanes hold every key of the tile
 #pragma unroll
         for (int i = 0; i < HBN / 8; i++) {
-            float a, b;
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(sc + 32 * i));
-            mx = fmaxf(mx, fmaxf(a, b));
+            const float2 v = lds_f32x2(sc + 32 * i);
+            mx = fmaxf(mx, fmaxf(v.x, v.y));
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -980,10 +986,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         const float inv = __int_as_float((127 - ec) << 23); // 2^-ec, ec in [-126, 113]
 #pragma unroll
         for (int i = 0; i < HBN / 8; i++) {
-            float a, b;
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(a), "=f"(b) : "r"(sc + 32 * i));
-            a *= inv;
-            b *= inv;
+            const float2 v = lds_f32x2(sc + 32 * i);
+            const float a = v.x * inv, b = v.y * inv;
             s[4 * i + 0] *= a;
             s[4 * i + 1] *= b;
             s[4 * i + 2] *= a;
@@ -1094,8 +1098,10 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     wg_commit();
     wg_wait<0>();
     reg_fence<HD / 2>(o);
-    if constexpr (F8) // O was in units of 2^ec_prev
-        scale_rows<HD / 8>(o, __int_as_float((127 + ec_prev) << 23), __int_as_float((127 + ec_prev) << 23));
+    if constexpr (F8) { // O was in units of 2^ec_prev
+        const float cv = __int_as_float((127 + ec_prev) << 23);
+        scale_rows<HD / 8>(o, cv, cv);
+    }
     store_rows<T, HD>(p, e, slot, kvh, split, sp.sa, r0, valid, lr0, lane, o, m0, m1, l0, l1);
 #else
     // an image without sm_90a features: never launched (resa_cuda_dense_sm90_built
