@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|suitebg|suitewait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -473,6 +473,36 @@ if [[ $phases == *quality* ]]; then
   fi
 fi
 
+if [[ $phases == *suitebg* ]]; then
+  # scripts/gpu-tests.sh (the GPU tests without meson or a sanitizer) on a
+  # copy of the build's binaries in /tmp, in its own process session, as
+  # sanmatrixbg below: for a carried build (RESA_BUILD), beside the matrix;
+  # "suitewait" collects it.  The call's environment passes through.
+  bg=/tmp/resa-suitebg
+  say "GPU tests in the background ($build)"
+  rm -rf $bg && mkdir -p $bg/b/lib $bg/b/cuda $bg/b/tests/soak $bg/out
+  cp -a $build/lib/*.so* $bg/b/lib/ && cp $build/cuda/libresa-cuda.so.0 $bg/b/cuda/ &&
+    cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp $bg/b/tests/ &&
+    cp $build/tests/soak/soak_diff $bg/b/tests/soak/ && cp scripts/gpu-tests.sh $bg/ ||
+    echo "suitebg: the build lacks a file above"
+  (cd $bg && setsid nohup bash -c "bash gpu-tests.sh b $bg/out >$bg/out/suite-all.txt 2>&1; echo \$? >$bg/out/rc" \
+     </dev/null >/dev/null 2>&1 &)
+  sleep 1; date +%s >$bg/t0
+fi
+if [[ $phases == *suitewait* ]]; then
+  # up to RESA_SUITE_WAIT s (default 0: no wait) for suitebg, then its lines so far, packed (suite.tgz)
+  bg=/tmp/resa-suitebg
+  say "GPU tests (background)"
+  if [ -d $bg/out ]; then
+    end=$(( $(date +%s) + ${RESA_SUITE_WAIT:-0} ))
+    while [ ! -f $bg/out/rc ] && [ $(date +%s) -lt $end ]; do sleep 5; done
+    echo "t = $(( $(date +%s) - $(cat $bg/t0) )) s; exit: $(cat $bg/out/rc 2>/dev/null || echo running)"
+    sort $bg/out/suite-progress.txt 2>/dev/null
+    (cd $bg && tar czf "$OUT/suite.tgz" out)
+  else
+    echo "suitewait: no $bg (not started, or the machine was not warm)"
+  fi
+fi
 if [[ $phases == *sanmatrixbg* ]]; then
   # scripts/sanitize-shards.sh (RESA_SANITIZE_PAIRS, _JOBS, _BUDGET as for
   # sanshards) on a copy of the build's test binaries in /tmp, in its own
@@ -484,8 +514,22 @@ if [[ $phases == *sanmatrixbg* ]]; then
   # later call on the same warm machine, collects both.  It runs after every
   # other phase of its call, so that benchmarks named with it ("timeline,
   # fp8kv,sanmatrixbg") run first on a quiet GPU.
+  # Without RESA_SANITIZE_PAIRS: the whole matrix, most wanted first (racecheck
+  # and initcheck where v15 drew reports, then memcheck and synccheck, the
+  # quickest, then the long racecheck and initcheck runs), the long tests in
+  # 8 shards, so that a budget cut drops the least wanted
+  export RESA_SANITIZE_PAIRS=${RESA_SANITIZE_PAIRS:-"racecheck:check_cuda/8 memcheck:check_cuda/4
+    synccheck:check_cuda/4 initcheck:check_cp_cuda/3 racecheck:check_nonfinite_cuda/8
+    memcheck:check_cp_cuda/3 synccheck:check_cp_cuda/3 memcheck:check_nonfinite_cuda/4
+    synccheck:check_nonfinite_cuda/4 racecheck:check_nonfinite_cuda_mma/8
+    memcheck:check_nonfinite_cuda_mma/4 synccheck:check_nonfinite_cuda_mma/4
+    memcheck:check_cuda_cp_async/4 synccheck:check_cuda_cp_async/4 memcheck:check_cuda_splits/4
+    synccheck:check_cuda_splits/4 memcheck:soak_diff synccheck:soak_diff racecheck:soak_diff
+    initcheck:soak_diff racecheck:check_cp_cuda/6 initcheck:check_nonfinite_cuda/8
+    initcheck:check_nonfinite_cuda_mma/8 racecheck:check_cuda_cp_async/8
+    racecheck:check_cuda_splits/8 initcheck:check_cuda_cp_async/4 initcheck:check_cuda_splits/4"}
   bg=/tmp/resa-sanmatrix
-  say "compute-sanitizer matrix in the background: ${RESA_SANITIZE_PAIRS:-every tool x test}"
+  say "compute-sanitizer matrix in the background: $(echo $RESA_SANITIZE_PAIRS | wc -w) tool x test pairs"
   rm -rf $bg && mkdir -p $bg/b/lib $bg/b/cuda $bg/b/tests/soak $bg/out
   cp -a $build/lib/*.so* $bg/b/lib/ && cp $build/cuda/libresa-cuda.so.0 $bg/b/cuda/ &&
     cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp $bg/b/tests/ &&

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A/B of one CUDA module under two environments, alternated round by round so
+# that drift (clocks, heat, neighbours) falls on both sides alike: resa-bench's
+# CSV rows, each prefixed with its round and side.  For a switch the module
+# reads from the environment (e.g. RESA_CUDA_NO_SCORE_OVERLAP=1).
+#   bench/ab_env.sh BUILD ROUNDS "ENV_A" "ENV_B" RESA-BENCH-ARGS...
+# e.g. bench/ab_env.sh .pre 3 "RESA_CUDA_NO_SCORE_OVERLAP=1" "" \
+#        --batch 1 --contexts 32768,262144 --modes sparse --cold
+# ENV_A / ENV_B: space-separated NAME=VALUE words ("" for none).
+set -uo pipefail
+build=$1 rounds=$2 env_a=$3 env_b=$4
+shift 4
+export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
+export LD_LIBRARY_PATH=$PWD/$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+header=""
+for r in $(seq 1 "$rounds"); do
+  for side in A B; do
+    e=$env_a; [ $side = B ] && e=$env_b
+    rows=$(env $e "$build/tools/resa-bench" --backend cuda --csv "$@" 2>/dev/null)
+    [ -z "$header" ] && header=1 && echo "round,side,env,$(head -1 <<<"$rows")"
+    tail -n +2 <<<"$rows" | sed "s|^|$r,$side,${e:-(none)},|"
+  done
+done
