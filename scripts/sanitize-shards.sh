@@ -12,6 +12,9 @@
 #      RESA_SANITIZE_PAIRS ("tool:test[/shards] ..." in the order to start them;
 #      replaces the two above; /shards overrides RESA_SANITIZE_SHARDS for that
 #      run, e.g. racecheck:check_cuda/8 beside memcheck:check_cuda/2),
+#      RESA_SANITIZE_FLAGS (more compute-sanitizer flags for every run, e.g.
+#      "--racecheck-report all", which prints each hazard with its kind,
+#      RAW, WAR or WAW, beside the analysis),
 #      RESA_SANITIZE_BUDGET (s from the start, default none): a run that would
 #      start after it is listed as not run, and every run is cut at it, so
 #      that a device call ends in time with the runs that finished reported.
@@ -80,7 +83,7 @@ run_one() {
     [ "$left" -lt "$limit" ] && limit=$left
   fi
   env $env RESA_TEST_SHARD=$k/$shards CK_FORK=no timeout $limit \
-    compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 100 $cmd >"$log" 2>&1
+    compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 100 ${RESA_SANITIZE_FLAGS:-} $cmd >"$log" 2>&1
   rc=$?
   sum=$(grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$log" | grep -v "not printed" | tail -1)
   checks=$(grep -h "Checks:" "$log" | tail -1)
