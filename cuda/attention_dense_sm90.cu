@@ -1047,10 +1047,12 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         // producer's stores, with no proxy fence between the wait and the
         // loads (the SASS has them after the wait), and nothing for the same
         // loads after the loop, behind a fence, or K's scales, loaded after
-        // this fence (docs/reliability.md; whether the fence here clears the
-        // reports is to be seen).  F8 needs no fence here otherwise (the
-        // producer fenced its converted slots, scrub_v fences its own
-        // stores), so it moves.
+        // this fence (docs/reliability.md).  The fence moved here for that
+        // and the reports stayed (same tool and card, later that day): not
+        // the reader's proxy, so open, the slot's release (WAR) suspected.
+        // Here or after pack_f8 it is the same one fence a tile (F8 needs it
+        // nowhere else: the producer fenced its converted slots, scrub_v
+        // fences its own stores).
         if constexpr (F8) {
             fence_async();
             pack_f8(vs); // O rescaled, P of tile kt - 1 packed
