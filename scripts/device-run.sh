@@ -19,6 +19,21 @@ build=${RESA_BUILD:-build-device} # RESA_BUILD: another build tree (one built el
 [ -d "$build/lib" ] && export LD_LIBRARY_PATH=$PWD/$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 arch=${RESA_GPU_ARCH:-90}
 say() { printf '\n== %s ==\n' "$*"; }
+# bg_start DIR SCRIPT LOG: copies the build's library, CUDA module and GPU
+# test binaries to DIR/b and scripts/SCRIPT to DIR, then runs "bash SCRIPT b
+# DIR/out" there in its own process session (a warm machine keeps it across
+# calls; a call's carried files, RESA_BUILD, do not outlive the call); its
+# output goes to DIR/out/LOG, its exit status to DIR/out/rc
+bg_start() {
+  local bg=$1 script=$2 log=$3
+  rm -rf "$bg" && mkdir -p "$bg"/b/lib "$bg"/b/cuda "$bg"/b/tests/soak "$bg"/out
+  cp -a $build/lib/*.so* "$bg"/b/lib/ && cp $build/cuda/libresa-cuda.so.0 "$bg"/b/cuda/ &&
+    cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp "$bg"/b/tests/ &&
+    cp $build/tests/soak/soak_diff "$bg"/b/tests/soak/ && cp scripts/"$script" "$bg"/ ||
+    echo "$script: the build lacks a file above"
+  (cd "$bg" && setsid nohup bash -c "bash $script b $bg/out >$bg/out/$log 2>&1; echo \$? >$bg/out/rc" \
+     </dev/null >/dev/null 2>&1 &)
+}
 # FlashInfer's rows (bench/peers/flashinfer_bench.py ARGS, batch 1,8, 20 reps):
 # installed, or carried as a pruned archive in .whl/ (scripts/flashinfer-setup.sh;
 # carry .whl), in a subshell, under RESA_FLASHINFER_TIMEOUT
@@ -480,13 +495,7 @@ if [[ $phases == *suitebg* ]]; then
   # "suitewait" collects it.  The call's environment passes through.
   bg=/tmp/resa-suitebg
   say "GPU tests in the background ($build)"
-  rm -rf $bg && mkdir -p $bg/b/lib $bg/b/cuda $bg/b/tests/soak $bg/out
-  cp -a $build/lib/*.so* $bg/b/lib/ && cp $build/cuda/libresa-cuda.so.0 $bg/b/cuda/ &&
-    cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp $bg/b/tests/ &&
-    cp $build/tests/soak/soak_diff $bg/b/tests/soak/ && cp scripts/gpu-tests.sh $bg/ ||
-    echo "suitebg: the build lacks a file above"
-  (cd $bg && setsid nohup bash -c "bash gpu-tests.sh b $bg/out >$bg/out/suite-all.txt 2>&1; echo \$? >$bg/out/rc" \
-     </dev/null >/dev/null 2>&1 &)
+  bg_start $bg gpu-tests.sh suite-all.txt
   sleep 1; date +%s >$bg/t0
 fi
 if [[ $phases == *suitewait* ]]; then
@@ -530,13 +539,7 @@ if [[ $phases == *sanmatrixbg* ]]; then
     racecheck:check_cuda_splits/8 initcheck:check_cuda_cp_async/4 initcheck:check_cuda_splits/4"}
   bg=/tmp/resa-sanmatrix
   say "compute-sanitizer matrix in the background: $(echo $RESA_SANITIZE_PAIRS | wc -w) tool x test pairs"
-  rm -rf $bg && mkdir -p $bg/b/lib $bg/b/cuda $bg/b/tests/soak $bg/out
-  cp -a $build/lib/*.so* $bg/b/lib/ && cp $build/cuda/libresa-cuda.so.0 $bg/b/cuda/ &&
-    cp $build/tests/check_cuda $build/tests/check_nonfinite $build/tests/check_cp $bg/b/tests/ &&
-    cp $build/tests/soak/soak_diff $bg/b/tests/soak/ && cp scripts/sanitize-shards.sh $bg/ ||
-    echo "sanmatrixbg: the build lacks a file above"
-  (cd $bg && setsid nohup bash -c "bash sanitize-shards.sh b $bg/out >$bg/out/matrix.txt 2>&1; echo \$? >$bg/out/rc" \
-     </dev/null >/dev/null 2>&1 &)
+  bg_start $bg sanitize-shards.sh matrix.txt
   if [ -n "${RESA_BG_SOAK_SECONDS:-}" ]; then
     (cd $bg && RESA_CUDA_MODULE=$bg/b/cuda/libresa-cuda.so.0 setsid nohup bash -c \
        "timeout $((RESA_BG_SOAK_SECONDS + 120)) b/tests/soak/soak_diff $RESA_BG_SOAK_SECONDS >$bg/out/soak.log 2>&1; echo \$? >$bg/out/soak.rc" \
