@@ -7,6 +7,7 @@
  * blocks; SELECT_FRACTION 1
  * equals dense attention; softmax scale; thread counts.
  */
+#include <math.h>
 #include <stdlib.h>
 
 #include "harness.h"
@@ -216,6 +217,64 @@ START_TEST(test_fraction_one_is_dense)
 }
 END_TEST
 
+/* ref_explain_block, which the harness's failure messages use: a row computed
+ * without one block, or with one block twice, is put down to that block
+ * (alpha 1, or near -1) with all of its error; the exact row has none to
+ * explain.  Random K/V, 1000 tokens (not a multiple of b), a random block. */
+START_TEST(test_explain_block)
+{
+    ref_params p;
+    ref_params_default(&p);
+    p.d = 64;
+    p.hq = 2;
+    p.hkv = 1;
+    p.kv_dtype = p.io_dtype = RESA_DTYPE_F32;
+    ref_rng r = {th_test_seed("explain_block")};
+    const int64_t len = 1000, nb = ref_blocks(len, p.b);
+    ref_seq *s = ref_seq_new(&p, len);
+    float *k = malloc(sizeof(float) * (size_t)(len * p.d)), *v = malloc(sizeof(float) * (size_t)(len * p.d));
+    for (int64_t i = 0; i < len * p.d; i++) {
+        k[i] = (float)ref_rng_normal(&r);
+        v[i] = (float)ref_rng_normal(&r);
+    }
+    ref_write_kv(&p, s, 0, 0, len, k, v, 0);
+    double q[64], got[64];
+    for (int j = 0; j < p.d; j++)
+        q[j] = 1.5 * ref_rng_normal(&r);
+    const int64_t B = ref_rng_range(&r, 0, nb - 1);
+    int32_t *list = malloc(sizeof(int32_t) * (size_t)(nb + 1));
+    for (int pass = 0; pass < 3; pass++) {
+        /* 0: without B; 1: B twice; 2: every block once */
+        int64_t n = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            if (b != B || pass != 0)
+                list[n++] = (int32_t)b;
+            if (b == B && pass == 1)
+                list[n++] = (int32_t)b;
+        }
+        ref_attend(&p, s, 0, 0, q, len, list, n, got);
+        for (int64_t b = 0; b < nb; b++) /* the full list, as the backend was given */
+            list[b] = (int32_t)b;
+        double alpha = 0, share = 0;
+        int64_t blk = ref_explain_block(&p, s, 0, 0, q, len, list, nb, got, &alpha, &share);
+        if (pass == 0)
+            TCHECK(blk == B && fabs(alpha - 1) < 1e-6 && share > 1 - 1e-9,
+                   "without block %lld: block %lld, alpha %.9f, share %.12f", (long long)B,
+                   (long long)blk, alpha, share);
+        else if (pass == 1)
+            TCHECK(blk == B && alpha < -0.5 && alpha > -1 && share > 1 - 1e-9,
+                   "block %lld twice: block %lld, alpha %.9f, share %.12f", (long long)B,
+                   (long long)blk, alpha, share);
+        else
+            TCHECK(blk == -1, "the exact row: block %lld (share %g)", (long long)blk, share);
+    }
+    free(list);
+    free(k);
+    free(v);
+    ref_seq_free(s);
+}
+END_TEST
+
 /* The selection really matters: with r small and planted blocks, the sparse
  * output differs from the dense output (so the comparison above can fail). */
 START_TEST(test_sparse_differs_from_dense)
@@ -373,6 +432,7 @@ static Suite *suite(void)
     tcase_add_loop_test(tc, test_budget_random, 0, 2);
     tcase_add_test(tc, test_budget_exact_decimal);
     tcase_add_test(tc, test_fraction_one_is_dense);
+    tcase_add_test(tc, test_explain_block);
     tcase_add_test(tc, test_sparse_differs_from_dense);
     tcase_add_test(tc, test_softmax_scale);
     tcase_add_loop_test(tc, test_threads, 0, 3);

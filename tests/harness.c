@@ -500,20 +500,52 @@ void th_step(th *t, int32_t n, th_entry *e)
             }
             double num = 0, den = 0;
             int bad = 0;
+            char why[200] = "";
             if (mode == RESA_MODE_DECODE) {
                 int64_t M = pl[i].M;
-                int32_t *use = malloc(sizeof(int32_t) * (size_t)M);
+                /* every head's list, and the query head with the largest
+                 * error, for the explanation below */
+                int32_t *use = malloc(sizeof(int32_t) * (size_t)M * (size_t)p->hkv);
+                int64_t *ns = malloc(sizeof(int64_t) * (size_t)p->hkv);
+                int32_t worst = 0;
+                double worst_err = -1;
                 for (int32_t h = 0; h < p->hkv; h++) {
-                    int64_t ns = check_selection(t, s, l, h, q[l], pl[i].row, M, pl[i].old_len + 1, use);
+                    int32_t *uh = use + (size_t)h * (size_t)M;
+                    ns[h] = check_selection(t, s, l, h, q[l], pl[i].row, M, pl[i].old_len + 1, uh);
                     for (int32_t gi = 0; gi < g; gi++) {
                         int32_t qh = h * g + gi;
                         size_t at = ((size_t)pl[i].row * (size_t)p->hq + (size_t)qh) * (size_t)p->d;
                         for (int32_t j = 0; j < p->d; j++)
                             qv[j] = ref_load(p->io_dtype, q[l], at + (size_t)j);
-                        ref_attend(p, s->r, l, h, qv, pl[i].old_len + 1, use, ns, rv);
-                        rel_err_acc(&num, &den, rv, out[l], p->io_dtype, at, p->d, &bad);
+                        ref_attend(p, s->r, l, h, qv, pl[i].old_len + 1, uh, ns[h], rv);
+                        double hn = 0, hd = 0;
+                        rel_err_acc(&hn, &hd, rv, out[l], p->io_dtype, at, p->d, &bad);
+                        num += hn;
+                        den += hd;
+                        if (hn > worst_err) {
+                            worst_err = hn;
+                            worst = qh;
+                        }
                     }
                 }
+                if (bad || sqrt(num / (den > 0 ? den : 1e-300)) > t->tol) {
+                    /* a failure: which one attended block, left out or read
+                     * wrongly, best accounts for the worst head's error */
+                    int32_t h = worst / g;
+                    size_t at = ((size_t)pl[i].row * (size_t)p->hq + (size_t)worst) * (size_t)p->d;
+                    for (int32_t j = 0; j < p->d; j++) {
+                        qv[j] = ref_load(p->io_dtype, q[l], at + (size_t)j);
+                        rv[j] = ref_load(p->io_dtype, out[l], at + (size_t)j);
+                    }
+                    double alpha, share;
+                    int64_t blk = ref_explain_block(p, s->r, l, h, qv, pl[i].old_len + 1,
+                                                    use + (size_t)h * (size_t)M, ns[h], rv, &alpha, &share);
+                    snprintf(why, sizeof why,
+                             "; worst query head %d: block %lld (one of %lld chosen) would account for %.0f%% "
+                             "of its squared error (alpha %.2f; 1: left out, -1: twice)",
+                             worst, (long long)blk, (long long)ns[h], 100 * share, alpha);
+                }
+                free(ns);
                 free(use);
             } else {
                 for (int64_t r = 0; r < pl[i].n; r++) {
@@ -530,10 +562,10 @@ void th_step(th *t, int32_t n, th_entry *e)
             double rel = sqrt(num / (den > 0 ? den : 1e-300));
             TCHECK(!bad && rel <= t->tol,
                    "step %lld entry %d (seq %d, mode %d, %lld tokens at %lld, len %lld) layer %d: "
-                   "relative error %.3g (tolerance %.1g)%s; d=%d hq=%d hkv=%d b=%d kv=%d io=%d",
+                   "relative error %.3g (tolerance %.1g)%s; d=%d hq=%d hkv=%d b=%d kv=%d io=%d%s",
                    (long long)t->steps, i, s->id, mode, (long long)pl[i].n, (long long)pl[i].start,
                    (long long)pl[i].old_len, l, rel, t->tol, bad ? ", non-finite output" : "",
-                   p->d, p->hq, p->hkv, p->b, (int)p->kv_dtype, (int)p->io_dtype);
+                   p->d, p->hq, p->hkv, p->b, (int)p->kv_dtype, (int)p->io_dtype, why);
         }
     }
     for (int32_t i = 0; i < n; i++) {

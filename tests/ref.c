@@ -600,13 +600,19 @@ void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
     (void)ref_attend_lse(p, s, layer, h, q, 0, end, blocks, n_blocks, out);
 }
 
-double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
-                      const double *q, int64_t begin, int64_t end, const int32_t *blocks,
-                      int64_t n_blocks, double *out)
+/* The positions ref_attend reads, in order (the listed blocks', or all of
+ * [begin, end)), and their softmax weights exp(score - max) in *w_out; returns
+ * their number, with the max and the weights' sum.  The caller frees both. */
+static int64_t attend_weights(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                              const double *q, int64_t begin, int64_t end, const int32_t *blocks,
+                              int64_t n_blocks, int64_t **pos_out, double **w_out, double *mx_out,
+                              double *sum_out)
 {
     double scale = ref_scale(p);
     int64_t n_pos = 0;
-    int64_t *pos = malloc(sizeof(int64_t) * (size_t)(end > 0 ? end : 1));
+    /* a list may name a block twice (ref_explain_block's test does) */
+    const int64_t cap = blocks ? n_blocks * (int64_t)p->b : end;
+    int64_t *pos = malloc(sizeof(int64_t) * (size_t)(cap > 0 ? cap : 1));
     if (blocks) {
         for (int64_t i = 0; i < n_blocks; i++)
             for (int64_t t = (int64_t)blocks[i] * p->b;
@@ -633,6 +639,20 @@ double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int3
         w[i] = exp(w[i] - mx);
         sum += w[i];
     }
+    *pos_out = pos;
+    *w_out = w;
+    *mx_out = mx;
+    *sum_out = sum;
+    return n_pos;
+}
+
+double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                      const double *q, int64_t begin, int64_t end, const int32_t *blocks,
+                      int64_t n_blocks, double *out)
+{
+    int64_t *pos;
+    double *w, mx, sum;
+    int64_t n_pos = attend_weights(p, s, layer, h, q, begin, end, blocks, n_blocks, &pos, &w, &mx, &sum);
     for (int32_t j = 0; j < p->d; j++)
         out[j] = 0;
     for (int64_t i = 0; i < n_pos; i++) {
@@ -643,6 +663,65 @@ double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int3
     free(w);
     free(pos);
     return n_pos > 0 ? mx + log(sum) : -INFINITY;
+}
+
+int64_t ref_explain_block(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                          const double *q, int64_t end, const int32_t *blocks, int64_t n_blocks,
+                          const double *got, double *alpha, double *explained)
+{
+    const int32_t d = p->d;
+    double *ref = malloc(sizeof(double) * (size_t)d);
+    double *diff = malloc(sizeof(double) * (size_t)d);
+    double *cv = malloc(sizeof(double) * (size_t)d);
+    ref_attend(p, s, layer, h, q, end, blocks, n_blocks, ref);
+    double dd = 0;
+    for (int32_t j = 0; j < d; j++) {
+        diff[j] = got[j] - ref[j];
+        dd += diff[j] * diff[j];
+    }
+    int64_t *pos;
+    double *w, mx, sum;
+    int64_t n_pos = attend_weights(p, s, layer, h, q, 0, end, blocks, n_blocks, &pos, &w, &mx, &sum);
+    int64_t best = -1;
+    double best_share = 0, best_alpha = 0;
+    /* each run of positions in one block: its weight W and weighted sum cv;
+     * without it the row is (ref - cv) / (1 - W), a change of
+     * delta = (W ref - cv) / (1 - W) */
+    for (int64_t i = 0; i < n_pos && dd > 0;) {
+        const int64_t blk = pos[i] / p->b;
+        double W = 0;
+        for (int32_t j = 0; j < d; j++)
+            cv[j] = 0;
+        for (; i < n_pos && pos[i] / p->b == blk; i++) {
+            const double *v = ref_v(s, layer, pos[i], h);
+            const double f = w[i] / sum;
+            W += f;
+            for (int32_t j = 0; j < d; j++)
+                cv[j] += f * v[j];
+        }
+        if (W >= 1.0)
+            continue; /* the only block: leaving it out leaves nothing */
+        double dot = 0, nn = 0;
+        for (int32_t j = 0; j < d; j++) {
+            const double delta = (W * ref[j] - cv[j]) / (1.0 - W);
+            dot += diff[j] * delta;
+            nn += delta * delta;
+        }
+        const double share = nn > 0 ? dot * dot / (nn * dd) : 0;
+        if (share > best_share) {
+            best = blk;
+            best_share = share;
+            best_alpha = dot / nn;
+        }
+    }
+    *alpha = best_alpha;
+    *explained = best_share;
+    free(w);
+    free(pos);
+    free(cv);
+    free(diff);
+    free(ref);
+    return best;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -141,6 +141,17 @@ void ref_attend(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
                 const double *q, int64_t end, const int32_t *blocks, int64_t n_blocks,
                 double *out);
 
+/* Why a backend's attention row `got` is wrong: of the blocks ref_attend
+ * attends (same arguments), the one whose omission best accounts for
+ * got - ref, by the least-squares fit got - ref ~ alpha (ref without the
+ * block - ref).  Returns that block, or -1 (nothing attended, or got == ref),
+ * with *alpha (1: the block was left out; -1: counted twice; otherwise read
+ * wrongly) and *explained, the share of |got - ref|^2 the fit accounts for
+ * (0 to 1).  For the harness's failure messages: a race that loses or garbles
+ * one block's K/V shows as one block with a share near 1. */
+int64_t ref_explain_block(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                          const double *q, int64_t end, const int32_t *blocks, int64_t n_blocks,
+                          const double *got, double *alpha, double *explained);
 /* ref_attend over the positions >= begin only (a context's part of a split
  * sequence), returning the log-sum-exp log sum exp(scale q.k) of the keys
  * attended (-inf, and out = 0, when there is none). */
