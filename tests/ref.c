@@ -646,6 +646,24 @@ static int64_t attend_weights(const ref_params *p, const ref_seq *s, int32_t lay
     return n_pos;
 }
 
+/* out = the sum over positions [from, to) of attend_weights' list of
+ * (w / sum) v, in order; returns the sum of their w / sum */
+static double weighted_v(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
+                         const int64_t *pos, const double *w, int64_t from, int64_t to, double sum,
+                         double *out)
+{
+    double W = 0;
+    for (int32_t j = 0; j < p->d; j++)
+        out[j] = 0;
+    for (int64_t i = from; i < to; i++) {
+        const double *v = ref_v(s, layer, pos[i], h);
+        W += w[i] / sum;
+        for (int32_t j = 0; j < p->d; j++)
+            out[j] += w[i] / sum * v[j];
+    }
+    return W;
+}
+
 double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int32_t h,
                       const double *q, int64_t begin, int64_t end, const int32_t *blocks,
                       int64_t n_blocks, double *out)
@@ -653,13 +671,7 @@ double ref_attend_lse(const ref_params *p, const ref_seq *s, int32_t layer, int3
     int64_t *pos;
     double *w, mx, sum;
     int64_t n_pos = attend_weights(p, s, layer, h, q, begin, end, blocks, n_blocks, &pos, &w, &mx, &sum);
-    for (int32_t j = 0; j < p->d; j++)
-        out[j] = 0;
-    for (int64_t i = 0; i < n_pos; i++) {
-        const double *v = ref_v(s, layer, pos[i], h);
-        for (int32_t j = 0; j < p->d; j++)
-            out[j] += w[i] / sum * v[j];
-    }
+    (void)weighted_v(p, s, layer, h, pos, w, 0, n_pos, sum, out);
     free(w);
     free(pos);
     return n_pos > 0 ? mx + log(sum) : -INFINITY;
@@ -673,32 +685,25 @@ int64_t ref_explain_block(const ref_params *p, const ref_seq *s, int32_t layer, 
     double *ref = malloc(sizeof(double) * (size_t)d);
     double *diff = malloc(sizeof(double) * (size_t)d);
     double *cv = malloc(sizeof(double) * (size_t)d);
-    ref_attend(p, s, layer, h, q, end, blocks, n_blocks, ref);
+    int64_t *pos;
+    double *w, mx, sum;
+    int64_t n_pos = attend_weights(p, s, layer, h, q, 0, end, blocks, n_blocks, &pos, &w, &mx, &sum);
+    (void)weighted_v(p, s, layer, h, pos, w, 0, n_pos, sum, ref); /* ref_attend's row */
     double dd = 0;
     for (int32_t j = 0; j < d; j++) {
         diff[j] = got[j] - ref[j];
         dd += diff[j] * diff[j];
     }
-    int64_t *pos;
-    double *w, mx, sum;
-    int64_t n_pos = attend_weights(p, s, layer, h, q, 0, end, blocks, n_blocks, &pos, &w, &mx, &sum);
     int64_t best = -1;
     double best_share = 0, best_alpha = 0;
     /* each run of positions in one block: its weight W and weighted sum cv;
      * without it the row is (ref - cv) / (1 - W), a change of
      * delta = (W ref - cv) / (1 - W) */
     for (int64_t i = 0; i < n_pos && dd > 0;) {
-        const int64_t blk = pos[i] / p->b;
-        double W = 0;
-        for (int32_t j = 0; j < d; j++)
-            cv[j] = 0;
-        for (; i < n_pos && pos[i] / p->b == blk; i++) {
-            const double *v = ref_v(s, layer, pos[i], h);
-            const double f = w[i] / sum;
-            W += f;
-            for (int32_t j = 0; j < d; j++)
-                cv[j] += f * v[j];
-        }
+        const int64_t blk = pos[i] / p->b, first = i;
+        while (i < n_pos && pos[i] / p->b == blk)
+            i++;
+        const double W = weighted_v(p, s, layer, h, pos, w, first, i, sum, cv);
         if (W >= 1.0)
             continue; /* the only block: leaving it out leaves nothing */
         double dot = 0, nn = 0;
