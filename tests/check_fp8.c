@@ -10,7 +10,11 @@
  *  - a head vector's scale and read-back values, bit for bit, on random rows
  *    of every magnitude (subnormal amax included), IO dtypes f32/f16/bf16,
  *    and rows with NaN or an infinity (which read back as NaN);
- *  - the parameter: FP8_E4M3 is a KV_DTYPE, never an IO_DTYPE.
+ *  - the parameter: FP8_E4M3 is a KV_DTYPE, never an IO_DTYPE;
+ *  - the reference's two readings of an fp8 cache (ref.h fp8_exact): the
+ *    IO_DTYPE rounding that the CPU backend attends, and the exact products
+ *    that CUDA's sparse decode attends, each against a softmax over the
+ *    library codec's bytes and scales.
  * The decode, rectification and fork paths with an fp8 cache are in
  * check_decode, check_rectify, check_fork, check_random and check_nonfinite.
  *
@@ -111,17 +115,18 @@ START_TEST(test_kv_encode_random)
 }
 END_TEST
 
-/* Rows of d values of IO dtype io: scale and read-back values equal the
- * reference quantizer's bit for bit. */
+/* Rows of d values of IO dtype io: scale, read-back values and exact
+ * products (what CUDA's sparse decode attends) equal the reference
+ * quantizer's bit for bit. */
 static void check_row(resa_dtype io, const float *x, int32_t d)
 {
-    double xd[RESA_MAX_HEAD_DIM], want[RESA_MAX_HEAD_DIM], want_scale;
+    double xd[RESA_MAX_HEAD_DIM], want[RESA_MAX_HEAD_DIM], want_x[RESA_MAX_HEAD_DIM], want_scale;
     float amax = 0.0f;
     for (int32_t j = 0; j < d; j++) {
         xd[j] = x[j];
         amax = resa_fp8_amax(amax, x[j]);
     }
-    ref_fp8_quantize(io, xd, d, want, &want_scale);
+    ref_fp8_quantize(io, xd, d, want, want_x, &want_scale);
     float scale = resa_fp8_scale(amax);
     TCHECK(same_value(scale, want_scale), "row of amax %.9g: scale %.9g, reference %.9g",
            (double)amax, (double)scale, want_scale);
@@ -129,7 +134,11 @@ static void check_row(resa_dtype io, const float *x, int32_t d)
         uint8_t c = resa_fp8_quantize(x[j], scale);
         /* read back as the library defines it: the test's table value times
          * the scale, an fp32 product, rounded to the IO dtype */
-        double got = ref_round(io, ref_round(RESA_DTYPE_F32, ref_e4m3_value(c) * (double)scale));
+        double got_x = (double)(resa_fp8_decode(c) * scale);
+        double got = ref_round(io, got_x);
+        TCHECK(same_value(got_x, want_x[j]) || (got_x == 0 && want_x[j] == 0),
+               "io %d, element %d of a row of amax %.9g: byte 0x%02x times the scale is %.9g, "
+               "reference %.9g", (int)io, j, (double)amax, c, got_x, want_x[j]);
         TCHECK(same_value(got, want[j]) || (got == 0 && want[j] == 0),
                "io %d, element %d of a row of amax %.9g: %.9g (byte 0x%02x) reads back as "
                "%.9g, reference %.9g", (int)io, j, (double)amax, (double)x[j], c, got, want[j]);
@@ -167,6 +176,87 @@ START_TEST(test_kv_rows)
 END_TEST
 
 /* FP8_E4M3 is a storage type: KV_DTYPE takes it, IO_DTYPE refuses it by name. */
+/* ref_attend over an fp8 cache, with and without fp8_exact, against a
+ * float64 softmax written here over the values the library's codec gives:
+ * e4m3 * scale (an fp32 product), and its bf16 rounding.  The two readings
+ * must differ (else the test could not tell them apart). */
+START_TEST(test_ref_fp8_exact)
+{
+    ref_rng rng = {th_test_seed("fp8_ref_exact")};
+    ref_params p;
+    ref_params_default(&p);
+    p.d = 64;
+    p.kv_dtype = RESA_DTYPE_FP8_E4M3;
+    p.io_dtype = RESA_DTYPE_BF16;
+    const int64_t n = 203; /* not a multiple of the block size */
+    ref_seq *s = ref_seq_new(&p, 8);
+    uint16_t *k = malloc(sizeof(uint16_t) * (size_t)(n * p.d));
+    uint16_t *v = malloc(sizeof(uint16_t) * (size_t)(n * p.d));
+    for (int64_t i = 0; i < n * p.d; i++) {
+        ref_store(p.io_dtype, k, (size_t)i, 2.0 * ref_rng_normal(&rng));
+        ref_store(p.io_dtype, v, (size_t)i, ref_rng_normal(&rng));
+    }
+    ref_write_kv(&p, s, 0, 0, n, k, v, 0);
+    /* the library's codec, row by row */
+    double *kx = malloc(sizeof(double) * (size_t)(n * p.d)), *vx = malloc(sizeof(double) * (size_t)(n * p.d));
+    for (int is_v = 0; is_v < 2; is_v++)
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *src = (is_v ? v : k) + t * p.d;
+            float amax = 0.0f;
+            for (int32_t j = 0; j < p.d; j++)
+                amax = resa_fp8_amax(amax, (float)ref_load(p.io_dtype, src, (size_t)j));
+            const float sc = resa_fp8_scale(amax);
+            for (int32_t j = 0; j < p.d; j++) {
+                uint8_t c = resa_fp8_quantize((float)ref_load(p.io_dtype, src, (size_t)j), sc);
+                (is_v ? vx : kx)[t * p.d + j] = (double)(resa_fp8_decode(c) * sc);
+            }
+        }
+    double q[64], got[64], want[64];
+    for (int32_t j = 0; j < p.d; j++)
+        q[j] = ref_round(p.io_dtype, 1.5 * ref_rng_normal(&rng));
+    for (int exact = 0; exact < 2; exact++) {
+        p.fp8_exact = exact;
+        ref_attend(&p, s, 0, 0, q, n, NULL, 0, got);
+        double w[203], mx = -INFINITY, sum = 0;
+        for (int64_t t = 0; t < n; t++) {
+            double dot = 0;
+            for (int32_t j = 0; j < p.d; j++) {
+                double x = kx[t * p.d + j];
+                dot += q[j] * (exact ? x : ref_round(p.io_dtype, x));
+            }
+            w[t] = dot / 8.0;
+            mx = fmax(mx, w[t]);
+        }
+        for (int64_t t = 0; t < n; t++)
+            sum += (w[t] = exp(w[t] - mx));
+        for (int32_t j = 0; j < p.d; j++) {
+            want[j] = 0;
+            for (int64_t t = 0; t < n; t++) {
+                double x = vx[t * p.d + j];
+                want[j] += w[t] / sum * (exact ? x : ref_round(p.io_dtype, x));
+            }
+            TCHECK(fabs(got[j] - want[j]) <= 1e-12 * (1 + fabs(want[j])),
+                   "fp8_exact %d, dim %d: reference %.15g, softmax over the codec's values %.15g",
+                   exact, j, got[j], want[j]);
+        }
+    }
+    /* the rows of the two readings differ by the bf16 rounding's effect
+     * (p.fp8_exact is 1 here) */
+    double diff = 0;
+    ref_attend(&p, s, 0, 0, q, n, NULL, 0, got);
+    p.fp8_exact = 0;
+    ref_attend(&p, s, 0, 0, q, n, NULL, 0, want);
+    for (int32_t j = 0; j < p.d; j++)
+        diff = fmax(diff, fabs(got[j] - want[j]));
+    TCHECK(diff > 0, "the two readings of the cache gave the same row");
+    free(kx);
+    free(vx);
+    free(k);
+    free(v);
+    ref_seq_free(s);
+}
+END_TEST
+
 START_TEST(test_kv_param)
 {
     resa_ctx *c = NULL;
@@ -370,6 +460,7 @@ int main(void)
     tcase_add_test(tc, test_kv_encode_random);
     tcase_add_test(tc, test_kv_rows);
     tcase_add_test(tc, test_kv_param);
+    tcase_add_test(tc, test_ref_fp8_exact);
     tcase_add_test(tc, test_codec_table);
     tcase_add_test(tc, test_codec_random);
     tcase_add_test(tc, test_selection_overlap);

@@ -149,6 +149,12 @@ void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi)
         }
 }
 
+int th_verbose(void)
+{
+    const char *v = getenv("RESA_TEST_VERBOSE");
+    return v && *v && *v != '0';
+}
+
 int th_quick(void)
 {
     const char *q = getenv("RESA_TEST_QUICK");
@@ -440,6 +446,26 @@ static double rel_err_acc(double *num, double *den, const double *ref, const voi
     return 0;
 }
 
+/* The squared error and norm of one dense entry's rows (APPEND, RECTIFY)
+ * against the reference attending with pr. */
+static void dense_err(const ref_params *pr, const ref_seq *r, int32_t l, const th_plan *pe,
+                      const void *q, const void *out, double *qv, double *rv, double *num,
+                      double *den, int *bad)
+{
+    *num = *den = 0;
+    *bad = 0;
+    for (int64_t row = 0; row < pe->n; row++) {
+        int64_t pos = pe->start + row;
+        for (int32_t qh = 0; qh < pr->hq; qh++) {
+            size_t at = ((size_t)(pe->row + row) * (size_t)pr->hq + (size_t)qh) * (size_t)pr->d;
+            for (int32_t j = 0; j < pr->d; j++)
+                qv[j] = ref_load(pr->io_dtype, q, at + (size_t)j);
+            ref_attend(pr, r, l, qh / (pr->hq / pr->hkv), qv, pos + 1, NULL, 0, rv);
+            rel_err_acc(num, den, rv, out, pr->io_dtype, at, pr->d, bad);
+        }
+    }
+}
+
 void th_step(th *t, int32_t n, th_entry *e)
 {
     const ref_params *p = &t->p;
@@ -483,8 +509,17 @@ void th_step(th *t, int32_t n, th_entry *e)
     TCHECK(free_after <= free_before, "free tokens grew during a step (%lld -> %lld)",
            (long long)free_before, (long long)free_after);
 
-    /* reference outputs */
+    /* reference outputs.  An fp8 cache on CUDA: the sparse decode attends the
+     * exact products e4m3 * scale, and so does Hopper's wgmma dense kernel
+     * (HEAD_DIM 128 and 256), where the CPU and the mma.sync kernel attend
+     * their IO_DTYPE rounding (docs/API.md, "fp8 KV cache"); the two differ
+     * by up to about the tolerance where one block dominates a row (a
+     * 70,001-token case at 0.0104 relative, 2026-12-07), so each path is
+     * checked against what it computes: DECODE against the exact products,
+     * a dense entry against the rounding or, failing that, the products */
     int32_t g = p->hq / p->hkv;
+    ref_params px = *p;
+    px.fp8_exact = t->o.backend == RESA_BACKEND_CUDA && p->kv_dtype == RESA_DTYPE_FP8_E4M3;
     double *qv = malloc(sizeof(double) * (size_t)p->d);
     double *rv = malloc(sizeof(double) * (size_t)p->d);
     for (int32_t i = 0; i < n; i++) {
@@ -517,7 +552,7 @@ void th_step(th *t, int32_t n, th_entry *e)
                         size_t at = ((size_t)pl[i].row * (size_t)p->hq + (size_t)qh) * (size_t)p->d;
                         for (int32_t j = 0; j < p->d; j++)
                             qv[j] = ref_load(p->io_dtype, q[l], at + (size_t)j);
-                        ref_attend(p, s->r, l, h, qv, pl[i].old_len + 1, uh, ns[h], rv);
+                        ref_attend(&px, s->r, l, h, qv, pl[i].old_len + 1, uh, ns[h], rv);
                         double hn = 0, hd = 0;
                         rel_err_acc(&hn, &hd, rv, out[l], p->io_dtype, at, p->d, &bad);
                         num += hn;
@@ -538,7 +573,7 @@ void th_step(th *t, int32_t n, th_entry *e)
                         rv[j] = ref_load(p->io_dtype, out[l], at + (size_t)j);
                     }
                     double alpha, share;
-                    int64_t blk = ref_explain_block(p, s->r, l, h, qv, pl[i].old_len + 1,
+                    int64_t blk = ref_explain_block(&px, s->r, l, h, qv, pl[i].old_len + 1,
                                                     use + (size_t)h * (size_t)M, ns[h], rv, &alpha, &share);
                     snprintf(why, sizeof why,
                              "; worst query head %d: block %lld (one of %lld chosen) would account for %.0f%% "
@@ -548,18 +583,21 @@ void th_step(th *t, int32_t n, th_entry *e)
                 free(ns);
                 free(use);
             } else {
-                for (int64_t r = 0; r < pl[i].n; r++) {
-                    int64_t pos = pl[i].start + r;
-                    for (int32_t qh = 0; qh < p->hq; qh++) {
-                        size_t at = ((size_t)(pl[i].row + r) * (size_t)p->hq + (size_t)qh) * (size_t)p->d;
-                        for (int32_t j = 0; j < p->d; j++)
-                            qv[j] = ref_load(p->io_dtype, q[l], at + (size_t)j);
-                        ref_attend(p, s->r, l, qh / g, qv, pos + 1, NULL, 0, rv);
-                        rel_err_acc(&num, &den, rv, out[l], p->io_dtype, at, p->d, &bad);
-                    }
+                dense_err(p, s->r, l, &pl[i], q[l], out[l], qv, rv, &num, &den, &bad);
+                if (px.fp8_exact && !bad && sqrt(num / (den > 0 ? den : 1e-300)) > t->tol) {
+                    double xn, xd;
+                    dense_err(&px, s->r, l, &pl[i], q[l], out[l], qv, rv, &xn, &xd, &bad);
+                    snprintf(why, sizeof why, " against the rounded values, %.3g against the exact products",
+                             sqrt(xn / (xd > 0 ? xd : 1e-300)));
+                    if (sqrt(xn / (xd > 0 ? xd : 1e-300)) <= t->tol)
+                        num = xn, den = xd, why[0] = 0;
                 }
             }
             double rel = sqrt(num / (den > 0 ? den : 1e-300));
+            if (th_verbose()) /* how near the tolerance each check runs */
+                fprintf(stderr, "step %lld entry %d (mode %d, %lld tokens at %lld) layer %d: "
+                        "relative error %.3g (tolerance %.1g)\n", (long long)t->steps, i,
+                        mode, (long long)pl[i].n, (long long)pl[i].start, l, rel, t->tol);
             TCHECK(!bad && rel <= t->tol,
                    "step %lld entry %d (seq %d, mode %d, %lld tokens at %lld, len %lld) layer %d: "
                    "relative error %.3g (tolerance %.1g)%s; d=%d hq=%d hkv=%d b=%d kv=%d io=%d%s",

@@ -135,6 +135,11 @@ void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi);
  * kernels and paths, for runs under compute-sanitizer (docs/reliability.md). */
 int th_quick(void);
 
+/* 1 when RESA_TEST_VERBOSE is set and not "0": th_step prints every output
+ * check's relative error and tolerance to stderr (how near its bound a
+ * backend runs). */
+int th_verbose(void);
+
 /* 1 when the CUDA backend and libcudart are usable here (GPU tests skip otherwise). */
 int th_cuda_usable(void);
 

@@ -205,26 +205,30 @@ int64_t ref_budget(int64_t M, double r, int64_t n_min, int64_t local, int64_t si
 /* ------------------------------------------------------------------------ */
 /* the cache model                                                           */
 /* ------------------------------------------------------------------------ */
+/* The per-layer arrays of a sequence: K, V, their scales, and an fp8
+ * cache's exact products (NULL otherwise); *elems: elements per position. */
+enum { REF_ARRAYS = 6 };
+static double ***seq_arrays(ref_seq *s, int i, size_t *elems)
+{
+    double ***a[REF_ARRAYS] = {&s->k, &s->v, &s->ks, &s->vs, &s->kx, &s->vx};
+    *elems = (size_t)s->hkv * (i == 2 || i == 3 ? 1 : (size_t)s->d);
+    return a[i];
+}
+
 ref_seq *ref_seq_new(const ref_params *p, int64_t cap)
 {
     ref_seq *s = calloc(1, sizeof *s);
-    s->cap = cap;
     s->n_layers = p->n_layers;
     s->hkv = p->hkv;
     s->d = p->d;
-    s->k = calloc((size_t)p->n_layers, sizeof(double *));
-    s->v = calloc((size_t)p->n_layers, sizeof(double *));
-    if (cap < 1)
-        cap = 1;
-    s->cap = cap;
-    size_t per = (size_t)cap * (size_t)p->hkv * (size_t)p->d;
-    s->ks = calloc((size_t)p->n_layers, sizeof(double *));
-    s->vs = calloc((size_t)p->n_layers, sizeof(double *));
-    for (int32_t l = 0; l < p->n_layers; l++) {
-        s->k[l] = calloc(per, sizeof(double));
-        s->v[l] = calloc(per, sizeof(double));
-        s->ks[l] = calloc((size_t)cap * (size_t)p->hkv, sizeof(double));
-        s->vs[l] = calloc((size_t)cap * (size_t)p->hkv, sizeof(double));
+    s->cap = cap < 1 ? 1 : cap;
+    const int fams = p->kv_dtype == RESA_DTYPE_FP8_E4M3 ? REF_ARRAYS : REF_ARRAYS - 2;
+    for (int i = 0; i < fams; i++) {
+        size_t elems;
+        double ***a = seq_arrays(s, i, &elems);
+        *a = calloc((size_t)p->n_layers, sizeof(double *));
+        for (int32_t l = 0; l < p->n_layers; l++)
+            (*a)[l] = calloc((size_t)s->cap * elems, sizeof(double));
     }
     return s;
 }
@@ -233,21 +237,17 @@ ref_seq *ref_seq_clone(const ref_seq *o)
 {
     ref_seq *s = calloc(1, sizeof *s);
     *s = *o;
-    s->k = calloc((size_t)o->n_layers, sizeof(double *));
-    s->v = calloc((size_t)o->n_layers, sizeof(double *));
-    size_t per = (size_t)o->cap * (size_t)o->hkv * (size_t)o->d;
-    size_t sper = (size_t)o->cap * (size_t)o->hkv;
-    s->ks = calloc((size_t)o->n_layers, sizeof(double *));
-    s->vs = calloc((size_t)o->n_layers, sizeof(double *));
-    for (int32_t l = 0; l < o->n_layers; l++) {
-        s->k[l] = malloc(per * sizeof(double));
-        s->v[l] = malloc(per * sizeof(double));
-        memcpy(s->k[l], o->k[l], per * sizeof(double));
-        memcpy(s->v[l], o->v[l], per * sizeof(double));
-        s->ks[l] = malloc(sper * sizeof(double));
-        s->vs[l] = malloc(sper * sizeof(double));
-        memcpy(s->ks[l], o->ks[l], sper * sizeof(double));
-        memcpy(s->vs[l], o->vs[l], sper * sizeof(double));
+    for (int i = 0; i < REF_ARRAYS; i++) {
+        size_t elems;
+        double ***a = seq_arrays(s, i, &elems);
+        if (!*a)
+            continue;
+        double **src = *a;
+        *a = calloc((size_t)o->n_layers, sizeof(double *));
+        for (int32_t l = 0; l < o->n_layers; l++) {
+            (*a)[l] = malloc((size_t)o->cap * elems * sizeof(double));
+            memcpy((*a)[l], src[l], (size_t)o->cap * elems * sizeof(double));
+        }
     }
     return s;
 }
@@ -256,16 +256,13 @@ void ref_seq_free(ref_seq *s)
 {
     if (!s)
         return;
-    for (int32_t l = 0; l < s->n_layers; l++) {
-        free(s->k[l]);
-        free(s->v[l]);
-        free(s->ks[l]);
-        free(s->vs[l]);
+    for (int i = 0; i < REF_ARRAYS; i++) {
+        size_t elems;
+        double ***a = seq_arrays(s, i, &elems);
+        for (int32_t l = 0; *a && l < s->n_layers; l++)
+            free((*a)[l]);
+        free(*a);
     }
-    free(s->k);
-    free(s->v);
-    free(s->ks);
-    free(s->vs);
     free(s);
 }
 
@@ -279,18 +276,14 @@ static void ref_seq_reserve(ref_seq *s, int64_t need)
     if (need <= s->cap)
         return;
     int64_t cap = s->cap * 2 > need ? s->cap * 2 : need;
-    size_t old = (size_t)s->cap * (size_t)s->hkv * (size_t)s->d;
-    size_t per = (size_t)cap * (size_t)s->hkv * (size_t)s->d;
-    size_t sold = (size_t)s->cap * (size_t)s->hkv, sper = (size_t)cap * (size_t)s->hkv;
-    for (int32_t l = 0; l < s->n_layers; l++) {
-        s->k[l] = realloc(s->k[l], per * sizeof(double));
-        s->v[l] = realloc(s->v[l], per * sizeof(double));
-        memset(s->k[l] + old, 0, (per - old) * sizeof(double));
-        memset(s->v[l] + old, 0, (per - old) * sizeof(double));
-        s->ks[l] = realloc(s->ks[l], sper * sizeof(double));
-        s->vs[l] = realloc(s->vs[l], sper * sizeof(double));
-        memset(s->ks[l] + sold, 0, (sper - sold) * sizeof(double));
-        memset(s->vs[l] + sold, 0, (sper - sold) * sizeof(double));
+    for (int i = 0; i < REF_ARRAYS; i++) {
+        size_t elems;
+        double ***a = seq_arrays(s, i, &elems);
+        const size_t old = (size_t)s->cap * elems, per = (size_t)cap * elems;
+        for (int32_t l = 0; *a && l < s->n_layers; l++) {
+            (*a)[l] = realloc((*a)[l], per * sizeof(double));
+            memset((*a)[l] + old, 0, (per - old) * sizeof(double));
+        }
     }
     s->cap = cap;
 }
@@ -308,7 +301,8 @@ void ref_write_kv(const ref_params *p, ref_seq *s, int32_t layer, int64_t pos, i
                     for (int32_t j = 0; j < p->d; j++)
                         x[j] = ref_load(p->io_dtype, is_v ? v : k, src + (size_t)j);
                     double *dst = is_v ? ref_v(s, layer, pos + t, h) : ref_k(s, layer, pos + t, h);
-                    ref_fp8_quantize(p->io_dtype, x, p->d, dst,
+                    double *exact = is_v ? ref_vx(s, layer, pos + t, h) : ref_kx(s, layer, pos + t, h);
+                    ref_fp8_quantize(p->io_dtype, x, p->d, dst, exact,
                                      ref_scale_at(s, is_v, layer, pos + t, h));
                 }
         free(x);
@@ -404,7 +398,8 @@ uint8_t ref_e4m3_byte(double v)
     return 0x7f; /* not an e4m3 value */
 }
 
-void ref_fp8_quantize(resa_dtype io, const double *x, int32_t d, double *out, double *scale_out)
+void ref_fp8_quantize(resa_dtype io, const double *x, int32_t d, double *out, double *exact,
+                      double *scale_out)
 {
     int nan = 0;
     double amax = 0.0;
@@ -420,8 +415,10 @@ void ref_fp8_quantize(resa_dtype io, const double *x, int32_t d, double *out, do
         scale = ldexp(1.0, -149);
     for (int32_t j = 0; j < d; j++) {
         double y = scale == 0.0 ? x[j] : ref_round(RESA_DTYPE_F32, x[j] / scale);
-        double v = ref_e4m3_rne(y);
-        out[j] = ref_round(io, ref_round(RESA_DTYPE_F32, v * scale));
+        double v = ref_round(RESA_DTYPE_F32, ref_e4m3_rne(y) * scale);
+        if (exact)
+            exact[j] = v;
+        out[j] = ref_round(io, v);
     }
     *scale_out = scale;
 }
@@ -626,7 +623,7 @@ static int64_t attend_weights(const ref_params *p, const ref_seq *s, int32_t lay
     double *w = malloc(sizeof(double) * (size_t)(n_pos > 0 ? n_pos : 1));
     double mx = -INFINITY;
     for (int64_t i = 0; i < n_pos; i++) {
-        const double *k = ref_k(s, layer, pos[i], h);
+        const double *k = p->fp8_exact && s->kx ? ref_kx(s, layer, pos[i], h) : ref_k(s, layer, pos[i], h);
         double dot = 0;
         for (int32_t j = 0; j < p->d; j++)
             dot += q[j] * k[j];
@@ -656,7 +653,7 @@ static double weighted_v(const ref_params *p, const ref_seq *s, int32_t layer, i
     for (int32_t j = 0; j < p->d; j++)
         out[j] = 0;
     for (int64_t i = from; i < to; i++) {
-        const double *v = ref_v(s, layer, pos[i], h);
+        const double *v = p->fp8_exact && s->vx ? ref_vx(s, layer, pos[i], h) : ref_v(s, layer, pos[i], h);
         W += w[i] / sum;
         for (int32_t j = 0; j < p->d; j++)
             out[j] += w[i] / sum * v[j];

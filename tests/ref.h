@@ -25,6 +25,11 @@ typedef struct ref_params {
     double score_width;    /* w of the block score (RESA_PARAM_SCORE_WIDTH), default 0.5 */
     int32_t group_score;   /* resa_group_score (RESA_PARAM_GROUP_SCORE), default POOLED */
     int32_t summary_fp8;   /* RESA_PARAM_SUMMARY_FORMAT = RESA_SUMMARY_FP8_E4M3 */
+    int32_t fp8_exact;     /* the attention (ref_attend*, ref_explain_block) reads an
+                              fp8 cache's exact products e4m3 * scale, not their
+                              IO_DTYPE rounding: what CUDA's sparse decode and
+                              Hopper's wgmma dense kernel attend (docs/API.md,
+                              "fp8 KV cache"); the summaries read the rounding */
 } ref_params;
 
 /* The defaults documented in resa.h (shape: 1 layer, 1/1 heads, d 128, f32). */
@@ -56,6 +61,8 @@ typedef struct ref_seq {
     double **k, **v;      /* [layer] -> [cap][hkv][d], values as stored (rounded; an
                              fp8 cache: dequantized, ref_fp8_quantize) */
     double **ks, **vs;    /* [layer] -> [cap][hkv]: an fp8 cache's K and V scales */
+    double **kx, **vx;    /* an fp8 cache: [layer] -> [cap][hkv][d], the exact products
+                             e4m3 * scale (k, v are their IO_DTYPE rounding); else NULL */
 } ref_seq;
 
 ref_seq *ref_seq_new(const ref_params *p, int64_t cap);
@@ -69,6 +76,14 @@ static inline double *ref_k(const ref_seq *s, int32_t layer, int64_t pos, int32_
 static inline double *ref_v(const ref_seq *s, int32_t layer, int64_t pos, int32_t h)
 {
     return s->v[layer] + ((size_t)pos * (size_t)s->hkv + (size_t)h) * (size_t)s->d;
+}
+static inline double *ref_kx(const ref_seq *s, int32_t layer, int64_t pos, int32_t h)
+{
+    return s->kx[layer] + ((size_t)pos * (size_t)s->hkv + (size_t)h) * (size_t)s->d;
+}
+static inline double *ref_vx(const ref_seq *s, int32_t layer, int64_t pos, int32_t h)
+{
+    return s->vx[layer] + ((size_t)pos * (size_t)s->hkv + (size_t)h) * (size_t)s->d;
 }
 static inline double *ref_scale_at(const ref_seq *s, int is_v, int32_t layer, int64_t pos,
                                    int32_t h)
@@ -101,8 +116,10 @@ uint8_t ref_e4m3_byte(double v);
 /* The fp8 KV cache (docs/API.md, "fp8 KV cache"), from its definition: the
  * head vector x[d] (IO values) as it reads back, out[d] = IO(fp32(e4m3(
  * fp32(x / scale)) * scale)), scale = fp32(amax / 448) (NaN with a NaN in x,
- * 2^-149 where it underflows), in *scale_out. */
-void ref_fp8_quantize(resa_dtype io, const double *x, int32_t d, double *out, double *scale_out);
+ * 2^-149 where it underflows), in *scale_out; exact[d] (if not NULL) gets the
+ * products before the IO rounding, fp32(e4m3 * scale). */
+void ref_fp8_quantize(resa_dtype io, const double *x, int32_t d, double *out, double *exact,
+                      double *scale_out);
 /* Smallest integer s with amax <= 448 * 2^s, clamped to [-128, 127]; 0 for amax 0. */
 int ref_fp8_scale(double amax);
 /* x * 2^-s rounded to the e4m3 value toward +inf (up) or -inf (!up), times 2^s. */
