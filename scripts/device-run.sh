@@ -525,17 +525,18 @@ if [[ $phases == *sanmatrixbg* ]]; then
   # fp8kv,sanmatrixbg") run first on a quiet GPU.
   # Without RESA_SANITIZE_PAIRS: the whole matrix, most wanted first (racecheck
   # and initcheck where v15 drew reports, then memcheck and synccheck, the
-  # quickest, then the long racecheck and initcheck runs), the long tests in
-  # 8 shards, so that a budget cut drops the least wanted
+  # quickest, then the long racecheck and initcheck runs), racecheck over
+  # check_cuda in 8 shards and the non-finite tests (RESA_TEST_QUICK=2 in
+  # sanitize-shards.sh) in 4, so that a budget cut drops the least wanted
   export RESA_SANITIZE_PAIRS=${RESA_SANITIZE_PAIRS:-"racecheck:check_cuda/8 memcheck:check_cuda/4
-    synccheck:check_cuda/4 initcheck:check_cp_cuda/3 racecheck:check_nonfinite_cuda/8
+    synccheck:check_cuda/4 initcheck:check_cp_cuda/3 racecheck:check_nonfinite_cuda/4
     memcheck:check_cp_cuda/3 synccheck:check_cp_cuda/3 memcheck:check_nonfinite_cuda/4
-    synccheck:check_nonfinite_cuda/4 racecheck:check_nonfinite_cuda_mma/8
+    synccheck:check_nonfinite_cuda/4 racecheck:check_nonfinite_cuda_mma/4
     memcheck:check_nonfinite_cuda_mma/4 synccheck:check_nonfinite_cuda_mma/4
     memcheck:check_cuda_cp_async/4 synccheck:check_cuda_cp_async/4 memcheck:check_cuda_splits/4
     synccheck:check_cuda_splits/4 memcheck:soak_diff synccheck:soak_diff racecheck:soak_diff
-    initcheck:soak_diff racecheck:check_cp_cuda/6 initcheck:check_nonfinite_cuda/8
-    initcheck:check_nonfinite_cuda_mma/8 racecheck:check_cuda_cp_async/8
+    initcheck:soak_diff racecheck:check_cp_cuda/6 initcheck:check_nonfinite_cuda/4
+    initcheck:check_nonfinite_cuda_mma/4 racecheck:check_cuda_cp_async/8
     racecheck:check_cuda_splits/8 initcheck:check_cuda_cp_async/4 initcheck:check_cuda_splits/4"}
   bg=/tmp/resa-sanmatrix
   say "compute-sanitizer matrix in the background: $(echo $RESA_SANITIZE_PAIRS | wc -w) tool x test pairs"

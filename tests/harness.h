@@ -131,8 +131,11 @@ int th_run_suite(Suite *s, int fork);
  * then fails when none matched, so that a misspelt name cannot pass. */
 void th_add_loop(TCase *tc, const TTest *fn, int lo, int hi);
 
-/* 1 when RESA_TEST_QUICK is set and not "0": a smaller set of the same
- * kernels and paths, for runs under compute-sanitizer (docs/reliability.md). */
+/* The level of RESA_TEST_QUICK: 0 when unset or "0", its value when it is a
+ * number above 1, else 1.  Nonzero: a smaller set of the same kernels and
+ * paths, for runs under compute-sanitizer (docs/reliability.md); a test may
+ * shrink further at 2 (check_nonfinite: one case a configuration, for
+ * racecheck). */
 int th_quick(void);
 
 /* 1 when RESA_TEST_VERBOSE is set and not "0": th_step prints every output
