@@ -328,6 +328,8 @@ static int run_epoch(ref_rng *rng, int cuda_b, int64_t epoch_steps, double deadl
      * scale to the IO dtype, u/2; CUDA's sparse decode attends the exact
      * product): scores move by about u/2 of their magnitude, still a few u */
     double u = p.io_dtype == RESA_DTYPE_BF16 ? 0x1p-8 : 0x1p-11;
+    /* the float64 reference of B's near-tie rows reads what B attends (ref.h) */
+    const int b_exact = cuda_b && p.kv_dtype == RESA_DTYPE_FP8_E4M3;
     double tol = 8 * u * tol_scale, tol_ref = fmax(tol, 1e-2 * tol_scale);
     /* CPU against CPU: 1 thread against 2 to 4; against CUDA the CPU uses every core */
     int64_t threads_a = cuda_b ? 0 : 1, threads_b = cuda_b ? 0 : ref_rng_range(rng, 2, 4);
@@ -666,8 +668,10 @@ static int run_epoch(ref_rng *rng, int cuda_b, int64_t epoch_steps, double deadl
                                 for (int32_t j = 0; j < p.d; j++)
                                     qv[j] = ref_load(p.io_dtype, qs[l], at + (size_t)j);
                                 for (int side = 0; side < 2; side++) {
-                                    ref_attend(&p, s->r, l, h, qv, e[i].old_len + 1, side ? sb_real : sa,
-                                               side ? cb : ca, rv);
+                                    ref_params pr = p;
+                                    pr.fp8_exact = side && b_exact;
+                                    ref_attend(&pr, s->r, l, h, qv, e[i].old_len + 1,
+                                               side ? sb_real : sa, side ? cb : ca, rv);
                                     int bad = 0;
                                     double rel = row_rel_ref(p.io_dtype, side ? ob[l] : oa[l], at, rv, p.d, &bad);
                                     C.rows_near_tie++;
