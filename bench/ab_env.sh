@@ -6,7 +6,9 @@
 #   bench/ab_env.sh BUILD ROUNDS "ENV_A" "ENV_B" RESA-BENCH-ARGS...
 # e.g. bench/ab_env.sh .pre 3 "RESA_CUDA_NO_SCORE_OVERLAP=1" "" \
 #        --batch 1 --contexts 32768,262144 --modes sparse --cold
-# ENV_A / ENV_B: space-separated NAME=VALUE words ("" for none).
+# ENV_A / ENV_B: space-separated NAME=VALUE words ("" for none).  Two
+# modules: ENV_B "RESA_CUDA_MODULE=$PWD/OTHER/cuda/libresa-cuda.so.0" (it
+# overrides BUILD's module for side B; docs/performance.md's V-release A/B).
 set -uo pipefail
 build=$1 rounds=$2 env_a=$3 env_b=$4
 shift 4
