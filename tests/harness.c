@@ -449,6 +449,12 @@ static double rel_err_acc(double *num, double *den, const double *ref, const voi
     return 0;
 }
 
+/* sqrt(num / den): the relative error of rel_err_acc's sums */
+static double rel_of(double num, double den)
+{
+    return sqrt(num / (den > 0 ? den : 1e-300));
+}
+
 /* The squared error and norm of one dense entry's rows (APPEND, RECTIFY)
  * against the reference attending with pr. */
 static void dense_err(const ref_params *pr, const ref_seq *r, int32_t l, const th_plan *pe,
@@ -566,7 +572,7 @@ void th_step(th *t, int32_t n, th_entry *e)
                         }
                     }
                 }
-                if (bad || sqrt(num / (den > 0 ? den : 1e-300)) > t->tol) {
+                if (bad || rel_of(num, den) > t->tol) {
                     /* a failure: which one attended block, left out or read
                      * wrongly, best accounts for the worst head's error */
                     int32_t h = worst / g;
@@ -587,16 +593,17 @@ void th_step(th *t, int32_t n, th_entry *e)
                 free(use);
             } else {
                 dense_err(p, s->r, l, &pl[i], q[l], out[l], qv, rv, &num, &den, &bad);
-                if (px.fp8_exact && !bad && sqrt(num / (den > 0 ? den : 1e-300)) > t->tol) {
+                if (px.fp8_exact && !bad && rel_of(num, den) > t->tol) {
                     double xn, xd;
                     dense_err(&px, s->r, l, &pl[i], q[l], out[l], qv, rv, &xn, &xd, &bad);
+                    const double rx = rel_of(xn, xd);
                     snprintf(why, sizeof why, " against the rounded values, %.3g against the exact products",
-                             sqrt(xn / (xd > 0 ? xd : 1e-300)));
-                    if (sqrt(xn / (xd > 0 ? xd : 1e-300)) <= t->tol)
+                             rx);
+                    if (rx <= t->tol)
                         num = xn, den = xd, why[0] = 0;
                 }
             }
-            double rel = sqrt(num / (den > 0 ? den : 1e-300));
+            double rel = rel_of(num, den);
             if (th_verbose()) /* how near the tolerance each check runs */
                 fprintf(stderr, "step %lld entry %d (mode %d, %lld tokens at %lld) layer %d: "
                         "relative error %.3g (tolerance %.1g)\n", (long long)t->steps, i,
