@@ -55,7 +55,9 @@
 //    Typically 3 sweeps over the keys (histogram+stage, filter, write) and
 //    ~7 barriers; no sort.
 //  - launched as a programmatic dependent of kv_write's last kernel
-//    (common.cuh: pdl_wait before the summaries are read).
+//    (common.cuh): pdl_wait before the summaries are read, or, when the
+//    entry's written block is not a candidate, after the scoring loop (which
+//    then runs beside the write kernel) and before the tail.
 //
 // Workspace (resa_cuda_select_workspace):
 //   lists    [max_seqs][hkv][max_seq_blocks] int32  (resa_cuda_sel_list)
@@ -1115,7 +1117,23 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
         group_queries<T, D>(a, p.row, h, qp);
     else
         pooled_query<T, D>(a, p.row, h, qp); // the queries: written before the layer began
-    pdl_wait(); // the summaries of this step's writes
+    // The loop below reads the candidates' summaries only.  Unless the block
+    // this entry writes in this step is one of them (local_blocks 0, or a
+    // span whose forced ranges lie elsewhere), they were all final before
+    // the layer began, so the loop does not wait for the write kernel (the
+    // summaries of the step's writes): it runs beside it, which at batch 1 is
+    // most of that kernel's latency.  The wait then comes after the loop:
+    // before the tail (HEAD_SHARE reads the forced blocks' summaries there),
+    // and before this grid completes, since the kernels after it wait for
+    // this grid alone.  Other entries write other sequences' pages (a
+    // forked page is copied before it is written), and a QUERY_SPARSE entry
+    // writes nothing.
+    const resa_dev_entry &pe = a.entries[p.entry];
+    const int64_t wb = pe.start >> Dm.log2_b; // the entry's written block, local index
+    const bool wait_late =
+        pe.mode == RESA_MODE_QUERY_SPARSE || wb < p.cand_lo || wb >= p.cand_hi;
+    if (!wait_late)
+        pdl_wait(); // the summaries of this step's writes
     pdl_trigger();
     const int ncand = p.cand_hi - p.cand_lo;
     const int per = (ncand + gridDim.x - 1) / gridDim.x;
@@ -1203,6 +1221,8 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
             }
         }
     }
+    if (wait_late)
+        pdl_wait(); // (above): before the tail, and before this grid completes
     if (!kTop)
         return;
     float2 *parts = hparts + (size_t)pair * gridDim.x * g; // HEAD_SHARE: [cta][g] of this pair
