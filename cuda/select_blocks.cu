@@ -1079,7 +1079,7 @@ struct PooledQuery {
 template <typename T, typename S, int D, bool kTop, int kShareG, bool kExport>
 __global__ void __launch_bounds__(kScoreThreads, 1)
 score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hscores,
-             float2 *hparts, int stage_keys)
+             float2 *hparts, int stage_keys, int overlap)
 {
     constexpr bool F8 = sizeof(S) == 1;       // S: summary element, T or fp8_e4m3
     constexpr int V = F8 ? 16 : 8;            // summary dimensions per lane
@@ -1131,7 +1131,7 @@ score_select(resa_cuda_layer_args a, uint32_t *keys, PairCells *cells, float *hs
     const resa_dev_entry &pe = a.entries[p.entry];
     const int64_t wb = pe.start >> Dm.log2_b; // the entry's written block, local index
     const bool wait_late =
-        pe.mode == RESA_MODE_QUERY_SPARSE || wb < p.cand_lo || wb >= p.cand_hi;
+        overlap && (pe.mode == RESA_MODE_QUERY_SPARSE || wb < p.cand_lo || wb >= p.cand_hi);
     if (!wait_late)
         pdl_wait(); // the summaries of this step's writes
     pdl_trigger();
@@ -1333,6 +1333,19 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
     return dim3(max(1, min(want, (D.max_seq_blocks + 63) / 64)), pairs);
 }
 
+// RESA_CUDA_NO_SCORE_OVERLAP=1: score_select waits for the write kernel before
+// its scoring loop in every case, as before the overlap (A/B timing, and a
+// way back); read once.
+bool score_overlap()
+{
+    static int cache; // 0 unknown, 1 off, 2 on (benign race: the same value)
+    if (cache == 0) {
+        const char *e = getenv("RESA_CUDA_NO_SCORE_OVERLAP");
+        cache = e && e[0] == '1' ? 1 : 2;
+    }
+    return cache == 2;
+}
+
 // Phase 1 (a->cp_counts) is a plain launch: the first kernel of its call,
 // whose inputs (q) may come straight from the host's kernels, which know
 // nothing of programmatic launches (kv_write.cu's first kernel is plain for
@@ -1352,11 +1365,12 @@ cudaError_t launch_score_e(const resa_cuda_layer_args *a, dim3 grid, uint32_t *k
     }
     if constexpr (kExport) {
         score_select<T, S, D, kTop, kShare, true><<<grid, kScoreThreads, smem, a->stream>>>(
-            *a, keys, cells, hs, hp, smem > 0 ? 1 : 0);
+            *a, keys, cells, hs, hp, smem > 0 ? 1 : 0, 0);
         return cudaGetLastError();
     }
     return launch_pdl(score_select<T, S, D, kTop, kShare, kExport>, grid, dim3(kScoreThreads),
-                      smem, a->stream, *a, keys, cells, hs, hp, smem > 0 ? 1 : 0);
+                      smem, a->stream, *a, keys, cells, hs, hp, smem > 0 ? 1 : 0,
+                      score_overlap() ? 1 : 0);
 }
 
 // Phase 1 (a->cp_counts) only with POOLED (kShare 0).
