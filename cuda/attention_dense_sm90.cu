@@ -482,21 +482,25 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
     // swizzled offsets are this thread's (w0, w1) plus a pass's step
     constexpr int HALVES = CPR / 8; // a warp's pass covers 8 chunks of 4 rows
     constexpr int PASSES = HBN * CPR / 128;
+    constexpr int CONV_PASSES = 4; // passes whose loads are issued together
     const int cj = lane & 7;
     const int rb = 4 * warp + ((((lane >> 2) ^ (lane >> 3)) & 1) | ((lane >> 4) << 1));
     const uint32_t r_off = rb * HD + cj * 16, s_off = HBN * HD + rb * 4;
     const uint32_t w0 = sw128(rb, 2 * cj, HBN), w1 = sw128(rb, 2 * cj + 1, HBN);
     auto convert = [&](uint32_t src, uint32_t dst, uint32_t dsc) {
-        // two passes an iteration, both loads first: ptxas does not move a
-        // shared load above a shared store it cannot tell apart, and a lone
-        // producer warp per scheduler has nothing else to hide the latency
-        static_assert(PASSES % 2 == 0, "passes in pairs");
+        // CONV_PASSES passes an iteration, all their loads first: ptxas does
+        // not move a shared load above a shared store it cannot tell apart,
+        // and a lone producer warp per scheduler has nothing else to hide the
+        // latency.  4 (was 2): the ablation of 2026-12-07 put 4 of fp8
+        // rectification's 14.4 ms at 8 x 256K in this conversion
+        // (docs/performance.md); 8 spills under the producer's 56 registers
+        static_assert(PASSES % CONV_PASSES == 0, "passes in groups");
 #pragma unroll 1
-        for (int i = 0; i < PASSES; i += 2) {
-            uint4 r[2];
-            float sc[2];
+        for (int i = 0; i < PASSES; i += CONV_PASSES) {
+            uint4 r[CONV_PASSES];
+            float sc[CONV_PASSES];
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
+            for (int h = 0; h < CONV_PASSES; h++) {
                 const int ii = i + h;
                 asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                              : "=r"(r[h].x), "=r"(r[h].y), "=r"(r[h].z), "=r"(r[h].w)
@@ -508,7 +512,7 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                              : "memory");
             }
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
+            for (int h = 0; h < CONV_PASSES; h++) {
                 const int ii = i + h;
                 const bool finite = fabsf(sc[h]) <= FLT_MAX;
                 uint4 lo = fp8x8_to_half(make_uint2(r[h].x, r[h].y));
