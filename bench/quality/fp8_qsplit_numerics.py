@@ -34,20 +34,8 @@ import argparse
 import numpy as np
 
 
-def bf16(x):
-    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-    return b.astype(np.uint32).view(np.float32).astype(np.float64)
-
-
-def e4m3_grid():
-    normals = [s * (1 + m / 8) * 2.0**e for s in (1, -1) for e in range(-6, 9) for m in range(8)]
-    subnormals = [s * k / 8 * 2.0**-6 for s in (0, 1, -1) for k in range(8)]
-    g = np.array(sorted(set(normals + subnormals)))
-    return g[np.abs(g) <= 448]
-
-
-GRID = e4m3_grid()
+# the bf16 rounding and the e4m3 value grid of the sparse-decode check, its sibling
+from fp8_sparse_numerics import GRID, bf16  # noqa: E402  (this script's folder is on sys.path)
 
 
 def to_e4m3(x):
