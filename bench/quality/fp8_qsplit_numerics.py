@@ -20,6 +20,8 @@ sees, of:
          the QK^T operand differs between paths)
   split  q as two e4m3 parts (scales amax / 448 of q, then of the remainder),
          two products summed in fp32
+  split3 three e4m3 parts (the remainder of split split again): three fp8
+         MMAs, 1.5 16-bit MMAs' cost
   hi     q as one e4m3 part (what a single fp8 MMA would give)
   acc14  split, with each fp8 product's dot rounded to 14 significant bits
          (Hopper's fp8 MMA accumulates with fewer bits than fp32; 14 is the
@@ -86,6 +88,11 @@ def trial(rng, n, d, spread, q_mag):
     dot_h, dot_l = kr @ qh[0], kr @ ql[0]
     s_split = (f32(dot_h) * sh[0, 0] + f32(dot_l) * sl[0, 0]) * ks[:, 0]
     out["split"] = attend(scale * s_split, vd)
+    # three parts: the remainder of the two split once more
+    rem2 = rem - ql[0] * sl[0, 0]
+    q3, s3 = quantize_rows(rem2[None, :])
+    s_split3 = s_split + f32(kr @ q3[0]) * s3[0, 0] * ks[:, 0]
+    out["split3"] = attend(scale * s_split3, vd)
     out["hi"] = attend(scale * f32(dot_h) * sh[0, 0] * ks[:, 0], vd)
     s_acc = (round_bits(dot_h, 14) * sh[0, 0] + round_bits(dot_l, 14) * sl[0, 0]) * ks[:, 0]
     out["acc14"] = attend(scale * s_acc, vd)
@@ -101,7 +108,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
-    paths = ["f16", "split", "hi", "acc14"]
+    paths = ["f16", "split", "split3", "hi", "acc14"]
     print(f"# relative L2 error of one output row vs float64 on the dequantized cache; "
           f"n {a.n}, d {a.d}, {a.trials} trials; mean / max")
     print("| q_mag | V spread | " + " | ".join(paths) + " |")
