@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|suitebg|suitewait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|suitebg|suitewait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|fp8check|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -488,6 +488,47 @@ if [[ $phases == *quality* ]]; then
   fi
 fi
 
+if [[ $phases == *fp8check* ]]; then
+  # the fp8 cache's GPU tests alone, all at once, for a change to its kernels
+  # (kernel v17, 2026-12-07: ~130 s on an H100): check_cuda's fp8 dense test
+  # (TMA and cp.async producers), V-outlier test, mixed batch and decode cases
+  # (QUICK), check_nonfinite's rectification test; then, with
+  # RESA_FP8CHECK_TOOLS="racecheck synccheck ...", each tool over the fp8 dense
+  # test in 4 shards.  A line a run in $OUT/fp8check.txt, the logs in
+  # fp8check.tgz; RESA_FP8CHECK_TIMEOUT (s a run, default 240)
+  say "the fp8 cache's GPU tests${RESA_FP8CHECK_TOOLS:+, then $RESA_FP8CHECK_TOOLS over the fp8 dense test}"
+  lim=${RESA_FP8CHECK_TIMEOUT:-240}
+  fd=$OUT/fp8check; rm -rf "$fd" "$OUT/fp8check.txt"; mkdir -p "$fd"
+  fp8_run() { # tag, then NAME=VALUE words and the command
+    local tag=$1; shift
+    ( t0=$(date +%s)
+      env RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0 "$@" >"$fd/$tag.log" 2>&1
+      echo "$tag: exit $? after $(( $(date +%s) - t0 )) s; $(grep -h 'Checks:' "$fd/$tag.log" | tail -1)$(grep -h 'ERROR SUMMARY\|RACECHECK SUMMARY' "$fd/$tag.log" | tail -1)" \
+        >>"$OUT/fp8check.txt" ) &
+  }
+  T="timeout $lim"
+  fp8_run fp8_dense RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_fp8_dense $T $build/tests/check_cuda
+  fp8_run fp8_dense_cp_async RESA_CUDA_NO_TMA=1 RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_fp8_dense $T $build/tests/check_cuda
+  fp8_run v_outlier RESA_TEST_ONLY=test_cuda_fp8_v_outlier $T $build/tests/check_cuda
+  fp8_run v_outlier_cp_async RESA_CUDA_NO_TMA=1 RESA_TEST_ONLY=test_cuda_fp8_v_outlier $T $build/tests/check_cuda
+  fp8_run mixed_batch RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_mixed_batch $T $build/tests/check_cuda
+  for k in 0 1 2 3; do
+    fp8_run decode-$k RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_decode RESA_TEST_SHARD=$k/4 $T $build/tests/check_cuda
+    fp8_run nonfinite_rectify-$k RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_rectify RESA_TEST_SHARD=$k/4 $T $build/tests/check_nonfinite cuda
+  done
+  wait
+  for tool in ${RESA_FP8CHECK_TOOLS:-}; do
+    for k in 0 1 2 3; do
+      fp8_run $tool-fp8_dense-$k CK_FORK=no RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_fp8_dense RESA_TEST_SHARD=$k/4 $T \
+        compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 100 $build/tests/check_cuda
+    done
+  done
+  wait
+  sort "$OUT/fp8check.txt"
+  echo "fp8 tests: $(grep -c . "$OUT/fp8check.txt") runs, $(grep -c ': exit 77 ' "$OUT/fp8check.txt") skipped (no GPU)," \
+    "$(grep -vc ': exit 0 \|: exit 77 ' "$OUT/fp8check.txt") failed or cut"
+  (cd "$OUT" && tar czf fp8check.tgz fp8check && rm -rf fp8check) # every log, one file
+fi
 if [[ $phases == *suitebg* ]]; then
   # scripts/gpu-tests.sh (the GPU tests without meson or a sanitizer) on a
   # copy of the build's binaries in /tmp, in its own process session, as
