@@ -450,8 +450,8 @@ inline bool wgmma_enabled()
             major == 9 && minor == 0;
         cache[dev] = ok ? 2 : 1;
     }
-    const char *off = getenv("RESA_CUDA_NO_WGMMA"), *on = getenv("RESA_CUDA_WGMMA");
-    return cache[dev] == 2 && !(off && off[0] == '1') && (WGMMA_BY_DEFAULT || (on && on[0] == '1'));
+    return cache[dev] == 2 && !env_switch("RESA_CUDA_NO_WGMMA") &&
+           (WGMMA_BY_DEFAULT || env_switch("RESA_CUDA_WGMMA"));
 }
 
 // A step with a QUERY_DENSE entry takes this kernel (the wgmma kernel knows

@@ -1167,8 +1167,7 @@ template <int HD, bool F8> int make_tensor_maps(const resa_cuda_layer_args *a, C
     constexpr int HBN = wg_cfg<HD, F8>::BN;
     const resa_cuda_dims &dm = a->dims;
     const int64_t rows = (int64_t)dm.n_pages * dm.hkv * dm.b;
-    const char *off = getenv("RESA_CUDA_NO_TMA");
-    const bool wanted = !(off && off[0] == '1');
+    const bool wanted = !env_switch("RESA_CUDA_NO_TMA");
     if (dm.b < 8 || rows <= 0 || rows > INT32_MAX || !wanted)
         return 0;
     if (F8 && (((uintptr_t)a->k | (uintptr_t)a->v | (uintptr_t)a->kscale |

@@ -115,6 +115,14 @@ __device__ __forceinline__ void pdl_trigger()
 #endif
 }
 
+// An A/B switch from the environment (RESA_CUDA_NO_PDL, _NO_TMA, ...): on
+// when NAME's value begins with '1'; unset or anything else: off.
+inline bool env_switch(const char *name)
+{
+    const char *e = getenv(name);
+    return e && e[0] == '1';
+}
+
 // Whether the current device takes programmatic dependent launches (compute
 // capability >= 9.0), asked once per device; RESA_CUDA_NO_PDL=1 turns them off
 // (for A/B timing).
@@ -126,10 +134,9 @@ inline bool pdl_supported()
         return false;
     if (cache[dev] == 0) {
         int major = 0;
-        const char *off = getenv("RESA_CUDA_NO_PDL");
         const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
                             cudaSuccess &&
-                        major >= 9 && !(off && off[0] == '1');
+                        major >= 9 && !env_switch("RESA_CUDA_NO_PDL");
         cache[dev] = ok ? 2 : 1;
     }
     return cache[dev] == 2;

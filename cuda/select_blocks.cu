@@ -1339,10 +1339,8 @@ dim3 score_grid(const resa_cuda_dims &D, int n_decode)
 bool score_overlap()
 {
     static int cache; // 0 unknown, 1 off, 2 on (benign race: the same value)
-    if (cache == 0) {
-        const char *e = getenv("RESA_CUDA_NO_SCORE_OVERLAP");
-        cache = e && e[0] == '1' ? 1 : 2;
-    }
+    if (cache == 0)
+        cache = env_switch("RESA_CUDA_NO_SCORE_OVERLAP") ? 1 : 2;
     return cache == 2;
 }
 
