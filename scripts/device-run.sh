@@ -494,7 +494,7 @@ if [[ $phases == *fp8check* ]]; then
   # (TMA and cp.async producers), V-outlier test, mixed batch and decode cases
   # (QUICK), check_nonfinite's rectification test; then, with
   # RESA_FP8CHECK_TOOLS="racecheck synccheck ...", each tool over the fp8 dense
-  # test in 4 shards.  A line a run in $OUT/fp8check.txt, the logs in
+  # test with either producer in 4 shards (sanitize-shards.sh).  A line a run in $OUT/fp8check.txt, the logs in
   # fp8check.tgz; RESA_FP8CHECK_TIMEOUT (s a run, default 240)
   say "the fp8 cache's GPU tests${RESA_FP8CHECK_TOOLS:+, then $RESA_FP8CHECK_TOOLS over the fp8 dense test}"
   lim=${RESA_FP8CHECK_TIMEOUT:-240}
@@ -517,16 +517,16 @@ if [[ $phases == *fp8check* ]]; then
     fp8_run nonfinite_rectify-$k RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_rectify RESA_TEST_SHARD=$k/4 $T $build/tests/check_nonfinite cuda
   done
   wait
-  for tool in ${RESA_FP8CHECK_TOOLS:-}; do
-    for k in 0 1 2 3; do
-      fp8_run $tool-fp8_dense-$k CK_FORK=no RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_fp8_dense RESA_TEST_SHARD=$k/4 $T \
-        compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 100 $build/tests/check_cuda
-    done
-  done
-  wait
   sort "$OUT/fp8check.txt"
   echo "fp8 tests: $(grep -c . "$OUT/fp8check.txt") runs, $(grep -c ': exit 77 ' "$OUT/fp8check.txt") skipped (no GPU)," \
     "$(grep -vc ': exit 0 \|: exit 77 ' "$OUT/fp8check.txt") failed or cut"
+  if [ -n "${RESA_FP8CHECK_TOOLS:-}" ]; then
+    # scripts/sanitize-shards.sh over the fp8 dense test alone (RESA_TEST_ONLY
+    # passes through), both producers (check_cuda, check_cuda_cp_async), 4 shards each
+    pairs=""; for tool in $RESA_FP8CHECK_TOOLS; do pairs="$pairs $tool:check_cuda/4 $tool:check_cuda_cp_async/4"; done
+    RESA_TEST_ONLY=test_cuda_fp8_dense RESA_SANITIZE_PAIRS=$pairs RESA_SANITIZE_TIMEOUT=$lim \
+      bash scripts/sanitize-shards.sh $build "$fd" | tail -20
+  fi
   (cd "$OUT" && tar czf fp8check.tgz fp8check && rm -rf fp8check) # every log, one file
 fi
 if [[ $phases == *suitebg* ]]; then

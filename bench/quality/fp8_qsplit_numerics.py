@@ -27,7 +27,7 @@ sees, of:
          (Hopper's fp8 MMA accumulates with fewer bits than fp32; 14 is the
          figure DeepSeek-V3's report gives; pessimistic for one k-step chain)
 Prints mean and max over trials, per logit scale (q_mag: larger = peakier
-softmax).  numpy only; ~20 s.
+softmax).  numpy only; ~5-10 s.
 
   python3 bench/quality/fp8_qsplit_numerics.py [--trials 8] [--n 4096]
 """
@@ -35,9 +35,8 @@ import argparse
 
 import numpy as np
 
-
 # the bf16 rounding and the e4m3 value grid of the sparse-decode check, its sibling
-from fp8_sparse_numerics import GRID, bf16  # noqa: E402  (this script's folder is on sys.path)
+from fp8_sparse_numerics import GRID, bf16  # (this script's folder is on sys.path)
 
 
 def to_e4m3(x):
