@@ -16,7 +16,9 @@ Selection follows docs/API.md (blocks of b aligned to position 0, min/max summar
 pooled group query, budget n = max(ceil(r*M), min(M, n_min)), forced local and sink
 blocks), with levers that libresa may not have: per-layer r, an oracle score (true
 attention mass: the upper bound of any score at that n), block summaries in other
-formats ("summary": exact, fp8 (libresa's), e2m1, int4, int4s; SUMMARY_FORMATS).  Use it to choose which lever
+formats ("summary": exact, fp8 (libresa's), e2m1, int4, int4s; SUMMARY_FORMATS), and
+("prune": G) how many candidate blocks a two-level scoring over groups of G blocks
+could skip without changing the selection (Sim.prune_stats).  Use it to choose which lever
 to build; measure what ships with resa-eval through libresa.
 
   bench/quality/sparse_sim.py --text austen-persuasion --tokens 8192 --start 1024 \
@@ -102,9 +104,48 @@ class Sim:
         j = torch.arange(t_all, device=dev)[None, :]
         return torch.zeros(c, t_all, device=dev).masked_fill(j > t, -float("inf"))
 
+    @staticmethod
+    def group_bound(qp, kmin, kmax, w, G):
+        """[Hkv, c, ceil(M / G)]: for each group of G aligned blocks an upper bound
+        of the width score q.mid + w |q|.half of every block in it, from the
+        group's boxes alone: per dimension (1 + w) / 2 max(q hi, q lo) over the
+        group's outer box plus (1 - w) / 2 of q times the group's largest lo
+        (q >= 0) or smallest hi (q < 0).  At w = 1 that is the outer box's
+        score (2 d values a group); below, 4 d values a group."""
+        hkv, m, d = kmin.shape
+        mg = (m + G - 1) // G
+        if mg * G > m:  # repeat the last block: the group's extremes do not change
+            rep = (0, 0, 0, mg * G - m)
+            kmin, kmax = F.pad(kmin, rep, mode="replicate"), F.pad(kmax, rep, mode="replicate")
+        lo, hi = kmin.view(hkv, mg, G, d), kmax.view(hkv, mg, G, d)
+        lo_min, hi_max, lo_max, hi_min = lo.amin(2), hi.amax(2), lo.amax(2), hi.amin(2)
+        q = qp[:, :, None, :]  # [hkv, c, 1, d]
+        outer = torch.maximum(q * hi_max[:, None], q * lo_min[:, None]).sum(-1)
+        inner = torch.where(q >= 0, q * lo_max[:, None], q * hi_min[:, None]).sum(-1)
+        return (1 + w) / 2 * outer + (1 - w) / 2 * inner
+
+    def prune_stats(self, s, sup, sel, forced, valid, keep, G):
+        """Of each row's candidate blocks (valid, not forced), the share whose
+        group bound is below the lowest score the row selects among its
+        candidates: what a two-level scoring could skip with the true n-th
+        score as its threshold (a real one has only a lower bound of it, so
+        this is the most it could skip).  Checks that the bound holds."""
+        hkv, c, m = s.shape
+        bound = sup.repeat_interleave(G, -1)[..., :m]
+        ok = (valid[None] & ~forced[None]).expand_as(s)
+        tol = 1e-4 * (bound.abs() + s.abs()) + 1e-6
+        assert bool((bound + tol >= s)[ok].all()), "group bound below a block's score"
+        cand = valid[None] & ~forced[None]
+        t = s.masked_fill(~(sel & cand), float("inf")).amin(-1, keepdim=True)
+        skip = (cand & (bound < t)).sum(-1).double()
+        share = skip / cand.sum(-1).clamp(min=1).double()
+        self.pruned += share[:, keep].sum().item()
+        self.prune_rows += int(keep.sum()) * hkv
+
     def block_mask(self, q, k, t0, c, layer, scaling):
         """[Hkv, c, M] bool: the blocks each query row t0..t0+c attends."""
         cfg = self.cfg
+        sup = None
         hq, d = q.shape[0], q.shape[-1]
         hkv, t_all = k.shape[0], k.shape[1]
         g, b = hq // hkv, cfg["b"]
@@ -165,6 +206,8 @@ class Sim:
             if group == "pooled":  # one score from the mean query of the group
                 qp = qg.mean(1)
                 s = torch.einsum("hcd,hmd->hcm", qp, mid) + alpha * torch.einsum("hcd,hmd->hcm", qp.abs(), half)
+                if cfg.get("prune"):
+                    sup = self.group_bound(qp, kmin, kmax, alpha, cfg["prune"])
             else:  # every query head scores every block; the group combines them
                 sh = (torch.einsum("hgcd,hmd->hgcm", qg, mid)
                       + alpha * torch.einsum("hgcd,hmd->hgcm", qg.abs(), half)) * scaling
@@ -223,6 +266,9 @@ class Sim:
             return rank < n[..., None]
         self.attended += (n.double() / mt[None].double())[:, keep].sum().item()
         self.rows += int(keep.sum()) * hkv
+        if sup is not None:
+            s_fin = s.masked_fill(forced[None], 0.0)  # forced blocks are not candidates
+            self.prune_stats(s_fin, sup, rank < n[..., None], forced, valid, keep, cfg["prune"])
         return rank < n[..., None]
 
     def attention(self, module, q, k, v, mask, scaling=None, **kw):
@@ -258,6 +304,7 @@ class Sim:
 
     def run(self, ids, cfg):
         self.cfg, self.attended, self.rows, self.pca = cfg, 0.0, 0, {}
+        self.pruned, self.prune_rows = 0.0, 0
         with torch.no_grad():
             logits = self.model(ids, use_cache=False).logits[0, :-1].float()
         return torch.log_softmax(logits, -1), (self.attended / self.rows if self.rows else 1.0)
@@ -304,6 +351,12 @@ def main(argv=None):
                                if cfg["mode"] in ("sparse", "floor") and cfg["score"] == "pooled" else 0)
             print(f"| {data.text_name(name)} | {json.dumps(v)} | {share:.3f} | {traffic:.3f} | {nll:.4f} | "
                   f"{100 * (nll / nll_d - 1):+.2f}% | {kl:.4f} | {agree:.3f} |", flush=True)
+            if cfg.get("prune") and sim.prune_rows:
+                # (w = 1: 2 d values a group of G blocks, else 4 d; the fine summaries 2 d a block)
+                coarse = (1 if cfg.get("alpha", 1.0) == 1.0 else 2) / cfg["prune"]
+                p = sim.pruned / sim.prune_rows
+                print(f"|  | groups of {cfg['prune']}: candidates below the selection's threshold "
+                      f"{p:.3f}; summary reads at most {coarse + 1 - p:.3f} of now | | | | | | |", flush=True)
             print(f"  ({time.time() - t:.1f} s)", file=sys.stderr)
 
 
