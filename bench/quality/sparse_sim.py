@@ -40,9 +40,8 @@ DEFAULTS = dict(mode="floor", b=16, r=0.1, nmin=16, local=1, sink=0, score="pool
                 summary="exact")
 
 
-def _e4m3_grid():
-    sub = [k * 2.0 ** -9 for k in range(8)]
-    return sub + [(8 + m) * 2.0 ** (e - 10) for e in range(1, 16) for m in range(8)][:-1]
+def _e4m3_grid():  # every finite non-negative e4m3 value, 0 to 448 (bytes 0x00-0x7e)
+    return torch.arange(0x7f, dtype=torch.uint8).view(torch.float8_e4m3fn).double().tolist()
 
 
 # Block summary formats (min/max scored from their outward rounding): the
@@ -132,10 +131,9 @@ class Sim:
         this is the most it could skip).  Checks that the bound holds."""
         hkv, c, m = s.shape
         bound = sup.repeat_interleave(G, -1)[..., :m]
-        ok = (valid[None] & ~forced[None]).expand_as(s)
-        tol = 1e-4 * (bound.abs() + s.abs()) + 1e-6
-        assert bool((bound + tol >= s)[ok].all()), "group bound below a block's score"
         cand = valid[None] & ~forced[None]
+        tol = 1e-4 * (bound.abs() + s.abs()) + 1e-6
+        assert bool((bound + tol >= s)[cand.expand_as(s)].all()), "group bound below a block's score"
         t = s.masked_fill(~(sel & cand), float("inf")).amin(-1, keepdim=True)
         skip = (cand & (bound < t)).sum(-1).double()
         share = skip / cand.sum(-1).clamp(min=1).double()
@@ -266,9 +264,8 @@ class Sim:
             return rank < n[..., None]
         self.attended += (n.double() / mt[None].double())[:, keep].sum().item()
         self.rows += int(keep.sum()) * hkv
-        if sup is not None:
-            s_fin = s.masked_fill(forced[None], 0.0)  # forced blocks are not candidates
-            self.prune_stats(s_fin, sup, rank < n[..., None], forced, valid, keep, cfg["prune"])
+        if sup is not None:  # (s is +inf on forced blocks, which prune_stats leaves out)
+            self.prune_stats(s, sup, rank < n[..., None], forced, valid, keep, cfg["prune"])
         return rank < n[..., None]
 
     def attention(self, module, q, k, v, mask, scaling=None, **kw):
