@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|suitebg|suitewait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|fp8check|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|suitebg|suitewait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|fp8check|kf8ab|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -528,6 +528,19 @@ if [[ $phases == *fp8check* ]]; then
       bash scripts/sanitize-shards.sh $build "$fd" | tail -20
   fi
   (cd "$OUT" && tar czf fp8check.tgz fp8check && rm -rf fp8check) # every log, one file
+fi
+if [[ $phases == *kf8ab* ]]; then
+  # the fp8 cache's rectification with QK^T on fp8 MMAs (KF8, the default at
+  # d 128) against the f16 MMAs it replaces (RESA_CUDA_NO_KF8=1), one module,
+  # sides alternated round by round (bench/ab_env.sh), f queries at 8 x 256K
+  # and batch 1; the bf16 cache (code unchanged) as the control
+  say "fp8 rectification: KF8 (B) against RESA_CUDA_NO_KF8=1 (A)"
+  ab() { bash bench/ab_env.sh $build "$@"; }
+  { ab 3 "RESA_CUDA_NO_KF8=1" "" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
+    ab 2 "RESA_CUDA_NO_KF8=1" "" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+    ab 2 "RESA_CUDA_NO_KF8=1" "" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+    ab 1 "" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype io | tail -n +2
+  } | tee "$OUT/kf8-ab.csv" | cut -d, -f1-5,13,24,25
 fi
 if [[ $phases == *suitebg* ]]; then
   # scripts/gpu-tests.sh (the GPU tests without meson or a sanitizer) on a
