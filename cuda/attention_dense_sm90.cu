@@ -614,9 +614,9 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
             }
         };
         const int nt = kt_end - kt_begin;
+        issue_k(kt_begin, 0, page_of(kt_begin)); // first: S_b waits for it; slot 0 is free
         for (int i = 0; i < RU && i < nt; i++)
             issue(kt_begin + i, true, i, page_of(kt_begin + i));
-        issue_k(kt_begin, 0, page_of(kt_begin)); // slot 0's first round: free
         int32_t pgk = nt > 1 ? page_of(kt_begin + 1) : 0;
         for (int t = 0; t < nt; t++) {
             if (t + 1 < nt) { // K_{t+1} where K_{t-1} was (free once S_{t-1} is done)

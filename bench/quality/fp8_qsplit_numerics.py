@@ -26,6 +26,12 @@ sees, of:
   acc14  split, with each fp8 product's dot rounded to 14 significant bits
          (Hopper's fp8 MMA accumulates with fewer bits than fp32; 14 is the
          figure DeepSeek-V3's report gives; pessimistic for one k-step chain)
+  sh2, sh3  what kernel v18 (KF8) runs: two (bf16 q) or three (f16 q) e4m3
+         parts under ONE power of two a row, 2^E with the row's largest |q|
+         in [2^7, 2^8), so that every part accumulates into the same S (one
+         accumulator, no per-part scale); each 32-wide k-step's sum (one
+         wgmma m64nNk32) rounded to 14 significant bits before the fp32
+         accumulator takes it (sh2-exact: without that rounding)
 Prints mean and max over trials, per logit scale (q_mag: larger = peakier
 softmax).  numpy only; ~5-10 s.
 
@@ -95,6 +101,24 @@ def trial(rng, n, d, spread, q_mag):
     out["hi"] = attend(scale * f32(dot_h) * sh[0, 0] * ks[:, 0], vd)
     s_acc = (round_bits(dot_h, 14) * sh[0, 0] + round_bits(dot_l, 14) * sl[0, 0]) * ks[:, 0]
     out["acc14"] = attend(scale * s_acc, vd)
+    # kernel v18: parts under one shared power of two, one accumulator
+    e = np.floor(np.log2(np.abs(q).max())) - 7
+    parts, r = [], q * 2.0**-e
+    for _ in range(3):
+        parts.append(to_e4m3(r))
+        r = r - parts[-1]
+
+    def shared(n_parts, bits):
+        acc = np.zeros(n)
+        for pt in parts[:n_parts]:
+            for c in range(0, d, 32):  # one wgmma k-step
+                step = kr[:, c:c + 32] @ pt[c:c + 32]
+                acc = f32(acc + (round_bits(step, bits) if bits else step))
+        return attend(scale * f32(acc * 2.0**e) * ks[:, 0], vd)
+
+    out["sh2-exact"] = shared(2, 0)
+    out["sh2"] = shared(2, 14)
+    out["sh3"] = shared(3, 14)
     nr = np.linalg.norm(ref)
     return {key: np.linalg.norm(o - ref) / nr for key, o in out.items()}
 
@@ -107,7 +131,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
-    paths = ["f16", "split", "split3", "hi", "acc14"]
+    paths = ["f16", "split", "split3", "hi", "acc14", "sh2-exact", "sh2", "sh3"]
     print(f"# relative L2 error of one output row vs float64 on the dequantized cache; "
           f"n {a.n}, d {a.d}, {a.trials} trials; mean / max")
     print("| q_mag | V spread | " + " | ".join(paths) + " |")
