@@ -9,6 +9,7 @@
 # ENV_A / ENV_B: space-separated NAME=VALUE words ("" for none).  Two
 # modules: ENV_B "RESA_CUDA_MODULE=$PWD/OTHER/cuda/libresa-cuda.so.0" (it
 # overrides BUILD's module for side B; docs/performance.md's V-release A/B).
+# RESA_AB_ENV_C: a third side, C, in each round after B (same form).
 set -uo pipefail
 build=$1 rounds=$2 env_a=$3 env_b=$4
 shift 4
@@ -16,8 +17,8 @@ export RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0
 export LD_LIBRARY_PATH=$PWD/$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 header=""
 for r in $(seq 1 "$rounds"); do
-  for side in A B; do
-    e=$env_a; [ $side = B ] && e=$env_b
+  for side in A B ${RESA_AB_ENV_C+C}; do
+    e=$env_a; [ $side = B ] && e=$env_b; [ $side = C ] && e=$RESA_AB_ENV_C
     rows=$(env $e "$build/tools/resa-bench" --backend cuda --csv "$@" 2>/dev/null)
     [ -z "$header" ] && header=1 && echo "round,side,env,$(head -1 <<<"$rows")"
     tail -n +2 <<<"$rows" | sed "s|^|$r,$side,${e:-(none)},|"

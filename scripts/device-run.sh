@@ -531,16 +531,22 @@ if [[ $phases == *fp8check* ]]; then
 fi
 if [[ $phases == *kf8ab* ]]; then
   # the fp8 cache's rectification with QK^T on fp8 MMAs (KF8, the default at
-  # d 128) against the f16 MMAs it replaces (RESA_CUDA_NO_KF8=1), one module,
-  # sides alternated round by round (bench/ab_env.sh), f queries at 8 x 256K
-  # and batch 1; the bf16 cache (code unchanged) as the control
-  say "fp8 rectification: KF8 (B) against RESA_CUDA_NO_KF8=1 (A)"
+  # d 128, side C) against the f16 MMAs it replaces (RESA_CUDA_NO_KF8=1, side
+  # B), one module, and against main's module (side A: .pre-main/ holds it,
+  # as libresa-cuda.so.0.xz or .so.0), sides alternated round by round
+  # (bench/ab_env.sh), f queries at 8 x 256K and batch 1; the bf16 cache
+  # (code unchanged) as the control
+  say "fp8 rectification: main's module (A), RESA_CUDA_NO_KF8=1 (B), KF8 (C)"
+  [ -f .pre-main/libresa-cuda.so.0.xz ] && xz -dkf .pre-main/libresa-cuda.so.0.xz
+  export RESA_AB_ENV_C=""
+  A="RESA_CUDA_MODULE=$PWD/.pre-main/libresa-cuda.so.0"
+  [ -f .pre-main/libresa-cuda.so.0 ] || A="RESA_CUDA_NO_KF8=1"
   ab() { bash bench/ab_env.sh $build "$@"; }
-  { ab 3 "RESA_CUDA_NO_KF8=1" "" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
-    ab 2 "RESA_CUDA_NO_KF8=1" "" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
-    ab 2 "RESA_CUDA_NO_KF8=1" "" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
-    ab 1 "" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype io | tail -n +2
-  } | tee "$OUT/kf8-ab.csv" | cut -d, -f1-5,13,24,25
+  { ab 3 "$A" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
+    ab 2 "$A" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+    ab 2 "$A" "RESA_CUDA_NO_KF8=1" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+    RESA_AB_ENV_C="RESA_CUDA_NO_KF8=1" ab 1 "$A" "" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype io | tail -n +2
+  } | tee "$OUT/kf8-ab.csv" | cut -d, -f1-2,4-5,13,24,25
 fi
 if [[ $phases == *suitebg* ]]; then
   # scripts/gpu-tests.sh (the GPU tests without meson or a sanitizer) on a
