@@ -10,6 +10,7 @@
 # modules: ENV_B "RESA_CUDA_MODULE=$PWD/OTHER/cuda/libresa-cuda.so.0" (it
 # overrides BUILD's module for side B; docs/performance.md's V-release A/B).
 # RESA_AB_ENV_C: a third side, C, in each round after B (same form).
+# RESA_AB_TIMEOUT: seconds a resa-bench run may take (default: no limit).
 set -uo pipefail
 build=$1 rounds=$2 env_a=$3 env_b=$4
 shift 4
@@ -19,7 +20,7 @@ header=""
 for r in $(seq 1 "$rounds"); do
   for side in A B ${RESA_AB_ENV_C+C}; do
     e=$env_a; [ $side = B ] && e=$env_b; [ $side = C ] && e=$RESA_AB_ENV_C
-    rows=$(env $e "$build/tools/resa-bench" --backend cuda --csv "$@" 2>/dev/null)
+    rows=$(env $e timeout ${RESA_AB_TIMEOUT:-0} "$build/tools/resa-bench" --backend cuda --csv "$@" 2>/dev/null)
     [ -z "$header" ] && header=1 && echo "round,side,env,$(head -1 <<<"$rows")"
     tail -n +2 <<<"$rows" | sed "s|^|$r,$side,${e:-(none)},|"
   done

@@ -542,11 +542,18 @@ if [[ $phases == *kf8ab* ]]; then
   A="RESA_CUDA_MODULE=$PWD/.pre-main/libresa-cuda.so.0"
   [ -f .pre-main/libresa-cuda.so.0 ] || A="RESA_CUDA_NO_KF8=1"
   ab() { bash bench/ab_env.sh $build "$@"; }
+  # a first KF8 run alone, under a limit: a new kernel that hangs costs a minute, not the call
+  if ! RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0 timeout 60 $build/tools/resa-bench --backend cuda \
+       --batch 1 --contexts 32768 --modes rectify --interval 32 --kv-dtype fp8 --reps 3 --csv; then
+    echo "kf8ab: the KF8 smoke run failed or hung; no A/B"
+  else
+  export RESA_AB_TIMEOUT=${RESA_AB_TIMEOUT:-90}
   { ab 3 "$A" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
     ab 2 "$A" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
     ab 2 "$A" "RESA_CUDA_NO_KF8=1" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
     RESA_AB_ENV_C="RESA_CUDA_NO_KF8=1" ab 1 "$A" "" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype io | tail -n +2
   } | tee "$OUT/kf8-ab.csv" | cut -d, -f1-2,4-5,13,24,25
+  fi
 fi
 if [[ $phases == *suitebg* ]]; then
   # scripts/gpu-tests.sh (the GPU tests without meson or a sanitizer) on a
