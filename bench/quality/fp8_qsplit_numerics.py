@@ -26,7 +26,7 @@ sees, of:
   acc14  split, with each fp8 product's dot rounded to 14 significant bits
          (Hopper's fp8 MMA accumulates with fewer bits than fp32; 14 is the
          figure DeepSeek-V3's report gives; pessimistic for one k-step chain)
-  sh2, sh3  what kernel v18 (KF8) runs: two (bf16 q) or three (f16 q) e4m3
+  sh2, sh3  what branch f8-qk-e4m3 (KF8) runs: two (bf16 q) or three (f16 q) e4m3
          parts under ONE power of two a row, 2^E with the row's largest |q|
          in [2^7, 2^8), so that every part accumulates into the same S (one
          accumulator, no per-part scale); each 32-wide k-step's sum (one
@@ -101,7 +101,7 @@ def trial(rng, n, d, spread, q_mag):
     out["hi"] = attend(scale * f32(dot_h) * sh[0, 0] * ks[:, 0], vd)
     s_acc = (round_bits(dot_h, 14) * sh[0, 0] + round_bits(dot_l, 14) * sl[0, 0]) * ks[:, 0]
     out["acc14"] = attend(scale * s_acc, vd)
-    # kernel v18: parts under one shared power of two, one accumulator
+    # KF8: parts under one shared power of two, one accumulator
     e = np.floor(np.log2(np.abs(q).max())) - 7
     parts, r = [], q * 2.0**-e
     for _ in range(3):
