@@ -374,6 +374,22 @@ template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w)
         return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
 }
 
+// amax and the two T values of word w, the largest magnitude (fmaxf drops a
+// NaN: a NaN row keeps its exponent from its other values)
+template <typename T> __device__ __forceinline__ float amax_word(float amax, uint32_t w)
+{
+    const float2 f = unpack2<T>(w);
+    return fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+}
+// F8: the power of two 2^-e that puts a Q row's largest |q| in [2^top,
+// 2^(top+1)); the row's halves are held by lanes l and l ^ 1, amax each;
+// e = 0 for a zero or non-finite row
+__device__ __forceinline__ int q_row_exp(float amax, int top)
+{
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    return amax > 0.f && amax <= FLT_MAX ? max(-100, ilogbf(amax) - top) : 0;
+}
+
 // two consecutive fp32 values of shared memory at addr (8-byte aligned)
 __device__ __forceinline__ float2 lds_f32x2(uint32_t addr)
 {
@@ -463,16 +479,17 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                : (u & 1)        ? kt_begin + (u + 1) / 2
                                 : kt_begin + u / 2 - (u > 0);
     };
-    // unit u's bytes and scales into raw unit `slot`, completing on its barrier
-    auto issue = [&](int kt, bool is_v, int slot, int32_t pg) {
-        const uint32_t dst = sR0 + slot * RAW_BYTES, dsc = dst + HBN * HD;
-        const uint32_t full = rfull + 8 * slot;
+    // K's or V's tile kt: its bytes to dst, [HBN][HD] (swizzled: in wgmma's
+    // 128-byte swizzle, KF8's K slots, whose TMA map swizzles; else plain
+    // rows, a raw unit), its scales to dsc, completing on `full`
+    auto copy_tile = [&](int kt, bool is_v, uint32_t dst, uint32_t dsc, uint32_t full, int32_t pg,
+                         auto swizzled) { // std::bool_constant
         const unsigned char *pool = static_cast<const unsigned char *>(is_v ? p.v : p.k);
         const float *scl = is_v ? p.vscale : p.kscale;
         const int64_t kb = (int64_t)kt * HBN;
         if (by_tma(kt)) { // a full tile
             if (tid == 0)
-                mbar_arrive_expect_tx(full, RAW_BYTES);
+                mbar_arrive_expect_tx(full, RAW_BYTES); // bytes and scales
             __syncwarp();
             if (tma_lane) {
                 const int64_t pos = kb + lane * tma_rows;
@@ -491,7 +508,8 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                 const bool ok = pos < kend;
                 const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPR);
                 const size_t off = pool_row(p, page, kvh, pos) * HD + c * 16;
-                cp_async16(dst + key * HD + c * 16, ok ? pool + off : pool, ok ? 16 : 0);
+                cp_async16(dst + (decltype(swizzled)::value ? sw128(key, c, HBN) : key * HD + c * 16),
+                           ok ? pool + off : pool, ok ? 16 : 0);
             }
             if (kl_ok) {
                 const int64_t pos = kb + kl;
@@ -501,6 +519,11 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
             }
             cp_async_arrive(full);
         }
+    };
+    // tile kt of K or V into raw unit `slot`, completing on its barrier
+    auto issue = [&](int kt, bool is_v, int slot, int32_t pg) {
+        const uint32_t dst = sR0 + slot * RAW_BYTES;
+        copy_tile(kt, is_v, dst, dst + HBN * HD, rfull + 8 * slot, pg, std::false_type{});
     };
     // raw unit at src -> f16 slot at dst (swizzled as wgmma reads it), each
     // value the e4m3 byte's own (cvt.rn.f16x2.e4m3x2: exact, one instruction
@@ -593,41 +616,8 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
         // TMA boxes of tma_rows keys through the swizzled map, or cp.async
         // with zero fill past kend) with its scales, completing on kfull[slot]
         auto issue_k = [&](int kt, int slot, int32_t pg) {
-            const uint32_t dst = sK0 + slot * K8_BYTES, dsc = sKS0 + slot * HBN * 4;
-            const uint32_t full = kfull + 8 * slot;
-            const unsigned char *pool = static_cast<const unsigned char *>(p.k);
-            const int64_t kb = (int64_t)kt * HBN;
-            if (by_tma(kt)) {
-                if (tid == 0)
-                    mbar_arrive_expect_tx(full, HBN * (HD + 4));
-                __syncwarp();
-                if (tma_lane) {
-                    const int64_t pos = kb + lane * tma_rows;
-                    const int row = (int)(((int64_t)pg * p.hkv + kvh) * p.b + (pos & (p.b - 1)));
-                    tma_load_2d(dst + lane * tma_rows * HD, tmk, 0, row, full);
-                    bulk_load(dsc + lane * tma_rows * 4, p.kscale + row, tma_rows * 4, full);
-                }
-                if (tid != 0)
-                    mbar_arrive(full);
-            } else {
-                const int c = tid % CPR, key0 = tid / CPR;
-#pragma unroll 4
-                for (int i = 0; i < HBN / KPP; i++) {
-                    const int key = key0 + KPP * i;
-                    const int64_t pos = kb + key;
-                    const bool ok = pos < kend;
-                    const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPR);
-                    const size_t off = pool_row(p, page, kvh, pos) * HD + c * 16;
-                    cp_async16(dst + sw128(key, c, HBN), ok ? pool + off : pool, ok ? 16 : 0);
-                }
-                if (kl_ok) {
-                    const int64_t pos = kb + kl;
-                    const bool ok = pos < kend;
-                    const size_t off = ((size_t)pg * p.hkv + kvh) * p.b + (size_t)(pos & (p.b - 1));
-                    cp_async4(dsc + kl * 4, ok ? p.kscale + off : p.kscale, ok ? 4 : 0);
-                }
-                cp_async_arrive(full);
-            }
+            copy_tile(kt, false, sK0 + slot * K8_BYTES, sKS0 + slot * HBN * 4, kfull + 8 * slot, pg,
+                      std::true_type{});
         };
         const int nt = kt_end - kt_begin;
         issue_k(kt_begin, 0, page_of(kt_begin)); // first: S_b waits for it; slot 0 is free
@@ -1049,16 +1039,10 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                          : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
                          : "r"(sQ + sw128(r, c, BM))
                          : "memory");
-            const uint32_t wv[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = unpack2<T>(wv[j]);
-                amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-            }
+            amax = amax_word<T>(amax_word<T>(amax, x.x), x.y);
+            amax = amax_word<T>(amax_word<T>(amax, x.z), x.w);
         }
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        // (fmaxf drops a NaN: a NaN row keeps its exponent from its other values)
-        const int e = amax > 0.f && amax <= FLT_MAX ? max(-100, ilogbf(amax) - 14) : 0;
+        const int e = q_row_exp(amax, 14);
         const float f = __int_as_float((127 - e) << 23); // 2^-e
 #pragma unroll 4
         for (int c = c0q; c < c0q + HALF; c++) {
@@ -1117,12 +1101,9 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                          : "memory");
         float amax = 0.f;
 #pragma unroll
-        for (int j = 0; j < 32; j++) {
-            const float2 f = unpack2<T>(wv[j]);
-            amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-        }
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        const int e = amax > 0.f && amax <= FLT_MAX ? max(-100, ilogbf(amax) - 7) : 0;
+        for (int j = 0; j < 32; j++)
+            amax = amax_word<T>(amax, wv[j]);
+        const int e = q_row_exp(amax, 7);
         const float f = __int_as_float((127 - e) << 23); // 2^-e
         __syncwarp(); // the row's partner has read what this thread overwrites
 #pragma unroll
