@@ -548,7 +548,8 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
         // and a lone producer warp per scheduler has nothing else to hide the
         // latency.  4 (was 2): the ablation of 2026-12-07 put 4 of fp8
         // rectification's 14.4 ms at 8 x 256K in this conversion
-        // (docs/performance.md); 8 spills under the producer's 56 registers
+        // (docs/performance.md); eight passes a group spill under the
+        // producer's 56 registers
         static_assert(PASSES % CONV_PASSES == 0, "passes in groups");
 #pragma unroll 1
         for (int i = 0; i < PASSES; i += CONV_PASSES) {
