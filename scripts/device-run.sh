@@ -492,7 +492,8 @@ if [[ $phases == *fp8check* ]]; then
   # the fp8 cache's GPU tests alone, all at once, for a change to its kernels
   # (kernel v17, 2026-12-07: ~130 s on an H100): check_cuda's fp8 dense test
   # (TMA and cp.async producers), V-outlier test, mixed batch and decode cases
-  # (QUICK), check_nonfinite's rectification test; then, with
+  # (QUICK), check_nonfinite's rectification test, the fp8 dense and rectification
+  # tests again with RESA_CUDA_NO_KF8=1; then, with
   # RESA_FP8CHECK_TOOLS="racecheck synccheck ...", each tool over the fp8 dense
   # test with either producer in 4 shards (sanitize-shards.sh).  A line a run in $OUT/fp8check.txt, the logs in
   # fp8check.tgz; RESA_FP8CHECK_TIMEOUT (s a run, default 240)
@@ -512,6 +513,10 @@ if [[ $phases == *fp8check* ]]; then
   fp8_run v_outlier RESA_TEST_ONLY=test_cuda_fp8_v_outlier $T $build/tests/check_cuda
   fp8_run v_outlier_cp_async RESA_CUDA_NO_TMA=1 RESA_TEST_ONLY=test_cuda_fp8_v_outlier $T $build/tests/check_cuda
   fp8_run mixed_batch RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_mixed_batch $T $build/tests/check_cuda
+  # the f16-MMA path the KF8 kernel replaces at d 128 (RESA_CUDA_NO_KF8=1): its fp8 dense
+  # and non-finite rectification tests too (d 256 takes that path by default)
+  fp8_run fp8_dense_no_kf8 RESA_CUDA_NO_KF8=1 RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_fp8_dense $T $build/tests/check_cuda
+  fp8_run nonfinite_rectify_no_kf8 RESA_CUDA_NO_KF8=1 RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_rectify $T $build/tests/check_nonfinite cuda
   for k in 0 1 2 3; do
     fp8_run decode-$k RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_decode RESA_TEST_SHARD=$k/4 $T $build/tests/check_cuda
     fp8_run nonfinite_rectify-$k RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_rectify RESA_TEST_SHARD=$k/4 $T $build/tests/check_nonfinite cuda
