@@ -15,7 +15,8 @@ of the blocks, the bytes of reading the candidates' keys and the chosen blocks' 
 Selection follows docs/API.md (blocks of b aligned to position 0, min/max summaries,
 pooled group query, budget n = max(ceil(r*M), min(M, n_min)), forced local and sink
 blocks), with levers that libresa may not have: per-layer r, an oracle score (true
-attention mass: the upper bound of any score at that n).  Use it to choose which lever
+attention mass: the upper bound of any score at that n), block summaries in other
+formats ("summary": exact, fp8 (libresa's), e2m1, int4, int4s; SUMMARY_FORMATS).  Use it to choose which lever
 to build; measure what ships with resa-eval through libresa.
 
   bench/quality/sparse_sim.py --text austen-persuasion --tokens 8192 --start 1024 \
@@ -33,7 +34,63 @@ import torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0] + "/bindings/python")
 from resa.eval import data  # noqa: E402
 
-DEFAULTS = dict(mode="floor", b=16, r=0.1, nmin=16, local=1, sink=0, score="pooled")
+DEFAULTS = dict(mode="floor", b=16, r=0.1, nmin=16, local=1, sink=0, score="pooled",
+                summary="exact")
+
+
+def _e4m3_grid():
+    sub = [k * 2.0 ** -9 for k in range(8)]
+    return sub + [(8 + m) * 2.0 ** (e - 10) for e in range(1, 16) for m in range(8)][:-1]
+
+
+# Block summary formats (min/max scored from their outward rounding): the
+# non-negative magnitudes a code holds, the largest of them (a block's scale
+# puts its largest |key| at or below it), whether that scale is a power of two
+# (one exponent byte) or any (counted as 2 bytes, an fp16; the simulation keeps
+# it in fp32), and bits a value.  "fp8" is libresa's RESA_SUMMARY_FP8_E4M3
+# (lib/summary_fp8.h): its bounds equal that codec's, checked on 400 random
+# blocks over scales 2^-20 .. 2^20 (2026-12-07).
+SUMMARY_FORMATS = {
+    "fp8": (_e4m3_grid(), 448.0, True, 8),
+    "e2m1": ([0, 0.5, 1, 1.5, 2, 3, 4, 6], 6.0, True, 4),   # OCP fp4
+    "int4": (list(range(8)), 7.0, True, 4),                   # sign and 3-bit magnitude
+    "int4s": (list(range(8)), 7.0, False, 4),                 # the same, scale amax / 7
+}
+
+
+def summary_bytes(fmt, d):
+    """Bytes of one block's summary (kmin and kmax) for one KV head."""
+    if fmt == "exact":
+        return 2 * d * 2  # a 16-bit cache's summaries
+    _, _, pow2, bits = SUMMARY_FORMATS[fmt]
+    return 2 * d * bits // 8 + (1 if pow2 else 2)
+
+
+def round_summary(kmin, kmax, fmt):
+    """kmin, kmax [..., d] rounded outward (kmin down, kmax up) to fmt's grid
+    under one scale per block (the last dimension): the box only grows, as
+    libresa's fp8 summaries (lib/summary_fp8.h) keep the score an upper bound."""
+    if fmt == "exact":
+        return kmin, kmax
+    grid, top, pow2, _ = SUMMARY_FORMATS[fmt]
+    g = torch.tensor(grid, dtype=torch.float64, device=kmin.device)
+    amax = torch.maximum(kmin.abs(), kmax.abs()).amax(-1, keepdim=True).double()
+    if pow2:  # the smallest 2^s with amax 2^-s <= top
+        sc = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=1e-30) / top)))
+        sc = torch.where(amax / sc > top, sc * 2, sc)
+    else:
+        sc = amax.clamp(min=1e-30) / top
+
+    def up(a):  # smallest grid value >= a (a >= 0)
+        return g[torch.searchsorted(g, a.contiguous()).clamp(max=len(grid) - 1)]
+
+    def down(a):  # largest grid value <= a (a >= 0)
+        return g[(torch.searchsorted(g, a.contiguous(), right=True) - 1).clamp(min=0)]
+
+    lo, hi = kmin.double() / sc, kmax.double() / sc
+    lo = torch.where(lo >= 0, down(lo.clamp(min=0)), -up((-lo).clamp(min=0)))
+    hi = torch.where(hi >= 0, up(hi.clamp(min=0)), -down((-hi).clamp(min=0)))
+    return (lo * sc).to(kmin.dtype), (hi * sc).to(kmax.dtype)
 
 
 class Sim:
@@ -97,6 +154,7 @@ class Sim:
         else:
             kmax = F.pad(k, (0, 0, 0, pad), value=-1e30).view(hkv, m, b, d).amax(2)
             kmin = F.pad(k, (0, 0, 0, pad), value=1e30).view(hkv, m, b, d).amin(2)
+            kmin, kmax = round_summary(kmin, kmax, cfg["summary"])
             # a block's summary at decode time covers its keys up to the query; only
             # the query's own block is partial, and it is always forced
             # bound = q.mid + sum |q| * half-width; alpha scales the width term
@@ -220,15 +278,20 @@ def main(argv=None):
     AttentionInterface.register("resa_sim", sim.attention)
     model.config._attn_implementation = "resa_sim"
     variants = json.loads(a.variants)
-    print("| text | variant | attended share | NLL | vs dense | KL(dense‖v) | top-1 agree |")
-    print("|---|---|---|---|---|---|---|")
+    cf = model.config
+    hd = getattr(cf, "head_dim", None) or cf.hidden_size // cf.num_attention_heads
+    # a step's bytes against a dense step's over an fp8 cache (d + 4 bytes a token
+    # and head for K and for V, as libresa stores it): the attended share plus
+    # the summaries, which every step reads whole
+    print("| text | variant | attended share | + summaries (fp8 cache) | NLL | vs dense | KL(dense‖v) | top-1 agree |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in a.text or list(data.DEFAULT_TEXTS):
         ids = torch.tensor([data.load_tokens(tok, name, a.tokens)], device=a.device)
         tgt = ids[0, 1:][a.start:]
         dense, _ = sim.run(ids, dict(DEFAULTS, mode="capture"))
         dense = dense[a.start:]
         nll_d = -dense.gather(1, tgt[:, None]).mean().item()
-        print(f"| {data.text_name(name)} | dense | 1.000 | {nll_d:.4f} | | | |", flush=True)
+        print(f"| {data.text_name(name)} | dense | 1.000 | 1.000 | {nll_d:.4f} | | | |", flush=True)
         for v in variants:
             cfg = dict(DEFAULTS, **v)
             t = time.time()
@@ -237,7 +300,9 @@ def main(argv=None):
             nll = -lp.gather(1, tgt[:, None]).mean().item()
             kl = (dense.exp() * (dense - lp)).sum(-1).mean().item()
             agree = (dense.argmax(-1) == lp.argmax(-1)).float().mean().item()
-            print(f"| {data.text_name(name)} | {json.dumps(v)} | {share:.3f} | {nll:.4f} | "
+            traffic = share + (summary_bytes(cfg["summary"], hd) / (2 * cfg["b"] * (hd + 4))
+                               if cfg["mode"] in ("sparse", "floor") and cfg["score"] == "pooled" else 0)
+            print(f"| {data.text_name(name)} | {json.dumps(v)} | {share:.3f} | {traffic:.3f} | {nll:.4f} | "
                   f"{100 * (nll / nll_d - 1):+.2f}% | {kl:.4f} | {agree:.3f} |", flush=True)
             print(f"  ({time.time() - t:.1f} s)", file=sys.stderr)
 
