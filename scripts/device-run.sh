@@ -555,9 +555,15 @@ if [[ $phases == *kf8ab* ]]; then
   export RESA_AB_TIMEOUT=${RESA_AB_TIMEOUT:-90}
   # RESA_KF8AB_ROUNDS: rounds of the four measurements (default "3 2 2 1"; 0 skips one)
   read -r n1 n2 n3 n4 <<<"${RESA_KF8AB_ROUNDS:-3 2 2 1}"
-  { [ "$n1" -gt 0 ] && ab $n1 "$A" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
-    [ "$n2" -gt 0 ] && ab $n2 "$A" "RESA_CUDA_NO_KF8=1" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
-    [ "$n3" -gt 0 ] && ab $n3 "$A" "RESA_CUDA_NO_KF8=1" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+  # RESA_KF8AB_B: side B's environment instead of RESA_CUDA_NO_KF8=1, e.g. a
+  # variant module carried as DIR/libresa-cuda.so.0.xz: RESA_KF8AB_B=DIR
+  B=${RESA_KF8AB_B:-RESA_CUDA_NO_KF8=1}
+  if [ -f "$B/libresa-cuda.so.0.xz" ]; then
+    xz -dkf "$B/libresa-cuda.so.0.xz"; B="RESA_CUDA_MODULE=$PWD/$B/libresa-cuda.so.0"
+  fi
+  { [ "$n1" -gt 0 ] && ab $n1 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
+    [ "$n2" -gt 0 ] && ab $n2 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+    [ "$n3" -gt 0 ] && ab $n3 "$A" "$B" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
     [ "$n4" -gt 0 ] && RESA_AB_ENV_C="RESA_CUDA_NO_KF8=1" ab $n4 "$A" "" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype io | tail -n +2
   } | tee "$OUT/kf8-ab.csv" | cut -d, -f1-2,4-5,13,24,25
   fi
