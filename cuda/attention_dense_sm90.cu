@@ -567,42 +567,26 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                              : "r"(src + s_off + (ii / HALVES) * 64)
                              : "memory");
             }
-            // a whole token's row is NaN where its scale is not finite (rare):
-            // checked once for the group by the warp, so that the usual pass
-            // has no per-value select (8 predicated moves a pass in v17's SASS)
-            bool finite[CONV_PASSES], all_finite = true;
 #pragma unroll
             for (int h = 0; h < CONV_PASSES; h++) {
-                finite[h] = fabsf(sc[h]) <= FLT_MAX;
-                all_finite = all_finite && finite[h];
+                const int ii = i + h;
+                const bool finite = fabsf(sc[h]) <= FLT_MAX;
+                uint4 lo = fp8x8_to_half(make_uint2(r[h].x, r[h].y));
+                uint4 hi = fp8x8_to_half(make_uint2(r[h].z, r[h].w));
+                if (!finite) // rare: the token's whole vector
+                    lo = hi = make_uint4(0x7e007e00u, 0x7e007e00u, 0x7e007e00u, 0x7e007e00u);
+                const uint32_t at = dst + (ii / HALVES) * 16 * 128 + (ii % HALVES) * 2 * HBN * 128;
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w0),
+                             "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
+                             : "memory");
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w1),
+                             "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
+                             : "memory");
+                if (cj == 0 && ii % HALVES == 0)
+                    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dsc + (rb + 16 * (ii / HALVES)) * 4),
+                                 "f"(finite ? sc[h] : 0.f)
+                                 : "memory");
             }
-            auto passes = [&](auto checked) {
-#pragma unroll
-                for (int h = 0; h < CONV_PASSES; h++) {
-                    const int ii = i + h;
-                    uint4 lo = fp8x8_to_half(make_uint2(r[h].x, r[h].y));
-                    uint4 hi = fp8x8_to_half(make_uint2(r[h].z, r[h].w));
-                    if constexpr (decltype(checked)::value) {
-                        if (!finite[h])
-                            lo = hi = make_uint4(0x7e007e00u, 0x7e007e00u, 0x7e007e00u, 0x7e007e00u);
-                    }
-                    const uint32_t at = dst + (ii / HALVES) * 16 * 128 + (ii % HALVES) * 2 * HBN * 128;
-                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w0),
-                                 "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
-                                 : "memory");
-                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w1),
-                                 "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
-                                 : "memory");
-                    if (cj == 0 && ii % HALVES == 0)
-                        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dsc + (rb + 16 * (ii / HALVES)) * 4),
-                                     "f"(finite[h] ? sc[h] : 0.f)
-                                     : "memory");
-                }
-            };
-            if (__all_sync(0xffffffffu, all_finite))
-                passes(std::false_type{});
-            else
-                passes(std::true_type{});
         }
     };
 
