@@ -115,7 +115,26 @@ template <int HD, bool F8 = false> constexpr size_t smem_bytes() // + alignment 
            (size_t)(wg_cfg<HD, F8>::KSTAGES + wg_cfg<HD, F8>::VSTAGES) * kv_bytes<HD>() +
            (size_t)wg_cfg<HD, F8>::RAW * raw_bytes<HD>() + scale_bytes<HD, F8>();
 }
+// KF8 (F8 at d 128, QK^T on fp8 MMAs): Q as NP e4m3 parts under one power of
+// two a row (2 for bf16 queries, whose 8 significant bits two 4-bit parts hold;
+// 3 for f16's 11), [BM][128] bytes each in the 128-byte swizzle, where the
+// 16-bit Q lands first (32 KB: NP x 16 KB >= it); K slots of e4m3 bytes as the
+// cache holds them ([BN][128], the swizzle from TMA); V as F8.
+template <typename T> __host__ __device__ constexpr int kf8_parts()
+{
+    return std::is_same<T, __half>::value ? 3 : 2;
+}
+template <typename T> constexpr size_t smem_bytes_kf8()
+{
+    using cfg = wg_cfg<128, true>;
+    return 1024 + (size_t)kf8_parts<T>() * BM * 128 +
+           (size_t)cfg::KSTAGES * cfg::BN * 128 + (size_t)cfg::VSTAGES * kv_bytes<128>() +
+           (size_t)cfg::RAW * raw_bytes<128>() + scale_bytes<128, true>();
+}
 static_assert(smem_bytes<128>() <= 227 * 1024 && smem_bytes<256>() <= 227 * 1024, "smem");
+static_assert(smem_bytes_kf8<__half>() <= 227 * 1024 - 384 &&
+                  kf8_parts<__nv_bfloat16>() * BM * 128 >= q_bytes<128>(),
+              "smem (KF8)");
 // F8: with 384 bytes left for the static shared variables (bars: 12 x 8
 // bytes, tref, first_bad_v, q_exp: 128 bytes); d 256 is 226.5 KB
 static_assert(smem_bytes<128, true>() <= 227 * 1024 - 384 &&
@@ -142,6 +161,10 @@ static_assert((wg_cfg<128>::SPLIT || wg_cfg<128>::KSTAGES == wg_cfg<128>::VSTAGE
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232; // 128 * 40 + 256 * 232 <= 65536
 // F8: the producer also converts; 128 * 56 + 256 * 224 = 384 * 168
 constexpr int PRODUCER_REGS_F8 = 56, CONSUMER_REGS_F8 = 224;
+// KF8: its producer also issues K's copies (56: 36 bytes spilled; 64 / 216: 8,
+// 4 of them in the consumers; 64 / 224 does not fit);
+// 128 * 64 + 256 * 216 <= 384 * 168
+constexpr int PRODUCER_REGS_KF8 = 64, CONSUMER_REGS_KF8 = 216;
 
 // Byte offset of (row, 16-byte chunk 0..HD/8-1) in a swizzled [rows][HD] tile
 // (HD / 64 column blocks of [rows][64], 128-byte rows).
@@ -331,6 +354,17 @@ __device__ __forceinline__ void wgmma_rs(float *d, const uint32_t *a, uint64_t d
     }
 }
 
+// KF8: d (m64n128, fp32) = A B or d + A B, A m64k32 and B k32n128 e4m3, both
+// K-major in shared memory (fp8 wgmma has no transposed form).
+__device__ __forceinline__ void wgmma_ss_e4m3(float *d, uint64_t da, uint64_t db, int scale_d)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " RESA_ACC64
+                 ", %64, %65, p, 1, 1;\n}\n"
+                 : RESA_F64(d)
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+
 // a word of two T values, low half first, to fp32
 template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w)
 {
@@ -338,6 +372,22 @@ template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w)
         return __half22float2(*reinterpret_cast<const __half2 *>(&w));
     else
         return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+
+// amax and the two T values of word w, the largest magnitude (fmaxf drops a
+// NaN: a NaN row keeps its exponent from its other values)
+template <typename T> __device__ __forceinline__ float amax_word(float amax, uint32_t w)
+{
+    const float2 f = unpack2<T>(w);
+    return fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+}
+// F8: the power of two 2^-e that puts a Q row's largest |q| in [2^top,
+// 2^(top+1)); the row's halves are held by lanes l and l ^ 1, amax each;
+// e = 0 for a zero or non-finite row
+__device__ __forceinline__ int q_row_exp(float amax, int top)
+{
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    return amax > 0.f && amax <= FLT_MAX ? max(-100, ilogbf(amax) - top) : 0;
 }
 
 // two consecutive fp32 values of shared memory at addr (8-byte aligned)
@@ -386,7 +436,7 @@ __device__ __forceinline__ float2 lds_f32x2(uint32_t addr)
 // raw loads hit 8 bank groups (chunks 0-3 of one row, 4-7 of the other) and
 // so do its 8 f16 stores (the rows' parities differ, which puts their chunks
 // 2c and 2c + 1 of the 128-byte swizzle on complementary bank groups).
-template <typename T, int HD>
+template <typename T, int HD, bool KF8>
 __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_item &w, int kvh,
                                             int tma_rows, const CUtensorMap *tmk,
                                             const CUtensorMap *tmv, uint32_t sK0, uint32_t sV0,
@@ -429,18 +479,17 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                : (u & 1)        ? kt_begin + (u + 1) / 2
                                 : kt_begin + u / 2 - (u > 0);
     };
-    // unit u's bytes and scales into raw unit `slot`, completing on its barrier
-    auto issue = [&](int u, int slot, int32_t pg) {
-        const int kt = tile_of(u);
-        const bool is_v = is_v_of(u);
-        const uint32_t dst = sR0 + slot * RAW_BYTES, dsc = dst + HBN * HD;
-        const uint32_t full = rfull + 8 * slot;
+    // K's or V's tile kt: its bytes to dst, [HBN][HD] (swizzled: in wgmma's
+    // 128-byte swizzle, KF8's K slots, whose TMA map swizzles; else plain
+    // rows, a raw unit), its scales to dsc, completing on `full`
+    auto copy_tile = [&](int kt, bool is_v, uint32_t dst, uint32_t dsc, uint32_t full, int32_t pg,
+                         auto swizzled) { // std::bool_constant
         const unsigned char *pool = static_cast<const unsigned char *>(is_v ? p.v : p.k);
         const float *scl = is_v ? p.vscale : p.kscale;
         const int64_t kb = (int64_t)kt * HBN;
         if (by_tma(kt)) { // a full tile
             if (tid == 0)
-                mbar_arrive_expect_tx(full, RAW_BYTES);
+                mbar_arrive_expect_tx(full, RAW_BYTES); // bytes and scales
             __syncwarp();
             if (tma_lane) {
                 const int64_t pos = kb + lane * tma_rows;
@@ -459,7 +508,8 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                 const bool ok = pos < kend;
                 const int32_t page = __shfl_sync(0xffffffffu, pg, KW * i + lane / CPR);
                 const size_t off = pool_row(p, page, kvh, pos) * HD + c * 16;
-                cp_async16(dst + key * HD + c * 16, ok ? pool + off : pool, ok ? 16 : 0);
+                cp_async16(dst + (decltype(swizzled)::value ? sw128(key, c, HBN) : key * HD + c * 16),
+                           ok ? pool + off : pool, ok ? 16 : 0);
             }
             if (kl_ok) {
                 const int64_t pos = kb + kl;
@@ -469,6 +519,11 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
             }
             cp_async_arrive(full);
         }
+    };
+    // tile kt of K or V into raw unit `slot`, completing on its barrier
+    auto issue = [&](int kt, bool is_v, int slot, int32_t pg) {
+        const uint32_t dst = sR0 + slot * RAW_BYTES;
+        copy_tile(kt, is_v, dst, dst + HBN * HD, rfull + 8 * slot, pg, std::false_type{});
     };
     // raw unit at src -> f16 slot at dst (swizzled as wgmma reads it), each
     // value the e4m3 byte's own (cvt.rn.f16x2.e4m3x2: exact, one instruction
@@ -512,58 +567,117 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
                              : "r"(src + s_off + (ii / HALVES) * 64)
                              : "memory");
             }
+            // a whole token's row is NaN where its scale is not finite (rare):
+            // checked once for the group by the warp, so that the usual pass
+            // has no per-value select (8 predicated moves a pass in v17's SASS)
+            bool finite[CONV_PASSES], all_finite = true;
 #pragma unroll
             for (int h = 0; h < CONV_PASSES; h++) {
-                const int ii = i + h;
-                const bool finite = fabsf(sc[h]) <= FLT_MAX;
-                uint4 lo = fp8x8_to_half(make_uint2(r[h].x, r[h].y));
-                uint4 hi = fp8x8_to_half(make_uint2(r[h].z, r[h].w));
-                if (!finite) // rare: the token's whole vector
-                    lo = hi = make_uint4(0x7e007e00u, 0x7e007e00u, 0x7e007e00u, 0x7e007e00u);
-                const uint32_t at = dst + (ii / HALVES) * 16 * 128 + (ii % HALVES) * 2 * HBN * 128;
-                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w0),
-                             "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
-                             : "memory");
-                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w1),
-                             "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
-                             : "memory");
-                if (cj == 0 && ii % HALVES == 0)
-                    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dsc + (rb + 16 * (ii / HALVES)) * 4),
-                                 "f"(finite ? sc[h] : 0.f)
-                                 : "memory");
+                finite[h] = fabsf(sc[h]) <= FLT_MAX;
+                all_finite = all_finite && finite[h];
             }
+            auto passes = [&](auto checked) {
+#pragma unroll
+                for (int h = 0; h < CONV_PASSES; h++) {
+                    const int ii = i + h;
+                    uint4 lo = fp8x8_to_half(make_uint2(r[h].x, r[h].y));
+                    uint4 hi = fp8x8_to_half(make_uint2(r[h].z, r[h].w));
+                    if constexpr (decltype(checked)::value) {
+                        if (!finite[h])
+                            lo = hi = make_uint4(0x7e007e00u, 0x7e007e00u, 0x7e007e00u, 0x7e007e00u);
+                    }
+                    const uint32_t at = dst + (ii / HALVES) * 16 * 128 + (ii % HALVES) * 2 * HBN * 128;
+                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w0),
+                                 "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
+                                 : "memory");
+                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + w1),
+                                 "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w)
+                                 : "memory");
+                    if (cj == 0 && ii % HALVES == 0)
+                        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dsc + (rb + 16 * (ii / HALVES)) * 4),
+                                     "f"(finite[h] ? sc[h] : 0.f)
+                                     : "memory");
+                }
+            };
+            if (__all_sync(0xffffffffu, all_finite))
+                passes(std::false_type{});
+            else
+                passes(std::true_type{});
         }
     };
 
-    for (int u = 0; u < RU && u < n_units; u++)
-        issue(u, u, page_of(tile_of(u)));
-    // slots and phases from the unit (fewer live registers than counters):
-    // tile t of the split is the (t - kt_begin)-th of its ring
-    static_assert(KS == 2 && VS == 2, "slot = tile & 1");
-    for (int u = 0; u < n_units; u++) {
-        // the entry for the refill of this raw unit, looked up before the
-        // conversion hides its latency
-        const int nu = u + RU;
-        const int32_t pgn = nu < n_units ? page_of(tile_of(nu)) : 0;
-        const int t = tile_of(u) - kt_begin, slot = t & 1;
-        const uint32_t ph = (t >> 1) & 1;
-        const bool is_v = is_v_of(u);
-        const uint32_t empty = (is_v ? vempty : kempty) + 8 * slot;
-        const uint32_t full = (is_v ? vfull : kfull) + 8 * slot;
-        const uint32_t dst = (is_v ? sV0 : sK0) + slot * KV_BYTES;
-        mbar_wait(empty, ph ^ 1); // the first round passes at once
-        const int rs = u % RU;
-        mbar_wait(rfull + 8 * rs, (u / RU) & 1);
-        convert(sR0 + rs * RAW_BYTES, dst, (is_v ? sVS0 : sKS0) + slot * HBN * 4);
-        // our generic-proxy stores, before wgmma (the async proxy) reads the slot
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        mbar_arrive(full);
-        if (nu < n_units) {
-            asm volatile("bar.sync 2, 128;\n" ::: "memory"); // all 128 have read raw unit rs
-            issue(nu, rs, pgn);
+    if constexpr (KF8) {
+        // K tiles go from the cache straight into the K slots, as the bytes
+        // are (the consumers' QK^T runs on fp8 MMAs); V tiles through the raw
+        // units and the conversion, as above.  Order K_b, then K_{t+1}, V_t:
+        // a K slot frees a tile before a V slot does.
+        static_assert(HD == 128 && KS == 2 && VS == 2, "KF8: d 128, slot = tile & 1");
+        constexpr uint32_t K8_BYTES = HBN * HD; // one K slot, [HBN][128] e4m3 bytes
+        // K tile kt into K slot `slot` (128-byte swizzle, as wgmma reads it:
+        // TMA boxes of tma_rows keys through the swizzled map, or cp.async
+        // with zero fill past kend) with its scales, completing on kfull[slot]
+        auto issue_k = [&](int kt, int slot, int32_t pg) {
+            copy_tile(kt, false, sK0 + slot * K8_BYTES, sKS0 + slot * HBN * 4, kfull + 8 * slot, pg,
+                      std::true_type{});
+        };
+        const int nt = kt_end - kt_begin;
+        issue_k(kt_begin, 0, page_of(kt_begin)); // first: S_b waits for it; slot 0 is free
+        for (int i = 0; i < RU && i < nt; i++)
+            issue(kt_begin + i, true, i, page_of(kt_begin + i));
+        int32_t pgk = nt > 1 ? page_of(kt_begin + 1) : 0;
+        for (int t = 0; t < nt; t++) {
+            if (t + 1 < nt) { // K_{t+1} where K_{t-1} was (free once S_{t-1} is done)
+                const int ks = (t + 1) & 1;
+                mbar_wait(kempty + 8 * ks, (((t + 1) >> 1) & 1) ^ 1);
+                issue_k(kt_begin + t + 1, ks, pgk);
+                pgk = t + 2 < nt ? page_of(kt_begin + t + 2) : 0;
+            }
+            const int nu = t + RU;
+            const int32_t pgn = nu < nt ? page_of(kt_begin + nu) : 0;
+            const int slot = t & 1;
+            mbar_wait(vempty + 8 * slot, ((t >> 1) & 1) ^ 1);
+            const int rs = t % RU;
+            mbar_wait(rfull + 8 * rs, (t / RU) & 1);
+            convert(sR0 + rs * RAW_BYTES, sV0 + slot * KV_BYTES, sVS0 + slot * HBN * 4);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            mbar_arrive(vfull + 8 * slot);
+            if (nu < nt) {
+                asm volatile("bar.sync 2, 128;\n" ::: "memory"); // all 128 have read raw unit rs
+                issue(kt_begin + nu, true, rs, pgn);
+            }
         }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+    } else {
+        for (int u = 0; u < RU && u < n_units; u++)
+            issue(tile_of(u), is_v_of(u), u, page_of(tile_of(u)));
+        // slots and phases from the unit (fewer live registers than counters):
+        // tile t of the split is the (t - kt_begin)-th of its ring
+        static_assert(KS == 2 && VS == 2, "slot = tile & 1");
+        for (int u = 0; u < n_units; u++) {
+            // the entry for the refill of this raw unit, looked up before the
+            // conversion hides its latency
+            const int nu = u + RU;
+            const int32_t pgn = nu < n_units ? page_of(tile_of(nu)) : 0;
+            const int t = tile_of(u) - kt_begin, slot = t & 1;
+            const uint32_t ph = (t >> 1) & 1;
+            const bool is_v = is_v_of(u);
+            const uint32_t empty = (is_v ? vempty : kempty) + 8 * slot;
+            const uint32_t full = (is_v ? vfull : kfull) + 8 * slot;
+            const uint32_t dst = (is_v ? sV0 : sK0) + slot * KV_BYTES;
+            mbar_wait(empty, ph ^ 1); // the first round passes at once
+            const int rs = u % RU;
+            mbar_wait(rfull + 8 * rs, (u / RU) & 1);
+            convert(sR0 + rs * RAW_BYTES, dst, (is_v ? sVS0 : sKS0) + slot * HBN * 4);
+            // our generic-proxy stores, before wgmma (the async proxy) reads the slot
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            mbar_arrive(full);
+            if (nu < n_units) {
+                asm volatile("bar.sync 2, 128;\n" ::: "memory"); // all 128 have read raw unit rs
+                issue(tile_of(nu), is_v_of(nu), rs, pgn);
+            }
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
     }
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 #endif // RESA_SM90A_CODE
@@ -572,7 +686,9 @@ __device__ __forceinline__ void produce_fp8(const dense_params &p, const work_it
 // tmk / tmv: the layer's K and V pools as [rows][HD] tensors (unused at 0).
 // F8: the fp8 cache, K and V e4m3 bytes (p.k, p.v, the tensors) with the
 // scales p.kscale, p.vscale; the producer converts them (produce_fp8).
-template <typename T, int HD, bool F8>
+// KF8 (F8 at d 128 only): QK^T on fp8 MMAs, K unconverted (produce_fp8,
+// convert_q8).
+template <typename T, int HD, bool F8, bool KF8 = false>
 __global__ void __launch_bounds__(HTHREADS, 1)
 dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_constant__ CUtensorMap tmk,
                    const __grid_constant__ CUtensorMap tmv)
@@ -582,6 +698,10 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     constexpr int RU = wg_cfg<HD, F8>::RAW; // F8: raw units; 0 otherwise
     constexpr bool SPLIT = wg_cfg<HD, F8>::SPLIT;
     constexpr uint32_t Q_BYTES = q_bytes<HD>(), KV_BYTES = kv_bytes<HD>();
+    static_assert(!KF8 || (F8 && HD == 128), "KF8: the fp8 cache at d 128");
+    // KF8: Q's e4m3 parts (the 16-bit Q lands there first), K slots of bytes
+    constexpr uint32_t QS_BYTES = KF8 ? kf8_parts<T>() * BM * 128 : Q_BYTES;
+    constexpr uint32_t KSLOT_BYTES = KF8 ? HBN * HD : KV_BYTES;
     extern __shared__ unsigned char smem_raw[];
     __shared__ tile_ref tref;
     // K ring: full[KS], empty[KS]; V ring: full[VS], empty[VS]; Q; F8: raw full[RU]
@@ -601,8 +721,8 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     const int r0 = w.r0, valid = w.valid;
     const int n_cwg = valid > 64 ? 2 : 1; // consumer warpgroups that own rows
     const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;
-    const uint32_t sK0 = sQ + Q_BYTES;          // K slot s at sK0 + s KV_BYTES
-    const uint32_t sV0 = sK0 + KS * KV_BYTES;   // V slot s at sV0 + s KV_BYTES
+    const uint32_t sK0 = sQ + QS_BYTES;         // K slot s at sK0 + s KSLOT_BYTES
+    const uint32_t sV0 = sK0 + KS * KSLOT_BYTES; // V slot s at sV0 + s KV_BYTES
     // F8: raw units, then the K slots' scales ([HBN] fp32 each), the V slots'
     const uint32_t sR0 = sV0 + VS * KV_BYTES;
     const uint32_t sKS0 = sR0 + RU * raw_bytes<HD>(), sVS0 = sKS0 + KS * HBN * 4;
@@ -615,7 +735,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     if (threadIdx.x == 0) {
         for (int s = 0; s < KS; s++) {
             mbar_init(kfull + 8 * s, 128);
-            mbar_init(kempty + 8 * s, 4 * n_cwg);
+            mbar_init(kempty + 8 * s, (KF8 ? 128 : 4) * n_cwg); // KF8: per thread, as F8's V
         }
         for (int s = 0; SPLIT && s < VS; s++) {
             mbar_init(vfull + 8 * s, 128);
@@ -633,7 +753,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
 
     if (threadIdx.x < 128) {
         // ================= producer =================
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(F8 ? PRODUCER_REGS_F8 : PRODUCER_REGS));
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(KF8 ? PRODUCER_REGS_KF8 : F8 ? PRODUCER_REGS_F8 : PRODUCER_REGS));
         const int tid = (int)threadIdx.x; // < 128 here
         constexpr int CPK = HD / 8;  // 16-byte chunks per row
         constexpr int KPP = 128 / CPK; // keys per pass of the cp.async loop
@@ -654,7 +774,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         }
         cp_async_arrive(bar_q);
         if constexpr (F8) { // raw tiles, converted into the slots
-            produce_fp8<T, HD>(p, w, kvh, tma_rows, &tmk, &tmv, sK0, sV0, sR0, sKS0, sVS0, kfull,
+            produce_fp8<T, HD, KF8>(p, w, kvh, tma_rows, &tmk, &tmv, sK0, sV0, sR0, sKS0, sVS0, kfull,
                                vfull, bar_q + 8);
             return;
         }
@@ -773,7 +893,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     }
 
     // ================= consumers =================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(F8 ? CONSUMER_REGS_F8 : CONSUMER_REGS));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(KF8 ? CONSUMER_REGS_KF8 : F8 ? CONSUMER_REGS_F8 : CONSUMER_REGS));
     const int cw = (threadIdx.x >> 5) - 4; // consumer warp 0..7: rows 16 cw .. 16 cw + 15
     const int cwg = cw >> 2;
     if (cwg >= n_cwg)
@@ -804,13 +924,22 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     // 128-byte row (the swizzle is applied to the final address), each 64
     // dimensions in the next column block; 8-row groups 1024 bytes apart
     auto qk = [&](int slot) {
-        const uint32_t sK = sK0 + slot * KV_BYTES;
+        const uint32_t sK = sK0 + slot * KSLOT_BYTES;
+        if constexpr (KF8) { // each e4m3 part of Q, 4 k-steps of 32 bytes of a 128-byte row
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const uint32_t dq = (kk >> 2) * (BM * 128) + (kk & 3) * 32;
-            const uint32_t dk = (kk >> 2) * (HBN * 128) + (kk & 3) * 32;
-            wgmma_ss<MT, HBN>(s, gmma_desc(sQw + dq, 16, 1024), gmma_desc(sK + dk, 16, 1024),
-                             kk > 0);
+            for (int pt = 0; pt < kf8_parts<T>(); pt++)
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++)
+                    wgmma_ss_e4m3(s, gmma_desc(sQw + pt * (BM * 128) + kk * 32, 16, 1024),
+                                  gmma_desc(sK + kk * 32, 16, 1024), pt > 0 || kk > 0);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t dq = (kk >> 2) * (BM * 128) + (kk & 3) * 32;
+                const uint32_t dk = (kk >> 2) * (HBN * 128) + (kk & 3) * 32;
+                wgmma_ss<MT, HBN>(s, gmma_desc(sQw + dq, 16, 1024), gmma_desc(sK + dk, 16, 1024),
+                                 kk > 0);
+            }
         }
     };
     // O += P V: HBN / 16 k-steps of 16 keys = 2048 bytes; V is N-major:
@@ -911,16 +1040,10 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
                          : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
                          : "r"(sQ + sw128(r, c, BM))
                          : "memory");
-            const uint32_t wv[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = unpack2<T>(wv[j]);
-                amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-            }
+            amax = amax_word<T>(amax_word<T>(amax, x.x), x.y);
+            amax = amax_word<T>(amax_word<T>(amax, x.z), x.w);
         }
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        // (fmaxf drops a NaN: a NaN row keeps its exponent from its other values)
-        const int e = amax > 0.f && amax <= FLT_MAX ? max(-100, ilogbf(amax) - 14) : 0;
+        const int e = q_row_exp(amax, 14);
         const float f = __int_as_float((127 - e) << 23); // 2^-e
 #pragma unroll 4
         for (int c = c0q; c < c0q + HALF; c++) {
@@ -946,6 +1069,85 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         // reads the exponents of its rows
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         if (cwg == 0) // named barriers 3 and 4 (immediates: a register id reserves all 16)
+            asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        else
+            asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        sl2_0 = sl2 * __int_as_float((127 + q_exp[lr0]) << 23);
+        sl2_1 = sl2 * __int_as_float((127 + q_exp[lr1]) << 23);
+    };
+    // KF8: this warpgroup's 64 rows of Q (16-bit, as the producer loaded
+    // them) into kf8_parts<T>() e4m3 parts under one power of two a row,
+    // 2^-q_exp[r], so that its largest |q| lies in [2^7, 2^8) (e4m3's largest
+    // is 448): part 0 the e4m3 rounding of q 2^-q_exp, each next part that of
+    // what the parts before leave (exact in fp32).  Two parts hold a bf16
+    // value's 8 significant bits, three an f16's 11, except below e4m3's
+    // smallest subnormal (2^-9, i.e. 2^-16 of the row's largest), where the
+    // rest is dropped.  A non-finite q is NaN in every part (satfinite would
+    // make an infinity 448).  Part pt is [BM][128] bytes at sQ + pt BM 128,
+    // swizzled: parts 0 and 1 overwrite the 16-bit Q's column blocks, row r of
+    // each only in the 256 bytes that the row's two threads have read (the
+    // __syncwarp between).  bench/quality/fp8_qsplit_numerics.py gives the
+    // error this costs against float64: the MMA's accumulation, not the split.
+    auto convert_q8 = [&] {
+        constexpr int NP = kf8_parts<T>();
+        const int t = (int)threadIdx.x - 128 - 128 * cwg;
+        const int r = 64 * cwg + (t >> 1), hh = t & 1; // row, half: dimensions 64 hh ..
+        uint32_t wv[32];
+#pragma unroll
+        for (int c = 0; c < 8; c++)
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(wv[4 * c]), "=r"(wv[4 * c + 1]), "=r"(wv[4 * c + 2]),
+                           "=r"(wv[4 * c + 3])
+                         : "r"(sQ + sw128(r, 8 * hh + c, BM))
+                         : "memory");
+        float amax = 0.f;
+#pragma unroll
+        for (int j = 0; j < 32; j++)
+            amax = amax_word<T>(amax, wv[j]);
+        const int e = q_row_exp(amax, 7);
+        const float f = __int_as_float((127 - e) << 23); // 2^-e
+        __syncwarp(); // the row's partner has read what this thread overwrites
+#pragma unroll
+        for (int c = 0; c < 4; c++) { // 16 values: chunk 4 hh + c of each part's row
+            uint32_t out[NP][4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 a = unpack2<T>(wv[8 * c + 2 * k]), b = unpack2<T>(wv[8 * c + 2 * k + 1]);
+                float x[4] = {a.x * f, a.y * f, b.x * f, b.y * f};
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    if (!(fabsf(x[i]) <= FLT_MAX))
+                        x[i] = __int_as_float(0x7fffffff);
+#pragma unroll
+                for (int pt = 0; pt < NP; pt++) {
+                    const __nv_fp8x2_storage_t lo =
+                        __nv_cvt_float2_to_fp8x2(make_float2(x[0], x[1]), __NV_SATFINITE, __NV_E4M3);
+                    const __nv_fp8x2_storage_t hi =
+                        __nv_cvt_float2_to_fp8x2(make_float2(x[2], x[3]), __NV_SATFINITE, __NV_E4M3);
+                    out[pt][k] = (uint32_t)lo | (uint32_t)hi << 16;
+                    if (pt + 1 < NP) { // the remainders, exact
+                        const float2 l2 = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(lo, __NV_E4M3)));
+                        const float2 h2 = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(hi, __NV_E4M3)));
+                        x[0] -= l2.x;
+                        x[1] -= l2.y;
+                        x[2] -= h2.x;
+                        x[3] -= h2.y;
+                    }
+                }
+            }
+#pragma unroll
+            for (int pt = 0; pt < NP; pt++)
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                                 sQ + pt * (BM * 128) + sw128(r, 4 * hh + c, BM)),
+                             "r"(out[pt][0]), "r"(out[pt][1]), "r"(out[pt][2]), "r"(out[pt][3])
+                             : "memory");
+        }
+        if (hh == 0)
+            q_exp[r] = (signed char)e;
+        // our stores, before wgmma (the async proxy) reads the parts; the
+        // warpgroup reads the exponents of its rows
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (cwg == 0)
             asm volatile("bar.sync 3, 128;\n" ::: "memory");
         else
             asm volatile("bar.sync 4, 128;\n" ::: "memory");
@@ -1018,7 +1220,9 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
             mbar_arrive(empty);
     };
     mbar_wait(bar_q, 0);
-    if constexpr (F8 && !std::is_same<T, __half>::value)
+    if constexpr (KF8)
+        convert_q8();
+    else if constexpr (F8 && !std::is_same<T, __half>::value)
         convert_q();
     int ks = 0, vs = 0; // K slot of tile kt, V slot of tile kt - 1
     uint32_t kph = 0, vph = 0;
@@ -1032,7 +1236,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
     if constexpr (F8)
         scale_cols(0);
     if constexpr (SPLIT)
-        release(kempty);
+        KF8 ? mbar_arrive(kempty) : release(kempty);
     softmax(kt_begin); // O is still zero: no rescale
     // F8: P is packed once its tile's V scales are in (pack_f8 after the V
     // wait, next iteration), T: now
@@ -1077,7 +1281,7 @@ dense_wgmma_kernel(const dense_params p, const int tma_rows, const __grid_consta
         if constexpr (F8)
             scale_cols(ks); // before the slot (and its scales) is released
         if constexpr (SPLIT)
-            release(kempty + 8 * ks);
+            KF8 ? mbar_arrive(kempty + 8 * ks) : release(kempty + 8 * ks);
         softmax(kt);
         wg_wait<0>();
         reg_fence<HD / 2>(o);
@@ -1163,7 +1367,7 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()
 // RESA_CUDA_NO_TMA=1 (read at every launch, for A/B measurements), or no
 // encoder.  Host-only work, no
 // allocation: legal during graph capture.
-template <int HD, bool F8> int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
+template <int HD, bool F8, bool KF8> int make_tensor_maps(const resa_cuda_layer_args *a, CUtensorMap *tmk, CUtensorMap *tmv)
 {
     constexpr int HBN = wg_cfg<HD, F8>::BN;
     const resa_cuda_dims &dm = a->dims;
@@ -1187,37 +1391,40 @@ template <int HD, bool F8> int make_tensor_maps(const resa_cuda_layer_args *a, C
     for (int i = 0; i < 2; i++)
         if (encode(maps[i], F8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_UINT16, 2,
                    pools[i], dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                   F8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
+                   F8 && !(KF8 && i == 0) ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
             return 0;
     return box_rows;
 }
 
-template <typename T, int HD, bool F8> cudaError_t launch_sm90(const resa_cuda_layer_args *a)
+template <typename T, int HD, bool F8, bool KF8 = false>
+cudaError_t launch_sm90(const resa_cuda_layer_args *a)
 {
-    constexpr size_t smem = smem_bytes<HD, F8>();
+    constexpr size_t smem = KF8 ? smem_bytes_kf8<T>() : smem_bytes<HD, F8>();
     int64_t slots;
     const dense_params p = make_params(a, 1, &slots); // one CTA per SM (shared memory)
     if (slots <= 0)
         return cudaGetLastError();
-    cudaError_t err = cudaFuncSetAttribute(dense_wgmma_kernel<T, HD, F8>,
+    cudaError_t err = cudaFuncSetAttribute(dense_wgmma_kernel<T, HD, F8, KF8>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess)
         return err;
     CUtensorMap tmk, tmv;
     memset(&tmk, 0, sizeof tmk);
     memset(&tmv, 0, sizeof tmv);
-    const int tma_rows = make_tensor_maps<HD, F8>(a, &tmk, &tmv);
+    const int tma_rows = make_tensor_maps<HD, F8, KF8>(a, &tmk, &tmv);
     dim3 grid((unsigned)slots, (unsigned)p.hkv, (unsigned)p.splits);
-    dense_wgmma_kernel<T, HD, F8><<<grid, HTHREADS, smem, a->stream>>>(p, tma_rows, tmk, tmv);
+    dense_wgmma_kernel<T, HD, F8, KF8><<<grid, HTHREADS, smem, a->stream>>>(p, tma_rows, tmk, tmv);
     return launch_combine<T, HD, wg_cfg<HD>::BN>(p, slots, a);
 }
 
 template <typename T, bool F8> cudaError_t launch_sm90_d(const resa_cuda_layer_args *a)
 {
     switch (a->dims.d) {
-    case 128: return launch_sm90<T, 128, F8>(a);
+    case 128: // the fp8 cache: QK^T on fp8 MMAs unless RESA_CUDA_NO_KF8=1 (A/B)
+        return F8 && !env_switch("RESA_CUDA_NO_KF8") ? launch_sm90<T, 128, true, true>(a)
+                                                     : launch_sm90<T, 128, F8>(a);
     case 256: return launch_sm90<T, 256, F8>(a);
     default: return cudaErrorInvalidValue;
     }

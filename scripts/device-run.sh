@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, GPU tests, compute-sanitizer and benchmarks on a GPU machine, in one
 # call (the device tool's run, or any CUDA machine).  Usage:
-#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|suitebg|suitewait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|fp8check|params|sweep|levers|quality] ...
+#   scripts/device-run.sh [all|build|test|gputest|gpusuite|cudashards|sanitize|sanshards|sanmatrixbg|sanmatrixwait|suitebg|suitewait|sanbg|sanwait|soak|soakbg|soakwait|defaults|profile|timeline|e2e|e2eprof|e2etp|bench|fp8kv|fp8check|kf8ab|params|sweep|levers|quality] ...
 # Results go to $OUT (default ./device-out): CSV tables and reports, the logs
 # packed in logs-<phases>.tgz (the device tool brings back at most 8 files).
 # Check comes from .device-deps (../shared/tools/device-deps.sh) when the
@@ -492,7 +492,8 @@ if [[ $phases == *fp8check* ]]; then
   # the fp8 cache's GPU tests alone, all at once, for a change to its kernels
   # (kernel v17, 2026-12-07: ~130 s on an H100): check_cuda's fp8 dense test
   # (TMA and cp.async producers), V-outlier test, mixed batch and decode cases
-  # (QUICK), check_nonfinite's rectification test; then, with
+  # (QUICK), check_nonfinite's rectification test, the fp8 dense and rectification
+  # tests again with RESA_CUDA_NO_KF8=1; then, with
   # RESA_FP8CHECK_TOOLS="racecheck synccheck ...", each tool over the fp8 dense
   # test with either producer in 4 shards (sanitize-shards.sh).  A line a run in $OUT/fp8check.txt, the logs in
   # fp8check.tgz; RESA_FP8CHECK_TIMEOUT (s a run, default 240)
@@ -512,6 +513,10 @@ if [[ $phases == *fp8check* ]]; then
   fp8_run v_outlier RESA_TEST_ONLY=test_cuda_fp8_v_outlier $T $build/tests/check_cuda
   fp8_run v_outlier_cp_async RESA_CUDA_NO_TMA=1 RESA_TEST_ONLY=test_cuda_fp8_v_outlier $T $build/tests/check_cuda
   fp8_run mixed_batch RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_mixed_batch $T $build/tests/check_cuda
+  # the f16-MMA path the KF8 kernel replaces at d 128 (RESA_CUDA_NO_KF8=1): its fp8 dense
+  # and non-finite rectification tests too (d 256 takes that path by default)
+  fp8_run fp8_dense_no_kf8 RESA_CUDA_NO_KF8=1 RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_fp8_dense $T $build/tests/check_cuda
+  fp8_run nonfinite_rectify_no_kf8 RESA_CUDA_NO_KF8=1 RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_rectify $T $build/tests/check_nonfinite cuda
   for k in 0 1 2 3; do
     fp8_run decode-$k RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_cuda_decode RESA_TEST_SHARD=$k/4 $T $build/tests/check_cuda
     fp8_run nonfinite_rectify-$k RESA_TEST_QUICK=1 RESA_TEST_ONLY=test_rectify RESA_TEST_SHARD=$k/4 $T $build/tests/check_nonfinite cuda
@@ -528,6 +533,40 @@ if [[ $phases == *fp8check* ]]; then
       bash scripts/sanitize-shards.sh $build "$fd" | tail -20
   fi
   (cd "$OUT" && tar czf fp8check.tgz fp8check && rm -rf fp8check) # every log, one file
+fi
+if [[ $phases == *kf8ab* ]]; then
+  # the fp8 cache's rectification with QK^T on fp8 MMAs (KF8, the default at
+  # d 128, side C) against the f16 MMAs it replaces (RESA_CUDA_NO_KF8=1, side
+  # B), one module, and against main's module (side A: .pre-main/ holds it,
+  # as libresa-cuda.so.0.xz or .so.0), sides alternated round by round
+  # (bench/ab_env.sh), f queries at 8 x 256K and batch 1; the bf16 cache
+  # (code unchanged) as the control
+  say "fp8 rectification: main's module (A), RESA_CUDA_NO_KF8=1 (B), KF8 (C)"
+  [ -f .pre-main/libresa-cuda.so.0.xz ] && xz -dkf .pre-main/libresa-cuda.so.0.xz
+  export RESA_AB_ENV_C=""
+  A="RESA_CUDA_MODULE=$PWD/.pre-main/libresa-cuda.so.0"
+  [ -f .pre-main/libresa-cuda.so.0 ] || A="RESA_CUDA_NO_KF8=1"
+  ab() { bash bench/ab_env.sh $build "$@"; }
+  # a first KF8 run alone, under a limit: a new kernel that hangs costs a minute, not the call
+  if ! RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0 timeout 60 $build/tools/resa-bench --backend cuda \
+       --batch 1 --contexts 32768 --modes rectify --interval 32 --kv-dtype fp8 --reps 3 --csv; then
+    echo "kf8ab: the KF8 smoke run failed or hung; no A/B"
+  else
+  export RESA_AB_TIMEOUT=${RESA_AB_TIMEOUT:-90}
+  # RESA_KF8AB_ROUNDS: rounds of the four measurements (default "3 2 2 1"; 0 skips one)
+  read -r n1 n2 n3 n4 <<<"${RESA_KF8AB_ROUNDS:-3 2 2 1}"
+  # RESA_KF8AB_B: side B's environment instead of RESA_CUDA_NO_KF8=1, e.g. a
+  # variant module carried as DIR/libresa-cuda.so.0.xz: RESA_KF8AB_B=DIR
+  B=${RESA_KF8AB_B:-RESA_CUDA_NO_KF8=1}
+  if [ -f "$B/libresa-cuda.so.0.xz" ]; then
+    xz -dkf "$B/libresa-cuda.so.0.xz"; B="RESA_CUDA_MODULE=$PWD/$B/libresa-cuda.so.0"
+  fi
+  { [ "$n1" -gt 0 ] && ab $n1 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
+    [ "$n2" -gt 0 ] && ab $n2 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+    [ "$n3" -gt 0 ] && ab $n3 "$A" "$B" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
+    [ "$n4" -gt 0 ] && RESA_AB_ENV_C="RESA_CUDA_NO_KF8=1" ab $n4 "$A" "" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype io | tail -n +2
+  } | tee "$OUT/kf8-ab.csv" | cut -d, -f1-2,4-5,13,24,25
+  fi
 fi
 if [[ $phases == *suitebg* ]]; then
   # scripts/gpu-tests.sh (the GPU tests without meson or a sanitizer) on a

@@ -90,6 +90,7 @@ static const nf_config cuda_configs[] = {
     {128, 8, 2, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_BF16, 0},
     {64, 4, 2, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_F16, 1},
     {256, 4, 2, 8, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_BF16, 0},
+    {128, 4, 1, 16, RESA_DTYPE_FP8_E4M3, RESA_DTYPE_F16, 0}, /* f16 queries: three e4m3 parts (KF8) */
 };
 #define N_CPU ((int)(sizeof cpu_configs / sizeof cpu_configs[0]))
 #define N_CUDA ((int)(sizeof cuda_configs / sizeof cuda_configs[0]))
