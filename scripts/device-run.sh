@@ -560,6 +560,9 @@ if [[ $phases == *kf8ab* ]]; then
   B=${RESA_KF8AB_B:-RESA_CUDA_NO_KF8=1}
   if [ -f "$B/libresa-cuda.so.0.xz" ]; then
     xz -dkf "$B/libresa-cuda.so.0.xz"; B="RESA_CUDA_MODULE=$PWD/$B/libresa-cuda.so.0"
+  elif [[ $B != *=* ]]; then # neither a carried module nor NAME=VALUE words
+    echo "kf8ab: RESA_KF8AB_B=$B: no $B/libresa-cuda.so.0.xz; side B is RESA_CUDA_NO_KF8=1"
+    B="RESA_CUDA_NO_KF8=1"
   fi
   { [ "$n1" -gt 0 ] && ab $n1 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
     [ "$n2" -gt 0 ] && ab $n2 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
