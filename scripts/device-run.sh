@@ -541,11 +541,22 @@ if [[ $phases == *kf8ab* ]]; then
   # as libresa-cuda.so.0.xz or .so.0), sides alternated round by round
   # (bench/ab_env.sh), f queries at 8 x 256K and batch 1; the bf16 cache
   # (code unchanged) as the control
-  say "fp8 rectification: main's module (A), RESA_CUDA_NO_KF8=1 (B), KF8 (C)"
-  [ -f .pre-main/libresa-cuda.so.0.xz ] && xz -dkf .pre-main/libresa-cuda.so.0.xz
+  # a module carried in DIR (libresa-cuda.so.0.xz or .so.0) as a side's
+  # environment, RESA_CUDA_MODULE=...; fails where DIR holds none
+  carried_module_env() {
+    [ -f "$1/libresa-cuda.so.0.xz" ] && xz -dkf "$1/libresa-cuda.so.0.xz"
+    [ -f "$1/libresa-cuda.so.0" ] && echo "RESA_CUDA_MODULE=$PWD/$1/libresa-cuda.so.0"
+  }
+  A=$(carried_module_env .pre-main) || A="RESA_CUDA_NO_KF8=1"
+  # RESA_KF8AB_B: side B's environment instead of RESA_CUDA_NO_KF8=1: NAME=VALUE
+  # words, or a directory with a variant module (RESA_KF8AB_B=DIR)
+  B=${RESA_KF8AB_B:-RESA_CUDA_NO_KF8=1}
+  if [[ $B != *=* ]] && ! B=$(carried_module_env "$B"); then
+    echo "kf8ab: RESA_KF8AB_B=${RESA_KF8AB_B}: no module there; side B is RESA_CUDA_NO_KF8=1"
+    B="RESA_CUDA_NO_KF8=1"
+  fi
+  say "fp8 rectification: A ($A), B ($B), C (KF8, this build)"
   export RESA_AB_ENV_C=""
-  A="RESA_CUDA_MODULE=$PWD/.pre-main/libresa-cuda.so.0"
-  [ -f .pre-main/libresa-cuda.so.0 ] || A="RESA_CUDA_NO_KF8=1"
   ab() { bash bench/ab_env.sh $build "$@"; }
   # a first KF8 run alone, under a limit: a new kernel that hangs costs a minute, not the call
   if ! RESA_CUDA_MODULE=$PWD/$build/cuda/libresa-cuda.so.0 timeout 60 $build/tools/resa-bench --backend cuda \
@@ -555,15 +566,6 @@ if [[ $phases == *kf8ab* ]]; then
   export RESA_AB_TIMEOUT=${RESA_AB_TIMEOUT:-90}
   # RESA_KF8AB_ROUNDS: rounds of the four measurements (default "3 2 2 1"; 0 skips one)
   read -r n1 n2 n3 n4 <<<"${RESA_KF8AB_ROUNDS:-3 2 2 1}"
-  # RESA_KF8AB_B: side B's environment instead of RESA_CUDA_NO_KF8=1, e.g. a
-  # variant module carried as DIR/libresa-cuda.so.0.xz: RESA_KF8AB_B=DIR
-  B=${RESA_KF8AB_B:-RESA_CUDA_NO_KF8=1}
-  if [ -f "$B/libresa-cuda.so.0.xz" ]; then
-    xz -dkf "$B/libresa-cuda.so.0.xz"; B="RESA_CUDA_MODULE=$PWD/$B/libresa-cuda.so.0"
-  elif [[ $B != *=* ]]; then # neither a carried module nor NAME=VALUE words
-    echo "kf8ab: RESA_KF8AB_B=$B: no $B/libresa-cuda.so.0.xz; side B is RESA_CUDA_NO_KF8=1"
-    B="RESA_CUDA_NO_KF8=1"
-  fi
   { [ "$n1" -gt 0 ] && ab $n1 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 128 --kv-dtype fp8
     [ "$n2" -gt 0 ] && ab $n2 "$A" "$B" --batch 8 --contexts 262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
     [ "$n3" -gt 0 ] && ab $n3 "$A" "$B" --batch 1 --contexts 32768,262144 --modes rectify --interval 32 --kv-dtype fp8 | tail -n +2
